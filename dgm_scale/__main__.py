@@ -1,0 +1,5 @@
+import sys
+
+from dgm_scale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,105 @@
+"""Typed configuration schema: one small dataclass per component.
+
+The defaults below ARE the default job (`dgm-scale train` with no arguments): a DCGAN with the
+non-saturating loss on scikit-learn's offline 8x8 digits, upsampled to 16x16. Variant YAML files
+in `configs/` only state what differs from these defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | ring8 | grid25 | folder
+    path: Optional[str] = None  # image folder root (data.name=folder)
+    resolution: int = 16  # square side in pixels (images); power of two in [8, 256]
+    channels: int = 1  # 1 = greyscale, 3 = RGB (folder images are converted)
+    hflip: bool = False  # random horizontal flip (off for digits: flipped digits are not digits)
+    batch_size: int = 64  # real images per discriminator step, per device
+    num_workers: int = 0
+    val_fraction: float = 0.1  # held-out share of built-in datasets (used by the VAE's val ELBO)
+    toy_samples: int = 50_000  # points drawn for the 2-D toy mixtures
+    toy_std: float = 0.02  # standard deviation of each toy mixture component
+
+
+@dataclass
+class NetConfig:
+    arch: str = "dcgan"  # mlp | dcgan | resnet
+    width: int = 64  # base channel count (conv) or hidden units (mlp)
+    depth: int = 3  # hidden layers (mlp only)
+    norm: str = "batch"  # none | batch | layer | instance
+    spectral_norm: bool = False
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "gan"  # gan | vae
+    latent_dim: int = 64
+    num_classes: int = 0  # > 0: class-conditional G (embedding) and D (projection)
+    generator: NetConfig = field(default_factory=NetConfig)  # also the VAE decoder
+    discriminator: NetConfig = field(default_factory=NetConfig)  # also the VAE encoder
+    ema_decay: float = 0.0  # > 0 keeps an exponential moving average of G for sampling
+
+
+@dataclass
+class LossConfig:
+    name: str = "nonsaturating"  # minimax | nonsaturating | lsgan | wasserstein | hinge
+    n_critic: int = 1  # discriminator steps per generator step
+    gp_weight: float = 0.0  # WGAN-GP gradient penalty lambda (0 = off)
+    clip_value: float = 0.0  # WGAN weight clipping bound c (0 = off)
+    lsgan_a: float = 0.0  # LSGAN target for fake images in D's loss
+    lsgan_b: float = 1.0  # LSGAN target for real images in D's loss
+    lsgan_c: float = 1.0  # LSGAN target G wants D to output on fakes
+    likelihood: str = "bernoulli"  # VAE: bernoulli | gaussian
+    gaussian_std: float = 0.1  # VAE: fixed decoder std of the Gaussian likelihood ([-1, 1] scale)
+    beta: float = 1.0  # VAE: KL weight
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # adam | rmsprop
+    lr: float = 2e-4
+    betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+
+@dataclass
+class OptimConfig:
+    g: OptimizerConfig = field(default_factory=OptimizerConfig)  # generator / VAE
+    d: OptimizerConfig = field(default_factory=OptimizerConfig)  # discriminator / critic
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1500  # training iterations: one iteration = n_critic D steps + one G step
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    log_every: int = 10  # iterations between logged metrics
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # run name; empty = derived from the config file name
+    root: str = "runs"  # parent folder of run directories
+    dir: Optional[str] = None  # explicit run directory (overrides root/name)
+    seed: int = 0
+    sample_every: int = 250  # iterations between sample grids
+    checkpoint_every: int = 500  # iterations between kept checkpoints (last.ckpt is always kept)
+    num_samples: int = 64  # images in each sample grid (fixed latent batch)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,38 @@
+"""Data: dataset registry (`build_dataset`), transforms and the Lightning data module."""
+from .datamodule import ImageDataModule
+from .datasets import (
+    DATASETS,
+    IMAGE_EXTENSIONS,
+    TOY_DATASETS,
+    DataError,
+    ImageFolderDataset,
+    InMemoryDataset,
+    build_dataset,
+    fixed_split,
+    toy_centers,
+)
+from .transforms import (
+    from_model_range,
+    load_image,
+    random_hflip,
+    resize_tensor,
+    to_model_range,
+)
+
+__all__ = [
+    "DATASETS",
+    "IMAGE_EXTENSIONS",
+    "TOY_DATASETS",
+    "DataError",
+    "ImageDataModule",
+    "ImageFolderDataset",
+    "InMemoryDataset",
+    "build_dataset",
+    "fixed_split",
+    "from_model_range",
+    "load_image",
+    "random_hflip",
+    "resize_tensor",
+    "to_model_range",
+    "toy_centers",
+]

@@ -1,0 +1,220 @@
+"""Dataset registry: `DATASETS[name](cfg, split)` builds a map-style dataset of (x, label).
+
+Every item is `(x, label)`: x float32 in [-1, 1], shape (C, R, R) for images or (2,) for the
+2-D toy mixtures; label an int64 scalar tensor (0 when the data has no labels). Each dataset
+exposes `num_classes` (0 = unlabelled). Adding a dataset = one builder function + one line in
+`DATASETS`; the data module only ever calls `build_dataset`.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .transforms import load_image, random_hflip, resize_tensor, to_model_range
+
+TOY_DATASETS = ("ring8", "grid25")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+SPLITS = ("train", "val")
+# The train/val split must not move when the run seed changes, or "val" would leak into train.
+SPLIT_SEED = 1234
+TOY_SEEDS = {"train": 0, "val": 1}
+
+Item = Tuple[Tensor, Tensor]
+
+
+class DataError(ValueError):
+    """A data problem the user must fix; the one-line message names the config key / file."""
+
+
+# ----------------------------------------------------------------------------- datasets
+class InMemoryDataset(Dataset):
+    """Pre-computed samples x [N, ...] in [-1, 1] with int64 labels [N]."""
+
+    def __init__(self, x: Tensor, labels: Tensor, num_classes: int, hflip: bool = False):
+        self.x, self.labels, self.num_classes = x, labels, num_classes
+        self.hflip = hflip and x.dim() == 4  # flipping only makes sense for images
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, index: int) -> Item:
+        x = self.x[index]
+        return (random_hflip(x) if self.hflip else x), self.labels[index]
+
+
+class ImageFolderDataset(Dataset):
+    """Image files decoded lazily: item = ([C, R, R] in [-1, 1], label).
+
+    `samples` is the list of (path, label); `classes` the sorted class-folder names
+    (empty when the images sit directly in the root, all labelled 0).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Tuple[Path, int]],
+        classes: Sequence[str],
+        channels: int,
+        resolution: int,
+        hflip: bool = False,
+    ):
+        self.samples, self.classes = list(samples), list(classes)
+        self.channels, self.resolution, self.hflip = channels, resolution, hflip
+        self.num_classes = len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Item:
+        path, label = self.samples[index]
+        try:
+            x = load_image(path, self.channels, self.resolution)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DataError(f"cannot decode image '{path}': {reason}") from None
+        if self.hflip:
+            x = random_hflip(x)
+        return to_model_range(x), torch.tensor(label, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- helpers
+def fixed_split(n: int, val_fraction: float, split: str) -> Tensor:
+    """Sorted indices of `split` under a seed-independent permutation of range(n).
+
+    val gets round(n * val_fraction) items (0 -> empty), train the rest.
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_val = round(n * val_fraction)
+    chosen = perm[:n_val] if split == "val" else perm[n_val:]
+    return chosen.sort().values
+
+
+def toy_centers(name: str) -> Tensor:
+    """Mixture means [K, 2]: ring8 = 8 points on a radius-2 circle, grid25 = 5x5 grid."""
+    if name == "ring8":
+        angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+        return (2.0 * torch.stack([angles.cos(), angles.sin()], dim=1)).float()
+    if name == "grid25":
+        coords = torch.tensor([-4.0, -2.0, 0.0, 2.0, 4.0])
+        xs, ys = torch.meshgrid(coords, coords, indexing="ij")
+        return torch.stack([xs.flatten(), ys.flatten()], dim=1)
+    raise DataError(f"config key 'data.name': '{name}' is not a toy dataset {TOY_DATASETS}")
+
+
+def _list_images(root: Path) -> List[Path]:
+    """Image files under root (recursive, case-insensitive extension), sorted."""
+    suffixes = {"." + ext for ext in IMAGE_EXTENSIONS}
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def _scan_folder(root: Path) -> Tuple[List[Tuple[Path, int]], List[str]]:
+    """(samples, classes) for an image folder; class = top-level sub-folder holding images.
+
+    With class folders present, loose images in the root are ignored (they have no class),
+    as torchvision's ImageFolder does.
+    """
+    files = _list_images(root)
+    classes = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
+    if not classes:
+        return [(p, 0) for p in files], []
+    index = {name: i for i, name in enumerate(classes)}
+    samples = [(p, index[p.relative_to(root).parts[0]]) for p in files if p.parent != root]
+    return samples, classes
+
+
+# ----------------------------------------------------------------------------- builders
+@lru_cache(maxsize=4)
+def _digits_tensors(resolution: int, channels: int) -> Tuple[Tensor, Tensor]:
+    """All 1,797 sklearn digits as ([N, C, R, R] in [-1, 1], int64 labels [N]); cached."""
+    from sklearn.datasets import load_digits  # local: sklearn import costs ~1 s
+
+    digits = load_digits()
+    x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    # Clamp: interpolation must not push pixels outside [0, 1] before the range map.
+    x = resize_tensor(x, resolution).clamp(0.0, 1.0)
+    if channels == 3:
+        x = x.repeat(1, 3, 1, 1)
+    labels = torch.as_tensor(digits.target, dtype=torch.int64)
+    return to_model_range(x).contiguous(), labels
+
+
+def build_digits(cfg: Any, split: str) -> Dataset:
+    """scikit-learn's offline 8x8 digits, resized to cfg.resolution (10 classes)."""
+    x, labels = _digits_tensors(int(cfg.resolution), int(cfg.channels))
+    idx = fixed_split(x.shape[0], float(cfg.val_fraction), split)
+    return InMemoryDataset(x[idx], labels[idx], num_classes=10, hflip=bool(cfg.hflip))
+
+
+def build_toy(cfg: Any, split: str) -> Dataset:
+    """2-D Gaussian mixture: centers[k] + toy_std * N(0, I), k uniform; label = k.
+
+    Deterministic: train uses generator seed 0 (toy_samples points), val seed 1
+    (max(1, round(toy_samples * val_fraction)) points).
+    """
+    centers = toy_centers(cfg.name)
+    n = int(cfg.toy_samples)
+    if split == "val":
+        n = max(1, round(n * float(cfg.val_fraction)))
+    gen = torch.Generator().manual_seed(TOY_SEEDS[split])
+    k = torch.randint(centers.shape[0], (n,), generator=gen)
+    noise = torch.randn(n, 2, generator=gen)
+    x = centers[k] + float(cfg.toy_std) * noise
+    return InMemoryDataset(x, k.to(torch.int64), num_classes=centers.shape[0])
+
+
+def build_folder(cfg: Any, split: str) -> Dataset:
+    """Images under cfg.path (recursive); top-level sub-folders are classes."""
+    if not cfg.path:
+        raise DataError("config key 'data.path': must be set when data.name=folder")
+    root = Path(str(cfg.path)).expanduser()
+    if not root.is_dir():
+        raise DataError(f"config key 'data.path': directory '{cfg.path}' does not exist")
+    samples, classes = _scan_folder(root)
+    if not samples:
+        exts = ", ".join(IMAGE_EXTENSIONS)
+        raise DataError(f"config key 'data.path': no images ({exts}) under '{cfg.path}'")
+    idx = fixed_split(len(samples), float(cfg.val_fraction), split)
+    chosen = [samples[i] for i in idx.tolist()]
+    return ImageFolderDataset(
+        chosen, classes, int(cfg.channels), int(cfg.resolution), hflip=bool(cfg.hflip)
+    )
+
+
+DATASETS: Dict[str, Callable[[Any, str], Dataset]] = {
+    "digits": build_digits,
+    "ring8": build_toy,
+    "grid25": build_toy,
+    "folder": build_folder,
+}
+
+
+def _validate(cfg: Any, split: str) -> None:
+    """Reject bad settings up front with a message naming the config key."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    if cfg.name not in DATASETS:
+        raise DataError(f"config key 'data.name': unknown dataset '{cfg.name}' "
+                        f"(choose from {', '.join(DATASETS)})")
+    if cfg.name in TOY_DATASETS:
+        if int(cfg.toy_samples) < 1:
+            raise DataError(f"config key 'data.toy_samples': must be >= 1, got {cfg.toy_samples}")
+    else:
+        if int(cfg.channels) not in (1, 3):
+            raise DataError(f"config key 'data.channels': must be 1 or 3, got {cfg.channels}")
+        if int(cfg.resolution) < 1:
+            raise DataError(f"config key 'data.resolution': must be >= 1, got {cfg.resolution}")
+    if not 0.0 <= float(cfg.val_fraction) < 1.0:
+        raise DataError(f"config key 'data.val_fraction': must be in [0, 1), "
+                        f"got {cfg.val_fraction}")
+
+
+def build_dataset(cfg: Any, split: str) -> Dataset:
+    """Build the `split` ("train" | "val") dataset described by a DataConfig."""
+    _validate(cfg, split)
+    return DATASETS[cfg.name](cfg, split)

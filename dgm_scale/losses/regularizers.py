@@ -1,0 +1,38 @@
+"""Regularisers of the discriminator / critic: gradient penalty and weight clipping."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+def gradient_penalty(
+    critic: Callable[..., Tensor],
+    real_images: Tensor,
+    fake_images: Tensor,
+    labels: Optional[Tensor] = None,
+    target_norm: float = 1.0,
+) -> Tensor:
+    """WGAN-GP penalty E[(||grad_x f(x_hat)||_2 - 1)^2] on random interpolates (Gulrajani et al. 2017).
+
+    real_images, fake_images: [N, ...] of the same shape. Returns a scalar (the *unweighted*
+    penalty; the caller multiplies by lambda). `create_graph=True` keeps the penalty
+    differentiable w.r.t. the critic's weights; the gradient is taken out of place with
+    `autograd.grad` (an in-place `.backward()` here breaks under DDP, PyTorch #47562).
+    """
+    alpha_shape = (real_images.shape[0],) + (1,) * (real_images.dim() - 1)
+    alpha = torch.rand(alpha_shape, device=real_images.device, dtype=real_images.dtype)
+    interpolates = (alpha * real_images.detach() + (1 - alpha) * fake_images.detach()).requires_grad_(True)
+    critic_out = critic(interpolates, labels) if labels is not None else critic(interpolates)
+    (grads,) = torch.autograd.grad(critic_out.sum(), interpolates, create_graph=True)
+    # Norms in float32: under fp16 autocast the squared sum can overflow.
+    grad_norms = grads.float().flatten(1).norm(2, dim=1)
+    return ((grad_norms - target_norm) ** 2).mean()
+
+
+@torch.no_grad()
+def clip_weights(module: nn.Module, clip_value: float) -> None:
+    """WGAN weight clipping (Arjovsky et al. 2017): clamp every parameter to [-c, c], in place."""
+    for param in module.parameters():
+        param.clamp_(-clip_value, clip_value)

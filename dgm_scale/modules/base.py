@@ -1,0 +1,92 @@
+"""What every generative Lightning module shares: config handling, optimisers, seeded sampling."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from dgm_scale.config import config_from_dict, to_dict
+
+
+def sample_shape(data_cfg) -> Tuple[int, ...]:
+    """Shape of one data sample: (2,) for the 2-D toy mixtures, else (C, R, R)."""
+    from dgm_scale.data.datasets import TOY_DATASETS
+
+    if data_cfg.name in TOY_DATASETS:
+        return (2,)
+    return (data_cfg.channels, data_cfg.resolution, data_cfg.resolution)
+
+
+def build_optimizer(params, opt_cfg) -> torch.optim.Optimizer:
+    """Adam or RMSprop from an `optim.g` / `optim.d` config block."""
+    if opt_cfg.name == "adam":
+        return torch.optim.Adam(params, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
+                                weight_decay=opt_cfg.weight_decay)
+    if opt_cfg.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=opt_cfg.lr, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
+    raise ValueError(f"unknown optimizer '{opt_cfg.name}'")
+
+
+def grad_norm(module: torch.nn.Module) -> Tensor:
+    """Global L2 norm of the gradients currently held by `module` (0 if none)."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+class GenerativeModule(L.LightningModule):
+    """Base class: stores the resolved config as plain data (checkpoints load with weights_only)."""
+
+    #: optimizer.step() calls per training iteration; Lightning's global_step counts those calls.
+    optimizer_steps_per_iteration: int = 1
+    #: loader batches of `data.batch_size` consumed per iteration (the GAN's critic takes n_critic).
+    batches_per_iteration: int = 1
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.cfg = config_from_dict(config)
+        self.sample_shape = sample_shape(self.cfg.data)
+        self.latent_dim = self.cfg.model.latent_dim
+        self.num_classes = self.cfg.model.num_classes
+
+    @classmethod
+    def from_config(cls, cfg) -> "GenerativeModule":
+        return cls(to_dict(cfg))
+
+    @property
+    def iteration(self) -> int:
+        """Completed training iterations (restored with the checkpoint through global_step)."""
+        return self.global_step // self.optimizer_steps_per_iteration
+
+    def default_labels(self, num: int) -> Optional[Tensor]:
+        """Class labels 0, 1, ..., K-1, 0, ... for conditional models; None otherwise."""
+        if self.num_classes == 0:
+            return None
+        return torch.arange(num, device=self.device) % self.num_classes
+
+    def sampling_network(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def decode(self, z: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """Map latents [N, latent_dim] to samples in data space [N, *sample_shape]."""
+        return self.sampling_network()(z, labels)
+
+    @torch.no_grad()
+    def sample(self, num: int, seed: int = 0, labels: Optional[Tensor] = None) -> Tensor:
+        """`num` samples [num, *sample_shape] (float32, CPU); the same seed gives the same samples.
+
+        The latents come from a CPU generator so that the result does not depend on the device.
+        """
+        latents = torch.randn(num, self.latent_dim, generator=torch.Generator().manual_seed(seed))
+        if labels is None:
+            labels = self.default_labels(num)
+        net = self.sampling_network()
+        was_training = net.training
+        net.eval()
+        try:
+            samples = self.decode(latents.to(self.device), None if labels is None else labels.to(self.device))
+        finally:
+            net.train(was_training)
+        return samples.float().cpu()

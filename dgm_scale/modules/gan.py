@@ -1,0 +1,115 @@
+"""The GAN Lightning module: composes G, D, an adversarial loss pair and the regularisers.
+
+Every GAN variant (minimax, non-saturating, LSGAN, WGAN, WGAN-GP, hinge) is this one module with
+a different `loss` config block. Manual optimisation: per iteration, `n_critic` discriminator
+steps, each on its own real batch, then one generator step.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from dgm_scale.losses import build_adversarial_loss, clip_weights, gradient_penalty
+from dgm_scale.losses.adversarial import wasserstein_estimate
+from dgm_scale.modules.base import GenerativeModule, build_optimizer, grad_norm
+from dgm_scale.modules.ema import make_ema_copy, update_ema
+from dgm_scale.nets import build_discriminator, build_generator, count_parameters
+
+
+@contextmanager
+def frozen(net: nn.Module) -> Iterator[None]:
+    """Keep `net`'s parameters out of the autograd graph (no wasted grads, no stale .grad)."""
+    flags = [p.requires_grad for p in net.parameters()]
+    net.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in zip(net.parameters(), flags):
+            param.requires_grad_(flag)
+
+
+class GANModule(GenerativeModule):
+    def __init__(self, config: dict):
+        super().__init__(config)
+        cfg = self.cfg
+        self.automatic_optimization = False
+        self.n_critic = cfg.loss.n_critic
+        self.optimizer_steps_per_iteration = self.n_critic + 1
+        self.batches_per_iteration = self.n_critic
+        images = len(self.sample_shape) == 3
+        self.generator = build_generator(cfg.model.generator, self.latent_dim, self.sample_shape,
+                                         self.num_classes, out_activation="tanh" if images else None)
+        self.discriminator = build_discriminator(cfg.model.discriminator, self.sample_shape, self.num_classes)
+        self.generator_ema = make_ema_copy(self.generator) if cfg.model.ema_decay > 0 else None
+        self.adversarial = build_adversarial_loss(cfg.loss)
+
+    def sampling_network(self) -> nn.Module:
+        return self.generator_ema if self.generator_ema is not None else self.generator
+
+    def configure_optimizers(self):
+        return [build_optimizer(self.generator.parameters(), self.cfg.optim.g),
+                build_optimizer(self.discriminator.parameters(), self.cfg.optim.d)]
+
+    def on_fit_start(self) -> None:
+        if self.logger is not None:
+            self.logger.log_hyperparams({"params/generator": count_parameters(self.generator),
+                                         "params/discriminator": count_parameters(self.discriminator)})
+
+    def _latents(self, num: int) -> Tensor:
+        return torch.randn(num, self.latent_dim, device=self.device)
+
+    def _critic(self, images: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """Discriminator logits [N] for images [N, *sample_shape]."""
+        return self.discriminator(images, labels).squeeze(1)
+
+    def discriminator_step(self, real_images: Tensor, labels: Optional[Tensor], opt) -> Dict[str, Tensor]:
+        with torch.no_grad():  # G gets no gradient from D's loss: skip its graph entirely
+            fake_images = self.generator(self._latents(real_images.shape[0]), labels)
+        real_logits = self._critic(real_images, labels)
+        fake_logits = self._critic(fake_images, labels)
+        d_loss = self.adversarial.d_loss(real_logits, fake_logits)
+        total = d_loss
+        logs = {"d_loss": d_loss.detach(), "d_real": real_logits.detach().mean(),
+                "d_fake": fake_logits.detach().mean(),
+                "wasserstein": wasserstein_estimate(real_logits, fake_logits)}
+        if self.cfg.loss.gp_weight > 0:
+            penalty = gradient_penalty(self.discriminator, real_images, fake_images, labels)
+            total = total + self.cfg.loss.gp_weight * penalty
+            logs["gradient_penalty"] = penalty.detach()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        logs["d_grad_norm"] = grad_norm(self.discriminator)
+        opt.step()
+        if self.cfg.loss.clip_value > 0:
+            clip_weights(self.discriminator, self.cfg.loss.clip_value)
+        return logs
+
+    def generator_step(self, num: int, labels: Optional[Tensor], opt) -> Dict[str, Tensor]:
+        fake_images = self.generator(self._latents(num), labels)
+        with frozen(self.discriminator):
+            fake_logits = self._critic(fake_images, labels)
+        g_loss = self.adversarial.g_loss(fake_logits)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        logs = {"g_loss": g_loss.detach(), "g_grad_norm": grad_norm(self.generator)}
+        opt.step()
+        if self.generator_ema is not None:
+            update_ema(self.generator_ema, self.generator, self.cfg.model.ema_decay)
+        return logs
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        real_images, labels = batch
+        labels = labels if self.num_classes > 0 else None
+        opt_g, opt_d = self.optimizers()
+        # The loader hands over n_critic batches at once: one fresh real batch per critic step.
+        real_chunks = real_images.chunk(self.n_critic)
+        label_chunks = labels.chunk(self.n_critic) if labels is not None else [None] * self.n_critic
+        for real_chunk, label_chunk in zip(real_chunks, label_chunks):
+            logs = self.discriminator_step(real_chunk, label_chunk, opt_d)
+        logs.update(self.generator_step(real_chunks[-1].shape[0], label_chunks[-1], opt_g))
+        self.log_dict({f"train/{key}": value for key, value in logs.items()}, on_step=True)
+        self.log("train/iteration", float(self.iteration), on_step=True)
+        self.log_dict({"d": logs["d_loss"], "g": logs["g_loss"]}, prog_bar=True, logger=False)

@@ -1,0 +1,114 @@
+"""Network architectures: generators (also the VAE decoder) and discriminators (also the VAE
+encoder and the WGAN critic), built from a `NetConfig` (arch, width, depth, norm, spectral_norm).
+
+    G = build_generator(cfg.model.generator, latent_dim, (C, H, W), num_classes)
+    x = G(z, labels)          # z [N, latent_dim], labels [N] or None -> [N, C, H, W]
+    D = build_discriminator(cfg.model.discriminator, (C, H, W), num_classes)
+    s = D(x, labels)          # -> raw scores [N, out_features]
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import TYPE_CHECKING, Optional, Union
+
+from torch import nn
+
+from dgm_scale.nets import dcgan, mlp, resnet
+from dgm_scale.nets.layers import (
+    NORMS,
+    Discriminator,
+    Generator,
+    apply_spectral_norm,
+    conditioned_dim,
+)
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from dgm_scale.config.schema import NetConfig
+
+    NetSpec = Union[NetConfig, DictConfig]
+
+__all__ = [
+    "ARCHS",
+    "NORMS",
+    "build_generator",
+    "build_discriminator",
+    "count_parameters",
+]
+
+# Registry: each architecture module provides generator_body, discriminator_body, init_weights.
+_ARCH_MODULES: dict[str, ModuleType] = {"mlp": mlp, "dcgan": dcgan, "resnet": resnet}
+ARCHS = tuple(_ARCH_MODULES)  # ("mlp", "dcgan", "resnet")
+
+
+def _arch_module(net: "NetSpec") -> ModuleType:
+    """Validate the config once, up front, so errors name the offending value."""
+    if net.arch not in _ARCH_MODULES:
+        raise ValueError(f"unknown arch {net.arch!r}; expected one of {', '.join(ARCHS)}")
+    if net.norm not in NORMS:
+        raise ValueError(f"unknown norm {net.norm!r}; expected one of {', '.join(NORMS)}")
+    if net.arch == "mlp" and net.norm == "instance":
+        raise ValueError(
+            "model.*.norm=instance is not defined for the mlp arch; use none, batch or layer"
+        )
+    if net.width < 1:
+        raise ValueError(f"model.*.width must be >= 1, got {net.width}")
+    return _ARCH_MODULES[net.arch]
+
+
+def _finish(model: nn.Module, net: "NetSpec", arch: ModuleType) -> nn.Module:
+    """Initialise first: spectral norm reparametrises the weights it wraps."""
+    arch.init_weights(model)
+    if net.spectral_norm:
+        apply_spectral_norm(model)
+    return model
+
+
+def build_generator(
+    net: "NetSpec",
+    latent_dim: int,
+    out_shape: tuple[int, ...],
+    num_classes: int = 0,
+    out_activation: Optional[str] = "tanh",
+) -> nn.Module:
+    """Generator / VAE decoder: forward(z [N, latent_dim], labels [N] | None) -> [N, *out_shape].
+
+    out_shape is (C, H, W) with square H = W a power of two in [8, 256], or any shape for the
+    mlp (e.g. (2,)). out_activation: "tanh" (images in [-1, 1]) or None (raw logits/means).
+    num_classes > 0 makes it class-conditional (labels then required).
+    """
+    if latent_dim < 1 or num_classes < 0:
+        raise ValueError(
+            f"need latent_dim >= 1 and num_classes >= 0, got {latent_dim}, {num_classes}"
+        )
+    arch = _arch_module(net)
+    out_shape = tuple(int(s) for s in out_shape)
+    body = arch.generator_body(net, conditioned_dim(latent_dim, num_classes), out_shape)
+    return _finish(Generator(body, latent_dim, num_classes, out_activation), net, arch)
+
+
+def build_discriminator(
+    net: "NetSpec",
+    in_shape: tuple[int, ...],
+    num_classes: int = 0,
+    out_features: int = 1,
+) -> nn.Module:
+    """Discriminator / critic / VAE encoder: forward(x [N, *in_shape], labels [N] | None)
+    -> raw scores [N, out_features].
+
+    num_classes > 0 with out_features == 1 adds the projection term (labels then required);
+    the VAE encoder uses out_features = 2 * latent_dim (mean and log-variance).
+    """
+    if out_features < 1 or num_classes < 0:
+        raise ValueError(
+            f"need out_features >= 1 and num_classes >= 0, got {out_features}, {num_classes}"
+        )
+    arch = _arch_module(net)
+    body, feat_dim = arch.discriminator_body(net, tuple(int(s) for s in in_shape))
+    return _finish(Discriminator(body, feat_dim, num_classes, out_features), net, arch)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Total number of parameter elements (trainable or not)."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,88 @@
+"""Training callbacks: sample grids from a fixed latent batch, atomic checkpoints, progress bar."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+from tqdm.auto import tqdm
+
+from dgm_scale.tracking.images import samples_to_image, save_png_atomic
+
+
+class SampleGrids(L.Callback):
+    """Every `every` iterations (and at the end) save a grid from the same latents: seed fixed."""
+
+    def __init__(self, out_dir: str | Path, every: int, num_samples: int, seed: int = 1234, reference=None):
+        self.out_dir, self.every, self.num_samples, self.seed = Path(out_dir), every, num_samples, seed
+        self.reference = reference  # optional [K, 2] mode centres drawn on toy scatter plots
+
+    def save(self, pl_module, name: str) -> Path:
+        image = samples_to_image(pl_module.sample(self.num_samples, seed=self.seed), self.reference)
+        save_png_atomic(image, self.out_dir / "latest.png")
+        return save_png_atomic(image, self.out_dir / f"{name}.png")
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.iteration % self.every == 0 and trainer.is_global_zero:
+            self.save(pl_module, f"iter_{pl_module.iteration:07d}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.save(pl_module, "final")
+
+
+class PeriodicCheckpoint(L.Callback):
+    """`last.ckpt` every `every` iterations and at the end, plus a kept `iter_XXXXXXX.ckpt` copy.
+
+    Written to a temporary name then renamed, so a crash mid-write never destroys the previous
+    good checkpoint (the stock ModelCheckpoint writes in place).
+    """
+
+    def __init__(self, dirpath: str | Path, every: int):
+        self.dirpath, self.every = Path(dirpath), every
+
+    def _save(self, trainer, name: str) -> None:
+        final = self.dirpath / name
+        tmp = self.dirpath / f".{name}.tmp"
+        trainer.save_checkpoint(tmp)  # collective under DDP/DeepSpeed; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, final)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.iteration % self.every == 0:
+            self._save(trainer, f"iter_{pl_module.iteration:07d}.ckpt")
+            self._save(trainer, "last.ckpt")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if pl_module.iteration % self.every != 0:  # else on_train_batch_end just wrote it
+            self._save(trainer, "last.ckpt")
+
+
+class IterationProgress(L.Callback):
+    """One progress bar over all iterations (Lightning's resets every epoch, of ~25 batches here)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.bar: Optional[tqdm] = None
+        self.start_time = 0.0
+        self.start_iteration = 0
+
+    @rank_zero_only
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_time, self.start_iteration = time.perf_counter(), pl_module.iteration
+        self.bar = tqdm(total=self.total, initial=pl_module.iteration, desc="train", unit="it", dynamic_ncols=True)
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.bar.update(pl_module.iteration - self.bar.n)
+        if pl_module.iteration % 10 == 0:
+            metrics = {k: f"{float(v):.3f}" for k, v in trainer.progress_bar_metrics.items()}
+            self.bar.set_postfix(metrics, refresh=False)
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.bar is not None:
+            self.bar.close()

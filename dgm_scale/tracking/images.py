@@ -1,0 +1,64 @@
+"""Turn samples into PNG files with PIL only (no torchvision): image grids and 2-D scatter plots."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+
+def image_grid(images: Tensor, nrow: Optional[int] = None, padding: int = 2, scale: int = 1) -> Image.Image:
+    """Tile images [N, C, H, W] in [-1, 1] into one PIL image (nrow columns, square by default)."""
+    num, channels, height, width = images.shape
+    nrow = nrow or math.ceil(math.sqrt(num))
+    ncol = math.ceil(num / nrow)
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    canvas = np.zeros((ncol * (height + padding) + padding, nrow * (width + padding) + padding, channels), np.uint8)
+    for index in range(num):
+        top = padding + (index // nrow) * (height + padding)
+        left = padding + (index % nrow) * (width + padding)
+        canvas[top:top + height, left:left + width] = pixels[index].transpose(1, 2, 0)
+    grid = Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    return grid
+
+
+def scatter_plot(points: Tensor, size: int = 512, extent: float = 5.0,
+                 reference: Optional[Tensor] = None) -> Image.Image:
+    """Draw 2-D points [N, 2] in [-extent, extent]^2 (reference points, e.g. mode centres, in red)."""
+    canvas = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(canvas)
+
+    def to_pixels(xy: Tensor) -> np.ndarray:
+        return ((xy.detach().float().cpu().numpy() + extent) / (2 * extent) * (size - 1))
+
+    for x, y in to_pixels(points):
+        draw.point((float(x), size - 1 - float(y)), fill=(20, 60, 160))
+    if reference is not None:
+        for x, y in to_pixels(reference):
+            draw.ellipse((x - 4, size - 1 - y - 4, x + 4, size - 1 - y + 4), outline=(200, 0, 0), width=2)
+    return canvas
+
+
+def samples_to_image(samples: Tensor, reference: Optional[Tensor] = None) -> Image.Image:
+    """An image grid for image samples [N, C, H, W]; a scatter plot for 2-D points [N, 2]."""
+    if samples.dim() == 4:
+        # Small images (digits are 16 px) are enlarged so that a person can read the grid.
+        return image_grid(samples, scale=max(1, 64 // samples.shape[-1]))
+    return scatter_plot(samples, reference=reference)
+
+
+def save_png_atomic(image: Image.Image, path: str | Path) -> Path:
+    """Write a PNG via a temporary file + rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

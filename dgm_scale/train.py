@@ -1,0 +1,94 @@
+"""Compose a run: config -> run directory -> module + data + trainer -> fit -> summary."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import List
+
+import lightning as L
+
+from dgm_scale.config import ConfigError, to_yaml
+from dgm_scale.data import ImageDataModule, TOY_DATASETS, toy_centers
+from dgm_scale.modules import GenerativeModule, build_module
+from dgm_scale.tracking import IterationProgress, PeriodicCheckpoint, SampleGrids, build_loggers
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    iterations: int
+    seconds: float
+    images_per_second: float
+    checkpoint: Path
+    samples: Path
+
+
+def make_run_dir(cfg) -> Path:
+    """A fresh run directory holding the resolved config. An existing run is never overwritten."""
+    if cfg.run.dir:
+        run_dir = Path(cfg.run.dir)
+        if (run_dir / "config.yaml").exists():
+            raise ConfigError(f"config key 'run.dir': '{run_dir}' already holds a run; choose another directory")
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.run.root) / f"{cfg.run.name}-{stamp}"
+        suffix = 1
+        while run_dir.exists():
+            run_dir = Path(cfg.run.root) / f"{cfg.run.name}-{stamp}-{suffix}"
+            suffix += 1
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return run_dir
+
+
+def build_callbacks(cfg, run_dir: Path) -> List[L.Callback]:
+    reference = toy_centers(cfg.data.name) if cfg.data.name in TOY_DATASETS else None
+    callbacks: List[L.Callback] = [
+        SampleGrids(run_dir / "samples", cfg.run.sample_every, cfg.run.num_samples, reference=reference),
+        PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every),
+    ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(IterationProgress(cfg.trainer.max_steps))
+    return callbacks
+
+
+def build_trainer(cfg, module: GenerativeModule, run_dir: Path) -> L.Trainer:
+    trainer_cfg = cfg.trainer
+    return L.Trainer(
+        accelerator=trainer_cfg.accelerator,
+        devices=trainer_cfg.devices,
+        num_nodes=trainer_cfg.num_nodes,
+        strategy=trainer_cfg.strategy,
+        precision=trainer_cfg.precision,
+        # Lightning counts optimizer.step() calls; our steps are iterations (n_critic D + 1 G).
+        max_steps=trainer_cfg.max_steps * module.optimizer_steps_per_iteration,
+        max_epochs=-1,
+        logger=build_loggers(cfg, run_dir),
+        callbacks=build_callbacks(cfg, run_dir),
+        log_every_n_steps=trainer_cfg.log_every,
+        enable_checkpointing=False,  # PeriodicCheckpoint writes atomically instead
+        enable_progress_bar=False,  # IterationProgress shows iterations, not per-epoch batches
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+    )
+
+
+def train(cfg) -> RunResult:
+    """Train the model the config describes; return where the outputs are and how fast it ran."""
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    module = build_module(cfg)
+    per_iteration_batch = cfg.data.batch_size * module.batches_per_iteration
+    datamodule = ImageDataModule(cfg.data, batch_size=per_iteration_batch)
+    datamodule.setup("fit")  # bad paths and empty data fail here, before a run directory exists
+    run_dir = make_run_dir(cfg)
+    trainer = build_trainer(cfg, module, run_dir)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    images = module.iteration * per_iteration_batch * trainer.world_size
+    return RunResult(run_dir=run_dir, iterations=module.iteration, seconds=seconds,
+                     images_per_second=images / max(seconds, 1e-9),
+                     checkpoint=run_dir / "checkpoints" / "last.ckpt", samples=run_dir / "samples" / "final.png")
