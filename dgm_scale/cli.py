@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -17,8 +18,9 @@ def _split_config_args(args: Sequence[str]) -> tuple[Optional[str], List[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dgm_scale.train import train  # heavy imports only for commands that need them
+    from dgm_scale.train import quiet_lightning, train  # heavy imports only for commands that need them
 
+    quiet_lightning()
     path, overrides = _split_config_args(args.config_and_overrides)
     result = train(load_config(path, overrides))
     print(f"done: {result.iterations} iterations in {result.seconds:.1f} s "
@@ -71,6 +73,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from dgm_scale.data import DataError
 
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="dgm-scale: %(message)s", level=logging.WARNING)
+    logging.getLogger("dgm_scale").setLevel(logging.INFO)
     try:
         return args.func(args)
     except (ConfigError, DataError) as exc:

@@ -1,7 +1,9 @@
 """Compose a run: config -> run directory -> module + data + trainer -> fit -> summary."""
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -13,6 +15,18 @@ from dgm_scale.config import ConfigError, to_yaml
 from dgm_scale.data import ImageDataModule, TOY_DATASETS, toy_centers
 from dgm_scale.modules import GenerativeModule, build_module
 from dgm_scale.tracking import IterationProgress, PeriodicCheckpoint, SampleGrids, build_loggers
+
+log = logging.getLogger(__name__)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's notices that do not apply to our runs (kept: its real warnings)."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    # The run directory already holds config.yaml when the CSV logger starts writing there.
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
+    # The data module offers a validation split; only the VAE has a validation_step.
+    warnings.filterwarnings("ignore", message=".*You passed in a `val_dataloader` but have no `validation_step`.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
 @dataclass
@@ -85,6 +99,9 @@ def train(cfg) -> RunResult:
     datamodule.setup("fit")  # bad paths and empty data fail here, before a run directory exists
     run_dir = make_run_dir(cfg)
     trainer = build_trainer(cfg, module, run_dir)
+    log.info("training %s (%s, %s loss) on %s for %d iterations -> %s", cfg.run.name, cfg.model.kind,
+             cfg.loss.name if cfg.model.kind == "gan" else cfg.loss.likelihood, cfg.data.name,
+             cfg.trainer.max_steps, run_dir)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start

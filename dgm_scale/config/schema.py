@@ -40,7 +40,7 @@ class ModelConfig:
     num_classes: int = 0  # > 0: class-conditional G (embedding) and D (projection)
     generator: NetConfig = field(default_factory=NetConfig)  # also the VAE decoder
     discriminator: NetConfig = field(default_factory=NetConfig)  # also the VAE encoder
-    ema_decay: float = 0.0  # > 0 keeps an exponential moving average of G for sampling
+    ema_decay: float = 0.999  # > 0 keeps an exponential moving average of G for sampling
 
 
 @dataclass
@@ -74,7 +74,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1500  # training iterations: one iteration = n_critic D steps + one G step
+    max_steps: int = 3000  # training iterations: one iteration = n_critic D steps + one G step
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: int = 1
     num_nodes: int = 1

@@ -11,7 +11,6 @@ def make_ema_copy(net: nn.Module) -> nn.Module:
     """A frozen copy of `net` to hold the average; as a submodule it is checkpointed and moved with it."""
     ema = copy.deepcopy(net)
     ema.requires_grad_(False)
-    ema.eval()
     return ema
 
 

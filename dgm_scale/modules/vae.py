@@ -51,7 +51,8 @@ class VAEModule(GenerativeModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:
         terms = self.elbo(batch[0])
         self.log_dict({f"train/{key}": value.detach() for key, value in terms.items()}, on_step=True)
-        self.log("train/iteration", float(self.iteration), on_step=True)
+        # Automatic optimisation steps after this hook returns: this is iteration `iteration + 1`.
+        self.log("train/iteration", float(self.iteration + 1), on_step=True)
         self.log("elbo", terms["elbo"].detach(), prog_bar=True, logger=False)
         return terms["loss"]
 

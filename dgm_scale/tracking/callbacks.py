@@ -47,7 +47,7 @@ class PeriodicCheckpoint(L.Callback):
     def _save(self, trainer, name: str) -> None:
         final = self.dirpath / name
         tmp = self.dirpath / f".{name}.tmp"
-        trainer.save_checkpoint(tmp)  # collective under DDP/DeepSpeed; rank 0 writes
+        trainer.save_checkpoint(tmp, weights_only=False)  # full state, for resume; collective under DDP/DeepSpeed; rank 0 writes
         if trainer.is_global_zero:
             os.replace(tmp, final)
 
