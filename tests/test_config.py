@@ -76,6 +76,7 @@ def test_invalid_choices_and_combinations():
     assert "model.generator.arch" in one_line_error(overrides=["data.name=ring8"])
     assert "data.path" in one_line_error(overrides=["data.name=folder"])
     assert "optim.g.betas" in one_line_error(overrides=["optim.g.betas=[0.5]"])
+    assert "model.discriminator.norm" in one_line_error(overrides=["model.discriminator.arch=mlp", "model.discriminator.norm=instance"])
     assert "override 'oops'" in one_line_error(overrides=["oops"])
     assert "does not exist" in one_line_error("no/such/config.yaml")
 

@@ -99,6 +99,8 @@ def validate(cfg: DictConfig) -> None:
         net = model[net_key]
         _choice(f"model.{net_key}.arch", net.arch, sorted(ARCHS))
         _choice(f"model.{net_key}.norm", net.norm, list(NORMS))
+        _require(not (net.arch == "mlp" and net.norm == "instance"),
+                 f"config key 'model.{net_key}.norm': instance norm is not defined for the mlp arch")
         _require(net.width >= 1, f"config key 'model.{net_key}.width' must be >= 1, got {net.width}")
         _require(net.depth >= 1, f"config key 'model.{net_key}.depth' must be >= 1, got {net.depth}")
     for opt_key in ("g", "d"):
