@@ -97,6 +97,10 @@ def train(cfg) -> RunResult:
     per_iteration_batch = cfg.data.batch_size * module.batches_per_iteration
     datamodule = ImageDataModule(cfg.data, batch_size=per_iteration_batch)
     datamodule.setup("fit")  # bad paths and empty data fail here, before a run directory exists
+    wanted_classes = cfg.model.num_classes
+    if wanted_classes > 0 and wanted_classes != datamodule.num_classes:
+        raise ConfigError(f"config key 'model.num_classes': {wanted_classes} does not match the "
+                          f"{datamodule.num_classes} classes of dataset '{cfg.data.name}'")
     run_dir = make_run_dir(cfg)
     trainer = build_trainer(cfg, module, run_dir)
     log.info("training %s (%s, %s loss) on %s for %d iterations -> %s", cfg.run.name, cfg.model.kind,

@@ -99,3 +99,8 @@ def test_show_config_prints_resolved_yaml(capsys):
     assert main(["show-config", str(CONFIGS / "hinge.yaml"), "data.batch_size=32"]) == 0
     out = capsys.readouterr().out
     assert "name: hinge" in out and "batch_size: 32" in out and "spectral_norm: true" in out
+
+
+def test_class_count_must_match_the_dataset(capsys, tmp_path):
+    assert main(["train", "model.num_classes=5", f"run.root={tmp_path}"]) == 2
+    assert "model.num_classes" in capsys.readouterr().err

@@ -85,3 +85,27 @@ def test_sample_command_writes_a_grid(configs_dir, tmp_path, capsys):
     image = Image.open(grid)
     assert image.size == (8 * (3 * 8 + 4 * 2),) * 2  # 3x3 tiles of 8 px, 2 px padding, enlarged 8x
     assert main(["sample", str(tmp_path / "missing.ckpt")]) == 2
+
+
+def test_trains_on_an_image_folder_in_rgb(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for label in ("cats", "dogs"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for index in range(20):
+            pixels = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{index}.png")
+    cfg = load_config(overrides=TINY + ["data.name=folder", f"data.path={tmp_path / 'images'}", "data.channels=3",
+                                        "data.hflip=true", "data.batch_size=8", "trainer.max_steps=2",
+                                        f"run.dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    assert load_module(result.checkpoint).sample(4, seed=0).shape == (4, 3, 8, 8)
+
+
+def test_class_conditional_gan_trains_and_samples_per_class(tmp_path):
+    cfg = load_config(overrides=TINY + ["model.num_classes=10", "trainer.max_steps=2", f"run.dir={tmp_path / 'run'}"])
+    module = load_module(train(cfg).checkpoint)
+    same_z_class_0 = module.sample(2, seed=0, labels=torch.tensor([0, 0]))
+    same_z_class_5 = module.sample(2, seed=0, labels=torch.tensor([5, 5]))
+    assert not torch.equal(same_z_class_0, same_z_class_5)
