@@ -110,6 +110,8 @@ def validate(cfg: DictConfig) -> None:
         _require(len(opt.betas) == 2, f"config key 'optim.{opt_key}.betas' needs 2 values, got {list(opt.betas)}")
 
     if data.name in TOY_DATASETS:
+        _require(data.toy_samples >= 1, f"config key 'data.toy_samples' must be >= 1, got {data.toy_samples}")
+        _require(data.toy_std > 0, f"config key 'data.toy_std' must be > 0, got {data.toy_std}")
         for net_key in ("generator", "discriminator"):
             _require(model[net_key].arch == "mlp",
                      f"config key 'model.{net_key}.arch': 2-D toy data '{data.name}' needs arch 'mlp', "

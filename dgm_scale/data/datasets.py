@@ -195,23 +195,12 @@ DATASETS: Dict[str, Callable[[Any, str], Dataset]] = {
 
 
 def _validate(cfg: Any, split: str) -> None:
-    """Reject bad settings up front with a message naming the config key."""
+    """Value ranges are checked once, in `dgm_scale.config.validate`; here only the lookup."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
     if cfg.name not in DATASETS:
         raise DataError(f"config key 'data.name': unknown dataset '{cfg.name}' "
                         f"(choose from {', '.join(DATASETS)})")
-    if cfg.name in TOY_DATASETS:
-        if int(cfg.toy_samples) < 1:
-            raise DataError(f"config key 'data.toy_samples': must be >= 1, got {cfg.toy_samples}")
-    else:
-        if int(cfg.channels) not in (1, 3):
-            raise DataError(f"config key 'data.channels': must be 1 or 3, got {cfg.channels}")
-        if int(cfg.resolution) < 1:
-            raise DataError(f"config key 'data.resolution': must be >= 1, got {cfg.resolution}")
-    if not 0.0 <= float(cfg.val_fraction) < 1.0:
-        raise DataError(f"config key 'data.val_fraction': must be in [0, 1), "
-                        f"got {cfg.val_fraction}")
 
 
 def build_dataset(cfg: Any, split: str) -> Dataset:
