@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import List
 
 import lightning as L
+import torch
 
 from dgm_scale.config import ConfigError, to_yaml
 from dgm_scale.data import ImageDataModule, TOY_DATASETS, toy_centers
+from dgm_scale.distributed import build_strategy, launch_env, share_run_dir
 from dgm_scale.modules import GenerativeModule, build_module
 from dgm_scale.tracking import IterationProgress, PeriodicCheckpoint, SampleGrids, build_loggers
 
@@ -37,14 +39,24 @@ class RunResult:
     images_per_second: float
     checkpoint: Path
     samples: Path
+    module: GenerativeModule  # the trained module of this process
 
 
 def make_run_dir(cfg) -> Path:
-    """A fresh run directory holding the resolved config. An existing run is never overwritten."""
+    """The run directory, shared by every process of a launch; rank 0 creates it.
+
+    Rank 0 writes the resolved config there and never reuses a directory that holds a run.
+    """
+    env = launch_env()
     if cfg.run.dir:
         run_dir = Path(cfg.run.dir)
-        if (run_dir / "config.yaml").exists():
-            raise ConfigError(f"config key 'run.dir': '{run_dir}' already holds a run; choose another directory")
+    elif env.global_rank > 0 and env.run_dir:
+        run_dir = Path(env.run_dir)
+    elif env.run_id:
+        run_dir = Path(cfg.run.root) / f"{cfg.run.name}-{env.run_id}"
+    elif env.global_rank > 0:
+        raise ConfigError("config key 'run.dir': set it (or launch with a run id, e.g. torchrun --rdzv-id) "
+                          "so that every process writes to the same run directory")
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.run.root) / f"{cfg.run.name}-{stamp}"
@@ -52,8 +64,12 @@ def make_run_dir(cfg) -> Path:
         while run_dir.exists():
             run_dir = Path(cfg.run.root) / f"{cfg.run.name}-{stamp}-{suffix}"
             suffix += 1
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if env.global_rank == 0:
+        if (run_dir / "config.yaml").exists():
+            raise ConfigError(f"config key 'run.dir': '{run_dir}' already holds a run; choose another directory")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        share_run_dir(str(run_dir))
     return run_dir
 
 
@@ -74,7 +90,7 @@ def build_trainer(cfg, module: GenerativeModule, run_dir: Path) -> L.Trainer:
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
-        strategy=trainer_cfg.strategy,
+        strategy=build_strategy(trainer_cfg, cfg.run.seed),
         precision=trainer_cfg.precision,
         # Lightning counts optimizer.step() calls; our steps are iterations (n_critic D + 1 G).
         max_steps=trainer_cfg.max_steps * module.optimizer_steps_per_iteration,
@@ -107,9 +123,15 @@ def train(cfg) -> RunResult:
              cfg.loss.name if cfg.model.kind == "gan" else cfg.loss.likelihood, cfg.data.name,
              cfg.trainer.max_steps, run_dir)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        # Without this, torchrun processes sometimes abort at exit after finishing (SIGABRT).
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     seconds = time.perf_counter() - start
     images = module.iteration * per_iteration_batch * trainer.world_size
     return RunResult(run_dir=run_dir, iterations=module.iteration, seconds=seconds,
                      images_per_second=images / max(seconds, 1e-9),
-                     checkpoint=run_dir / "checkpoints" / "last.ckpt", samples=run_dir / "samples" / "final.png")
+                     checkpoint=run_dir / "checkpoints" / "last.ckpt", samples=run_dir / "samples" / "final.png",
+                     module=module)

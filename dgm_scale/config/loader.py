@@ -86,6 +86,7 @@ def validate(cfg: DictConfig) -> None:
     """Check value ranges and combinations that types alone cannot express."""
     # Registries are imported here, not at module level, so that the schema stays import-light.
     from dgm_scale.data.datasets import DATASETS, TOY_DATASETS
+    from dgm_scale.distributed.strategy import STRATEGIES
     from dgm_scale.losses.adversarial import ADVERSARIAL_LOSSES
     from dgm_scale.losses.vae import LIKELIHOODS
     from dgm_scale.nets import ARCHS, NORMS
@@ -146,6 +147,9 @@ def validate(cfg: DictConfig) -> None:
     trainer, run = cfg.trainer, cfg.run
     _require(trainer.max_steps >= 1, f"config key 'trainer.max_steps' must be >= 1, got {trainer.max_steps}")
     _choice("trainer.precision", trainer.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"])
+    _choice("trainer.strategy", trainer.strategy, STRATEGIES)
+    _require(trainer.devices >= 1 and trainer.num_nodes >= 1,
+             f"config key 'trainer.devices' / 'trainer.num_nodes' must be >= 1, got {trainer.devices} / {trainer.num_nodes}")
     _require(trainer.log_every >= 1, f"config key 'trainer.log_every' must be >= 1, got {trainer.log_every}")
     _require(run.sample_every >= 1, f"config key 'run.sample_every' must be >= 1, got {run.sample_every}")
     _require(run.checkpoint_every >= 1, f"config key 'run.checkpoint_every' must be >= 1, got {run.checkpoint_every}")

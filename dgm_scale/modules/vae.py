@@ -17,6 +17,9 @@ class VAEModule(GenerativeModule):
     def __init__(self, config: dict):
         super().__init__(config)
         cfg = self.cfg
+        # Manual, like the GAN: every optimizer.step() then passes through the strategy with its
+        # gradients already computed, which is where distributed gradient averaging happens.
+        self.automatic_optimization = False
         self.encoder = build_discriminator(cfg.model.discriminator, self.sample_shape, out_features=2 * self.latent_dim)
         self.decoder = build_generator(cfg.model.generator, self.latent_dim, self.sample_shape, out_activation=None)
 
@@ -48,13 +51,15 @@ class VAEModule(GenerativeModule):
             self.logger.log_hyperparams({"params/encoder": count_parameters(self.encoder),
                                          "params/decoder": count_parameters(self.decoder)})
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch, batch_idx: int) -> None:
+        opt = self.optimizers()
         terms = self.elbo(batch[0])
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(terms["loss"])
+        opt.step()
         self.log_dict({f"train/{key}": value.detach() for key, value in terms.items()}, on_step=True)
-        # Automatic optimisation steps after this hook returns: this is iteration `iteration + 1`.
-        self.log("train/iteration", float(self.iteration + 1), on_step=True)
+        self.log("train/iteration", float(self.iteration), on_step=True)
         self.log("elbo", terms["elbo"].detach(), prog_bar=True, logger=False)
-        return terms["loss"]
 
     def validation_step(self, batch, batch_idx: int) -> None:
         terms = self.elbo(batch[0])

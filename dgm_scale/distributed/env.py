@@ -1,0 +1,37 @@
+"""The launcher contract, read in this one place: which process am I, and which run is this?
+
+torchrun sets RANK / WORLD_SIZE / TORCHELASTIC_RUN_ID, SLURM sets SLURM_PROCID / SLURM_NTASKS /
+SLURM_JOB_ID, and Lightning's own process launcher passes its environment to the processes it
+starts (we add DGM_SCALE_RUN_DIR there, so they join rank 0's run directory).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+RUN_DIR_VARIABLE = "DGM_SCALE_RUN_DIR"
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    global_rank: int
+    world_size: int
+    run_id: Optional[str]  # shared by every process of one launch; None for a local single launch
+    run_dir: Optional[str]  # set by rank 0 for the processes Lightning starts itself
+
+
+def launch_env() -> LaunchEnv:
+    env = os.environ
+    # LOCAL_RANK alone: a process started by Lightning's own launcher on this machine.
+    rank = env.get("RANK") or env.get("SLURM_PROCID") or env.get("LOCAL_RANK") or "0"
+    world = env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or "1"
+    run_id = env.get("SLURM_JOB_ID") or env.get("TORCHELASTIC_RUN_ID")
+    if run_id == "none":  # torchrun without an explicit --rdzv-id
+        run_id = None
+    return LaunchEnv(int(rank), int(world), run_id, env.get(RUN_DIR_VARIABLE))
+
+
+def share_run_dir(run_dir: str) -> None:
+    """Let processes started later by this one (Lightning's launcher) write into the same run."""
+    os.environ[RUN_DIR_VARIABLE] = run_dir

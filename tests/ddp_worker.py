@@ -1,0 +1,18 @@
+"""Run under torchrun by tests/test_distributed.py: train, then save this rank's parameters."""
+import os
+import sys
+
+import torch
+
+from dgm_scale.config import load_config
+from dgm_scale.train import quiet_lightning, train
+
+if __name__ == "__main__":
+    config_path, out_dir, *overrides = sys.argv[1:]
+    quiet_lightning()
+    result = train(load_config(config_path, overrides))
+    params = {name: p.detach().clone() for name, p in result.module.named_parameters()}
+    # Each rank draws its own noise stream (the ranks' latents must differ to be worth two ranks).
+    noise_probe = torch.randn(4)
+    torch.save({"params": params, "iterations": result.iterations, "noise_probe": noise_probe},
+               os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
