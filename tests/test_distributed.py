@@ -65,3 +65,31 @@ def test_torchrun_launcher_script(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "samples" / "final.png").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["nsgan-launcher-test"]  # both ranks used one run dir
     assert proc.stdout.count("done: 3 iterations") >= 1
+
+
+def _average_gradients_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from dgm_scale.distributed import all_reduce_gradients
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # same model and same global batch on both ranks
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+    inputs, targets = torch.randn(8, 5), torch.randn(8, 1)
+    half = slice(rank * 4, rank * 4 + 4)  # each rank sees its half of the global batch
+    torch.nn.functional.mse_loss(model(inputs[half]), targets[half]).backward()
+    all_reduce_gradients(model.parameters(), world_size=2)
+    torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, f"grads{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_averaged_gradients_equal_the_full_batch_gradient(tmp_path):
+    torch.multiprocessing.spawn(_average_gradients_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+    inputs, targets = torch.randn(8, 5), torch.randn(8, 1)
+    torch.nn.functional.mse_loss(model(inputs), targets).backward()
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
+        for grad, reference in zip(grads, (p.grad for p in model.parameters())):
+            torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-7)

@@ -109,3 +109,18 @@ def test_class_conditional_gan_trains_and_samples_per_class(tmp_path):
     same_z_class_0 = module.sample(2, seed=0, labels=torch.tensor([0, 0]))
     same_z_class_5 = module.sample(2, seed=0, labels=torch.tensor([5, 5]))
     assert not torch.equal(same_z_class_0, same_z_class_5)
+
+
+@pytest.mark.parametrize("variant", ["wgan_gp", "vae"])
+def test_bf16_mixed_precision_trains_on_cpu(variant, configs_dir, tmp_path):
+    cfg = load_config(configs_dir / f"{variant}.yaml", TINY + ["trainer.precision=bf16-mixed", "trainer.accelerator=cpu",
+                                                              f"run.dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    loss_key = "train/g_loss" if variant != "vae" else "train/elbo"
+    losses = [float(row[loss_key]) for row in read_metrics(result.run_dir) if row.get(loss_key)]
+    assert len(losses) == 4 and all(math.isfinite(value) for value in losses)
+    if variant == "wgan_gp":
+        penalties = [float(row["train/gradient_penalty"]) for row in read_metrics(result.run_dir) if row.get("train/gradient_penalty")]
+        assert penalties and all(math.isfinite(value) for value in penalties)
+    # Weights stay float32 (mixed precision computes in bf16, keeps master weights in fp32).
+    assert all(p.dtype == torch.float32 for p in load_module(result.checkpoint).parameters())
