@@ -97,7 +97,7 @@ def build_trainer(cfg, module: GenerativeModule, run_dir: Path) -> L.Trainer:
         max_epochs=-1,
         logger=build_loggers(cfg, run_dir),
         callbacks=build_callbacks(cfg, run_dir),
-        log_every_n_steps=trainer_cfg.log_every,
+        log_every_n_steps=1,  # the modules log only every trainer.log_every iterations themselves
         enable_checkpointing=False,  # PeriodicCheckpoint writes atomically instead
         enable_progress_bar=False,  # IterationProgress shows iterations, not per-epoch batches
         enable_model_summary=False,

@@ -60,6 +60,14 @@ class GenerativeModule(L.LightningModule):
         """Completed training iterations (restored with the checkpoint through global_step)."""
         return self.global_step // self.optimizer_steps_per_iteration
 
+    def logging_due(self) -> bool:
+        """Whether the iteration about to run is logged (every `trainer.log_every` iterations).
+
+        Metrics (gradient norms included) are only computed and logged then: logging every
+        step cost ~15% of a small model's step time.
+        """
+        return (self.iteration + 1) % self.cfg.trainer.log_every == 0
+
     def default_labels(self, num: int) -> Optional[Tensor]:
         """Class labels 0, 1, ..., K-1, 0, ... for conditional models; None otherwise."""
         if self.num_classes == 0:

@@ -65,36 +65,38 @@ class GANModule(GenerativeModule):
         """Discriminator logits [N] for images [N, *sample_shape]."""
         return self.discriminator(images, labels).squeeze(1)
 
-    def discriminator_step(self, real_images: Tensor, labels: Optional[Tensor], opt) -> Dict[str, Tensor]:
+    def discriminator_step(self, real_images: Tensor, labels: Optional[Tensor], opt,
+                           with_logs: bool = True) -> Dict[str, Tensor]:
         with torch.no_grad():  # G gets no gradient from D's loss: skip its graph entirely
             fake_images = self.generator(self._latents(real_images.shape[0]), labels)
         real_logits = self._critic(real_images, labels)
         fake_logits = self._critic(fake_images, labels)
         d_loss = self.adversarial.d_loss(real_logits, fake_logits)
         total = d_loss
-        logs = {"d_loss": d_loss.detach(), "d_real": real_logits.detach().mean(),
-                "d_fake": fake_logits.detach().mean(),
-                "wasserstein": wasserstein_estimate(real_logits, fake_logits)}
+        logs = {}
         if self.cfg.loss.gp_weight > 0:
             penalty = gradient_penalty(self.discriminator, real_images, fake_images, labels)
             total = total + self.cfg.loss.gp_weight * penalty
             logs["gradient_penalty"] = penalty.detach()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(total)
-        logs["d_grad_norm"] = grad_norm(self.discriminator)
+        if with_logs:
+            logs.update(d_loss=d_loss.detach(), d_real=real_logits.detach().mean(),
+                        d_fake=fake_logits.detach().mean(), d_grad_norm=grad_norm(self.discriminator),
+                        wasserstein=wasserstein_estimate(real_logits, fake_logits))
         opt.step()
         if self.cfg.loss.clip_value > 0:
             clip_weights(self.discriminator, self.cfg.loss.clip_value)
         return logs
 
-    def generator_step(self, num: int, labels: Optional[Tensor], opt) -> Dict[str, Tensor]:
+    def generator_step(self, num: int, labels: Optional[Tensor], opt, with_logs: bool = True) -> Dict[str, Tensor]:
         fake_images = self.generator(self._latents(num), labels)
         with frozen(self.discriminator):
             fake_logits = self._critic(fake_images, labels)
         g_loss = self.adversarial.g_loss(fake_logits)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(g_loss)
-        logs = {"g_loss": g_loss.detach(), "g_grad_norm": grad_norm(self.generator)}
+        logs = {"g_loss": g_loss.detach(), "g_grad_norm": grad_norm(self.generator)} if with_logs else {}
         opt.step()
         if self.generator_ema is not None:
             update_ema(self.generator_ema, self.generator, self.cfg.model.ema_decay)
@@ -104,12 +106,16 @@ class GANModule(GenerativeModule):
         real_images, labels = batch
         labels = labels if self.num_classes > 0 else None
         opt_g, opt_d = self.optimizers()
+        log_now = self.logging_due()
         # The loader hands over n_critic batches at once: one fresh real batch per critic step.
         real_chunks = real_images.chunk(self.n_critic)
         label_chunks = labels.chunk(self.n_critic) if labels is not None else [None] * self.n_critic
-        for real_chunk, label_chunk in zip(real_chunks, label_chunks):
-            logs = self.discriminator_step(real_chunk, label_chunk, opt_d)
-        logs.update(self.generator_step(real_chunks[-1].shape[0], label_chunks[-1], opt_g))
+        for index, (real_chunk, label_chunk) in enumerate(zip(real_chunks, label_chunks)):
+            last = index == self.n_critic - 1  # the logged D values are those of the last critic step
+            logs = self.discriminator_step(real_chunk, label_chunk, opt_d, with_logs=log_now and last)
+        logs.update(self.generator_step(real_chunks[-1].shape[0], label_chunks[-1], opt_g, with_logs=log_now))
+        if not log_now:
+            return
         self.log_dict({f"train/{key}": value for key, value in logs.items()}, on_step=True)
         self.log("train/iteration", float(self.iteration), on_step=True)
         self.log_dict({"d": logs["d_loss"], "g": logs["g_loss"]}, prog_bar=True, logger=False)

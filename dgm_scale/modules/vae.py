@@ -53,10 +53,13 @@ class VAEModule(GenerativeModule):
 
     def training_step(self, batch, batch_idx: int) -> None:
         opt = self.optimizers()
+        log_now = self.logging_due()
         terms = self.elbo(batch[0])
         opt.zero_grad(set_to_none=True)
         self.manual_backward(terms["loss"])
         opt.step()
+        if not log_now:
+            return
         self.log_dict({f"train/{key}": value.detach() for key, value in terms.items()}, on_step=True)
         self.log("train/iteration", float(self.iteration), on_step=True)
         self.log("elbo", terms["elbo"].detach(), prog_bar=True, logger=False)

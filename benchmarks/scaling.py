@@ -1,0 +1,117 @@
+"""Our GAN training step vs a hand-written PyTorch loop of the same model, batch and data.
+
+    python benchmarks/scaling.py [--iterations 300] [--warmup 30] [CONFIG] [key=value ...]
+
+Both sides build the same generator/discriminator (dgm_scale.nets), the same optimizers, the same
+loss functions and read the same DataLoader; ours runs through the Lightning Trainer with the
+GANModule (logging every `trainer.log_every` iterations, our callbacks), the reference is a bare
+loop. Time is measured after `--warmup` iterations, over the same number of iterations, in one
+process. Prints a table with the ratio ours / reference (target >= 0.97).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightning as L
+import torch
+
+from dgm_scale.config import load_config
+from dgm_scale.data import ImageDataModule
+from dgm_scale.losses import build_adversarial_loss, gradient_penalty
+from dgm_scale.modules import build_module
+from dgm_scale.modules.base import build_optimizer
+from dgm_scale.train import build_trainer, make_run_dir, quiet_lightning
+
+
+class SteadyStateTimer(L.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end, self.timed = warmup, 0.0, 0.0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.iteration == self.warmup:
+            self.start = time.perf_counter()
+        self.end, self.timed = time.perf_counter(), pl_module.iteration - self.warmup
+
+
+def time_ours(cfg, warmup: int) -> float:
+    module = build_module(cfg)
+    datamodule = ImageDataModule(cfg.data, batch_size=cfg.data.batch_size * module.batches_per_iteration)
+    trainer = build_trainer(cfg, module, make_run_dir(cfg))
+    timer = SteadyStateTimer(warmup)
+    trainer.callbacks.append(timer)
+    trainer.fit(module, datamodule=datamodule)
+    return timer.timed / (timer.end - timer.start)
+
+
+def time_reference(cfg, iterations: int, warmup: int) -> float:
+    """The loop a user would write by hand: same nets, optimizers, losses and loader."""
+    module = build_module(cfg)  # only to get identically built networks
+    generator, discriminator = module.generator, module.discriminator
+    opt_g = build_optimizer(generator.parameters(), cfg.optim.g)
+    opt_d = build_optimizer(discriminator.parameters(), cfg.optim.d)
+    losses = build_adversarial_loss(cfg.loss)
+    n_critic, latent_dim = cfg.loss.n_critic, cfg.model.latent_dim
+    datamodule = ImageDataModule(cfg.data, batch_size=cfg.data.batch_size * n_critic)
+    datamodule.setup("fit")
+    done, start = 0, 0.0
+    while done < iterations:
+        for real_images, _ in datamodule.train_dataloader():
+            for real in real_images.chunk(n_critic):
+                with torch.no_grad():
+                    fake = generator(torch.randn(real.shape[0], latent_dim))
+                d_loss = losses.d_loss(discriminator(real).squeeze(1), discriminator(fake).squeeze(1))
+                if cfg.loss.gp_weight > 0:
+                    d_loss = d_loss + cfg.loss.gp_weight * gradient_penalty(discriminator, real, fake)
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+            fake = generator(torch.randn(real.shape[0], latent_dim))
+            discriminator.requires_grad_(False)
+            g_loss = losses.g_loss(discriminator(fake).squeeze(1))
+            discriminator.requires_grad_(True)
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            opt_g.step()
+            done += 1
+            if done == warmup:
+                start = time.perf_counter()
+            if done == iterations:
+                break
+    return (iterations - warmup) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("config_and_overrides", nargs="*")
+    args = parser.parse_args()
+    path = args.config_and_overrides[0] if args.config_and_overrides and "=" not in args.config_and_overrides[0] else None
+    overrides = args.config_and_overrides[1:] if path else args.config_and_overrides
+    # EMA off, no sample grids / periodic checkpoints inside the timed window: the reference has none.
+    overrides = ["model.ema_decay=0", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+                 f"trainer.max_steps={args.iterations}", f"run.sample_every={10 ** 9}",
+                 f"run.checkpoint_every={10 ** 9}", "run.root=/tmp/dgm_scale_bench", *overrides]
+    cfg = load_config(path, overrides)
+    quiet_lightning()
+    rows = []
+    for trial in range(2):  # alternate, so that machine noise hits both sides alike
+        L.seed_everything(trial, verbose=False)
+        reference = time_reference(cfg, args.iterations, args.warmup)
+        L.seed_everything(trial, verbose=False)
+        ours = time_ours(cfg, args.warmup)
+        rows.append((ours, reference))
+    ours = max(r[0] for r in rows)
+    reference = max(r[1] for r in rows)
+    print(f"\nconfig: {path or 'default'} ({cfg.loss.name}, {cfg.model.generator.arch} {cfg.data.resolution}px, "
+          f"batch {cfg.data.batch_size}, n_critic {cfg.loss.n_critic}), torch threads {torch.get_num_threads()}")
+    print(f"| {'loop':<28} | {'iterations/s (best of 2)':>24} |")
+    print(f"|{'-' * 30}|{'-' * 26}|")
+    print(f"| {'dgm_scale (Lightning)':<28} | {ours:>24.2f} |")
+    print(f"| {'hand-written PyTorch loop':<28} | {reference:>24.2f} |")
+    print(f"| {'ratio ours / reference':<28} | {ours / reference:>24.3f} |")
+
+
+if __name__ == "__main__":
+    main()
