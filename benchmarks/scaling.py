@@ -1,4 +1,5 @@
-"""Our GAN training step vs a hand-written PyTorch loop of the same model, batch and data.
+"""Our GAN training step vs a hand-written PyTorch loop of the same model, batch and data;
+then ours on 1 vs 2 CPU processes (data parallel, same per-process batch).
 
     python benchmarks/scaling.py [--iterations 300] [--warmup 30] [CONFIG] [key=value ...]
 
@@ -11,6 +12,12 @@ process. Prints a table with the ratio ours / reference (target >= 0.97).
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 
 import lightning as L
@@ -41,7 +48,25 @@ def time_ours(cfg, warmup: int) -> float:
     timer = SteadyStateTimer(warmup)
     trainer.callbacks.append(timer)
     trainer.fit(module, datamodule=datamodule)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return timer.timed / (timer.end - timer.start)
+
+
+def time_ours_two_processes(argv: list[str]) -> float:
+    """Run this script's `--ours-only` mode under torchrun with 2 processes of 1 thread each."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
+                   "--rdzv-id=bench", __file__, "--ours-only", out, *argv, "trainer.devices=2",
+                   f"run.dir={os.path.join(tmp, 'run')}"]
+        subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(out) as handle:
+            return json.load(handle)["iterations_per_second"]
 
 
 def time_reference(cfg, iterations: int, warmup: int) -> float:
@@ -85,8 +110,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--ours-only", metavar="JSON", help=argparse.SUPPRESS)  # worker mode, see above
     parser.add_argument("config_and_overrides", nargs="*")
     args = parser.parse_args()
+    forwarded = [f"--iterations={args.iterations}", f"--warmup={args.warmup}", *args.config_and_overrides]
     path = args.config_and_overrides[0] if args.config_and_overrides and "=" not in args.config_and_overrides[0] else None
     overrides = args.config_and_overrides[1:] if path else args.config_and_overrides
     # EMA off, no sample grids / periodic checkpoints inside the timed window: the reference has none.
@@ -95,6 +122,12 @@ def main() -> None:
                  f"run.checkpoint_every={10 ** 9}", "run.root=/tmp/dgm_scale_bench", *overrides]
     cfg = load_config(path, overrides)
     quiet_lightning()
+    if args.ours_only:
+        rate = time_ours(cfg, args.warmup)
+        if int(os.environ.get("RANK", "0")) == 0:
+            with open(args.ours_only, "w") as handle:
+                json.dump({"iterations_per_second": rate}, handle)
+        return
     rows = []
     for trial in range(2):  # alternate, so that machine noise hits both sides alike
         L.seed_everything(trial, verbose=False)
@@ -104,6 +137,8 @@ def main() -> None:
         rows.append((ours, reference))
     ours = max(r[0] for r in rows)
     reference = max(r[1] for r in rows)
+    two_processes = max(time_ours_two_processes(forwarded) for _ in range(2))
+    batch = cfg.data.batch_size * cfg.loss.n_critic
     print(f"\nconfig: {path or 'default'} ({cfg.loss.name}, {cfg.model.generator.arch} {cfg.data.resolution}px, "
           f"batch {cfg.data.batch_size}, n_critic {cfg.loss.n_critic}), torch threads {torch.get_num_threads()}")
     print(f"| {'loop':<28} | {'iterations/s (best of 2)':>24} |")
@@ -111,6 +146,11 @@ def main() -> None:
     print(f"| {'dgm_scale (Lightning)':<28} | {ours:>24.2f} |")
     print(f"| {'hand-written PyTorch loop':<28} | {reference:>24.2f} |")
     print(f"| {'ratio ours / reference':<28} | {ours / reference:>24.3f} |")
+    print(f"\n| {'dgm_scale, data parallel':<28} | {'iterations/s':>12} | {'real images/s':>13} |")
+    print(f"|{'-' * 30}|{'-' * 14}|{'-' * 15}|")
+    print(f"| {'1 process x 2 threads':<28} | {ours:>12.2f} | {ours * batch:>13.0f} |")
+    print(f"| {'2 processes x 1 thread':<28} | {two_processes:>12.2f} | {two_processes * batch * 2:>13.0f} |")
+    print(f"| {'ratio 2 / 1 (images/s)':<28} | {'':>12} | {two_processes * 2 / ours:>13.3f} |")
 
 
 if __name__ == "__main__":
