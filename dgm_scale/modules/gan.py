@@ -80,7 +80,7 @@ class GANModule(GenerativeModule):
             logs["gradient_penalty"] = penalty.detach()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(total)
-        if with_logs:
+        if with_logs:  # gradient norms are this rank's, before the strategy averages gradients
             logs.update(d_loss=d_loss.detach(), d_real=real_logits.detach().mean(),
                         d_fake=fake_logits.detach().mean(), d_grad_norm=grad_norm(self.discriminator),
                         wasserstein=wasserstein_estimate(real_logits, fake_logits))

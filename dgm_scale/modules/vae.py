@@ -67,4 +67,4 @@ class VAEModule(GenerativeModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         terms = self.elbo(batch[0])
         self.log_dict({f"val/{key}": value for key, value in terms.items() if key != "loss"},
-                      on_epoch=True, batch_size=batch[0].shape[0])
+                      on_epoch=True, batch_size=batch[0].shape[0], sync_dist=True)
