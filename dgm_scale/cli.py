@@ -21,8 +21,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dgm_scale.train import quiet_lightning, train  # heavy imports only for commands that need them
 
     quiet_lightning()
+    from dgm_scale.distributed import launch_env
+
     path, overrides = _split_config_args(args.config_and_overrides)
     result = train(load_config(path, overrides))
+    if launch_env().global_rank > 0:
+        return 0
     print(f"done: {result.iterations} iterations in {result.seconds:.1f} s "
           f"({result.images_per_second:.0f} images/s)\n"
           f"  run directory: {result.run_dir}\n"

@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import lightning as L
 import torch
@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 def quiet_lightning() -> None:
     """Silence Lightning's notices that do not apply to our runs (kept: its real warnings)."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    # The run directory already holds config.yaml when the CSV logger starts writing there.
-    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
     # The data module offers a validation split; only the VAE has a validation_step.
     warnings.filterwarnings("ignore", message=".*You passed in a `val_dataloader` but have no `validation_step`.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
@@ -64,6 +62,8 @@ def make_run_dir(cfg) -> Path:
         while run_dir.exists():
             run_dir = Path(cfg.run.root) / f"{cfg.run.name}-{stamp}-{suffix}"
             suffix += 1
+    if env.requeued:  # the same job again: continue in its run directory
+        return run_dir
     if env.global_rank == 0:
         if (run_dir / "config.yaml").exists():
             raise ConfigError(f"config key 'run.dir': '{run_dir}' already holds a run; choose another directory")
@@ -71,6 +71,12 @@ def make_run_dir(cfg) -> Path:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         share_run_dir(str(run_dir))
     return run_dir
+
+
+def requeue_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest checkpoint Lightning's SLURM auto-requeue wrote (`hpc_ckpt_N.ckpt`), if any."""
+    candidates = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return candidates[-1] if candidates else None
 
 
 def build_callbacks(cfg, run_dir: Path) -> List[L.Callback]:
@@ -122,9 +128,12 @@ def train(cfg) -> RunResult:
     log.info("training %s (%s, %s loss) on %s for %d iterations -> %s", cfg.run.name, cfg.model.kind,
              cfg.loss.name if cfg.model.kind == "gan" else cfg.loss.likelihood, cfg.data.name,
              cfg.trainer.max_steps, run_dir)
+    resume_from = requeue_checkpoint(run_dir) if launch_env().requeued else None
+    if resume_from is not None:
+        log.info("requeued job: resuming from %s", resume_from)
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     finally:
         # Without this, torchrun processes sometimes abort at exit after finishing (SIGABRT).
         if torch.distributed.is_initialized():

@@ -19,6 +19,7 @@ class LaunchEnv:
     world_size: int
     run_id: Optional[str]  # shared by every process of one launch; None for a local single launch
     run_dir: Optional[str]  # set by rank 0 for the processes Lightning starts itself
+    requeued: bool  # a SLURM job started again after `scontrol requeue` (preemption, USR1)
 
 
 def launch_env() -> LaunchEnv:
@@ -29,7 +30,8 @@ def launch_env() -> LaunchEnv:
     run_id = env.get("SLURM_JOB_ID") or env.get("TORCHELASTIC_RUN_ID")
     if run_id == "none":  # torchrun without an explicit --rdzv-id
         run_id = None
-    return LaunchEnv(int(rank), int(world), run_id, env.get(RUN_DIR_VARIABLE))
+    requeued = int(env.get("SLURM_RESTART_COUNT") or 0) > 0
+    return LaunchEnv(int(rank), int(world), run_id, env.get(RUN_DIR_VARIABLE), requeued)
 
 
 def share_run_dir(run_dir: str) -> None:

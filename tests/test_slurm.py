@@ -1,0 +1,83 @@
+"""SLURM for real: a local cluster runs launch/slurm/train.sbatch with 2 ranks; USR1 makes the
+job checkpoint and requeue; the requeued job resumes from that checkpoint and finishes."""
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "launch" / "slurm" / "local_cluster.sh"
+TINY = ["data.resolution=8", "data.batch_size=8", "model.generator.width=4", "model.discriminator.width=4",
+        "model.latent_dim=8", "trainer.log_every=1", "trainer.progress_bar=false", "trainer.accelerator=cpu",
+        "run.sample_every=100", "run.checkpoint_every=100", "run.num_samples=4"]
+ITERATIONS = 600
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm-state")
+    started = subprocess.run(["bash", str(CLUSTER), "start", str(state)], capture_output=True, text=True, timeout=300)
+    if started.returncode == 3:
+        pytest.skip(f"no local SLURM cluster here: {started.stderr.strip()}")
+    assert started.returncode == 0, started.stderr
+    yield
+    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], timeout=60)
+
+
+def job_field(job_id: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    return next((item.split("=", 1)[1] for item in out.split() if item.startswith(f"{field}=")), "")
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def logged_iterations(run_dir: Path) -> list[int]:
+    if not (run_dir / "metrics.csv").exists():
+        return []
+    with open(run_dir / "metrics.csv") as handle:
+        return [int(float(row["train/iteration"])) for row in csv.DictReader(handle) if row.get("train/iteration")]
+
+
+def test_sbatch_trains_two_ranks_checkpoints_on_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
+    run_dir, output = tmp_path / "run", tmp_path / "job.out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={output}",
+         str(ROOT / "launch" / "slurm" / "train.sbatch"), "configs/nsgan.yaml", *TINY,
+         f"trainer.max_steps={ITERATIONS}", f"run.dir={run_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    try:
+        wait_for(lambda: len(logged_iterations(run_dir)) >= 30, 120, "the job to train 30 iterations")
+        subprocess.run(["scancel", "--signal=USR1", job], check=True)
+        wait_for(lambda: (run_dir / "hpc_ckpt_1.ckpt").exists() and job_field(job, "Restarts") == "1", 60,
+                 "the USR1 checkpoint and the requeue")
+        # A requeued job waits `cred_expire` seconds before it may start again: start it now.
+        wait_for(lambda: job_field(job, "JobState") == "PENDING", 60, "the requeued job to be pending")
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        wait_for(lambda: job_field(job, "JobState") == "COMPLETED", 240, "the resumed job to complete")
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    log = output.read_text()
+    # Both ranks ran (Lightning under SLURM with 2 tasks), the job resumed from the USR1 checkpoint ...
+    assert log.count(f"requeued job: resuming from {run_dir / 'hpc_ckpt_1.ckpt'}") == 2, log[-3000:]
+    # ... and finished: the success line is printed once, by rank 0, after training returned.
+    assert log.count(f"done: {ITERATIONS} iterations") == 1, log[-3000:]
+    interrupted_at = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] // 2
+    assert 30 <= interrupted_at < ITERATIONS
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2 * ITERATIONS
+    # The metrics of both parts are in one file, none missing.
+    assert set(logged_iterations(run_dir)) == set(range(1, ITERATIONS + 1))
