@@ -60,6 +60,25 @@ class GenerativeModule(L.LightningModule):
         """Completed training iterations (restored with the checkpoint through global_step)."""
         return self.global_step // self.optimizer_steps_per_iteration
 
+    def draw_noise(self, num: int, *shape: int) -> Tensor:
+        """Standard normal noise [num, *shape] for this rank's share of the global batch.
+
+        The noise of the whole global batch (num x world size rows) is drawn from a generator
+        keyed to (run.seed, iteration, draw within the iteration), and rank r keeps rows
+        r, r + W, r + 2W, ... - the same interleaving DistributedSampler uses for the data. So
+        W ranks x batch B draw exactly the noise of 1 rank x batch W*B, every rank draws
+        different noise, and a resumed run draws what the uninterrupted one would have drawn.
+        """
+        iteration = self.iteration
+        if iteration != getattr(self, "_noise_iteration", None):
+            self._noise_iteration, self._noise_draws = iteration, 0
+        key = (self.cfg.run.seed * 1_000_003 + iteration) * 1_009 + self._noise_draws
+        self._noise_draws += 1
+        world = self.trainer.world_size if self._trainer is not None else 1
+        generator = torch.Generator().manual_seed(key)
+        global_noise = torch.randn(num * world, *shape, generator=generator)
+        return global_noise[self.global_rank::world].to(self.device)
+
     def logging_due(self) -> bool:
         """Whether the iteration about to run is logged (every `trainer.log_every` iterations).
 

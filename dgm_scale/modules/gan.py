@@ -58,9 +58,6 @@ class GANModule(GenerativeModule):
             self.logger.log_hyperparams({"params/generator": count_parameters(self.generator),
                                          "params/discriminator": count_parameters(self.discriminator)})
 
-    def _latents(self, num: int) -> Tensor:
-        return torch.randn(num, self.latent_dim, device=self.device)
-
     def _critic(self, images: Tensor, labels: Optional[Tensor]) -> Tensor:
         """Discriminator logits [N] for images [N, *sample_shape]."""
         return self.discriminator(images, labels).squeeze(1)
@@ -68,7 +65,7 @@ class GANModule(GenerativeModule):
     def discriminator_step(self, real_images: Tensor, labels: Optional[Tensor], opt,
                            with_logs: bool = True) -> Dict[str, Tensor]:
         with torch.no_grad():  # G gets no gradient from D's loss: skip its graph entirely
-            fake_images = self.generator(self._latents(real_images.shape[0]), labels)
+            fake_images = self.generator(self.draw_noise(real_images.shape[0], self.latent_dim), labels)
         real_logits = self._critic(real_images, labels)
         fake_logits = self._critic(fake_images, labels)
         d_loss = self.adversarial.d_loss(real_logits, fake_logits)
@@ -90,7 +87,7 @@ class GANModule(GenerativeModule):
         return logs
 
     def generator_step(self, num: int, labels: Optional[Tensor], opt, with_logs: bool = True) -> Dict[str, Tensor]:
-        fake_images = self.generator(self._latents(num), labels)
+        fake_images = self.generator(self.draw_noise(num, self.latent_dim), labels)
         with frozen(self.discriminator):
             fake_logits = self._critic(fake_images, labels)
         g_loss = self.adversarial.g_loss(fake_logits)

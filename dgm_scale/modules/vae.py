@@ -36,10 +36,14 @@ class VAEModule(GenerativeModule):
         # Bounded log-variance: exp() of an early outlier would otherwise overflow the KL.
         return mu, logvar.clamp(-20.0, 10.0)
 
-    def elbo(self, images: Tensor) -> Dict[str, Tensor]:
-        """ELBO terms (batch means, nats per image) with one reparameterised posterior sample."""
+    def elbo(self, images: Tensor, noise: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """ELBO terms (batch means, nats per image) with one reparameterised posterior sample.
+
+        `noise` [N, latent_dim] is the standard normal draw of the sample (fresh if None).
+        """
         mu, logvar = self.encode(images)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        noise = torch.randn_like(mu) if noise is None else noise
+        z = mu + noise * (0.5 * logvar).exp()
         loss = self.cfg.loss
         return elbo_terms(self.decoder(z), images, mu, logvar, loss.likelihood, loss.beta, loss.gaussian_std)
 
@@ -54,7 +58,7 @@ class VAEModule(GenerativeModule):
     def training_step(self, batch, batch_idx: int) -> None:
         opt = self.optimizers()
         log_now = self.logging_due()
-        terms = self.elbo(batch[0])
+        terms = self.elbo(batch[0], self.draw_noise(batch[0].shape[0], self.latent_dim))
         opt.zero_grad(set_to_none=True)
         self.manual_backward(terms["loss"])
         opt.step()
