@@ -131,3 +131,12 @@ def test_vae_on_two_ranks_equals_one_rank_with_the_double_batch(tmp_path):
     # and training did move the weights away from the shared initialisation
     L.seed_everything(cfg.run.seed, verbose=False)
     assert any(not torch.allclose(p, two_ranks[n]) for n, p in build_module(cfg).named_parameters())
+
+
+def test_global_batch_and_parameter_counts_are_logged(tmp_path):
+    proc = torchrun(["tests/ddp_worker.py", "configs/nsgan.yaml", str(tmp_path), *TINY, "trainer.devices=2",
+                     f"run.dir={tmp_path / 'run'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hparams = (tmp_path / "run" / "hparams.yaml").read_text()
+    assert "batch/global: 16" in hparams and "batch/world_size: 2" in hparams and "batch/per_device: 8" in hparams
+    assert "params/generator:" in hparams and "params/discriminator:" in hparams

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from dgm_scale.config import config_from_dict, to_dict
+from dgm_scale.nets import count_parameters
 
 
 def sample_shape(data_cfg) -> Tuple[int, ...]:
@@ -78,6 +79,23 @@ class GenerativeModule(L.LightningModule):
         generator = torch.Generator().manual_seed(key)
         global_noise = torch.randn(num * world, *shape, generator=generator)
         return global_noise[self.global_rank::world].to(self.device)
+
+    def on_fit_start(self) -> None:
+        """Log what a run's numbers depend on: parameter counts and the global batch."""
+        if self.logger is None:
+            return
+        per_device = self.cfg.data.batch_size
+        self.logger.log_hyperparams({
+            **{f"params/{name}": count_parameters(net) for name, net in self.networks().items()},
+            "batch/per_device": per_device,
+            "batch/world_size": self.trainer.world_size,
+            # Learning rates are not rescaled with it: see launch/README.md.
+            "batch/global": per_device * self.trainer.world_size,
+        })
+
+    def networks(self) -> dict:
+        """The trained networks by name, e.g. {"generator": G, "discriminator": D}."""
+        raise NotImplementedError
 
     def logging_due(self) -> bool:
         """Whether the iteration about to run is logged (every `trainer.log_every` iterations).

@@ -16,7 +16,7 @@ from dgm_scale.losses import build_adversarial_loss, clip_weights, gradient_pena
 from dgm_scale.losses.adversarial import wasserstein_estimate
 from dgm_scale.modules.base import GenerativeModule, build_optimizer, grad_norm
 from dgm_scale.modules.ema import make_ema_copy, update_ema
-from dgm_scale.nets import build_discriminator, build_generator, count_parameters
+from dgm_scale.nets import build_discriminator, build_generator
 
 
 @contextmanager
@@ -53,10 +53,8 @@ class GANModule(GenerativeModule):
         return [build_optimizer(self.generator.parameters(), self.cfg.optim.g),
                 build_optimizer(self.discriminator.parameters(), self.cfg.optim.d)]
 
-    def on_fit_start(self) -> None:
-        if self.logger is not None:
-            self.logger.log_hyperparams({"params/generator": count_parameters(self.generator),
-                                         "params/discriminator": count_parameters(self.discriminator)})
+    def networks(self) -> dict:
+        return {"generator": self.generator, "discriminator": self.discriminator}
 
     def _critic(self, images: Tensor, labels: Optional[Tensor]) -> Tensor:
         """Discriminator logits [N] for images [N, *sample_shape]."""

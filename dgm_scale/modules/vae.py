@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from dgm_scale.losses.vae import decoder_mean, elbo_terms
 from dgm_scale.modules.base import GenerativeModule, build_optimizer
-from dgm_scale.nets import build_discriminator, build_generator, count_parameters
+from dgm_scale.nets import build_discriminator, build_generator
 
 
 class VAEModule(GenerativeModule):
@@ -50,10 +50,8 @@ class VAEModule(GenerativeModule):
     def configure_optimizers(self):
         return build_optimizer(self.parameters(), self.cfg.optim.g)
 
-    def on_fit_start(self) -> None:
-        if self.logger is not None:
-            self.logger.log_hyperparams({"params/encoder": count_parameters(self.encoder),
-                                         "params/decoder": count_parameters(self.decoder)})
+    def networks(self) -> dict:
+        return {"encoder": self.encoder, "decoder": self.decoder}
 
     def training_step(self, batch, batch_idx: int) -> None:
         opt = self.optimizers()
