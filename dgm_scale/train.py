@@ -14,7 +14,7 @@ import torch
 
 from dgm_scale.config import ConfigError, to_yaml
 from dgm_scale.data import ImageDataModule, TOY_DATASETS, toy_centers
-from dgm_scale.distributed import build_strategy, launch_env, share_run_dir
+from dgm_scale.distributed import LaunchEnv, build_strategy, launch_env, share_run_dir
 from dgm_scale.modules import GenerativeModule, build_module
 from dgm_scale.tracking import IterationProgress, PeriodicCheckpoint, SampleGrids, build_loggers
 
@@ -40,12 +40,12 @@ class RunResult:
     module: GenerativeModule  # the trained module of this process
 
 
-def make_run_dir(cfg) -> Path:
+def make_run_dir(cfg, env: Optional[LaunchEnv] = None) -> Path:
     """The run directory, shared by every process of a launch; rank 0 creates it.
 
     Rank 0 writes the resolved config there and never reuses a directory that holds a run.
     """
-    env = launch_env()
+    env = env or launch_env()
     if cfg.run.dir:
         run_dir = Path(cfg.run.dir)
     elif env.global_rank > 0 and env.run_dir:
@@ -123,12 +123,13 @@ def train(cfg) -> RunResult:
     if wanted_classes > 0 and wanted_classes != datamodule.num_classes:
         raise ConfigError(f"config key 'model.num_classes': {wanted_classes} does not match the "
                           f"{datamodule.num_classes} classes of dataset '{cfg.data.name}'")
-    run_dir = make_run_dir(cfg)
+    env = launch_env()
+    run_dir = make_run_dir(cfg, env)
     trainer = build_trainer(cfg, module, run_dir)
     log.info("training %s (%s, %s loss) on %s for %d iterations -> %s", cfg.run.name, cfg.model.kind,
              cfg.loss.name if cfg.model.kind == "gan" else cfg.loss.likelihood, cfg.data.name,
              cfg.trainer.max_steps, run_dir)
-    resume_from = requeue_checkpoint(run_dir) if launch_env().requeued else None
+    resume_from = requeue_checkpoint(run_dir) if env.requeued else None
     if resume_from is not None:
         log.info("requeued job: resuming from %s", resume_from)
     start = time.perf_counter()
@@ -139,7 +140,8 @@ def train(cfg) -> RunResult:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     seconds = time.perf_counter() - start
-    images = module.iteration * per_iteration_batch * trainer.world_size
+    # Throughput of this process's share of the run (a resumed run starts past iteration 0).
+    images = (module.iteration - module.start_iteration) * per_iteration_batch * trainer.world_size
     return RunResult(run_dir=run_dir, iterations=module.iteration, seconds=seconds,
                      images_per_second=images / max(seconds, 1e-9),
                      checkpoint=run_dir / "checkpoints" / "last.ckpt", samples=run_dir / "samples" / "final.png",

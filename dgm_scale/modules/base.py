@@ -43,6 +43,8 @@ class GenerativeModule(L.LightningModule):
     optimizer_steps_per_iteration: int = 1
     #: loader batches of `data.batch_size` consumed per iteration (the GAN's critic takes n_critic).
     batches_per_iteration: int = 1
+    #: the iteration this process started training from (> 0 after a resume)
+    start_iteration: int = 0
 
     def __init__(self, config: dict):
         super().__init__()
@@ -92,6 +94,9 @@ class GenerativeModule(L.LightningModule):
             # Learning rates are not rescaled with it: see launch/README.md.
             "batch/global": per_device * self.trainer.world_size,
         })
+
+    def on_train_start(self) -> None:
+        self.start_iteration = self.iteration  # after any checkpoint was restored
 
     def networks(self) -> dict:
         """The trained networks by name, e.g. {"generator": G, "discriminator": D}."""
