@@ -124,3 +124,8 @@ def test_bf16_mixed_precision_trains_on_cpu(variant, configs_dir, tmp_path):
         assert penalties and all(math.isfinite(value) for value in penalties)
     # Weights stay float32 (mixed precision computes in bf16, keeps master weights in fp32).
     assert all(p.dtype == torch.float32 for p in load_module(result.checkpoint).parameters())
+
+
+def test_trains_with_loader_worker_processes(tmp_path):
+    cfg = load_config(overrides=TINY + ["data.num_workers=2", "data.hflip=true", f"run.dir={tmp_path / 'run'}"])
+    assert train(cfg).iterations == 4
