@@ -96,7 +96,7 @@ def build_trainer(cfg, module: GenerativeModule, run_dir: Path) -> L.Trainer:
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
-        strategy=build_strategy(trainer_cfg, cfg.run.seed),
+        strategy=build_strategy(trainer_cfg, cfg.run.seed, micro_batch=cfg.data.batch_size),
         precision=trainer_cfg.precision,
         # Lightning counts optimizer.step() calls; our steps are iterations (n_critic D + 1 G).
         max_steps=trainer_cfg.max_steps * module.optimizer_steps_per_iteration,

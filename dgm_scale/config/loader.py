@@ -148,6 +148,12 @@ def validate(cfg: DictConfig) -> None:
     _require(trainer.max_steps >= 1, f"config key 'trainer.max_steps' must be >= 1, got {trainer.max_steps}")
     _choice("trainer.precision", trainer.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"])
     _choice("trainer.strategy", trainer.strategy, STRATEGIES)
+    if trainer.strategy == "deepspeed":
+        stage = trainer.deepspeed.get("zero_optimization", {}).get("stage", 0)
+        # Our forwards use the raw networks (an engine's forward breaks the gradient penalty);
+        # ZeRO-3 partitions the parameters themselves, so those forwards would see empty tensors.
+        _require(stage in (0, 1, 2), f"config key 'trainer.deepspeed.zero_optimization.stage': {stage} is not "
+                                     "supported (use 0, 1 or 2: ZeRO-3 partitions the weights our forwards need)")
     _require(trainer.devices >= 1 and trainer.num_nodes >= 1,
              f"config key 'trainer.devices' / 'trainer.num_nodes' must be >= 1, got {trainer.devices} / {trainer.num_nodes}")
     _require(trainer.log_every >= 1, f"config key 'trainer.log_every' must be >= 1, got {trainer.log_every}")

@@ -7,7 +7,7 @@ in `configs/` only state what differs from these defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -78,7 +78,10 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: int = 1
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # auto | ddp | deepspeed
+    # DeepSpeed config block (trainer.strategy=deepspeed), merged over our defaults; e.g.
+    # {zero_optimization: {stage: 2, offload_optimizer: {device: cpu}}}
+    deepspeed: Dict[str, Any] = field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     log_every: int = 10  # iterations between logged metrics
     progress_bar: bool = True

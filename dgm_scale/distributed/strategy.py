@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim import Optimizer
 
-STRATEGIES = ("auto", "ddp")
+STRATEGIES = ("auto", "ddp", "deepspeed")
 
 
 def all_reduce_gradients(params: Iterable[torch.nn.Parameter], world_size: int) -> None:
@@ -55,9 +55,14 @@ class GradientAllReduceDDP(DDPStrategy):
         return super().optimizer_step(optimizer, closure, model, **kwargs)
 
 
-def build_strategy(trainer_cfg, seed: int):
+def build_strategy(trainer_cfg, seed: int, micro_batch: int = 1):
     """The Lightning strategy for `trainer.strategy` ("auto": DDP when more than one process)."""
     name = trainer_cfg.strategy  # validated against STRATEGIES with the rest of the config
+    if name == "deepspeed":
+        from dgm_scale.distributed.deepspeed_engines import MultiEngineDeepSpeed
+
+        return MultiEngineDeepSpeed(seed=seed, deepspeed_config=dict(trainer_cfg.deepspeed),
+                                    precision=trainer_cfg.precision, micro_batch=micro_batch)
     processes = trainer_cfg.devices * trainer_cfg.num_nodes
     if name == "ddp" or processes > 1:
         return GradientAllReduceDDP(seed=seed)

@@ -95,6 +95,11 @@ class GenerativeModule(L.LightningModule):
             "batch/global": per_device * self.trainer.world_size,
         })
 
+    def backward(self, loss: Tensor, *args, **kwargs) -> None:
+        # `manual_backward(loss, optimizer)`: the optimizer is for the strategy (DeepSpeed picks
+        # the engine by it); a plain backward ignores it.
+        loss.backward()
+
     def on_train_start(self) -> None:
         self.start_iteration = self.iteration  # after any checkpoint was restored
 

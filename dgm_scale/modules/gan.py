@@ -74,7 +74,7 @@ class GANModule(GenerativeModule):
             total = total + self.cfg.loss.gp_weight * penalty
             logs["gradient_penalty"] = penalty.detach()
         opt.zero_grad(set_to_none=True)
-        self.manual_backward(total)
+        self.manual_backward(total, opt)
         if with_logs:  # gradient norms are this rank's, before the strategy averages gradients
             logs.update(d_loss=d_loss.detach(), d_real=real_logits.detach().mean(),
                         d_fake=fake_logits.detach().mean(), d_grad_norm=grad_norm(self.discriminator),
@@ -90,7 +90,7 @@ class GANModule(GenerativeModule):
             fake_logits = self._critic(fake_images, labels)
         g_loss = self.adversarial.g_loss(fake_logits)
         opt.zero_grad(set_to_none=True)
-        self.manual_backward(g_loss)
+        self.manual_backward(g_loss, opt)
         logs = {"g_loss": g_loss.detach(), "g_grad_norm": grad_norm(self.generator)} if with_logs else {}
         opt.step()
         if self.generator_ema is not None:

@@ -58,7 +58,7 @@ class VAEModule(GenerativeModule):
         log_now = self.logging_due()
         terms = self.elbo(batch[0], self.draw_noise(batch[0].shape[0], self.latent_dim))
         opt.zero_grad(set_to_none=True)
-        self.manual_backward(terms["loss"])
+        self.manual_backward(terms["loss"], opt)
         opt.step()
         if not log_now:
             return

@@ -1,0 +1,85 @@
+"""DeepSpeed ZeRO for models with several optimizers: one DeepSpeed engine per optimizer.
+
+Lightning's DeepSpeedStrategy accepts exactly one optimizer and CUDA only (Lightning #19773).
+Here every optimizer (G's, D's; the VAE's single one) gets its own `deepspeed.initialize` engine
+(its own ZeRO partitioning, loss scaling, step), under one Lightning Trainer:
+- the modules call `manual_backward(loss, opt)`: the optimizer tells us which engine runs the
+  backward (ZeRO's gradient hooks and loss scaler live in the engine);
+- `opt.step()` becomes that engine's `step()`;
+- forwards use the raw networks, never the engines: an engine's forward registers backward
+  hooks, which break a gradient penalty or a frozen D inside G's loss (seen in our CPU study).
+Replicas, the process group and per-rank seeding come from GradientAllReduceDDP; DeepSpeed
+does the gradient reduction itself, so the all-reduce there is skipped.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from torch import nn
+from torch.optim import Optimizer
+
+from dgm_scale.distributed.strategy import GradientAllReduceDDP
+
+
+def _precision_block(precision: str) -> Dict[str, Any]:
+    if precision.startswith("bf16"):
+        return {"bf16": {"enabled": True}}
+    if precision.startswith("16"):
+        return {"fp16": {"enabled": True, "initial_scale_power": 16}}
+    return {}
+
+
+class MultiEngineDeepSpeed(GradientAllReduceDDP):
+    def __init__(self, seed: int, deepspeed_config: Dict[str, Any], precision: str, micro_batch: int, **kwargs: Any):
+        super().__init__(seed=seed, **kwargs)
+        self.deepspeed_config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": 1,
+            # DeepSpeed 0.19 defaults to clipping at 1.0 when unset: training would silently differ.
+            "gradient_clipping": 0.0,
+            "zero_allow_untested_optimizer": True,
+            **_precision_block(precision),
+            **deepspeed_config,
+        }
+        self._engines: Dict[int, Any] = {}  # id(optimizer) -> engine
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)  # process group, identical replicas, Lightning's optimizers
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        networks = self.lightning_module.networks()
+        engine_optimizers = []
+        for optimizer in self.optimizers:
+            owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            # The networks this optimizer trains (G; D; or encoder + decoder for the VAE).
+            model = nn.ModuleList([net for net in networks.values() if {id(p) for p in net.parameters()} <= owned])
+            engine, engine_optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=self.deepspeed_config, dist_init_required=False)
+            self._engines[id(engine_optimizer)] = engine
+            engine_optimizers.append(engine_optimizer)
+        self.optimizers = engine_optimizers  # assign (not append): rebuilds Lightning's wrappers
+
+    def _engine_of(self, optimizer: Optional[Any]):
+        if isinstance(optimizer, LightningOptimizer):  # (ZeRO optimizers have an .optimizer too)
+            optimizer = optimizer.optimizer
+        if optimizer is None or id(optimizer) not in self._engines:
+            raise RuntimeError("under trainer.strategy=deepspeed, call self.manual_backward(loss, optimizer)")
+        return self._engines[id(optimizer)]
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any):
+        # manual_backward(loss, opt) arrives as backward(loss, None, opt).
+        self._engine_of(args[0] if args else optimizer).backward(closure_loss)
+        return closure_loss
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[Any] = None,
+                       **kwargs: Any) -> Any:
+        closure()  # manual optimisation: a no-op; gradients are already in the engine
+        return self._engine_of(optimizer).step()
+
+    def optimizer_state(self, optimizer: Optimizer) -> Dict[str, Any]:
+        # ZeRO partitions optimizer state over ranks; rank 0's piece alone cannot resume a run.
+        # Checkpoints under DeepSpeed hold the weights (replicated in ZeRO-1/2) but no optimizer state.
+        return {}
