@@ -1,5 +1,5 @@
 """Our GAN training step vs a hand-written PyTorch loop of the same model, batch and data;
-then ours on 1 vs 2 CPU processes (data parallel, same per-process batch).
+then ours on 1 vs 2 CPU processes (data parallel, same per-process batch), DDP vs DeepSpeed ZeRO-2.
 
     python benchmarks/scaling.py [--iterations 300] [--warmup 30] [CONFIG] [key=value ...]
 
@@ -138,6 +138,7 @@ def main() -> None:
     ours = max(r[0] for r in rows)
     reference = max(r[1] for r in rows)
     two_processes = max(time_ours_two_processes(forwarded) for _ in range(2))
+    two_deepspeed = max(time_ours_two_processes(forwarded + ["trainer.strategy=deepspeed"]) for _ in range(2))
     batch = cfg.data.batch_size * cfg.loss.n_critic
     print(f"\nconfig: {path or 'default'} ({cfg.loss.name}, {cfg.model.generator.arch} {cfg.data.resolution}px, "
           f"batch {cfg.data.batch_size}, n_critic {cfg.loss.n_critic}), torch threads {torch.get_num_threads()}")
@@ -151,6 +152,8 @@ def main() -> None:
     print(f"| {'1 process x 2 threads':<28} | {ours:>12.2f} | {ours * batch:>13.0f} |")
     print(f"| {'2 processes x 1 thread':<28} | {two_processes:>12.2f} | {two_processes * batch * 2:>13.0f} |")
     print(f"| {'ratio 2 / 1 (images/s)':<28} | {'':>12} | {two_processes * 2 / ours:>13.3f} |")
+    print(f"| {'2 processes, DeepSpeed Z2':<28} | {two_deepspeed:>12.2f} | {two_deepspeed * batch * 2:>13.0f} |")
+    print(f"| {'ratio DeepSpeed / DDP':<28} | {'':>12} | {two_deepspeed / two_processes:>13.3f} |")
 
 
 if __name__ == "__main__":
