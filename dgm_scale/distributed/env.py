@@ -1,7 +1,7 @@
 """The launcher contract, read in this one place: which process am I, and which run is this?
 
-torchrun sets RANK / WORLD_SIZE / TORCHELASTIC_RUN_ID, SLURM sets SLURM_PROCID / SLURM_NTASKS /
-SLURM_JOB_ID, and Lightning's own process launcher passes its environment to the processes it
+torchrun sets RANK / TORCHELASTIC_RUN_ID, SLURM sets SLURM_PROCID / SLURM_JOB_ID /
+SLURM_RESTART_COUNT, and Lightning's own process launcher passes its environment to the processes it
 starts (we add DGM_SCALE_RUN_DIR there, so they join rank 0's run directory).
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ RUN_DIR_VARIABLE = "DGM_SCALE_RUN_DIR"
 @dataclass(frozen=True)
 class LaunchEnv:
     global_rank: int
-    world_size: int
     run_id: Optional[str]  # shared by every process of one launch; None for a local single launch
     run_dir: Optional[str]  # set by rank 0 for the processes Lightning starts itself
     requeued: bool  # a SLURM job started again after `scontrol requeue` (preemption, USR1)
@@ -26,12 +25,11 @@ def launch_env() -> LaunchEnv:
     env = os.environ
     # LOCAL_RANK alone: a process started by Lightning's own launcher on this machine.
     rank = env.get("RANK") or env.get("SLURM_PROCID") or env.get("LOCAL_RANK") or "0"
-    world = env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or "1"
     run_id = env.get("SLURM_JOB_ID") or env.get("TORCHELASTIC_RUN_ID")
     if run_id == "none":  # torchrun without an explicit --rdzv-id
         run_id = None
     requeued = int(env.get("SLURM_RESTART_COUNT") or 0) > 0
-    return LaunchEnv(int(rank), int(world), run_id, env.get(RUN_DIR_VARIABLE), requeued)
+    return LaunchEnv(int(rank), run_id, env.get(RUN_DIR_VARIABLE), requeued)
 
 
 def share_run_dir(run_dir: str) -> None:

@@ -45,6 +45,9 @@ class GenerativeModule(L.LightningModule):
     batches_per_iteration: int = 1
     #: the iteration this process started training from (> 0 after a resume)
     start_iteration: int = 0
+    #: draw_noise's key state: the iteration it last drew for, and how often it drew in it
+    _noise_iteration: Optional[int] = None
+    _noise_draws: int = 0
 
     def __init__(self, config: dict):
         super().__init__()
@@ -73,7 +76,7 @@ class GenerativeModule(L.LightningModule):
         different noise, and a resumed run draws what the uninterrupted one would have drawn.
         """
         iteration = self.iteration
-        if iteration != getattr(self, "_noise_iteration", None):
+        if iteration != self._noise_iteration:
             self._noise_iteration, self._noise_draws = iteration, 0
         key = (self.cfg.run.seed * 1_000_003 + iteration) * 1_009 + self._noise_draws
         self._noise_draws += 1
