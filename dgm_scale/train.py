@@ -13,9 +13,11 @@ import lightning as L
 import torch
 
 from dgm_scale.config import ConfigError, to_yaml
-from dgm_scale.data import ImageDataModule, TOY_DATASETS, toy_centers
+from dgm_scale.data import DataPosition, ImageDataModule, TOY_DATASETS, toy_centers
 from dgm_scale.distributed import LaunchEnv, build_strategy, launch_env, share_run_dir
+from dgm_scale.distributed.precision import build_precision_plugins
 from dgm_scale.modules import GenerativeModule, build_module
+from dgm_scale.resume import check_compatible, checkpoint_run_dir, resume_checkpoint
 from dgm_scale.tracking import IterationProgress, PeriodicCheckpoint, SampleGrids, build_loggers
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ def quiet_lightning() -> None:
     # The data module offers a validation split; only the VAE has a validation_step.
     warnings.filterwarnings("ignore", message=".*You passed in a `val_dataloader` but have no `validation_step`.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    # Our sampler resumes mid-epoch through the DataPosition callback, which Lightning cannot see.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
 @dataclass
@@ -43,15 +47,22 @@ class RunResult:
 def make_run_dir(cfg, env: Optional[LaunchEnv] = None) -> Path:
     """The run directory, shared by every process of a launch; rank 0 creates it.
 
-    Rank 0 writes the resolved config there and never reuses a directory that holds a run.
+    Rank 0 writes the resolved config there and never reuses a directory that holds a run,
+    except to continue that run (`run.resume`, a requeued SLURM job).
     """
     env = env or launch_env()
+    continuing = env.requeued or bool(cfg.run.resume)
     if cfg.run.dir:
         run_dir = Path(cfg.run.dir)
+    elif checkpoint_run_dir(cfg) is not None:  # run.resume=PATH: continue in that run's directory
+        run_dir = checkpoint_run_dir(cfg)
     elif env.global_rank > 0 and env.run_dir:
         run_dir = Path(env.run_dir)
     elif env.run_id:
         run_dir = Path(cfg.run.root) / f"{cfg.run.name}-{env.run_id}"
+    elif cfg.run.resume == "auto":
+        raise ConfigError("config key 'run.resume': 'auto' needs run.dir (or a launcher run id) to know "
+                          "which run directory to continue")
     elif env.global_rank > 0:
         raise ConfigError("config key 'run.dir': set it (or launch with a run id, e.g. torchrun --rdzv-id) "
                           "so that every process writes to the same run directory")
@@ -62,9 +73,10 @@ def make_run_dir(cfg, env: Optional[LaunchEnv] = None) -> Path:
         while run_dir.exists():
             run_dir = Path(cfg.run.root) / f"{cfg.run.name}-{stamp}-{suffix}"
             suffix += 1
-    if env.requeued:  # the same job again: continue in its run directory
-        return run_dir
     if env.global_rank == 0:
+        if continuing and (run_dir / "config.yaml").exists():  # continue in the run's own directory
+            share_run_dir(str(run_dir))
+            return run_dir
         if (run_dir / "config.yaml").exists():
             raise ConfigError(f"config key 'run.dir': '{run_dir}' already holds a run; choose another directory")
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -73,15 +85,10 @@ def make_run_dir(cfg, env: Optional[LaunchEnv] = None) -> Path:
     return run_dir
 
 
-def requeue_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest checkpoint Lightning's SLURM auto-requeue wrote (`hpc_ckpt_N.ckpt`), if any."""
-    candidates = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    return candidates[-1] if candidates else None
-
-
 def build_callbacks(cfg, run_dir: Path) -> List[L.Callback]:
     reference = toy_centers(cfg.data.name) if cfg.data.name in TOY_DATASETS else None
     callbacks: List[L.Callback] = [
+        DataPosition(),  # first: a checkpoint written at a batch's end must count that batch
         SampleGrids(run_dir / "samples", cfg.run.sample_every, cfg.run.num_samples, reference=reference),
         PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every),
     ]
@@ -92,17 +99,21 @@ def build_callbacks(cfg, run_dir: Path) -> List[L.Callback]:
 
 def build_trainer(cfg, module: GenerativeModule, run_dir: Path) -> L.Trainer:
     trainer_cfg = cfg.trainer
+    plugins = build_precision_plugins(trainer_cfg.precision, trainer_cfg.accelerator, trainer_cfg.strategy)
     return L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
         strategy=build_strategy(trainer_cfg, cfg.run.seed, micro_batch=cfg.data.batch_size),
-        precision=trainer_cfg.precision,
+        # 16-mixed outside DeepSpeed: our plugin (one loss scaler per network), given instead of a name.
+        precision=None if plugins else trainer_cfg.precision,
+        plugins=plugins,
         # Lightning counts optimizer.step() calls; our steps are iterations (n_critic D + 1 G).
         max_steps=trainer_cfg.max_steps * module.optimizer_steps_per_iteration,
         max_epochs=-1,
         logger=build_loggers(cfg, run_dir),
         callbacks=build_callbacks(cfg, run_dir),
+        use_distributed_sampler=False,  # the data module deals the data to the ranks (resumable)
         log_every_n_steps=1,  # the modules log only every trainer.log_every iterations themselves
         enable_checkpointing=False,  # PeriodicCheckpoint writes atomically instead
         enable_progress_bar=False,  # IterationProgress shows iterations, not per-epoch batches
@@ -117,7 +128,7 @@ def train(cfg) -> RunResult:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     module = build_module(cfg)
     per_iteration_batch = cfg.data.batch_size * module.batches_per_iteration
-    datamodule = ImageDataModule(cfg.data, batch_size=per_iteration_batch)
+    datamodule = ImageDataModule(cfg.data, batch_size=per_iteration_batch, seed=cfg.run.seed)
     datamodule.setup("fit")  # bad paths and empty data fail here, before a run directory exists
     wanted_classes = cfg.model.num_classes
     if wanted_classes > 0 and wanted_classes != datamodule.num_classes:
@@ -129,9 +140,10 @@ def train(cfg) -> RunResult:
     log.info("training %s (%s, %s loss) on %s for %d iterations -> %s", cfg.run.name, cfg.model.kind,
              cfg.loss.name if cfg.model.kind == "gan" else cfg.loss.likelihood, cfg.data.name,
              cfg.trainer.max_steps, run_dir)
-    resume_from = requeue_checkpoint(run_dir) if env.requeued else None
+    resume_from = resume_checkpoint(cfg, run_dir, env.requeued)
     if resume_from is not None:
-        log.info("requeued job: resuming from %s", resume_from)
+        check_compatible(resume_from, cfg)
+        log.info("resuming from %s", resume_from)
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)

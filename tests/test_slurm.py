@@ -73,7 +73,7 @@ def test_sbatch_trains_two_ranks_checkpoints_on_usr1_requeues_and_resumes(slurm_
         subprocess.run(["scancel", job], capture_output=True)
     log = output.read_text()
     # Both ranks ran (Lightning under SLURM with 2 tasks), the job resumed from the USR1 checkpoint ...
-    assert log.count(f"requeued job: resuming from {run_dir / 'hpc_ckpt_1.ckpt'}") == 2, log[-3000:]
+    assert log.count(f"resuming from {run_dir / 'hpc_ckpt_1.ckpt'}") == 2, log[-3000:]
     # ... and finished: the success line is printed once, by rank 0, after training returned.
     assert log.count(f"done: {ITERATIONS} iterations") == 1, log[-3000:]
     interrupted_at = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] // 2

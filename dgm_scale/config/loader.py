@@ -51,6 +51,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        if item.startswith("resume="):  # the short form users type: `dgm-scale train ... resume=auto`
+            item = "run." + item
         try:
             override = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as exc:

@@ -96,6 +96,9 @@ class RunConfig:
     sample_every: int = 250  # iterations between sample grids
     checkpoint_every: int = 500  # iterations between kept checkpoints (last.ckpt is always kept)
     num_samples: int = 64  # images in each sample grid (fixed latent batch)
+    # "" = a fresh run; "auto" = continue from the run directory's newest checkpoint if it has one
+    # (needs run.dir or a launcher run id); a path = continue from that checkpoint. `resume=` works too.
+    resume: str = ""
 
 
 @dataclass

@@ -11,6 +11,7 @@ from .datasets import (
     fixed_split,
     toy_centers,
 )
+from .position import DataPosition, ResumableDistributedSampler
 from .transforms import (
     from_model_range,
     load_image,
@@ -24,9 +25,11 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "TOY_DATASETS",
     "DataError",
+    "DataPosition",
     "ImageDataModule",
     "ImageFolderDataset",
     "InMemoryDataset",
+    "ResumableDistributedSampler",
     "build_dataset",
     "fixed_split",
     "from_model_range",

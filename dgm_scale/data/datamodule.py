@@ -12,18 +12,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .datasets import TOY_DATASETS, DataError, build_dataset
+from .position import ResumableDistributedSampler
 
 
 class ImageDataModule(L.LightningDataModule):
     """Train / val loaders for one DataConfig.
 
     `batch_size` overrides cfg.batch_size (the GAN module draws n_critic batches at once).
-    No DistributedSampler here: Lightning inserts one under DDP.
+    The training loader deals a (seed, epoch) permutation to the ranks and can resume mid-epoch
+    (see position.py); run the Trainer with `use_distributed_sampler=False` so Lightning keeps it.
     """
 
-    def __init__(self, cfg: Any, batch_size: Optional[int] = None):
+    def __init__(self, cfg: Any, batch_size: Optional[int] = None, seed: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.seed = seed
         self.batch_size = int(batch_size if batch_size is not None else cfg.batch_size)
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
@@ -55,13 +58,19 @@ class ImageDataModule(L.LightningDataModule):
             )
 
     # ------------------------------------------------------------------ loaders
+    def _train_sampler(self, dataset: Dataset) -> Optional[ResumableDistributedSampler]:
+        if isinstance(dataset, IterableDataset):  # streams shuffle and split themselves
+            return None
+        trainer = self.trainer  # None outside a Trainer (e.g. a loader built by hand)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = int(self.cfg.num_workers)
-        iterable = isinstance(dataset, IterableDataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train and not iterable,  # iterable datasets shuffle themselves
+            sampler=self._train_sampler(dataset) if train else None,
             drop_last=train,  # fixed batch shapes for G/D steps
             num_workers=workers,
             persistent_workers=workers > 0,

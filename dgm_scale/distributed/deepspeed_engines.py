@@ -13,14 +13,18 @@ does the gradient reduction itself, so the all-reduce there is skipped.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+import io
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 from torch.optim import Optimizer
 
 from dgm_scale.distributed.strategy import GradientAllReduceDDP
+
+ZERO_PARTITIONS = "zero_partitions"  # key of the per-rank ZeRO states in a checkpoint's optimizer state
 
 
 def _precision_block(precision: str) -> Dict[str, Any]:
@@ -79,7 +83,41 @@ class MultiEngineDeepSpeed(GradientAllReduceDDP):
         closure()  # manual optimisation: a no-op; gradients are already in the engine
         return self._engine_of(optimizer).step()
 
+    def engine_grad_norm(self, optimizer: Any) -> float:
+        """The global gradient norm the engine computed in its last step (inf after an overflow)."""
+        norm = self._engine_of(optimizer).get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    def loss_scale(self, optimizer: Any) -> float:
+        """The engine's current fp16 loss scale (1.0 in bf16/fp32)."""
+        return float(getattr(self._engine_of(optimizer).optimizer, "loss_scale", 1.0))
+
     def optimizer_state(self, optimizer: Optimizer) -> Dict[str, Any]:
-        # ZeRO partitions optimizer state over ranks; rank 0's piece alone cannot resume a run.
-        # Checkpoints under DeepSpeed hold the weights (replicated in ZeRO-1/2) but no optimizer state.
-        return {}
+        """Every rank's ZeRO partition of this optimizer's state, gathered for rank 0's checkpoint.
+
+        ZeRO-1/2 split the optimizer state (fp32 master weights, Adam moments, loss scaler) over
+        the ranks, so rank 0's piece alone cannot resume a run. Lightning calls this on every
+        rank; rank 0 writes what it returns. Each partition is serialised to bytes: its state
+        holds DeepSpeed objects (the loss scaler), and the outer checkpoint must stay loadable
+        with `torch.load(weights_only=True)` (it is, by `load_module` and `check_compatible`).
+        """
+        engine_optimizer = self._engine_of(optimizer).optimizer
+        buffer = io.BytesIO()
+        torch.save(engine_optimizer.state_dict(), buffer)
+        partitions: List[Optional[bytes]] = [None] * self.world_size
+        dist.all_gather_object(partitions, buffer.getvalue())
+        return {ZERO_PARTITIONS: [torch.frombuffer(bytearray(part), dtype=torch.uint8) for part in partitions]}
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Give each engine's ZeRO optimizer all saved partitions; it takes its own (or, when the
+        world size changed, re-partitions them: DeepSpeed's elastic checkpoint path)."""
+        states = checkpoint["optimizer_states"]
+        if len(states) != len(self.optimizers) or any(ZERO_PARTITIONS not in state for state in states):
+            raise ValueError("this checkpoint holds no DeepSpeed optimizer state (it was written "
+                             "under another strategy): resume it with the strategy that wrote it")
+        for optimizer, state in zip(self.optimizers, states):
+            partitions = [torch.load(io.BytesIO(part.numpy().tobytes()), map_location="cpu", weights_only=False)
+                          for part in state[ZERO_PARTITIONS]]
+            # fp32 master weights from the checkpoint too, not re-derived from bf16/fp16 weights.
+            self._engine_of(optimizer).optimizer.load_state_dict(
+                partitions, load_optimizer_states=True, load_from_fp32_weights=True)

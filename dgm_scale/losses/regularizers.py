@@ -13,21 +13,30 @@ def gradient_penalty(
     fake_images: Tensor,
     labels: Optional[Tensor] = None,
     target_norm: float = 1.0,
+    mix: Optional[Tensor] = None,
+    grad_scale: float = 1.0,
 ) -> Tensor:
     """WGAN-GP penalty E[(||grad_x f(x_hat)||_2 - 1)^2] on random interpolates (Gulrajani et al. 2017).
 
-    real_images, fake_images: [N, ...] of the same shape. Returns a scalar (the *unweighted*
+    real_images, fake_images: [N, ...] of the same shape; mix: [N] interpolation weights in
+    [0, 1] (uniform draws from the global RNG if None; the GAN module passes keyed draws so that
+    a resumed run repeats them). grad_scale: the fp16 loss scale of the critic's optimizer; the
+    inner gradient is taken of the scaled output and unscaled in float32, so that it neither
+    underflows in fp16 nor goes unscaled (PyTorch AMP docs, "Gradient penalty"). Returns a scalar (the *unweighted*
     penalty; the caller multiplies by lambda). `create_graph=True` keeps the penalty
     differentiable w.r.t. the critic's weights; the gradient is taken out of place with
     `autograd.grad` (an in-place `.backward()` here breaks under DDP, PyTorch #47562).
     """
     alpha_shape = (real_images.shape[0],) + (1,) * (real_images.dim() - 1)
-    alpha = torch.rand(alpha_shape, device=real_images.device, dtype=real_images.dtype)
+    if mix is None:
+        mix = torch.rand(real_images.shape[0], device=real_images.device)
+    alpha = mix.to(real_images.dtype).reshape(alpha_shape)
     interpolates = (alpha * real_images.detach() + (1 - alpha) * fake_images.detach()).requires_grad_(True)
     critic_out = critic(interpolates, labels) if labels is not None else critic(interpolates)
-    (grads,) = torch.autograd.grad(critic_out.sum(), interpolates, create_graph=True)
-    # Norms in float32: under fp16 autocast the squared sum can overflow.
-    grad_norms = grads.float().flatten(1).norm(2, dim=1)
+    (scaled_grads,) = torch.autograd.grad(critic_out.float().sum() * grad_scale, interpolates, create_graph=True)
+    # Unscale and take norms in float32: under fp16 the squared sum can overflow. An overflow in
+    # the scaled gradient makes the penalty inf/NaN, and the scaler then skips the step.
+    grad_norms = (scaled_grads.float() / grad_scale).flatten(1).norm(2, dim=1)
     return ((grad_norms - target_norm) ** 2).mean()
 
 

@@ -30,12 +30,6 @@ def build_optimizer(params, opt_cfg) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer '{opt_cfg.name}'")
 
 
-def grad_norm(module: torch.nn.Module) -> Tensor:
-    """Global L2 norm of the gradients currently held by `module` (0 if none)."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-
-
 class GenerativeModule(L.LightningModule):
     """Base class: stores the resolved config as plain data (checkpoints load with weights_only)."""
 
@@ -66,14 +60,15 @@ class GenerativeModule(L.LightningModule):
         """Completed training iterations (restored with the checkpoint through global_step)."""
         return self.global_step // self.optimizer_steps_per_iteration
 
-    def draw_noise(self, num: int, *shape: int) -> Tensor:
-        """Standard normal noise [num, *shape] for this rank's share of the global batch.
+    def draw_noise(self, num: int, *shape: int, uniform: bool = False) -> Tensor:
+        """Noise [num, *shape] for this rank's share of the global batch: N(0, 1), or U[0, 1).
 
         The noise of the whole global batch (num x world size rows) is drawn from a generator
         keyed to (run.seed, iteration, draw within the iteration), and rank r keeps rows
-        r, r + W, r + 2W, ... - the same interleaving DistributedSampler uses for the data. So
-        W ranks x batch B draw exactly the noise of 1 rank x batch W*B, every rank draws
-        different noise, and a resumed run draws what the uninterrupted one would have drawn.
+        r, r + W, r + 2W, ... - the same interleaving the sampler uses for the data. So W ranks
+        x batch B draw exactly the noise of 1 rank x batch W*B, every rank draws different
+        noise, and a resumed run draws what the uninterrupted one would have drawn (the global
+        RNG, whose state a checkpoint does not hold, is never used in training).
         """
         iteration = self.iteration
         if iteration != self._noise_iteration:
@@ -82,7 +77,8 @@ class GenerativeModule(L.LightningModule):
         self._noise_draws += 1
         world = self.trainer.world_size if self._trainer is not None else 1
         generator = torch.Generator().manual_seed(key)
-        global_noise = torch.randn(num * world, *shape, generator=generator)
+        draw = torch.rand if uniform else torch.randn
+        global_noise = draw(num * world, *shape, generator=generator)
         return global_noise[self.global_rank::world].to(self.device)
 
     def on_fit_start(self) -> None:

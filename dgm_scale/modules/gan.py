@@ -14,7 +14,9 @@ from torch import Tensor, nn
 
 from dgm_scale.losses import build_adversarial_loss, clip_weights, gradient_penalty
 from dgm_scale.losses.adversarial import wasserstein_estimate
-from dgm_scale.modules.base import GenerativeModule, build_optimizer, grad_norm
+from dgm_scale.distributed.precision import loss_scale
+from dgm_scale.distributed.strategy import stepped_gradient_norm
+from dgm_scale.modules.base import GenerativeModule, build_optimizer
 from dgm_scale.modules.ema import make_ema_copy, update_ema
 from dgm_scale.nets import build_discriminator, build_generator
 
@@ -57,8 +59,12 @@ class GANModule(GenerativeModule):
         return {"generator": self.generator, "discriminator": self.discriminator}
 
     def _critic(self, images: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """Discriminator logits [N] for images [N, *sample_shape]."""
-        return self.discriminator(images, labels).squeeze(1)
+        """Discriminator logits [N] (float32) for images [N, *sample_shape].
+
+        Losses are computed in float32 even under fp16 autocast: the gradient at an fp16 loss
+        is the loss scale itself (65,536 at first), which fp16 cannot hold (max 65,504).
+        """
+        return self.discriminator(images, labels).squeeze(1).float()
 
     def discriminator_step(self, real_images: Tensor, labels: Optional[Tensor], opt,
                            with_logs: bool = True) -> Dict[str, Tensor]:
@@ -70,16 +76,18 @@ class GANModule(GenerativeModule):
         total = d_loss
         logs = {}
         if self.cfg.loss.gp_weight > 0:
-            penalty = gradient_penalty(self.discriminator, real_images, fake_images, labels)
+            mix = self.draw_noise(real_images.shape[0], uniform=True)
+            penalty = gradient_penalty(self.discriminator, real_images, fake_images, labels, mix=mix,
+                                       grad_scale=loss_scale(self._trainer, opt))
             total = total + self.cfg.loss.gp_weight * penalty
             logs["gradient_penalty"] = penalty.detach()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(total, opt)
-        if with_logs:  # gradient norms are this rank's, before the strategy averages gradients
-            logs.update(d_loss=d_loss.detach(), d_real=real_logits.detach().mean(),
-                        d_fake=fake_logits.detach().mean(), d_grad_norm=grad_norm(self.discriminator),
-                        wasserstein=wasserstein_estimate(real_logits, fake_logits))
         opt.step()
+        if with_logs:  # values of this rank's batch; the gradient norm is the global gradient's
+            logs.update(d_loss=d_loss.detach(), d_real=real_logits.detach().mean(),
+                        d_fake=fake_logits.detach().mean(), wasserstein=wasserstein_estimate(real_logits, fake_logits),
+                        d_grad_norm=stepped_gradient_norm(self._trainer, opt, self.discriminator))
         if self.cfg.loss.clip_value > 0:
             clip_weights(self.discriminator, self.cfg.loss.clip_value)
         return logs
@@ -91,8 +99,9 @@ class GANModule(GenerativeModule):
         g_loss = self.adversarial.g_loss(fake_logits)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(g_loss, opt)
-        logs = {"g_loss": g_loss.detach(), "g_grad_norm": grad_norm(self.generator)} if with_logs else {}
         opt.step()
+        logs = {"g_loss": g_loss.detach(),
+                "g_grad_norm": stepped_gradient_norm(self._trainer, opt, self.generator)} if with_logs else {}
         if self.generator_ema is not None:
             update_ema(self.generator_ema, self.generator, self.cfg.model.ema_decay)
         return logs

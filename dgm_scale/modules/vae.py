@@ -32,7 +32,8 @@ class VAEModule(GenerativeModule):
 
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Images [N, *sample_shape] -> posterior mean and log-variance, each [N, latent_dim]."""
-        mu, logvar = self.encoder(images).chunk(2, dim=1)
+        # float32 from here on: the ELBO's sums over pixels overflow fp16 (and see GANModule._critic)
+        mu, logvar = self.encoder(images).float().chunk(2, dim=1)
         # Bounded log-variance: exp() of an early outlier would otherwise overflow the KL.
         return mu, logvar.clamp(-20.0, 10.0)
 
@@ -45,7 +46,7 @@ class VAEModule(GenerativeModule):
         noise = torch.randn_like(mu) if noise is None else noise
         z = mu + noise * (0.5 * logvar).exp()
         loss = self.cfg.loss
-        return elbo_terms(self.decoder(z), images, mu, logvar, loss.likelihood, loss.beta, loss.gaussian_std)
+        return elbo_terms(self.decoder(z).float(), images, mu, logvar, loss.likelihood, loss.beta, loss.gaussian_std)
 
     def configure_optimizers(self):
         return build_optimizer(self.parameters(), self.cfg.optim.g)

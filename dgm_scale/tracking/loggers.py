@@ -1,6 +1,8 @@
 """The one place where experiment loggers are built (W&B joins here in the production issue)."""
 from __future__ import annotations
 
+import csv
+import os
 from pathlib import Path
 from typing import List
 
@@ -11,10 +13,29 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer deletes an existing metrics.csv when it starts; a resumed run
-    (e.g. after a SLURM requeue) must append to it instead."""
+    (e.g. after a SLURM requeue) must append to it instead. A new column (say, a metric first
+    logged after the resume) rewrites the file with the wider header, atomically."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        path = Path(self.metrics_file_path)
+        if path.is_file():  # continue with the columns the file already has
+            with open(path, newline="") as handle:
+                self.metrics_keys = sorted(next(csv.reader(handle), []))
 
     def _check_log_dir_exists(self) -> None:
         pass
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = Path(self.metrics_file_path)
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)  # a crash mid-rewrite leaves the old file whole
 
 
 class AppendingCSVLogger(CSVLogger):

@@ -1,0 +1,84 @@
+"""Which checkpoint a run continues from (`run.resume`, SLURM requeue), and whether it fits.
+
+A checkpoint holds the full trainer state: weights, optimizers (ZeRO partitions under
+DeepSpeed), the EMA generator, loop counters and the data position (see data/position.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from dgm_scale.config import ConfigError, to_dict
+
+# Keys a checkpoint must share with the config that continues it: they decide the shapes of
+# the weights and of the optimizer state. Everything else (learning rates, max_steps, devices,
+# logging, batch size) may change between a run and its continuation.
+MUST_MATCH = ("model", "loss", "data.name", "data.resolution", "data.channels", "optim.g.name", "optim.d.name")
+
+
+def requeue_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest checkpoint Lightning's SLURM auto-requeue wrote (`hpc_ckpt_N.ckpt`), if any."""
+    candidates = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return candidates[-1] if candidates else None
+
+
+def newest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The most recently written full checkpoint of a run: `checkpoints/last.ckpt` or a requeue one."""
+    candidates = [path for path in (run_dir / "checkpoints" / "last.ckpt", requeue_checkpoint(run_dir))
+                  if path is not None and path.is_file()]
+    return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
+
+
+def checkpoint_run_dir(cfg) -> Optional[Path]:
+    """For `run.resume=PATH` without `run.dir`: the run directory that holds that checkpoint."""
+    resume = cfg.run.resume
+    if not resume or resume == "auto" or cfg.run.dir:
+        return None
+    path = Path(resume)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def resume_checkpoint(cfg, run_dir: Path, requeued: bool) -> Optional[Path]:
+    """The checkpoint to continue from, or None for a fresh start."""
+    if requeued:
+        return newest_checkpoint(run_dir)
+    resume = cfg.run.resume
+    if not resume:
+        return None
+    if resume == "auto":
+        return newest_checkpoint(run_dir)
+    path = Path(resume)
+    if not path.is_file():
+        raise ConfigError(f"config key 'run.resume': checkpoint '{path}' does not exist")
+    return path
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def check_compatible(checkpoint_path: Path, cfg) -> None:
+    """Raise a ConfigError naming the first MUST_MATCH key the checkpoint's config differs in."""
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        stored = dict(_flatten(checkpoint["hyper_parameters"]["config"]))
+    except Exception as exc:
+        raise ConfigError(f"config key 'run.resume': '{checkpoint_path}' is not a dgm_scale checkpoint: "
+                          f"{str(exc).splitlines()[0]}") from None
+    current = dict(_flatten(to_dict(cfg)))
+    # DeepSpeed keeps its optimizer state as ZeRO partitions, the other strategies as plain state.
+    was_deepspeed, is_deepspeed = stored.get("trainer.strategy") == "deepspeed", cfg.trainer.strategy == "deepspeed"
+    if was_deepspeed != is_deepspeed:
+        raise ConfigError(f"config key 'trainer.strategy': the checkpoint '{checkpoint_path}' was written under "
+                          f"{stored.get('trainer.strategy')!r}, which cannot resume under {cfg.trainer.strategy!r}")
+    for key in sorted(current):
+        if any(key == name or key.startswith(name + ".") for name in MUST_MATCH):
+            if key in stored and stored[key] != current[key]:
+                raise ConfigError(f"config key '{key}': the checkpoint '{checkpoint_path}' was trained with "
+                                  f"{stored[key]!r}, this config has {current[key]!r}")

@@ -1,0 +1,116 @@
+"""Resume: a run stopped and continued from its checkpoint equals the uninterrupted run."""
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from dgm_scale.config import ConfigError, load_config
+from dgm_scale.data import ResumableDistributedSampler
+from dgm_scale.modules import load_module
+from dgm_scale.train import quiet_lightning, train
+from test_distributed import TINY, torchrun
+
+# Large batches so that the 6 iterations cross epoch boundaries (digits: 1,617 training images).
+EPOCHS = {"wgan_gp": ["data.batch_size=128"], "vae": ["data.batch_size=512"], "nsgan": ["data.batch_size=512"]}
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as handle:
+        return [row for row in csv.DictReader(handle) if row.get("train/iteration")]
+
+
+def assert_same_weights(first: Path, second: Path, atol: float = 0.0) -> None:
+    a, b = load_module(first).state_dict(), load_module(second).state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def stop_and_resume(run_train, tmp_path: Path, common: list[str]) -> tuple[Path, Path]:
+    """Train 6 iterations straight, and 3 + 3 with a resume; return both run directories."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_train(common + ["trainer.max_steps=6", f"run.dir={full}"])
+    run_train(common + ["trainer.max_steps=3", f"run.dir={part}"])
+    run_train(common + ["trainer.max_steps=6", f"run.dir={part}", "resume=auto"])
+    return full, part
+
+
+@pytest.mark.parametrize("variant", ["wgan_gp", "vae"])
+def test_resume_equals_uninterrupted_run(variant, tmp_path):
+    quiet_lightning()
+    run = lambda overrides: train(load_config(f"configs/{variant}.yaml", overrides))  # noqa: E731
+    full, part = stop_and_resume(run, tmp_path, TINY + EPOCHS[variant] + ["run.checkpoint_every=3"])
+    assert_same_weights(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt")
+    assert metrics_rows(full) == metrics_rows(part)  # every logged loss, before and after the resume
+    assert len({row["epoch"] for row in metrics_rows(full)}) >= 2  # the stop or the rest crossed an epoch end
+
+
+def _torchrun_train(out: Path):
+    def run(overrides: list[str]) -> None:
+        proc = torchrun(["tests/ddp_worker.py", overrides[0], str(out), *overrides[1:]])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_two_process_resume_gives_the_same_next_steps(strategy, tmp_path):
+    """2 CPU processes, WGAN-GP: stop at iteration 3, resume; the losses of iterations 4-6 and
+    the final weights equal the uninterrupted run's (DeepSpeed: its ZeRO-2 partitions of both
+    engines were saved and restored)."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    common = ["configs/wgan_gp.yaml", *TINY, *EPOCHS["wgan_gp"], "run.checkpoint_every=3", "trainer.devices=2",
+              f"trainer.strategy={strategy}"]
+    full, part = stop_and_resume(_torchrun_train(tmp_path), tmp_path, common)
+    assert [row["train/iteration"] for row in metrics_rows(part)] == ["1.0", "2.0", "3.0", "4.0", "5.0", "6.0"]
+    assert metrics_rows(full) == metrics_rows(part)
+    assert_same_weights(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt")
+
+
+def test_sampler_without_resume_is_torchs_distributed_sampler():
+    data = list(range(103))
+    for rank in range(3):
+        ours = ResumableDistributedSampler(data, num_replicas=3, rank=rank, seed=5)
+        torchs = DistributedSampler(data, num_replicas=3, rank=rank, seed=5)
+        for epoch in (0, 1):
+            ours.set_epoch(epoch), torchs.set_epoch(epoch)
+            assert list(ours) == list(torchs) and len(ours) == len(torchs)
+
+
+@pytest.mark.parametrize("new_world", [2, 3])
+def test_resumed_epoch_reads_every_sample_once_even_with_another_world_size(new_world):
+    data, batch = list(range(100)), 4
+    # 2 ranks consumed 5 batches each of epoch 1 before the stop.
+    consumed = []
+    for rank in range(2):
+        sampler = ResumableDistributedSampler(data, num_replicas=2, rank=rank, seed=0)
+        sampler.set_epoch(1)
+        consumed += list(sampler)[:5 * batch]
+    rest = []
+    for rank in range(new_world):
+        sampler = ResumableDistributedSampler(data, num_replicas=new_world, rank=rank, seed=0)
+        sampler.resume(epoch=1, consumed=len(consumed))
+        sampler.set_epoch(1)
+        rest += list(sampler)
+        assert len(list(sampler)) == len(sampler)
+    seen = consumed + rest
+    assert sorted(set(seen)) == data  # none lost
+    assert len(seen) - len(data) < new_world  # repeated: only the padding that evens out the ranks
+    sampler.set_epoch(2)  # the next epoch is whole again
+    assert len(sampler) == -(-len(data) // new_world)
+
+
+def test_resume_errors_name_the_key(tmp_path):
+    quiet_lightning()
+    with pytest.raises(ConfigError, match="run.resume.*does not exist"):
+        train(load_config("configs/nsgan.yaml", TINY + [f"resume={tmp_path / 'missing.ckpt'}"]))
+    with pytest.raises(ConfigError, match="run.resume.*'auto' needs run.dir"):
+        train(load_config("configs/nsgan.yaml", TINY + ["resume=auto", f"run.root={tmp_path}"]))
+    result = train(load_config("configs/nsgan.yaml", TINY + [f"run.dir={tmp_path / 'run'}"]))
+    with pytest.raises(ConfigError, match="model.latent_dim.*trained with 8, this config has 16"):
+        train(load_config("configs/nsgan.yaml", TINY + ["model.latent_dim=16", f"resume={result.checkpoint}"]))
+    # resume=auto in a directory without checkpoints starts fresh
+    fresh = train(load_config("configs/nsgan.yaml", TINY + ["resume=auto", f"run.dir={tmp_path / 'new'}"]))
+    assert fresh.iterations == 3
