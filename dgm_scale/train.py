@@ -16,6 +16,7 @@ from dgm_scale.config import ConfigError, to_yaml
 from dgm_scale.data import DataPosition, ImageDataModule, TOY_DATASETS, toy_centers
 from dgm_scale.distributed import LaunchEnv, build_strategy, launch_env, share_run_dir
 from dgm_scale.distributed.precision import build_precision_plugins
+from dgm_scale.distributed.sync_batchnorm import GlobalBatchNormSync
 from dgm_scale.modules import GenerativeModule, build_module
 from dgm_scale.resume import check_compatible, checkpoint_run_dir, resume_checkpoint
 from dgm_scale.tracking import IterationProgress, PeriodicCheckpoint, SampleGrids, build_loggers
@@ -99,15 +100,16 @@ def build_callbacks(cfg, run_dir: Path) -> List[L.Callback]:
 
 def build_trainer(cfg, module: GenerativeModule, run_dir: Path) -> L.Trainer:
     trainer_cfg = cfg.trainer
-    plugins = build_precision_plugins(trainer_cfg.precision, trainer_cfg.accelerator, trainer_cfg.strategy)
+    precision_plugins = build_precision_plugins(trainer_cfg.precision, trainer_cfg.accelerator, trainer_cfg.strategy)
+    sync_plugins = [GlobalBatchNormSync()] if trainer_cfg.sync_batchnorm else []
     return L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
         strategy=build_strategy(trainer_cfg, cfg.run.seed, micro_batch=cfg.data.batch_size),
         # 16-mixed outside DeepSpeed: our plugin (one loss scaler per network), given instead of a name.
-        precision=None if plugins else trainer_cfg.precision,
-        plugins=plugins,
+        precision=None if precision_plugins else trainer_cfg.precision,
+        plugins=precision_plugins + sync_plugins,
         # Lightning counts optimizer.step() calls; our steps are iterations (n_critic D + 1 G).
         max_steps=trainer_cfg.max_steps * module.optimizer_steps_per_iteration,
         max_epochs=-1,

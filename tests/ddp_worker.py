@@ -15,6 +15,7 @@ if __name__ == "__main__":
     # Each rank draws its own noise stream (the ranks' latents must differ to be worth two ranks).
     noise_probe = torch.randn(4)
     optimizer_types = [type(opt).__name__ for opt in result.module.trainer.strategy.optimizers]
-    torch.save({"params": params, "iterations": result.iterations, "noise_probe": noise_probe,
+    buffers = {name: b.detach().clone() for name, b in result.module.named_buffers()}
+    torch.save({"params": params, "buffers": buffers, "iterations": result.iterations, "noise_probe": noise_probe,
                 "optimizer_types": optimizer_types},
                os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))

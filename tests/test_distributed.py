@@ -95,16 +95,20 @@ def test_averaged_gradients_equal_the_full_batch_gradient(tmp_path):
             torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-7)
 
 
-def test_vae_on_two_ranks_equals_one_rank_with_the_double_batch(tmp_path):
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_vae_on_two_ranks_equals_one_rank_with_the_double_batch(norm, tmp_path):
     """2 ranks x batch 8 == 1 rank x batch 16 on the same data order, after 6 iterations.
 
-    Layer norm, not batch norm: batch statistics over 8 images differ from those over 16 by design.
+    Batch norm only with trainer.sync_batchnorm: per-rank statistics over 8 images differ from
+    those over 16 by design (this test fails without it); GlobalBatchNorm's are those of the 16.
     """
-    common = ["model.generator.norm=layer", "model.discriminator.norm=layer", "trainer.max_steps=6", "run.seed=3"]
+    common = [f"model.generator.norm={norm}", f"model.discriminator.norm={norm}", "trainer.max_steps=6", "run.seed=3"]
     proc = torchrun(["tests/ddp_worker.py", "configs/vae.yaml", str(tmp_path), *TINY, *common,
-                     "trainer.devices=2", "data.batch_size=8", f"run.dir={tmp_path / 'ddp'}"])
+                     "trainer.devices=2", "data.batch_size=8", f"run.dir={tmp_path / 'ddp'}",
+                     f"trainer.sync_batchnorm={norm == 'batch'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two_ranks = torch.load(tmp_path / "rank0.pt", weights_only=True)["params"]
+    two_ranks_buffers = torch.load(tmp_path / "rank0.pt", weights_only=True)["buffers"]
 
     # The single-process reference reads the global batches the 2-rank run read: Lightning's
     # DistributedSampler (shuffle, seed = run.seed) hands rank r the positions r, r+2, ... of one
@@ -128,6 +132,8 @@ def test_vae_on_two_ranks_equals_one_rank_with_the_double_batch(tmp_path):
     assert module.iteration == 6
     for name, param in module.named_parameters():
         torch.testing.assert_close(param.detach(), two_ranks[name], rtol=1e-4, atol=1e-5, msg=name)
+    for name, buffer in module.named_buffers():  # batch norm's running statistics too
+        torch.testing.assert_close(buffer, two_ranks_buffers[name], rtol=1e-4, atol=1e-5, msg=name)
     # and training did move the weights away from the shared initialisation
     L.seed_everything(cfg.run.seed, verbose=False)
     assert any(not torch.allclose(p, two_ranks[n]) for n, p in build_module(cfg).named_parameters())

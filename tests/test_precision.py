@@ -107,3 +107,16 @@ def test_fp16_trains_every_model_kind(variant, tmp_path):
                                                                    f"run.dir={tmp_path / 'run'}"]))
     assert result.iterations == 3
     assert all(torch.isfinite(p).all() for p in result.module.parameters())
+
+
+def test_fp16_on_two_processes_keeps_ranks_identical(tmp_path):
+    """Scaled gradients are averaged (an inf on one rank reaches all): every rank skips or steps alike."""
+    from test_distributed import torchrun
+
+    proc = torchrun(["tests/ddp_worker.py", "configs/wgan_gp.yaml", str(tmp_path), *TINY, "trainer.devices=2",
+                     "trainer.precision=16-mixed", f"run.dir={tmp_path / 'run'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name, tensor in rank0["params"].items():
+        assert torch.isfinite(tensor).all(), name
+        torch.testing.assert_close(tensor, rank1["params"][name], rtol=0, atol=0, msg=name)

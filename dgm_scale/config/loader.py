@@ -156,6 +156,8 @@ def validate(cfg: DictConfig) -> None:
         # ZeRO-3 partitions the parameters themselves, so those forwards would see empty tensors.
         _require(stage in (0, 1, 2), f"config key 'trainer.deepspeed.zero_optimization.stage': {stage} is not "
                                      "supported (use 0, 1 or 2: ZeRO-3 partitions the weights our forwards need)")
+        _require(not (trainer.precision == "16-mixed" and trainer.accelerator == "cpu"),
+                 "config key 'trainer.precision': DeepSpeed's fp16 needs a GPU; on CPU use bf16-mixed or 32-true")
     _require(trainer.devices >= 1 and trainer.num_nodes >= 1,
              f"config key 'trainer.devices' / 'trainer.num_nodes' must be >= 1, got {trainer.devices} / {trainer.num_nodes}")
     _require(trainer.log_every >= 1, f"config key 'trainer.log_every' must be >= 1, got {trainer.log_every}")

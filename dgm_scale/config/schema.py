@@ -83,6 +83,9 @@ class TrainerConfig:
     # {zero_optimization: {stage: 2, offload_optimizer: {device: cpu}}}
     deepspeed: Dict[str, Any] = field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    # Batch norm statistics over all ranks' batches (our GlobalBatchNorm: CPU and GPU) instead of
+    # each rank's own; only matters with more than one process and norm=batch.
+    sync_batchnorm: bool = False
     log_every: int = 10  # iterations between logged metrics
     progress_bar: bool = True
 
