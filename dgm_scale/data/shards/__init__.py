@@ -1,0 +1,29 @@
+"""Tar shards (webdataset layout) of image datasets: build, manifest, inspect.
+
+`build_shards(SRC, OUT, BuildOptions(...))` writes OUT/<name>-000000.tar ... and, last,
+OUT/manifest.json; `read_manifest(OUT)` loads and validates the manifest; `inspect_shards`
+verifies a set against it. The sample layout is documented in `layout.py`, the manifest
+format in `manifest.py`, the accepted sources in `sources.py`.
+"""
+from .layout import ENCODINGS, format_key, iter_tar_samples, shard_name
+from .manifest import FORMAT, MANIFEST_NAME, read_manifest
+from .sources import open_source
+from .verify import InspectReport, inspect_shards
+from .writer import BuildOptions, BuildResult, build_shards, parse_size
+
+__all__ = [
+    "ENCODINGS",
+    "FORMAT",
+    "MANIFEST_NAME",
+    "BuildOptions",
+    "BuildResult",
+    "InspectReport",
+    "build_shards",
+    "format_key",
+    "inspect_shards",
+    "iter_tar_samples",
+    "open_source",
+    "parse_size",
+    "read_manifest",
+    "shard_name",
+]
