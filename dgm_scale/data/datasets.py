@@ -107,19 +107,19 @@ def toy_centers(name: str) -> Tensor:
     raise DataError(f"config key 'data.name': '{name}' is not a toy dataset {TOY_DATASETS}")
 
 
-def _list_images(root: Path) -> List[Path]:
+def list_images(root: Path) -> List[Path]:
     """Image files under root (recursive, case-insensitive extension), sorted."""
     suffixes = {"." + ext for ext in IMAGE_EXTENSIONS}
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
 
 
-def _scan_folder(root: Path) -> Tuple[List[Tuple[Path, int]], List[str]]:
+def scan_image_folder(root: Path) -> Tuple[List[Tuple[Path, int]], List[str]]:
     """(samples, classes) for an image folder; class = top-level sub-folder holding images.
 
     With class folders present, loose images in the root are ignored (they have no class),
     as torchvision's ImageFolder does.
     """
-    files = _list_images(root)
+    files = list_images(root)
     classes = sorted({p.relative_to(root).parts[0] for p in files if p.parent != root})
     if not classes:
         return [(p, 0) for p in files], []
@@ -175,7 +175,7 @@ def build_folder(cfg: Any, split: str) -> Dataset:
     root = Path(str(cfg.path)).expanduser()
     if not root.is_dir():
         raise DataError(f"config key 'data.path': directory '{cfg.path}' does not exist")
-    samples, classes = _scan_folder(root)
+    samples, classes = scan_image_folder(root)
     if not samples:
         exts = ", ".join(IMAGE_EXTENSIONS)
         raise DataError(f"config key 'data.path': no images ({exts}) under '{cfg.path}'")

@@ -6,7 +6,7 @@ Convention: datasets store / load pixels in [0, 1] and hand the model tensors in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 import torch
@@ -51,15 +51,23 @@ def load_image(path: PathLike, channels: int, resolution: int) -> Tensor:
     `resolution` x `resolution` square is cropped, so the aspect ratio is never distorted.
     PIL errors (OSError / ValueError) propagate; the dataset turns them into a DataError.
     """
-    mode = "L" if channels == 1 else "RGB"
-    with Image.open(path) as img:
-        # Phone photos store their rotation in EXIF; apply it so "up" is up.
-        img = ImageOps.exif_transpose(img).convert(mode)
-    img = _resize_shorter_side(img, resolution)
-    img = _center_crop(img, resolution)
+    img = fit_square(open_image(path, channels), resolution)
     array = np.asarray(img, dtype=np.uint8)
     x = torch.from_numpy(array.copy()).to(torch.float32).div_(255.0)
     return x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1).contiguous()
+
+
+def open_image(source: Union[PathLike, BinaryIO], channels: int) -> Image.Image:
+    """Decode an image file (path or binary file object) to PIL mode L (1 channel) or RGB."""
+    mode = "L" if channels == 1 else "RGB"
+    with Image.open(source) as img:
+        # Phone photos store their rotation in EXIF; apply it so "up" is up.
+        return ImageOps.exif_transpose(img).convert(mode)
+
+
+def fit_square(img: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to `resolution` (bicubic), then crop the centre square."""
+    return _center_crop(_resize_shorter_side(img, resolution), resolution)
 
 
 def _resize_shorter_side(img: Image.Image, resolution: int) -> Image.Image:
