@@ -44,6 +44,11 @@ Members = Dict[str, bytes]
 Item = Tuple[str, Optional[Members], str]
 
 
+class SampleOrderError(TarError):
+    """A key reappears after other keys: the shard does not keep each sample's files together
+    (e.g. written by `tar` without `--sort=name`), so samples would be torn apart."""
+
+
 class SampleFault(Exception):
     """A sample that cannot be used; `kind` is one of FAULT_KINDS."""
 
@@ -86,10 +91,10 @@ def split_name(name: str) -> Optional[Tuple[str, str]]:
 def read_samples(reader: TarReader, keep: Callable[[int], bool]) -> Iterator[Tuple[str, Optional[Members]]]:
     """(key, members) per sample in archive order; members None (data skipped unread) where
     `keep(index within the shard)` is False. A sample is emitted once the next key starts or
-    the archive ends, so a tar cut inside a sample never emits that sample."""
+    the archive ends, so after a cut the sample in progress (perhaps incomplete) is dropped."""
     key: Optional[str] = None
     members: Optional[Members] = None
-    index = -1
+    index, seen = -1, set()  # keys of this shard only: memory bounded by the shard size
     while (member := reader.next_member()) is not None:
         parts = split_name(member[0])
         if parts is None:
@@ -97,6 +102,11 @@ def read_samples(reader: TarReader, keep: Callable[[int], bool]) -> Iterator[Tup
         if parts[0] != key:
             if key is not None:
                 yield key, members
+            if parts[0] in seen:
+                raise SampleOrderError(
+                    f"the files of sample '{parts[0]}' are not adjacent in the tar (write it "
+                    "with `tar --sort=name` or from a sorted file list)")
+            seen.add(parts[0])
             key, index = parts[0], index + 1
             members = {} if keep(index) else None
         if members is not None and parts[1] in WANTED_EXTS:

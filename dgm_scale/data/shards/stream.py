@@ -15,9 +15,9 @@ counts need not be divisible: ranks then differ by at most one shard, and some w
 none (they yield nothing). A source with fewer shards than ranks is a DataError at
 construction (a rank without data would hang DDP). Per-rank batch counts still differ when the
 shards do; with a manifest (`num_samples` per shard), world size > 1 and `even_ranks=True`, every
-rank is capped to a batch count all ranks reach in every epoch (`_even_target`; the tail batches
-of the longer workers are dropped), so DDP does not wait at the epoch end - unless damaged
-samples shrink a rank below the cap. Without counts, or for certainty, use the resampled mode.
+rank is capped to the smallest rank's batch count of that epoch (the tail batches of its longest
+workers are dropped), so DDP does not wait at the epoch end - unless damaged samples shrink a
+rank below the cap. Without counts, or for certainty, use the resampled mode.
 
 Resampled. Each (rank, worker) draws shards with replacement from a generator seeded by
 (seed, epoch, rank, worker, source); the rank yields exactly `steps_per_epoch` batches per
@@ -100,12 +100,14 @@ class ShardStream(IterableDataset):
     Yields (x [B, C, R, R] float32 in [-1, 1], labels [B] int64, info dict).
     """
 
-    def __init__(self, sources: Sequence[Union[str, Source]], *, batch_size: int,
+    def __init__(self, sources: Union[str, Source, Sequence[Union[str, Source]]], *, batch_size: int,
                  resolution: int, channels: int = 3, weights: Optional[Sequence[float]] = None,
                  hflip: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000, resampled: bool = False,
                  steps_per_epoch: Optional[int] = None, strict: bool = False,
                  drop_last: bool = True, even_ranks: bool = True, return_keys: bool = False):
+        if isinstance(sources, (str, Source)):
+            sources = [sources]
         weights = list(weights) if weights is not None else [1.0] * len(sources)
         if len(weights) != len(sources) or not sources:
             raise DataError(f"data sources: {len(sources)} sources but {len(weights)} weights")
@@ -171,29 +173,15 @@ class ShardStream(IterableDataset):
         if self.resampled:
             steps = int(self.steps_per_epoch)
             return [steps // num_workers + (w < steps % num_workers) for w in range(num_workers)]
-        target = self._even_target(num_workers)
-        if target is None or not self.even_ranks or self.world_size == 1:
+        counts_known = self._known_counts() is not None
+        if not (counts_known and self.even_ranks and self.world_size > 1):
             return None
-        return trim_to(self._batch_table(epoch, num_workers)[self.rank], target)
+        table = self._batch_table(epoch, num_workers)
+        return trim_to(table[self.rank], min(sum(row) for row in table))
 
     def _known_counts(self) -> Optional[List[List[int]]]:
         counts = [[sh.num_samples for sh in s.shards] for s in self.sources]
         return None if any(c is None for row in counts for c in row) else counts
-
-    def _even_target(self, num_workers: int) -> Optional[int]:
-        """Batches every rank can yield in every epoch (needs manifest counts).
-
-        Each rank holds at least n // world shards of each source, so at least the sum of the
-        n // world smallest counts; splitting among W workers loses at most W - 1 batches to
-        rounding when incomplete batches are dropped. Epoch-independent, so `len()` is too.
-        """
-        counts = self._known_counts()
-        if counts is None:
-            return None
-        least = sum(sum(sorted(row)[:len(row) // self.world_size]) for row in counts)
-        if not self.drop_last:
-            return -(-least // self.batch_size)
-        return max(0, least // self.batch_size - (num_workers - 1))
 
     def _batch_table(self, epoch: int, num_workers: int) -> List[List[int]]:
         """[rank][worker] -> batches available in `epoch` (manifest counts required)."""
