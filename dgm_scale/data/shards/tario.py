@@ -45,7 +45,7 @@ class TarCorrupt(TarError):
 
 def _octal(field: bytes) -> int:
     """A numeric header field: NUL/space-terminated octal, or GNU base-256 (high bit set)."""
-    if field[:1] and field[0] & 0x80:
+    if field[0] & 0x80:
         value = int.from_bytes(field[1:], "big")
         return value - (1 << (8 * len(field) - 8)) if field[0] & 0x40 else value
     digits = field.split(b"\0", 1)[0].strip()
@@ -129,22 +129,26 @@ class TarReader:
     # ------------------------------------------------------------------ members
     def next_member(self) -> Optional[Tuple[str, int]]:
         """Advance to the next regular file: (name, size), or None at the end of the archive."""
-        self.skip_data()
+        if self._size or self._pad:
+            self.skip_data()
         long_name: Optional[str] = None
         pax: Dict[str, str] = {}
-        while True:
+        read = self.stream.read
+        while True:  # the common path (ustar member, good checksum) stays inline: it runs per file
             start = self.offset
-            block = self.stream.read(BLOCK)
+            block = read(BLOCK)
             if len(block) != BLOCK:
                 what = "a header" if block else "the archive without an end-of-archive block"
                 raise TarTruncated(f"'{self.name}': stream ends inside {what} (byte {start})")
-            self.offset += BLOCK
+            self.offset = start + BLOCK
             if block == ZERO_BLOCK:
                 return None
             if not _checksum_ok(block):
                 raise TarCorrupt(f"'{self.name}': bad header checksum at byte {start}")
             kind = block[TYPE]
-            size = int(pax["size"]) if "size" in pax else self._header_size(block, start)
+            size = self._header_size(block, start)
+            if "size" in pax:
+                size = self._pax_size(pax, start)
             if kind in REGULAR:
                 name = pax.get("path") or long_name or self._ustar_name(block)
                 self._size, self._pad = size, -size % BLOCK
@@ -159,6 +163,12 @@ class TarReader:
             else:  # 'g' global PAX, 'K' long link, directories, links, devices: not data
                 long_name, pax = None, {}
 
+    def _pax_size(self, pax: Dict[str, str], start: int) -> int:
+        try:
+            return int(pax["size"])
+        except ValueError:
+            raise TarCorrupt(f"'{self.name}': bad PAX size at byte {start}") from None
+
     def _header_size(self, block: bytes, start: int) -> int:
         try:
             size = _octal(block[SIZE])
@@ -170,18 +180,18 @@ class TarReader:
 
     @staticmethod
     def _ustar_name(block: bytes) -> str:
-        name = _cstr(block[NAME])
-        if block[MAGIC] == USTAR_MAGIC and block[PREFIX][:1] != b"\0":
-            return _cstr(block[PREFIX]) + "/" + name
-        return name
+        name = block[NAME].split(b"\0", 1)[0]
+        if block[PREFIX.start] and block[MAGIC] == USTAR_MAGIC:
+            name = block[PREFIX].split(b"\0", 1)[0] + b"/" + name
+        return name.decode("utf-8", "surrogateescape")
 
     def read_data(self) -> bytes:
         """The current member's payload (call once, right after `next_member`)."""
-        data = self._read(self._size, "a member")
-        self._size = 0
-        self._discard(self._pad, "member padding")
-        self._pad = 0
-        return data
+        size, padded = self._size, self._size + self._pad
+        self._size = self._pad = 0
+        # One read with the padding: a second call per member costs more than the slice copy.
+        data = self._read(padded, "a member")
+        return data[:size] if padded != size else data
 
     def skip_data(self) -> None:
         """Move past the current member's payload without returning it."""
