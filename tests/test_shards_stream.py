@@ -14,13 +14,16 @@ import tarfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dgm_scale.data.datasets import DataError
 from dgm_scale.data.shards import samples as samples_module
-from dgm_scale.data.shards.loader import make_stream_loader
+from dgm_scale.data.shards.loader import StreamPositionCallback, make_stream_loader
 from dgm_scale.data.shards.sources import expand_braces, expand_urls
 from dgm_scale.data.shards.stream import ShardStream
 from dgm_scale.data.shards.tario import TarCorrupt, TarTruncated, iter_members
@@ -121,7 +124,6 @@ def test_tario_matches_tarfile(tmp_path, fmt):
 
 
 def test_tario_damage_raises(tmp_path):
-    path = tmp_path / "t.tar"
     write_set(tmp_path / "s", [4], manifest=False)
     raw = (tmp_path / "s" / "x-000000.tar").read_bytes()
     cases = {
@@ -258,10 +260,12 @@ def test_cut_between_samples_is_detected_without_manifest(tmp_path):
 
 def test_strict_errors_name_the_shard_and_sample(tmp_path):
     _damaged_set(tmp_path)
+    # Through a worker process (the message survives the DataLoader's re-raise). PyTorch then
+    # spends ~5 s joining the workers when the loader is collected: one such case is enough.
     with pytest.raises(DataError, match=r"x-000003.tar'.*data.strict=true"):
         epoch_keys(make(str(tmp_path / "x-000003.tar"), strict=True))
     with pytest.raises(DataError, match=r"x-000002.tar' sample '000000101': bad image"):
-        epoch_keys(make(str(tmp_path / "x-000002.tar"), strict=True, shuffle_buffer=0))
+        epoch_keys(make(str(tmp_path / "x-000002.tar"), workers=0, strict=True, shuffle_buffer=0))
 
 
 # ----------------------------------------------------------------------------- resume
@@ -342,7 +346,8 @@ def test_plain_tar_with_jpg_and_json_trains(tmp_path):
     loader = make(str(tmp_path / "plain.tar"), workers=0, batch_size=3, resolution=16,
                   shuffle_buffer=0)
     batches = list(loader)
-    assert [b[2]["keys"] for b in batches] == [[f"./img{i:03d}" for i in r] for r in ((0, 1, 2), (3, 4, 5))]
+    keys = [[f"./img{i:03d}" for i in r] for r in ((0, 1, 2), (3, 4, 5))]
+    assert [b[2]["keys"] for b in batches] == keys
     x, labels, _ = batches[1]
     assert x.shape == (3, 3, 16, 16) and labels.tolist() == [3, 0, 5]
     assert -1 <= x.min() and x.max() <= 1
@@ -362,3 +367,46 @@ def test_npy_webp_and_grey_decode(tmp_path):
     x, labels, _ = next(iter(make(str(tmp_path / "m.tar"), workers=0, batch_size=2,
                                   resolution=12, channels=1, shuffle_buffer=0)))
     assert x.shape == (2, 1, 12, 12) and labels.tolist() == [7, 2]
+
+
+# ----------------------------------------------------------------------------- lightning
+class _KeyRecorder(L.LightningModule):
+    """Trains nothing useful; records the keys of every batch it trains on."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.keys: List[List[str]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.keys.append(batch[2]["keys"])
+        return (self.weight * batch[0].mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(spec: str, ckpt_dir: Path, resume: Optional[Path] = None) -> List[List[str]]:
+    """Two epochs through Lightning (checkpoint every 13 steps); the keys trained on."""
+    stream = ShardStream(spec, batch_size=8, resolution=8, return_keys=True, shuffle_buffer=16)
+    loader = make_stream_loader(stream, num_workers=2)  # persistent workers, as in training
+    module = _KeyRecorder()
+    saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=13, save_top_k=-1,
+                            filename="{step}")
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False,
+                        callbacks=[StreamPositionCallback(loader), saver])
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
+    return module.keys
+
+
+def test_lightning_resume_mid_epoch_continues_the_sequence(tmp_path):
+    """Through Lightning: epochs via `loader.sampler.set_epoch`, the position via the loader's
+    state_dict in the checkpoint, consumed batches via the callback (not the prefetched ones)."""
+    write_set(tmp_path / "data", [20] * 4)
+    full = _fit(str(tmp_path / "data"), tmp_path / "run")
+    assert len(full) == 20  # 2 epochs x 10 batches
+    # Step 13 = 3 batches into epoch 1: the resumed epoch number, the skip inside it and the
+    # worker rotation (next batch from worker 1) all come from the checkpoint.
+    rest = _fit(str(tmp_path / "data"), tmp_path / "again", tmp_path / "run" / "step=13.ckpt")
+    assert rest == full[13:]

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import lightning as L
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .samples import FAULT_KINDS
@@ -112,12 +113,15 @@ class StreamLoader:
         """Epoch of the next `iter(loader)`; without calls, iterations count 0, 1, 2, ..."""
         self._next_epoch = self._len_epoch = int(epoch)
 
-    def __iter__(self) -> Iterator:
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor, Dict[str, Any]]]:
+        # A generator: nothing happens until the first batch is asked for. Lightning calls
+        # iter() once just to check the loader is iterable, and for the first epoch before its
+        # `sampler.set_epoch`; neither may start workers or consume an epoch number.
         epoch = self._len_epoch = self._next_epoch
         self._next_epoch = epoch + 1
         self.stream.set_epoch(epoch)
         self.tracker.begin_epoch(epoch)
-        return iter(self.loader)
+        yield from self.loader
 
     def __len__(self) -> int:
         batches = self.stream.batches_per_epoch(self._len_epoch, self.loader.num_workers)
@@ -135,15 +139,18 @@ class StreamLoader:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue after the saved position (call before iterating)."""
-        mine = state.get("ranks", {}).get(str(self.stream.rank)) if state.get("format") == STATE_FORMAT else None
+        mine = None
+        if state.get("format") == STATE_FORMAT:
+            mine = state.get("ranks", {}).get(str(self.stream.rank))
         if mine is None:
             log.warning("stream state has no position for rank %d: starting its epoch afresh",
                         self.stream.rank)
             return
-        if (mine["world_size"], mine["num_workers"]) != (self.stream.world_size, self.tracker.num_workers):
+        saved = (mine["world_size"], mine["num_workers"])
+        now = (self.stream.world_size, self.tracker.num_workers)
+        if saved != now:
             log.warning("stream state saved with world size %s x %s workers, now %s x %s: the "
-                        "split differs, so epoch %s restarts from its beginning", mine["world_size"],
-                        mine["num_workers"], self.stream.world_size, self.tracker.num_workers,
+                        "split differs, so epoch %s restarts from its beginning", *saved, *now,
                         mine["epoch"])
             self.tracker.begin_epoch(int(mine["epoch"]))
             self.set_epoch(int(mine["epoch"]))

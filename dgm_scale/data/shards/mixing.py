@@ -8,7 +8,8 @@ from typing import Iterable, Iterator, List, Sequence, TypeVar
 T = TypeVar("T")
 
 
-def mix(iterators: Sequence[Iterator[T]], weights: Sequence[float], rng: random.Random) -> Iterator[T]:
+def mix(iterators: Sequence[Iterator[T]], weights: Sequence[float],
+        rng: random.Random) -> Iterator[T]:
     """Interleave iterators, drawing the next one with probability proportional to its weight
     among those not yet exhausted; ends when all are exhausted."""
     if len(iterators) == 1:

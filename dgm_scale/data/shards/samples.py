@@ -89,7 +89,8 @@ def split_name(name: str) -> Optional[Tuple[str, str]]:
     return name[:dot], name[dot + 1:].lower()
 
 
-def read_samples(reader: TarReader, keep: Callable[[int], bool]) -> Iterator[Tuple[str, Optional[Members]]]:
+def read_samples(reader: TarReader,
+                 keep: Callable[[int], bool]) -> Iterator[Tuple[str, Optional[Members]]]:
     """(key, members) per sample in archive order; members None (data skipped unread) where
     `keep(index within the shard)` is False. A sample is emitted once the next key starts or
     the archive ends, so after a cut the sample in progress (perhaps incomplete) is dropped."""

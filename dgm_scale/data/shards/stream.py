@@ -100,9 +100,10 @@ class ShardStream(IterableDataset):
     Yields (x [B, C, R, R] float32 in [-1, 1], labels [B] int64, info dict).
     """
 
-    def __init__(self, sources: Union[str, Source, Sequence[Union[str, Source]]], *, batch_size: int,
-                 resolution: int, channels: int = 3, weights: Optional[Sequence[float]] = None,
-                 hflip: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
+    def __init__(self, sources: Union[str, Source, Sequence[Union[str, Source]]], *,
+                 batch_size: int, resolution: int, channels: int = 3,
+                 weights: Optional[Sequence[float]] = None, hflip: bool = False,
+                 seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 1000, resampled: bool = False,
                  steps_per_epoch: Optional[int] = None, strict: bool = False,
                  drop_last: bool = True, even_ranks: bool = True, return_keys: bool = False):
@@ -114,7 +115,8 @@ class ShardStream(IterableDataset):
         self.sources = [as_source(s, w) for s, w in zip(sources, weights)]
         self.batch_size, self.resolution, self.channels = batch_size, resolution, channels
         self.hflip, self.seed, self.rank, self.world_size = hflip, seed, rank, world_size
-        self.shuffle_buffer, self.resampled, self.steps_per_epoch = shuffle_buffer, resampled, steps_per_epoch
+        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
+        self.steps_per_epoch = steps_per_epoch
         self.strict, self.drop_last, self.even_ranks = strict, drop_last, even_ranks
         self.return_keys = return_keys
         self._validate()
@@ -271,7 +273,8 @@ class WorkerEpoch:
         mixed = mix(sources, weights, self._rng("mix"))
         return Shuffler(self.s.shuffle_buffer, self._rng("shuffle")).run(mixed)
 
-    def _source_items(self, k: int, shards: Iterable[Shard], plan: Optional[SkipPlan]) -> Iterator[Item]:
+    def _source_items(self, k: int, shards: Iterable[Shard],
+                      plan: Optional[SkipPlan]) -> Iterator[Item]:
         first, empty_run = 0, 0
         for shard in shards:
             count = self._count(shard) if plan else None
