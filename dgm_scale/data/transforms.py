@@ -61,8 +61,11 @@ def open_image(source: Union[PathLike, BinaryIO], channels: int) -> Image.Image:
     """Decode an image file (path or binary file object) to PIL mode L (1 channel) or RGB."""
     mode = "L" if channels == 1 else "RGB"
     with Image.open(source) as img:
-        # Phone photos store their rotation in EXIF; apply it so "up" is up.
-        return ImageOps.exif_transpose(img).convert(mode)
+        img.load()  # decode before the file closes
+        # Phone photos store their rotation in EXIF; apply it so "up" is up. In place and no
+        # same-mode convert: each copy costs about as much as decoding a 32x32 PNG.
+        ImageOps.exif_transpose(img, in_place=True)
+        return img if img.mode == mode else img.convert(mode)
 
 
 def fit_square(img: Image.Image, resolution: int) -> Image.Image:
@@ -84,6 +87,8 @@ def _resize_shorter_side(img: Image.Image, resolution: int) -> Image.Image:
 def _center_crop(img: Image.Image, resolution: int) -> Image.Image:
     """Crop the central resolution x resolution square (img is at least that big)."""
     width, height = img.size
+    if width == height == resolution:
+        return img  # crop() would copy
     left = (width - resolution) // 2
     top = (height - resolution) // 2
     return img.crop((left, top, left + resolution, top + resolution))

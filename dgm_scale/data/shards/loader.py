@@ -1,0 +1,190 @@
+"""The DataLoader around a `ShardStream`, and the position of the batches actually trained on.
+
+    loader = make_stream_loader(stream, num_workers=2)
+    for epoch in ...:
+        loader.set_epoch(epoch)            # Lightning does this via `loader.sampler.set_epoch`
+        for x, labels, info in loader:
+            train_step(x, labels)
+            loader.consumed(info)           # after the step: this batch counts as delivered
+    state = loader.state_dict()             # into the checkpoint; later:
+    loader.load_state_dict(state)           # before iterating: continues after `consumed`
+
+Why `consumed(info)` and not counting in `__iter__`: the DataLoader and Lightning prefetch
+batches that are never trained on if the run stops; only the training loop knows which batch
+it finished. In Lightning, call it from `on_train_batch_end` (`StreamPositionCallback`).
+
+State format ("dgm_scale.stream/1"): {"format", "ranks": {"<rank>": {"epoch", "world_size",
+"num_workers", "next_worker", "workers": {"<worker>": {"batches", "samples", "faults"}}}}}.
+Every rank's position differs, so `state_dict` gathers all ranks (all_gather_object when a
+process group is running: call it on every rank, as Lightning's checkpointing does), and each
+rank loads its own entry.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .samples import FAULT_KINDS
+from .stream import ResumePoint, ShardStream, WorkerPosition
+
+STATE_FORMAT = "dgm_scale.stream/1"
+log = logging.getLogger("dgm_scale.data.shards")
+
+
+class StreamTracker:
+    """Per-worker position of the consumed batches of one rank in the current epoch."""
+
+    def __init__(self, rank: int, world_size: int, num_workers: int):
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.epoch, self.next_worker = 0, 0
+        self.workers: Dict[int, WorkerPosition] = {}
+
+    def begin_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.next_worker, self.workers = epoch, 0, {}
+
+    def update(self, info: Dict[str, Any]) -> None:
+        """Record a batch's `info` as consumed (batches arrive in order per worker)."""
+        worker = int(info["worker"])
+        self.begin_epoch(int(info["epoch"]))
+        self.workers[worker] = WorkerPosition(int(info["batches"]), int(info["samples"]),
+                                              {k: int(v) for k, v in info["faults"].items()})
+        self.next_worker = (worker + 1) % max(1, self.num_workers)
+
+    def faults(self) -> Dict[str, int]:
+        """Skipped data of this rank in the current epoch, summed over workers, by kind."""
+        return {k: sum(p.faults.get(k, 0) for p in self.workers.values()) for k in FAULT_KINDS}
+
+    def state(self) -> Dict[str, Any]:
+        workers = {str(w): {"batches": p.batches, "samples": p.samples, "faults": dict(p.faults)}
+                   for w, p in self.workers.items()}
+        return {"epoch": self.epoch, "world_size": self.world_size, "rank": self.rank,
+                "num_workers": self.num_workers, "next_worker": self.next_worker,
+                "workers": workers}
+
+    def restore(self, state: Dict[str, Any]) -> ResumePoint:
+        self.epoch, self.next_worker = int(state["epoch"]), int(state["next_worker"])
+        self.workers = {int(w): WorkerPosition(int(p["batches"]), int(p["samples"]),
+                                               dict(p["faults"]))
+                        for w, p in state["workers"].items()}
+        return ResumePoint(self.epoch, self.num_workers, self.next_worker, dict(self.workers))
+
+
+def all_gather_objects(obj: Any) -> List[Any]:
+    """[obj of every rank] under a running process group, else [obj]."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out: List[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class _EpochSetter:
+    """`loader.sampler`: Lightning calls `sampler.set_epoch(epoch)` on any train loader."""
+
+    def __init__(self, loader: "StreamLoader"):
+        # A weak reference: a cycle would keep dead loaders (and their workers) alive until gc.
+        self.loader = weakref.ref(loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        loader = self.loader()
+        if loader is not None:
+            loader.set_epoch(epoch)
+
+
+class StreamLoader:
+    """Iterable of (x, labels, info) batches with epoch control and a resumable position."""
+
+    def __init__(self, stream: ShardStream, loader: DataLoader,
+                 gather: Callable[[Any], List[Any]] = all_gather_objects):
+        self.stream, self.loader, self.gather = stream, loader, gather
+        workers = max(1, loader.num_workers)
+        self.tracker = StreamTracker(stream.rank, stream.world_size, workers)
+        self.sampler = _EpochSetter(self)
+        self._next_epoch = self._len_epoch = 0  # next to iterate; current (for len)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch of the next `iter(loader)`; without calls, iterations count 0, 1, 2, ..."""
+        self._next_epoch = self._len_epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor, Dict[str, Any]]]:
+        # A generator: nothing happens until the first batch is asked for. Lightning calls
+        # iter() once just to check the loader is iterable, and for the first epoch before its
+        # `sampler.set_epoch`; neither may start workers or consume an epoch number.
+        epoch = self._len_epoch = self._next_epoch
+        self._next_epoch = epoch + 1
+        self.stream.set_epoch(epoch)
+        self.tracker.begin_epoch(epoch)
+        yield from self.loader
+
+    def __len__(self) -> int:
+        batches = self.stream.batches_per_epoch(self._len_epoch, self.loader.num_workers)
+        if batches is None:
+            raise TypeError("batch count unknown before reading (no manifest counts)")
+        return batches
+
+    def consumed(self, info: Dict[str, Any]) -> None:
+        """Mark the batch that carried `info` as trained on."""
+        self.tracker.update(info)
+
+    def state_dict(self) -> Dict[str, Any]:
+        states = self.gather(self.tracker.state())
+        return {"format": STATE_FORMAT, "ranks": {str(s["rank"]): s for s in states}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue after the saved position (call before iterating)."""
+        mine = None
+        if state.get("format") == STATE_FORMAT:
+            mine = state.get("ranks", {}).get(str(self.stream.rank))
+        if mine is None:
+            log.warning("stream state has no position for rank %d: starting its epoch afresh",
+                        self.stream.rank)
+            return
+        saved = (mine["world_size"], mine["num_workers"])
+        now = (self.stream.world_size, self.tracker.num_workers)
+        if saved != now:
+            log.warning("stream state saved with world size %s x %s workers, now %s x %s: the "
+                        "split differs, so epoch %s restarts from its beginning", *saved, *now,
+                        mine["epoch"])
+            self.tracker.begin_epoch(int(mine["epoch"]))
+            self.set_epoch(int(mine["epoch"]))
+            return
+        self.stream.resume_from(self.tracker.restore(mine))
+        self.set_epoch(int(mine["epoch"]))
+
+
+def make_stream_loader(stream: ShardStream, num_workers: int = 2, prefetch_factor: int = 2,
+                       persistent_workers: bool = True, pin_memory: Optional[bool] = None,
+                       gather: Callable[[Any], List[Any]] = all_gather_objects) -> StreamLoader:
+    """A StreamLoader: DataLoader(batch_size=None) over worker-made batches; pinned memory when
+    CUDA is available (unless `pin_memory` says otherwise)."""
+    loader = DataLoader(
+        stream,
+        batch_size=None,  # the workers batch: far cheaper than collating single samples
+        num_workers=num_workers,
+        persistent_workers=persistent_workers and num_workers > 0,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+    )
+    return StreamLoader(stream, loader, gather)
+
+
+class StreamPositionCallback(L.Callback):
+    """Lightning glue: marks each trained batch consumed and logs the skip counts."""
+
+    def __init__(self, loader: StreamLoader):
+        self.loader = loader
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.loader.consumed(batch[2])
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:  # same steps on all ranks
+            faults = self.loader.tracker.faults()
+            pl_module.log_dict({f"data/skipped_{k}": float(v) for k, v in faults.items()},
+                               on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=True)
