@@ -89,7 +89,7 @@ def make_run_dir(cfg, env: Optional[LaunchEnv] = None) -> Path:
 def build_callbacks(cfg, run_dir: Path) -> List[L.Callback]:
     reference = toy_centers(cfg.data.name) if cfg.data.name in TOY_DATASETS else None
     callbacks: List[L.Callback] = [
-        DataPosition(),  # first: a checkpoint written at a batch's end must count that batch
+        DataPosition(cfg.trainer.log_every),  # first: a checkpoint written at a batch's end must count it
         SampleGrids(run_dir / "samples", cfg.run.sample_every, cfg.run.num_samples, reference=reference),
         PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every),
     ]

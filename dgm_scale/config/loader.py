@@ -87,14 +87,14 @@ def _choice(key: str, value: Any, allowed: Sequence[str]) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check value ranges and combinations that types alone cannot express."""
     # Registries are imported here, not at module level, so that the schema stays import-light.
-    from dgm_scale.data.datasets import DATASETS, TOY_DATASETS
+    from dgm_scale.data.datasets import DATASETS, STREAM_DATASETS, TOY_DATASETS
     from dgm_scale.distributed.strategy import STRATEGIES
     from dgm_scale.losses.adversarial import ADVERSARIAL_LOSSES
     from dgm_scale.losses.vae import LIKELIHOODS
     from dgm_scale.nets import ARCHS, NORMS
 
     data, model, loss = cfg.data, cfg.model, cfg.loss
-    _choice("data.name", data.name, sorted(DATASETS))
+    _choice("data.name", data.name, sorted(DATASETS) + list(STREAM_DATASETS))
     _choice("model.kind", model.kind, ["gan", "vae"])
     _choice("loss.name", loss.name, sorted(ADVERSARIAL_LOSSES))
     _choice("loss.likelihood", loss.likelihood, sorted(LIKELIHOODS))
@@ -125,8 +125,16 @@ def validate(cfg: DictConfig) -> None:
         _require(_is_power_of_two(res) and 8 <= res <= 256,
                  f"config key 'data.resolution' must be a power of two in [8, 256], got {res}")
         _choice("data.channels", data.channels, [1, 3])
-    if data.name == "folder":
-        _require(bool(data.path), "config key 'data.path' is required when data.name=folder")
+    if data.name in ("folder", "shards"):
+        _require(bool(data.path), f"config key 'data.path' is required when data.name={data.name}")
+    if data.name == "shards":
+        datasets = 1 + len(data.mix)
+        _require(len(data.weights) in (0, datasets), f"config key 'data.weights': {len(data.weights)} weights for "
+                                                     f"{datasets} datasets (data.path + data.mix)")
+        _require(all(w > 0 for w in data.weights), f"config key 'data.weights' must be > 0, got {list(data.weights)}")
+        _require(data.shuffle_buffer >= 1, f"config key 'data.shuffle_buffer' must be >= 1, got {data.shuffle_buffer}")
+        _require(not data.resampled or data.steps_per_epoch >= 1,
+                 "config key 'data.steps_per_epoch' must be >= 1 with data.resampled=true")
     _require(data.batch_size >= 1, f"config key 'data.batch_size' must be >= 1, got {data.batch_size}")
     _require(0.0 <= data.val_fraction < 1.0, f"config key 'data.val_fraction' must be in [0, 1), got {data.val_fraction}")
 

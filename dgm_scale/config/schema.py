@@ -12,8 +12,18 @@ from typing import Any, Dict, List, Optional
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | ring8 | grid25 | folder
-    path: Optional[str] = None  # image folder root (data.name=folder)
+    name: str = "digits"  # digits | ring8 | grid25 | folder | shards
+    # folder: the image folder root. shards: a shard spec - a directory (with manifest.json), a
+    # brace pattern `x-{000000..000127}.tar`, `pipe:CMD` (s3/gcs/http via your CLI); '::' joins parts.
+    path: Optional[str] = None
+    # shards only: more datasets mixed with data.path, by data.weights (one weight per dataset)
+    mix: List[str] = field(default_factory=list)
+    weights: List[float] = field(default_factory=list)
+    shuffle_buffer: int = 1000  # shards: samples held per worker for shuffling
+    resampled: bool = False  # shards: draw shards with replacement; epochs of data.steps_per_epoch batches
+    steps_per_epoch: int = 0  # shards, resampled: batches per rank per epoch
+    strict: bool = False  # shards: a bad shard / image / missing key stops training (else skipped, counted)
+    val_path: Optional[str] = None  # shards: held-out shard spec (the VAE's validation ELBO); none = no validation
     resolution: int = 16  # square side in pixels (images); power of two in [8, 256]
     channels: int = 1  # 1 = greyscale, 3 = RGB (folder images are converted)
     hflip: bool = False  # random horizontal flip (off for digits: flipped digits are not digits)

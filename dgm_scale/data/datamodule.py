@@ -1,17 +1,21 @@
-"""Lightning data module: wraps `build_dataset` with data loaders.
+"""Lightning data module: the loaders for a DataConfig.
 
-It knows nothing about particular datasets; a streaming (iterable) dataset from the registry
-works as well, it just cannot be shuffled or sized by the loader.
+Map-style datasets come from the registry (`build_dataset`) and are dealt to the ranks by a
+resumable sampler; `data.name=shards` streams tar shards (data/shards/), split by rank and
+worker inside the stream. Both report their position to the DataPosition callback.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .datasets import TOY_DATASETS, DataError, build_dataset
+from .datasets import STREAM_DATASETS, TOY_DATASETS, DataError, build_dataset
+from .shards.manifest import read_manifest
+from .shards.urls import expand_urls
 from .position import ResumableDistributedSampler
 
 
@@ -30,6 +34,7 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size = int(batch_size if batch_size is not None else cfg.batch_size)
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
+        self._checked_specs = False
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: Optional[str] = None) -> None:
@@ -38,8 +43,18 @@ class ImageDataModule(L.LightningDataModule):
         if stage in (None, "fit"):  # fail before training starts, not on the first step
             self._check_batch_size()
 
+    @property
+    def streaming(self) -> bool:
+        return self.cfg.name in STREAM_DATASETS
+
     def _build(self) -> None:
-        """Build both splits on first use."""
+        """Build both splits on first use (shards: check that every spec expands to shards)."""
+        if self.streaming:
+            if not self._checked_specs:
+                for spec in self._stream_specs() + ([self.cfg.val_path] if self.cfg.val_path else []):
+                    expand_urls(spec)  # a DataError naming the path, before training starts
+                self._checked_specs = True
+            return
         if self.train_set is None:
             self.train_set = build_dataset(self.cfg, "train")
             self.val_set = build_dataset(self.cfg, "val")
@@ -48,7 +63,7 @@ class ImageDataModule(L.LightningDataModule):
         # drop_last=True with a too-small dataset would give zero batches and a silent no-op run.
         if self.batch_size < 1:
             raise DataError(f"config key 'data.batch_size': must be >= 1, got {self.batch_size}")
-        if isinstance(self.train_set, IterableDataset):
+        if self.streaming or isinstance(self.train_set, IterableDataset):
             return
         n = len(self.train_set)
         if n < self.batch_size:
@@ -77,14 +92,39 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, drop_last batches of (x [B, ...], label [B])."""
+    # ------------------------------------------------------------------ shard streams
+    def _stream_specs(self) -> List[str]:
+        return [self.cfg.path, *self.cfg.mix]
+
+    def _stream_loader(self, specs: List[str], train: bool):
+        """A StreamLoader over tar shards: batches of (x, label, position info) made in workers."""
+        from .shards.loader import make_stream_loader
+        from .shards.stream import ShardStream
+
+        cfg, trainer = self.cfg, self.trainer
+        # Validation: every rank reads the whole held-out set in order (like the map-style split).
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None and train else (0, 1)
+        resampled = bool(cfg.resampled) and train
+        stream = ShardStream(
+            specs, batch_size=self.batch_size, resolution=cfg.resolution, channels=cfg.channels,
+            weights=list(cfg.weights) or None, hflip=cfg.hflip and train, seed=self.seed, rank=rank,
+            world_size=world, shuffle_buffer=cfg.shuffle_buffer if train else 1, resampled=resampled,
+            steps_per_epoch=cfg.steps_per_epoch if resampled else None, strict=cfg.strict, drop_last=train)
+        return make_stream_loader(stream, num_workers=int(cfg.num_workers))
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self):
+        """Shuffled, drop_last batches of (x [B, ...], label [B]) (+ position info for shards)."""
         self.setup("fit")
+        if self.streaming:
+            return self._stream_loader(self._stream_specs(), train=True)
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader:
-        """Ordered batches over the held-out split (may be empty when val_fraction=0)."""
+    def val_dataloader(self):
+        """Ordered batches over the held-out split (may be empty when val_fraction=0 / no data.val_path)."""
         self.setup("validate")
+        if self.streaming:
+            return self._stream_loader([self.cfg.val_path], train=False) if self.cfg.val_path else []
         return self._loader(self.val_set, train=False)
 
     # ------------------------------------------------------------------ shape info
@@ -100,4 +140,7 @@ class ImageDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         """Number of label classes (0 = unlabelled data, every label is 0)."""
         self._build()
+        if self.streaming:  # known from our manifest; shards from other tools: unlabelled unless said
+            manifest_path = Path(self.cfg.path) / "manifest.json"
+            return int(read_manifest(manifest_path)["labels"]["num_classes"]) if manifest_path.is_file() else 0
         return int(getattr(self.train_set, "num_classes", 0))

@@ -20,6 +20,8 @@ from torch.utils.data import Dataset
 from .transforms import load_image, random_hflip, resize_tensor, to_model_range
 
 TOY_DATASETS = ("ring8", "grid25")
+# Streamed from tar shards by the data module (data/shards/), not built by this registry.
+STREAM_DATASETS = ("shards",)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 SPLITS = ("train", "val")
 # The train/val split must not move when the run seed changes, or "val" would leak into train.

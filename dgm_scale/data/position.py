@@ -59,25 +59,39 @@ class ResumableDistributedSampler(DistributedSampler):
 
 
 class DataPosition(L.Callback):
-    """Counts the samples all ranks consumed in the current epoch; restores the sampler's position.
+    """Where the training data stands; saved in every checkpoint, restored before training.
 
-    Its state (epoch, consumed) is saved in every checkpoint; it is the same on every rank.
+    Map-style data: (epoch, samples all ranks consumed in it), the same on every rank, handed to
+    the ResumableDistributedSampler. Shard streams: the StreamLoader's per-rank, per-worker
+    position (see data/shards/loader.py), which also counts skipped (damaged) data; those counts
+    are logged as data/skipped_* with the training metrics.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log_every: int = 1) -> None:
+        self.log_every = log_every
         self.epoch = 0
-        self.consumed = 0  # samples of `epoch` that all ranks together trained on
-        self._restored = False
+        self.consumed = 0  # map-style: samples of `epoch` that all ranks together trained on
+        self._restored: Optional[Dict[str, Any]] = None
 
     @staticmethod
-    def _sampler(trainer) -> Optional[Sampler]:
+    def _stream(trainer):
+        from .shards.loader import StreamLoader
+
         loader = trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None)
+        return loader if isinstance(loader, StreamLoader) else None
+
+    @staticmethod
+    def _sampler(trainer) -> Optional[ResumableDistributedSampler]:
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
         return sampler if isinstance(sampler, ResumableDistributedSampler) else None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        sampler = self._sampler(trainer)
-        if self._restored and sampler is not None:
+        if self._restored is None:
+            return
+        stream, sampler = self._stream(trainer), self._sampler(trainer)
+        if stream is not None and "stream" in self._restored:
+            stream.load_state_dict(self._restored["stream"])
+        elif sampler is not None:
             sampler.resume(self.epoch, self.consumed)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -85,11 +99,27 @@ class DataPosition(L.Callback):
             self.epoch, self.consumed = trainer.current_epoch, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.consumed += len(batch[0]) * trainer.world_size
+        stream = self._stream(trainer)
+        if stream is None:
+            self.consumed += len(batch[0]) * trainer.world_size
+            return
+        stream.consumed(batch[2])  # the batch's position info (worker, samples delivered, faults)
+        if pl_module.iteration % self.log_every == 0:  # the same iterations on every rank
+            faults = stream.tracker.faults()
+            pl_module.log_dict({f"data/skipped_{kind}": float(count) for kind, count in faults.items()},
+                               on_step=True, reduce_fx="sum", sync_dist=True)
 
-    def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+    def state_dict(self) -> Dict[str, Any]:
+        # Called on every rank (Lightning's checkpoint dump); the stream gathers all ranks' positions.
+        state: Dict[str, Any] = {"epoch": self.epoch, "consumed": self.consumed}
+        stream = self._stream(self._trainer) if getattr(self, "_trainer", None) is not None else None
+        if stream is not None:
+            state["stream"] = stream.state_dict()
+        return state
 
-    def load_state_dict(self, state_dict: Dict[str, int]) -> None:
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.epoch, self.consumed = int(state_dict["epoch"]), int(state_dict["consumed"])
-        self._restored = True
+        self._restored = dict(state_dict)

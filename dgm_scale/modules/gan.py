@@ -107,7 +107,7 @@ class GANModule(GenerativeModule):
         return logs
 
     def training_step(self, batch, batch_idx: int) -> None:
-        real_images, labels = batch
+        real_images, labels = batch[0], batch[1]  # (a shard stream adds its position info)
         labels = labels if self.num_classes > 0 else None
         opt_g, opt_d = self.optimizers()
         log_now = self.logging_due()
