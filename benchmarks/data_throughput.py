@@ -3,8 +3,9 @@
     python benchmarks/data_throughput.py [--samples 20000] [--size 32] [--resolution 32]
         [--batch 256] [--workers 2] [--repeats 3] [--rss-samples 10000 100000]
 
-1. Throughput (samples/s, median of `--repeats` alternating runs, timed from the first batch to
-   the end of an epoch so worker start-up is excluded on both sides):
+1. Throughput (samples/s, median of `--repeats` interleaved runs, timed from the first batch to
+   the end of an epoch so worker start-up is excluded on both sides) and CPU time per sample
+   (main process + workers, whole epoch; steadier than samples/s on a shared machine):
    - folder: `ImageFolderDataset` (our folder dataset: PIL decode, EXIF transpose, resize /
      centre crop, per-sample tensors, default collate) in a shuffling DataLoader;
    - shards: `ShardStream` over the same PNG bytes stored one image per member (`.png` +
@@ -106,15 +107,26 @@ def write_shards(root: Path, images: Iterable[bytes], total: int, ext: str = "pn
 
 
 # ----------------------------------------------------------------------------- timing
-def timed_epoch(batches: Iterable) -> float:
-    """Samples/s from the first batch to the end of one pass (start-up excluded)."""
-    start, seen = None, 0
-    for batch in batches:
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the joined loader workers)."""
+    own, children = (resource.getrusage(who) for who in
+                     (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed_epoch(loader: Iterable) -> Tuple[float, float]:
+    """(samples/s from the first batch to the end of one pass, so start-up is excluded;
+    CPU microseconds per sample of main + workers over the whole pass, start-up included)."""
+    cpu, start, seen, total = cpu_seconds(), None, 0, 0
+    for batch in loader:
+        total += batch[0].shape[0]
         if start is None:
             start = time.perf_counter()
             continue
         seen += batch[0].shape[0]
-    return seen / (time.perf_counter() - start)
+    rate = seen / (time.perf_counter() - start)
+    del loader  # joins the (non-persistent) workers, so their CPU time is counted
+    return rate, (cpu_seconds() - cpu) / total * 1e6
 
 
 def folder_loader(samples, args) -> DataLoader:
@@ -191,20 +203,26 @@ def run(tmp: Path, args) -> None:
         "shards, npy members (other decode)": lambda: shard_loader(tmp / "npy", args),
     }
     rates = {name: [] for name in loaders}
+    cpu = {name: [] for name in loaders}
     for _ in range(args.repeats):  # interleaved, so machine noise hits every loader alike
         for name, build in loaders.items():
-            rates[name].append(timed_epoch(build()))
+            rate, cpu_us = timed_epoch(build())
+            rates[name].append(rate)
+            cpu[name].append(cpu_us)
     print(f"\n{args.samples} RGB {args.size}x{args.size} PNGs -> {args.resolution}x"
           f"{args.resolution}, batch {args.batch}, {args.workers} workers, {os.cpu_count()} CPUs, "
           f"median of {args.repeats}\n")
-    print("| loader | samples/s (median) | runs |\n|---|---|---|")
+    print("| loader | samples/s | runs | CPU us/sample |\n|---|---|---|---|")
     for name, values in rates.items():
         runs = ", ".join(f"{v:,.0f}" for v in values)
-        print(f"| {name} | {statistics.median(values):,.0f} | {runs} |")
-    medians = [statistics.median(v) for v in rates.values()]
-    print(f"| ratio PNG shards / folder (same decode) | {medians[1] / medians[0]:.2f} "
-          "(target >= 2) | |")
-    print(f"| ratio npy shards / folder (no PNG decode) | {medians[2] / medians[0]:.2f} | |")
+        print(f"| {name} | {statistics.median(values):,.0f} | {runs} | "
+              f"{statistics.median(cpu[name]):.0f} |")
+    speed = [statistics.median(v) for v in rates.values()]
+    work = [statistics.median(v) for v in cpu.values()]
+    print(f"| ratio PNG shards / folder (same decode; target >= 2) | {speed[1] / speed[0]:.2f} | "
+          f"| {work[0] / work[1]:.2f} |")
+    print(f"| ratio npy shards / folder (no PNG decode) | {speed[2] / speed[0]:.2f} | | "
+          f"{work[0] / work[2]:.2f} |")
     ours, ref = parse_speed(tmp / "shards" / "bench-000000.tar")
     print(f"\ntar parsing, us per member: tario {ours:.1f}, tarfile {ref:.1f} "
           f"({ref / ours:.1f}x)")

@@ -268,10 +268,11 @@ class WorkerEpoch:
         return self._counts[shard.url]
 
     # ------------------------------------------------------------------ items
-    def _pipeline(self, sources: List[Iterator]) -> Iterator:
-        weights = [s.weight for s in self.s.sources]
-        mixed = mix(sources, weights, self._rng("mix"))
-        return Shuffler(self.s.shuffle_buffer, self._rng("shuffle")).run(mixed)
+    def _pipeline(self, sources: List[Iterator]) -> Tuple[Shuffler, Iterator]:
+        """Mix the per-source item streams, then shuffle: (the shuffler, its output)."""
+        mixed = mix(sources, [s.weight for s in self.s.sources], self._rng("mix"))
+        shuffler = Shuffler(self.s.shuffle_buffer, self._rng("shuffle"))
+        return shuffler, shuffler.run(mixed)
 
     def _source_items(self, k: int, shards: Iterable[Shard],
                       plan: Optional[SkipPlan]) -> Iterator[Item]:
@@ -306,9 +307,7 @@ class WorkerEpoch:
                     yield k, pulled[k] - 1
 
         seqs = self.s.shard_sequences(self.epoch, self.worker, self.num_workers)
-        shuffler = Shuffler(self.s.shuffle_buffer, self._rng("shuffle"))
-        outputs = shuffler.run(mix([indices(k, q) for k, q in enumerate(seqs)],
-                                   [s.weight for s in self.s.sources], self._rng("mix")))
+        shuffler, outputs = self._pipeline([indices(k, q) for k, q in enumerate(seqs)])
         try:
             for _ in range(delivered):
                 next(outputs)
@@ -330,7 +329,7 @@ class WorkerEpoch:
             return
         plan = self._simulate(start.samples) if start.samples else None
         seqs = s.shard_sequences(self.epoch, self.worker, self.num_workers)
-        items = self._pipeline([self._source_items(k, q, plan) for k, q in enumerate(seqs)])
+        _, items = self._pipeline([self._source_items(k, q, plan) for k, q in enumerate(seqs)])
         images, labels, keys = [], [], []
         done, consumed = start.batches, 0
         self.faults.muted = start.samples > 0
