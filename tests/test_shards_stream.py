@@ -6,6 +6,7 @@ simulated in one process by constructing streams with rank / world_size.
 from __future__ import annotations
 
 import io
+import hashlib
 import json
 import random
 import shutil
@@ -57,7 +58,8 @@ def write_set(root: Path, sizes: Sequence[int], manifest: bool = True) -> List[s
     for i, size in enumerate(sizes):
         name = f"x-{i:06d}.tar"
         write_tar(root / name, [m for j in range(index, index + size) for m in sample(j)])
-        entries.append({"name": name, "num_samples": size, "bytes": 0, "sha256": ""})
+        data = (root / name).read_bytes()  # a manifest as our writer makes it (read_manifest validates it)
+        entries.append({"name": name, "num_samples": size, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         index += size
     if manifest:
         (root / "manifest.json").write_text(json.dumps({

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import DistributedSampler
 
 
 class ResumableDistributedSampler(DistributedSampler):

@@ -75,32 +75,27 @@ def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, BytesIO(payload))
 
 
-def split_member_name(name: str) -> Tuple[str, str]:
-    """'dir/000012.png' -> ('dir/000012', 'png'): webdataset's rule, key ends at the first dot
-    of the file's base name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    key = f"{folder}/{stem}" if folder else stem
-    return key, ext.lower()
-
-
 def iter_tar_samples(path: Path) -> Iterator[Sample]:
     """Samples of one tar in file order, grouping consecutive members that share a key.
 
-    Reads the archive as a stream; a truncated or corrupt tar raises tarfile.ReadError (or
-    EOFError), and a tar cut exactly between samples just yields fewer samples.
+    Uses the stream reader's fast tar parser; a truncated or corrupt tar raises tario.TarError,
+    and a tar cut exactly between samples just yields fewer samples.
     """
+    from .samples import split_name
+    from .tario import iter_members
+
     key: Optional[str] = None
     fields: Dict[str, bytes] = {}
-    with tarfile.open(path, "r|") as tar:
-        for info in tar:
-            if not info.isfile():
+    with open(path, "rb") as handle:
+        for name, data in iter_members(handle, str(path)):
+            parts = split_name(name)
+            if parts is None:  # no extension, or a hidden companion file
                 continue
-            member_key, ext = split_member_name(info.name)
+            member_key, ext = parts
             if member_key != key and fields:
                 yield key, fields  # type: ignore[misc]
                 fields = {}
             key = member_key
-            fields[ext] = tar.extractfile(info).read()  # type: ignore[union-attr]
+            fields[ext] = data
     if fields:
         yield key, fields  # type: ignore[misc]

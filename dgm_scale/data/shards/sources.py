@@ -27,6 +27,7 @@ import torch
 from ..datasets import DATASETS, IMAGE_EXTENSIONS, DataError, scan_image_folder
 from ..transforms import from_model_range
 from .encode import Payload, RawSample
+from .tario import TarError
 from .layout import LABEL_EXT, READ_IMAGE_EXTS, SHARD_RE, iter_tar_samples
 from .manifest import MANIFEST_NAME, read_manifest
 
@@ -222,7 +223,7 @@ def _read_shard(path: Path) -> Iterator[RawSample]:
     try:
         for key, fields in iter_tar_samples(path):
             yield _shard_sample(path, key, fields)
-    except (tarfile.TarError, EOFError, OSError) as err:
+    except (TarError, tarfile.TarError, EOFError, OSError) as err:
         raise DataError(f"cannot read shard '{path}': {err}") from None
 
 

@@ -17,7 +17,6 @@ command that fails before producing a tar header (probe of the first pipe URL).
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import subprocess
 import tempfile
@@ -27,10 +26,9 @@ from pathlib import Path
 from typing import BinaryIO, Dict, Iterator, List, Optional
 
 from ..datasets import DataError
+from .manifest import MANIFEST_NAME, read_manifest
 from .tario import BLOCK
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "dgm_scale.shards/"  # any version of our writer's manifest
 PIPE = "pipe:"
 READ_BUFFER = 1 << 20  # large buffers: fewer syscalls per small member
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -73,14 +71,8 @@ def expand_braces(pattern: str) -> List[str]:
 
 # ----------------------------------------------------------------------------- manifests
 def read_manifest_counts(path: Path) -> Dict[str, int]:
-    """{shard file name: num_samples} from a `manifest.json` (DataError if malformed)."""
-    try:
-        manifest = json.loads(path.read_text())
-        if not str(manifest.get("format", "")).startswith(MANIFEST_FORMAT):
-            raise ValueError(f"format '{manifest.get('format')}' is not {MANIFEST_FORMAT}*")
-        return {str(s["name"]): int(s["num_samples"]) for s in manifest["shards"]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise DataError(f"manifest '{path}': cannot read it ({err})") from None
+    """{shard file name: num_samples} from a `manifest.json` (validated by `read_manifest`)."""
+    return {str(shard["name"]): int(shard["num_samples"]) for shard in read_manifest(path)["shards"]}
 
 
 def _manifest_for(directory: Path, cache: Dict[Path, Dict[str, int]]) -> Dict[str, int]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Tuple, Union
 
+from .tario import TarError
 from .layout import format_key, iter_tar_samples
 from .manifest import read_manifest, sha256_file
 from .writer import format_bytes, plural
@@ -84,7 +85,7 @@ def _check_samples(path: Path, expected: int, first_index: int) -> List[str]:
             if wrong_key is None and key != format_key(first_index + count):
                 wrong_key = f"sample {count} has key '{key}', expected '{format_key(first_index + count)}'"
             count += 1
-    except (tarfile.TarError, EOFError, OSError) as err:
+    except (TarError, tarfile.TarError, EOFError, OSError) as err:
         return [f"unreadable tar after {count} samples ({err})"]
     problems = [] if count == expected else [f"count mismatch: manifest {expected}, tar {count}"]
     return problems + ([wrong_key] if wrong_key else [])
