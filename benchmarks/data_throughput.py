@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dgm_scale.data.datasets import ImageFolderDataset  # noqa: E402
+from dgm_scale.data.shards.manifest import sha256_file  # noqa: E402
 from dgm_scale.data.shards.loader import make_stream_loader  # noqa: E402
 from dgm_scale.data.shards.stream import ShardStream  # noqa: E402
 from dgm_scale.data.shards.tario import iter_members  # noqa: E402
@@ -100,7 +101,9 @@ def write_shards(root: Path, images: Iterable[bytes], total: int, ext: str = "pn
                     info = tarfile.TarInfo(f"{i:09d}.{suffix}")
                     info.size, info.mtime = len(data), 0
                     tar.addfile(info, io.BytesIO(data))
-        entries.append({"name": name, "num_samples": count, "bytes": 0, "sha256": ""})
+        # The same PNG bytes as the folder (our writer would re-encode them): a manifest as it writes one.
+        entries.append({"name": name, "num_samples": count, "bytes": (root / name).stat().st_size,
+                        "sha256": sha256_file(root / name)})
     (root / "manifest.json").write_text(json.dumps({
         "format": "dgm_scale.shards/1", "name": "bench", "num_samples": total,
         "encoding": ext, "shards": entries, "image": {}, "labels": {"num_classes": 10}}))

@@ -55,6 +55,18 @@ def test_two_ranks_split_the_shards_and_agree(digit_shards, tmp_path):
         torch.testing.assert_close(tensor, rank1["params"][name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("mode", [["data.resampled=true", "data.steps_per_epoch=2"], []])
+def test_two_ranks_cross_epoch_ends_without_hanging(mode, digit_shards, tmp_path):
+    """16 iterations at 2 (resampled) or ~6 (split shards, even rank caps) batches per epoch:
+    both ranks end every epoch together, or DDP would hang at the first epoch end."""
+    proc = torchrun(["tests/ddp_worker.py", "configs/nsgan.yaml", str(tmp_path), *TINY, *SHARDS, *mode,
+                     f"data.path={digit_shards}", "data.num_workers=2", "trainer.devices=2", "data.batch_size=64",
+                     "trainer.max_steps=16", f"run.dir={tmp_path / 'run'}"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epochs = {row["epoch"] for row in metrics_rows(tmp_path / "run")}
+    assert len(epochs) >= 2, epochs
+
+
 def test_damaged_shard_is_skipped_and_counted_or_named_in_strict_mode(digit_shards, tmp_path):
     import shutil
 
