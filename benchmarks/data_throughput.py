@@ -6,11 +6,12 @@
 1. Throughput (samples/s, median of `--repeats` interleaved runs, timed from the first batch to
    the end of an epoch so worker start-up is excluded on both sides) and CPU time per sample
    (main process + workers, whole epoch; steadier than samples/s on a shared machine):
-   - folder: `ImageFolderDataset` (our folder dataset: PIL decode, EXIF transpose, resize /
+   - folder: `ImageFolderDataset` (our folder dataset: decode, EXIF transpose, resize /
      centre crop, per-sample tensors, default collate) in a shuffling DataLoader;
    - shards: `ShardStream` over the same PNG bytes stored one image per member (`.png` +
-     `.cls`, our writer's layout), same decode functions, workers and batch size.
-   Both decode every image with `transforms.open_image` + `fit_square`. The images are random
+     `.cls`, our writer's layout), same decode function, workers and batch size.
+   Both decode every image with `transforms.decode_square` (libspng for plain 8-bit PNGs when
+   pyspng is installed, else PIL; `--pil` forces PIL on both sides). The images are random
    `--size` crops of scikit-learn's two bundled photos, so PNG sizes are realistic.
    - for information, not the target: shards holding the same pixels as `.npy` members (the
      writer's `encoding=npy`): no PNG decode at all, so not the same decode.
@@ -42,6 +43,7 @@ from torch.utils.data import DataLoader
 # Run from a checkout without installing: the repository root first on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dgm_scale.data import transforms  # noqa: E402
 from dgm_scale.data.datasets import ImageFolderDataset  # noqa: E402
 from dgm_scale.data.shards.manifest import sha256_file  # noqa: E402
 from dgm_scale.data.shards.loader import make_stream_loader  # noqa: E402
@@ -186,8 +188,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rss-samples", type=int, nargs="*", default=[10000, 100000])
+    parser.add_argument("--pil", action="store_true", help="decode with PIL on both sides (no libspng)")
     parser.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pil:  # both loaders share transforms.decode_square; forked workers inherit this
+        transforms.pyspng = None
     if args.rss_child:
         return rss_child(args.rss_child[0], int(args.rss_child[1]))
     torch.set_num_threads(1)
@@ -212,6 +217,8 @@ def run(tmp: Path, args) -> None:
             rate, cpu_us = timed_epoch(build())
             rates[name].append(rate)
             cpu[name].append(cpu_us)
+    decoder = "PIL" if transforms.pyspng is None else "libspng (pyspng) for plain PNGs"
+    print(f"\ndecode on both sides: {decoder}")
     print(f"\n{args.samples} RGB {args.size}x{args.size} PNGs -> {args.resolution}x"
           f"{args.resolution}, batch {args.batch}, {args.workers} workers, {os.cpu_count()} CPUs, "
           f"median of {args.repeats}\n")

@@ -287,3 +287,44 @@ def test_datamodule_accepts_plain_dataclass():
     dm = ImageDataModule(DataConfig(resolution=8, batch_size=16))
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (16, 1, 8, 8)
+
+
+def test_open_image_applies_exif_orientation_only_when_present(tmp_path):
+    from PIL import Image
+
+    from dgm_scale.data.transforms import open_image
+
+    wide = Image.new("RGB", (6, 2), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    wide.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    wide.save(tmp_path / "plain.png")
+    assert open_image(tmp_path / "rotated.jpg", channels=3).size == (2, 6)  # turned upright
+    assert open_image(tmp_path / "plain.png", channels=3).size == (6, 2)
+
+
+@pytest.mark.parametrize("mode, channels", [("L", 1), ("RGB", 3), ("RGB", 1), ("L", 3), ("RGBA", 3), ("P", 3),
+                                            ("I;16", 1), ("LA", 1)])
+@pytest.mark.parametrize("size", [(16, 16), (23, 17)])
+def test_fast_png_decode_equals_pils(mode, channels, size, tmp_path):
+    """The libspng path (when installed) gives exactly PIL's pixels, resized or not; PNGs it
+    cannot match (palette, alpha, 16 bit, conversions) fall back to PIL."""
+    from dgm_scale.data import transforms
+
+    generator = np.random.default_rng(0)
+    pixels = generator.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(image).astype(np.uint16) * 257)
+    path = tmp_path / "x.png"
+    image.save(path)
+    direct = transforms._direct_png(path.read_bytes(), channels) is not None
+    assert direct == (transforms.pyspng is not None and (mode, channels) in (("L", 1), ("RGB", 3)))
+    for target in (16, 8):
+        fast = transforms.decode_square(path, channels, target)
+        reference = transforms.decode_square(path, channels, target, fast=False)
+        assert fast.dtype == reference.dtype == np.uint8
+        np.testing.assert_array_equal(fast, reference)
+    damaged = path.read_bytes()[:60]
+    with pytest.raises((ValueError, OSError)):
+        transforms.decode_square(damaged, channels, 16)

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..datasets import DataError
-from ..transforms import fit_square, open_image, to_model_range
+from ..transforms import decode_square, fit_square, to_model_range
 from .urls import Shard, open_shard
 from .tario import TarError, TarReader
 
@@ -194,7 +194,7 @@ def _decode_npy(data: bytes, channels: int, resolution: int) -> np.ndarray:
 def decode_image(members: Members, channels: int, resolution: int) -> np.ndarray:
     """The sample's image as uint8 [R, R] (channels=1) or [R, R, 3]; SampleFault if missing
     or undecodable. Same decode as the folder dataset: EXIF rotation, shorter side resized to
-    R (bicubic), centre crop (`transforms.open_image` / `fit_square`)."""
+    R (bicubic), centre crop (`transforms.decode_square`)."""
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None:
         raise SampleFault("missing_image", f"no image member ({', '.join(IMAGE_EXTS)})")
@@ -202,7 +202,7 @@ def decode_image(members: Members, channels: int, resolution: int) -> np.ndarray
     try:
         if ext == "npy":
             return _decode_npy(data, channels, resolution)
-        return np.asarray(fit_square(open_image(io.BytesIO(data), channels), resolution))
+        return decode_square(data, channels, resolution)
     except DECODE_ERRORS as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise SampleFault("bad_image", f"cannot decode .{ext}: {reason}") from None
