@@ -92,3 +92,31 @@ def test_bad_shard_spec_fails_before_a_run_directory_exists(tmp_path):
         train(load_config("configs/nsgan.yaml", TINY + SHARDS + [f"data.path={tmp_path / 'nothing-here'}",
                                                                   f"run.root={tmp_path / 'runs'}"]))
     assert not (tmp_path / "runs").exists()
+
+
+def test_shards_made_by_plain_tar_train(tmp_path):
+    """Not our writer: `tar` over a folder of .jpg + .json files (img2dataset's layout)."""
+    import json
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    if shutil.which("tar") is None:
+        pytest.skip("no tar binary")
+    src = tmp_path / "src"
+    src.mkdir()
+    generator = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(generator.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(src / f"{i:05d}.jpg")
+        (src / f"{i:05d}.json").write_text(json.dumps({"caption": "noise", "label": i % 4}))
+    for shard in range(2):  # --sort=name keeps each sample's two files together
+        names = [f"{i:05d}.{ext}" for i in range(shard * 20, shard * 20 + 20) for ext in ("jpg", "json")]
+        subprocess.run(["tar", "--sort=name", "-cf", str(tmp_path / f"plain-{shard}.tar"), "-C", str(src), *names],
+                       check=True)
+    quiet_lightning()
+    result = train(load_config("configs/nsgan.yaml", TINY + [
+        "data.name=shards", f"data.path={tmp_path}/plain-{{0..1}}.tar", "data.channels=3", "data.resolution=8",
+        "data.batch_size=4", "data.shuffle_buffer=8", f"run.dir={tmp_path / 'run'}"]))
+    assert result.iterations == 3 and result.checkpoint.is_file()
