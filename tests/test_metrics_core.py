@@ -1,0 +1,171 @@
+"""Metric formulas against independent truth (closed forms, naive loops), exact distributed
+gathering (2 gloo processes), the real-feature cache, and parity with torch-fidelity's formulas
+when it is installed (loaded file by file: its package __init__ imports torchvision)."""
+import importlib
+import importlib.util
+import math
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dgm_scale.metrics import (METRICS, all_gather_features, cache_key, cached_real_features, compute_metrics,
+                               density_coverage, feature_statistics, fid_from_features, frechet_distance,
+                               inception_score, kid, precision_recall)
+from dgm_scale.metrics.cache import cache_path
+from dgm_scale.metrics.fid import trace_sqrt_product_eig
+
+
+def gaussian(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d)) + shift
+
+
+# ----------------------------------------------------------------------------------------- FID
+def test_fid_of_a_set_against_itself_is_zero():
+    x = gaussian(2000, 8, 0)
+    assert abs(fid_from_features(x, x)) < 1e-6
+    assert abs(fid_from_features(torch.from_numpy(x).float(), torch.from_numpy(x).float())) < 1e-6
+
+
+def test_fid_equals_closed_form_for_diagonal_and_rotated_gaussians():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    var1, var2 = rng.uniform(0.1, 3, size=6), rng.uniform(0.1, 3, size=6)
+    closed = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(closed, rel=1e-10)
+    q, _ = np.linalg.qr(rng.normal(size=(6, 6)))  # the same rotation of both: FID is invariant
+    rotated = frechet_distance(q @ mu1, q @ np.diag(var1) @ q.T, q @ mu2, q @ np.diag(var2) @ q.T)
+    assert rotated == pytest.approx(closed, rel=1e-9)
+
+
+def _symmetric_sqrt(s: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh(s)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def test_fid_equals_symmetric_closed_form_for_general_covariances():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
+    s1, s2, mu1, mu2 = a @ a.T + 0.1 * np.eye(5), b @ b.T + 0.1 * np.eye(5), rng.normal(size=5), rng.normal(size=5)
+    root1 = _symmetric_sqrt(s1)
+    closed = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * _symmetric_sqrt(root1 @ s2 @ root1))
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed, rel=1e-9)
+
+
+def test_fid_of_gaussian_samples_approaches_the_population_value():
+    x, y = gaussian(20000, 3, 3), gaussian(20000, 3, 4, shift=0.5) * 2.0
+    closed = 3 * 0.5 ** 2 * 4 + 3 * (1 + 4 - 2 * 2)  # y = 2 z + 1: mean 1 (shift scaled), var 4
+    assert fid_from_features(x, y) == pytest.approx(closed, rel=0.03)
+
+
+def test_fid_with_fewer_samples_than_dimensions_is_finite():
+    x, y = gaussian(10, 32, 5), gaussian(10, 32, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value = fid_from_features(x, y)
+    mu1, s1 = feature_statistics(x)
+    mu2, s2 = feature_statistics(y)
+    eig_value = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product_eig(s1, s2)
+    assert math.isfinite(value) and value == pytest.approx(eig_value, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------- KID
+def naive_mmd2_unbiased(x: np.ndarray, y: np.ndarray, kernel) -> float:
+    m = len(x)
+    xx = sum(kernel(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(kernel(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(kernel(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_equals_the_unbiased_mmd2_double_sum():
+    x, y = gaussian(7, 4, 7), gaussian(7, 4, 8, shift=0.3)
+    cubic = lambda u, v: (u @ v / 4 + 1) ** 3  # noqa: E731 - torch-fidelity defaults, gamma = 1 / D
+    mean, std = kid(x, y, subsets=3, subset_size=7)  # a full-size subset is a permutation: same value
+    assert mean == pytest.approx(naive_mmd2_unbiased(x, y, cubic), rel=1e-12) and std < 1e-12
+
+
+def test_kid_is_unbiased_for_the_linear_kernel_closed_form():
+    # With k(u, v) = <u, v>, E[unbiased MMD^2] = ||mu_x - mu_y||^2 exactly.
+    shift = np.array([0.3, -0.2, 0.0])
+    estimates = [kid(gaussian(40, 3, 2 * t), gaussian(40, 3, 2 * t + 1) + shift, subsets=1, subset_size=40,
+                     degree=1, gamma=1.0, coef0=0.0, seed=t)[0] for t in range(300)]
+    standard_error = np.std(estimates) / math.sqrt(len(estimates))
+    assert abs(np.mean(estimates) - shift @ shift) < 4 * standard_error
+
+
+def test_kid_of_one_distribution_averages_to_zero_while_the_biased_estimate_does_not():
+    unbiased, biased = [], []
+    for t in range(300):
+        x, y = gaussian(30, 4, 2 * t), gaussian(30, 4, 2 * t + 1)
+        unbiased.append(kid(x, y, subsets=1, subset_size=30, seed=t)[0])
+        kxx, kyy, kxy = ((p @ q.T / 4 + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+        biased.append(kxx.mean() + kyy.mean() - 2 * kxy.mean())
+    standard_error = np.std(unbiased) / math.sqrt(len(unbiased))
+    assert abs(np.mean(unbiased)) < 4 * standard_error
+    assert np.mean(biased) > 10 * np.std(biased) / math.sqrt(len(biased))  # the check has power
+
+
+def test_kid_rejects_a_subset_larger_than_a_set():
+    with pytest.raises(ValueError, match="subset_size"):
+        kid(gaussian(10, 2, 0), gaussian(20, 2, 1), subset_size=15)
+
+
+# ------------------------------------------------------------------------------------------ IS
+def test_inception_score_of_uniform_predictions_is_one():
+    mean, std = inception_score(torch.zeros(200, 7))
+    assert mean == pytest.approx(1.0, abs=1e-12) and std < 1e-12
+
+
+def test_inception_score_of_balanced_one_hot_predictions_is_the_class_count():
+    logits = torch.eye(8).repeat(50, 1) * 200.0  # each split of 40 consecutive rows: 5 of each class
+    mean, std = inception_score(logits, splits=10)
+    assert mean == pytest.approx(8.0, rel=1e-9) and std < 1e-9
+
+
+def test_inception_score_shuffle_permutes_rows_like_torch_fidelity():
+    logits = torch.randn(103, 6, generator=torch.Generator().manual_seed(0)) * 3
+    permuted = logits[np.random.RandomState(2020).permutation(103)]
+    assert inception_score(logits, 10, shuffle_seed=2020) == inception_score(permuted, 10)
+    assert inception_score(logits, 10, shuffle_seed=2020) != inception_score(logits, 10)
+
+
+# ------------------------------------------------------------------------- precision / recall
+def naive_prdc(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
+    d = lambda a, b: np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))  # noqa: E731
+    r_real, r_fake = (np.sort(d(s, s), axis=1)[:, k] for s in (real, fake))
+    fake_real = d(fake, real)
+    return {"precision": (fake_real <= r_real[None]).any(1).mean(),
+            "recall": (fake_real.T <= r_fake[None]).any(1).mean(),
+            "density": (fake_real < r_real[None]).sum() / (k * len(fake)),
+            "coverage": (fake_real.min(0) < r_real).mean()}
+
+
+def test_precision_recall_of_identical_and_far_apart_sets():
+    x = gaussian(100, 5, 9)
+    assert precision_recall(x, x) == (1.0, 1.0)
+    assert precision_recall(x, x + 1000.0) == (0.0, 0.0)
+
+
+def test_density_coverage_of_identical_and_far_apart_sets():
+    x = gaussian(100, 5, 10)
+    density, coverage = density_coverage(x, x)
+    # Exactly 1 in exact arithmetic; the k-th neighbour pairs are exact ties that the strict `<`
+    # decides by last-bit rounding of the (BLAS, asymmetric) distances, as in the reference.
+    assert density == pytest.approx(1.0, abs=0.02) and coverage == 1.0
+    assert density_coverage(x, x + 1000.0) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("batch_size", [7, 1024])
+def test_prdc_equals_naive_all_pairs_computation(batch_size):
+    real, fake = gaussian(120, 6, 11), gaussian(90, 6, 12, shift=0.4)
+    truth = naive_prdc(real, fake, 3)
+    assert precision_recall(real, fake, 3, batch_size) == pytest.approx((truth["precision"], truth["recall"]))
+    assert density_coverage(real, fake, 3, batch_size) == pytest.approx((truth["density"], truth["coverage"]))
