@@ -169,3 +169,99 @@ def test_prdc_equals_naive_all_pairs_computation(batch_size):
     truth = naive_prdc(real, fake, 3)
     assert precision_recall(real, fake, 3, batch_size) == pytest.approx((truth["precision"], truth["recall"]))
     assert density_coverage(real, fake, 3, batch_size) == pytest.approx((truth["density"], truth["coverage"]))
+
+
+# -------------------------------------------------------------------------------------- gather
+def share(full: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+    """Rank `rank`'s contiguous share of `full` when ranks hold `sizes` rows."""
+    start = sum(sizes[:rank])
+    return full[start:start + sizes[rank]]
+
+
+def full_features(seed: int, n: int, d: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, sizes in {"5_3": [5, 3], "0_4": [0, 4], "37_23": [37, 23]}.items():
+            local = share(full_features(len(name), sum(sizes), 6), sizes, rank)  # "generate my share"
+            results[name] = all_gather_features(local)
+        fake = results["37_23"]
+        real, logits = full_features(99, 60, 6), all_gather_features(share(full_features(7, 60, 10), [37, 23], rank))
+        results["metrics"] = compute_metrics(["fid", "kid", "is", "pr", "dc"], real, fake, logits,
+                                             {"kid_subsets": 5, "kid_subset_size": 20, "is_splits": 3})
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_is_exact_in_rank_order_for_uneven_shares_and_metrics_match_one_process(tmp_path):
+    mp.spawn(gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for name, n in {"5_3": 8, "0_4": 4, "37_23": 60}.items():
+        expected = full_features(len(name), n, 6)
+        assert torch.equal(ranks[0][name], expected) and torch.equal(ranks[1][name], expected)
+    single = compute_metrics(["fid", "kid", "is", "pr", "dc"], full_features(99, 60, 6), full_features(5, 60, 6),
+                             full_features(7, 60, 10), {"kid_subsets": 5, "kid_subset_size": 20, "is_splits": 3})
+    assert ranks[0]["metrics"] == single and ranks[1]["metrics"] == single
+
+
+def test_gather_without_a_process_group_is_the_identity():
+    x = torch.randn(3, 2)
+    assert all_gather_features(x) is x
+
+
+# --------------------------------------------------------------------------------------- cache
+KEY = {"manifest_sha256": "ab" * 32, "extractor": "inception-v3-fid", "weights_sha256": "cd" * 32,
+       "num_samples": 50, "resolution": 32}
+
+
+def test_cache_miss_then_hit_then_new_key(tmp_path):
+    calls = []
+    compute = lambda: calls.append(1) or torch.arange(12.0).reshape(4, 3)  # noqa: E731
+    first = cached_real_features(KEY, compute, tmp_path)
+    again = cached_real_features(dict(reversed(list(KEY.items()))), compute, tmp_path)  # key order: same key
+    assert torch.equal(first, again) and len(calls) == 1
+    cached_real_features({**KEY, "num_samples": 51}, compute, tmp_path)
+    assert len(calls) == 2 and len(list(tmp_path.glob("*.pt"))) == 2
+    assert not list(tmp_path.glob("*.tmp"))
+    assert cache_key(KEY) != cache_key({**KEY, "resolution": 64})
+
+
+@pytest.mark.parametrize("damage", [b"", b"not a torch file", "truncate"])
+def test_corrupt_cache_is_recomputed_with_a_warning(tmp_path, damage):
+    features = torch.randn(5, 4)
+    cached_real_features(KEY, lambda: features, tmp_path)
+    path = cache_path(KEY, tmp_path)
+    path.write_bytes(path.read_bytes()[:40] if damage == "truncate" else damage)
+    with pytest.warns(RuntimeWarning, match="unusable"):
+        recomputed = cached_real_features(KEY, lambda: features * 2, tmp_path)
+    assert torch.equal(recomputed, features * 2)
+    assert torch.equal(cached_real_features(KEY, lambda: pytest.fail("recomputed a good cache"), tmp_path),
+                       features * 2)
+
+
+def test_cache_entry_with_other_key_parts_is_not_trusted(tmp_path):
+    torch.save({"key_parts": {**KEY, "num_samples": 1}, "features": torch.zeros(1, 1)}, cache_path(KEY, tmp_path))
+    with pytest.warns(RuntimeWarning, match="key parts differ"):
+        assert torch.equal(cached_real_features(KEY, lambda: torch.ones(2, 2), tmp_path), torch.ones(2, 2))
+
+
+# ------------------------------------------------------------------------------------ registry
+def test_registry_selects_by_name_and_rejects_unknown_names_and_options():
+    real, fake, logits = gaussian(60, 4, 20), gaussian(60, 4, 21), torch.randn(60, 5)
+    assert set(METRICS) == {"fid", "kid", "is", "pr", "dc"}
+    out = compute_metrics(["fid", "is"], real, fake, logits, {"is_splits": 2})
+    assert out == {"fid": fid_from_features(real, fake), "is_mean": inception_score(logits, 2)[0],
+                   "is_std": inception_score(logits, 2)[1]}
+    assert all(isinstance(v, float) for v in compute_metrics(list(METRICS), real, fake, logits,
+                                                             {"kid_subset_size": 30, "kid_subsets": 3}).values())
+    with pytest.raises(KeyError, match="unknown metric"):
+        compute_metrics(["fid", "lpips"], real, fake)
+    with pytest.raises(KeyError, match="kid_subset"):
+        compute_metrics(["kid"], real, fake, options={"kid_subset": 10})
+    with pytest.raises(ValueError, match="fake_logits"):
+        compute_metrics(["is"], real, fake)
