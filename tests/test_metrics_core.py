@@ -3,6 +3,7 @@ gathering (2 gloo processes), the real-feature cache, and parity with torch-fide
 when it is installed (loaded file by file: its package __init__ imports torchvision)."""
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 import types
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dgm_scale.metrics import (METRICS, all_gather_features, cache_key, cached_real_features, compute_metrics,
+from dgm_scale.metrics import (METRICS, OPTION_DEFAULTS, all_gather_features, cache_key, cached_real_features, compute_metrics,
                                density_coverage, feature_statistics, fid_from_features, frechet_distance,
                                inception_score, kid, precision_recall)
 from dgm_scale.metrics.cache import cache_path
@@ -265,3 +266,89 @@ def test_registry_selects_by_name_and_rejects_unknown_names_and_options():
         compute_metrics(["kid"], real, fake, options={"kid_subset": 10})
     with pytest.raises(ValueError, match="fake_logits"):
         compute_metrics(["is"], real, fake)
+
+
+# ------------------------------------------------------------------- torch-fidelity parity
+def load_torch_fidelity_metrics() -> dict[str, types.ModuleType] | None:
+    """torch-fidelity's metric_* modules, loaded without its package __init__ (which imports
+    torchvision); its `utils` (feature extraction, torchvision again) is replaced by a stub."""
+    try:
+        spec = importlib.util.find_spec("torch_fidelity")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.submodule_search_locations is None:
+        return None
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = list(spec.submodule_search_locations)
+    utils = types.ModuleType("torch_fidelity.utils")
+    utils.__getattr__ = lambda name: None  # the metric files import names they only use for inputs
+    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "torch_fidelity"}
+    sys.modules.update({"torch_fidelity": package, "torch_fidelity.utils": utils})
+    try:
+        return {name: importlib.import_module(f"torch_fidelity.{name}")
+                for name in ("defaults", "metric_fid", "metric_kid", "metric_isc", "metric_prc")}
+    except Exception:  # noqa: BLE001 - any import problem means "skip the parity tests"
+        return None
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] == "torch_fidelity"]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+@pytest.fixture(scope="module")
+def tfid() -> dict[str, types.ModuleType]:
+    modules = load_torch_fidelity_metrics()
+    if modules is None:
+        pytest.skip("torch-fidelity is not installed (pip install --no-deps torch-fidelity)")
+    return modules
+
+
+def relative_error(ours: float, theirs: float) -> float:
+    return abs(ours - theirs) / max(abs(theirs), 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fid_matches_torch_fidelity(tfid, dtype):
+    m = tfid["metric_fid"]
+    real, fake = torch.randn(800, 64, dtype=dtype), torch.randn(700, 64, dtype=dtype) * 1.1 + 0.05
+    theirs = m.fid_statistics_to_metric(m.fid_features_to_statistics(real), m.fid_features_to_statistics(fake),
+                                        verbose=False)["frechet_inception_distance"]
+    assert relative_error(fid_from_features(real, fake), theirs) < (1e-9 if dtype == torch.float64 else 1e-3)
+
+
+def test_our_defaults_are_torch_fidelitys(tfid):
+    theirs = tfid["defaults"].DEFAULTS
+    ours = {name: p.default for name, p in inspect.signature(kid).parameters.items()}
+    assert (ours["subsets"], ours["subset_size"], ours["degree"], ours["gamma"], ours["coef0"], ours["seed"]) == (
+        theirs["kid_subsets"], theirs["kid_subset_size"], theirs["kid_kernel_poly_degree"],
+        theirs["kid_kernel_poly_gamma"], theirs["kid_kernel_poly_coef0"], theirs["rng_seed"])
+    assert theirs["kid_kernel"] == "poly" and theirs["prc_neighborhood"] == 3
+    assert inspect.signature(inception_score).parameters["splits"].default == theirs["isc_splits"]
+    assert OPTION_DEFAULTS["kid_subsets"] == theirs["kid_subsets"] and OPTION_DEFAULTS["is_splits"] == 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kid_matches_torch_fidelity(tfid, dtype):
+    # Their default subset size and seed; 10 subsets instead of 100 keeps this test at a few seconds.
+    real, fake = torch.randn(1100, 32, dtype=dtype), torch.randn(1050, 32, dtype=dtype) + 0.1
+    theirs = tfid["metric_kid"].kid_features_to_metric(real, fake, kid_subsets=10, verbose=False)
+    ours = kid(real, fake, subsets=10)
+    tolerance = 1e-9 if dtype == torch.float64 else 1e-3
+    assert relative_error(ours[0], theirs["kernel_inception_distance_mean"]) < tolerance
+    assert relative_error(ours[1], theirs["kernel_inception_distance_std"]) < tolerance
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_inception_score_matches_torch_fidelity(tfid, shuffle):
+    logits = torch.randn(1003, 20) * 4
+    theirs = tfid["metric_isc"].isc_features_to_metric(logits, splits=10, shuffle=shuffle, rng_seed=2020)
+    ours = inception_score(logits, 10, shuffle_seed=2020 if shuffle else None)
+    assert relative_error(ours[0], theirs["inception_score_mean"]) < 1e-12
+    assert relative_error(ours[1], theirs["inception_score_std"]) < 1e-9
+
+
+def test_precision_recall_matches_torch_fidelity(tfid):
+    real, fake = torch.randn(400, 16, dtype=torch.float64), torch.randn(300, 16, dtype=torch.float64) * 1.3
+    theirs = tfid["metric_prc"].prc_features_to_metric(fake, real, verbose=False)  # input 1 is the generated set
+    ours = precision_recall(real, fake, k=3, batch_size=128)
+    assert ours == pytest.approx((theirs["precision"], theirs["recall"]), rel=1e-6)  # theirs: float32 means
