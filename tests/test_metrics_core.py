@@ -77,6 +77,31 @@ def test_fid_with_fewer_samples_than_dimensions_is_finite():
     assert math.isfinite(value) and value == pytest.approx(eig_value, rel=1e-3)
 
 
+def test_fid_retries_a_non_finite_sqrtm_with_an_eps_offset_like_pytorch_fid(monkeypatch):
+    rng = np.random.default_rng(13)
+    mu1, mu2, var1, var2 = rng.normal(size=4), rng.normal(size=4), rng.uniform(1, 2, 4), rng.uniform(1, 2, 4)
+    real_sqrtm, calls = scipy.linalg.sqrtm, []
+
+    def first_call_fails(a):
+        calls.append(a)
+        return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", first_call_fails)
+    with pytest.warns(RuntimeWarning, match="adding 0.5 to the diagonal"):
+        value = frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2), eps=0.5)
+    # The retried square root is of (S1 + eps I)(S2 + eps I); the traces stay those of S1 and S2.
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt((var1 + 0.5) * (var2 + 0.5)))
+    assert len(calls) == 2 and value == pytest.approx(expected, rel=1e-10)
+
+
+def test_fid_uses_the_eigenvalue_trace_where_pytorch_fid_would_raise(monkeypatch):
+    s1, s2 = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda a: np.eye(2) * (1 + 1j))
+    with pytest.warns(RuntimeWarning, match="imaginary part"):
+        value = frechet_distance(np.zeros(2), s1, np.zeros(2), s2)
+    assert value == pytest.approx(1 + 4 + 9 + 1 - 2 * (3 + 2), rel=1e-12)
+
+
 # ----------------------------------------------------------------------------------------- KID
 def naive_mmd2_unbiased(x: np.ndarray, y: np.ndarray, kernel) -> float:
     m = len(x)
