@@ -242,7 +242,7 @@ def test_gather_without_a_process_group_is_the_identity():
 
 # --------------------------------------------------------------------------------------- cache
 KEY = {"manifest_sha256": "ab" * 32, "extractor": "inception-v3-fid", "weights_sha256": "cd" * 32,
-       "num_samples": 50, "resolution": 32}
+       "num_samples": 50, "resolution": (32, 32)}
 
 
 def test_cache_miss_then_hit_then_new_key(tmp_path):
@@ -254,7 +254,7 @@ def test_cache_miss_then_hit_then_new_key(tmp_path):
     cached_real_features({**KEY, "num_samples": 51}, compute, tmp_path)
     assert len(calls) == 2 and len(list(tmp_path.glob("*.pt"))) == 2
     assert not list(tmp_path.glob("*.tmp"))
-    assert cache_key(KEY) != cache_key({**KEY, "resolution": 64})
+    assert cache_key(KEY) != cache_key({**KEY, "resolution": (64, 64)})
 
 
 @pytest.mark.parametrize("damage", [b"", b"not a torch file", "truncate"])

@@ -27,6 +27,11 @@ def cache_key(key_parts: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def canonical(key_parts: dict[str, Any]) -> dict[str, Any]:
+    """key_parts as JSON reads them back (tuples -> lists), the form stored in the cache file."""
+    return json.loads(json.dumps(key_parts, sort_keys=True))
+
+
 def cache_path(key_parts: dict[str, Any], cache_dir: Path) -> Path:
     return Path(cache_dir) / f"real-features-{cache_key(key_parts)}.pt"
 
@@ -37,7 +42,7 @@ def _load(path: Path, key_parts: dict[str, Any]) -> Tensor | None:
         entry = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(entry, dict) or not isinstance(entry.get("features"), Tensor):
             raise ValueError("not a feature cache entry")
-        if entry.get("key_parts") != json.loads(json.dumps(key_parts)):
+        if entry.get("key_parts") != canonical(key_parts):
             raise ValueError("key parts differ from the requested ones")
         return entry["features"]
     except Exception as error:  # noqa: BLE001 - any unreadable cache means "recompute"
@@ -68,5 +73,5 @@ def cached_real_features(key_parts: dict[str, Any], compute: Callable[[], Tensor
         if features is not None:
             return features
     features = compute().detach().cpu()
-    _save_atomic(path, {"key_parts": key_parts, "features": features})
+    _save_atomic(path, {"key_parts": canonical(key_parts), "features": features})
     return features
