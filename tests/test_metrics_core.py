@@ -17,9 +17,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dgm_scale.metrics import (METRICS, OPTION_DEFAULTS, all_gather_features, cache_key, cached_real_features, compute_metrics,
-                               density_coverage, feature_statistics, fid_from_features, frechet_distance,
-                               inception_score, kid, precision_recall)
+from dgm_scale.metrics import (
+    METRICS,
+    OPTION_DEFAULTS,
+    all_gather_features,
+    cache_key,
+    cached_real_features,
+    compute_metrics,
+    density_coverage,
+    feature_statistics,
+    fid_from_features,
+    frechet_distance,
+    inception_score,
+    kid,
+    precision_recall,
+)
 from dgm_scale.metrics.cache import cache_path
 from dgm_scale.metrics.fid import trace_sqrt_product_eig
 
@@ -113,7 +125,7 @@ def naive_mmd2_unbiased(x: np.ndarray, y: np.ndarray, kernel) -> float:
 
 def test_kid_equals_the_unbiased_mmd2_double_sum():
     x, y = gaussian(7, 4, 7), gaussian(7, 4, 8, shift=0.3)
-    cubic = lambda u, v: (u @ v / 4 + 1) ** 3  # noqa: E731 - torch-fidelity defaults, gamma = 1 / D
+    cubic = lambda u, v: (u @ v / 4 + 1) ** 3
     mean, std = kid(x, y, subsets=3, subset_size=7)  # a full-size subset is a permutation: same value
     assert mean == pytest.approx(naive_mmd2_unbiased(x, y, cubic), rel=1e-12) and std < 1e-12
 
@@ -165,7 +177,7 @@ def test_inception_score_shuffle_permutes_rows_like_torch_fidelity():
 
 # ------------------------------------------------------------------------- precision / recall
 def naive_prdc(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
-    d = lambda a, b: np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))  # noqa: E731
+    d = lambda a, b: np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
     r_real, r_fake = (np.sort(d(s, s), axis=1)[:, k] for s in (real, fake))
     fake_real = d(fake, real)
     return {"precision": (fake_real <= r_real[None]).any(1).mean(),
@@ -247,7 +259,7 @@ KEY = {"manifest_sha256": "ab" * 32, "extractor": "inception-v3-fid", "weights_s
 
 def test_cache_miss_then_hit_then_new_key(tmp_path):
     calls = []
-    compute = lambda: calls.append(1) or torch.arange(12.0).reshape(4, 3)  # noqa: E731
+    compute = lambda: calls.append(1) or torch.arange(12.0).reshape(4, 3)
     first = cached_real_features(KEY, compute, tmp_path)
     again = cached_real_features(dict(reversed(list(KEY.items()))), compute, tmp_path)  # key order: same key
     assert torch.equal(first, again) and len(calls) == 1

@@ -14,8 +14,9 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,7 +42,7 @@ def _load(path: Path, key_parts: dict[str, Any]) -> Tensor | None:
     try:
         entry = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(entry, dict) or not isinstance(entry.get("features"), Tensor):
-            raise ValueError("not a feature cache entry")
+            raise TypeError("not a feature cache entry")
         if entry.get("key_parts") != canonical(key_parts):
             raise ValueError("key parts differ from the requested ones")
         return entry["features"]

@@ -17,7 +17,6 @@ import scipy.linalg
 from torch import Tensor
 
 
-
 def as_float64(features: np.ndarray | Tensor) -> np.ndarray:
     """Any [N, D] tensor/array -> a float64 numpy array [N, D] (on the CPU)."""
     if isinstance(features, Tensor):

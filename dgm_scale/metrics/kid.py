@@ -42,7 +42,7 @@ def kid(a: np.ndarray | Tensor, b: np.ndarray | Tensor, subsets: int = 100, subs
                          f"({len(x)} and {len(y)} rows); lower kid_subset_size")
     rng = np.random.RandomState(seed)
     mmds = np.zeros(subsets)
-    kernel = lambda p, q: polynomial_kernel(p, q, degree, gamma, coef0)  # noqa: E731
+    kernel = lambda p, q: polynomial_kernel(p, q, degree, gamma, coef0)
     for i in range(subsets):
         xs = x[rng.choice(len(x), subset_size, replace=False)]
         ys = y[rng.choice(len(y), subset_size, replace=False)]

@@ -8,10 +8,8 @@ Features are [N, D]; fake_logits [M, C] (only "is" reads them; the others accept
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Mapping
-
-import numpy as np
-from torch import Tensor
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from dgm_scale.metrics.fid import fid_from_features
 from dgm_scale.metrics.inception_score import inception_score
