@@ -172,6 +172,31 @@ def validate(cfg: DictConfig) -> None:
     _require(run.sample_every >= 1, f"config key 'run.sample_every' must be >= 1, got {run.sample_every}")
     _require(run.checkpoint_every >= 1, f"config key 'run.checkpoint_every' must be >= 1, got {run.checkpoint_every}")
     _require(run.num_samples >= 1, f"config key 'run.num_samples' must be >= 1, got {run.num_samples}")
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: DictConfig) -> None:
+    from dgm_scale.data.datasets import TOY_DATASETS
+    from dgm_scale.metrics.registry import METRICS, OPTION_DEFAULTS
+
+    ev = cfg.eval
+    _require(ev.every >= 0, f"config key 'eval.every' must be >= 0, got {ev.every}")
+    _require(ev.num_samples >= 2, f"config key 'eval.num_samples' must be >= 2, got {ev.num_samples}")
+    _require(ev.num_real >= 0, f"config key 'eval.num_real' must be >= 0, got {ev.num_real}")
+    _require(ev.batch_size >= 1, f"config key 'eval.batch_size' must be >= 1, got {ev.batch_size}")
+    unknown = [name for name in ev.metrics if name not in METRICS]
+    _require(not unknown, f"config key 'eval.metrics': unknown metric(s) {unknown}; known: {sorted(METRICS)}")
+    unknown = sorted(set(ev.options) - set(OPTION_DEFAULTS))
+    _require(not unknown, f"config key 'eval.options': unknown option(s) {unknown}; known: {sorted(OPTION_DEFAULTS)}")
+    kind = str(ev.extractor).partition(":")[0]
+    _choice("eval.extractor", kind, ["auto", "inception", "classifier", "digits", "identity"])
+    toy = cfg.data.name in TOY_DATASETS
+    _require(not toy or kind in ("auto", "identity"),
+             f"config key 'eval.extractor': 2-D toy data '{cfg.data.name}' is scored with 'identity', not '{ev.extractor}'")
+    _require(toy or kind != "identity", "config key 'eval.extractor': 'identity' is for the 2-D toy data")
+    _require(not ev.best_metric or ev.best_metric in ("fid", "kid_mean", "ndb", "ndb_fraction"),
+             f"config key 'eval.best_metric': '{ev.best_metric}' is not a lower-is-better metric "
+             "(fid, kid_mean, ndb, ndb_fraction) or ''")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -115,6 +115,27 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Sample quality during training (FID, KID, precision/recall, IS, NDB), on the EMA generator
+    # when model.ema_decay > 0, computed across all ranks; see dgm_scale/metrics.
+    every: int = 1000  # iterations between evaluations; 0 = none during training
+    at_end: bool = True  # also evaluate the final model
+    metrics: List[str] = field(default_factory=list)  # empty = fid, kid, pr, ndb (+ is with logits)
+    num_samples: int = 2000  # generated samples per evaluation (all ranks together)
+    num_real: int = 0  # real samples (a seeded subset); 0 = as many as num_samples, at most all
+    real: str = "auto"  # real data: auto = the training data, or a source (folder, shards, .npz, builtin:NAME)
+    # auto = identity for 2-D toys, digits (a small classifier trained once, offline) for digits,
+    # inception otherwise; inception:PATH_OR_URL, classifier:PATH (`dgm-scale train-classifier`)
+    extractor: str = "auto"
+    inception_weights: Optional[str] = None  # path or URL of pt_inception-2015-12-05; none = the reference URL
+    cache_dir: str = "~/.cache/dgm_scale"  # real-feature statistics, weights and trained classifiers
+    batch_size: int = 250  # per rank, for generation and feature extraction
+    seed: int = 0  # the evaluation latents and the real subset (same every evaluation)
+    best_metric: str = "fid"  # checkpoints/best.ckpt keeps the lowest value of this metric; "" = off
+    options: Dict[str, Any] = field(default_factory=dict)  # metric options, e.g. {kid_subset_size: 500}
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -122,3 +143,4 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -65,14 +65,24 @@ def _save_atomic(path: Path, entry: dict[str, Any]) -> None:
         raise
 
 
+def load_cached(key_parts: dict[str, Any], cache_dir: Path) -> Tensor | None:
+    """The cached features [N, D] for key_parts, or None (absent, or unusable: warned)."""
+    path = cache_path(key_parts, cache_dir)
+    return _load(path, key_parts) if path.is_file() else None
+
+
+def save_cached(key_parts: dict[str, Any], features: Tensor, cache_dir: Path) -> Path:
+    """Store features [N, D] under key_parts (atomically); returns the file."""
+    path = cache_path(key_parts, cache_dir)
+    _save_atomic(path, {"key_parts": canonical(key_parts), "features": features.detach().cpu()})
+    return path
+
+
 def cached_real_features(key_parts: dict[str, Any], compute: Callable[[], Tensor],
                          cache_dir: Path) -> Tensor:
     """Features [N, D] from the cache entry for key_parts, or from compute() (then cached)."""
-    path = cache_path(key_parts, cache_dir)
-    if path.is_file():
-        features = _load(path, key_parts)
-        if features is not None:
-            return features
-    features = compute().detach().cpu()
-    _save_atomic(path, {"key_parts": canonical(key_parts), "features": features})
+    features = load_cached(key_parts, cache_dir)
+    if features is None:
+        features = compute().detach().cpu()
+        save_cached(key_parts, features, cache_dir)
     return features

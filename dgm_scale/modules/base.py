@@ -128,14 +128,11 @@ class GenerativeModule(L.LightningModule):
         return self.sampling_network()(z, labels)
 
     @torch.no_grad()
-    def sample(self, num: int, seed: int = 0, labels: Optional[Tensor] = None) -> Tensor:
-        """`num` samples [num, *sample_shape] (float32, CPU); the same seed gives the same samples.
+    def generate(self, latents: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """Samples [N, *sample_shape] (float32, on this module's device) for latents [N, latent_dim].
 
-        The latents come from a CPU generator so that the result does not depend on the device.
+        Uses the sampling network (the EMA generator when kept) in eval mode, then restores its mode.
         """
-        latents = torch.randn(num, self.latent_dim, generator=torch.Generator().manual_seed(seed))
-        if labels is None:
-            labels = self.default_labels(num)
         net = self.sampling_network()
         was_training = net.training
         net.eval()
@@ -143,4 +140,12 @@ class GenerativeModule(L.LightningModule):
             samples = self.decode(latents.to(self.device), None if labels is None else labels.to(self.device))
         finally:
             net.train(was_training)
-        return samples.float().cpu()
+        return samples.float()
+
+    def sample(self, num: int, seed: int = 0, labels: Optional[Tensor] = None) -> Tensor:
+        """`num` samples [num, *sample_shape] (float32, CPU); the same seed gives the same samples.
+
+        The latents come from a CPU generator so that the result does not depend on the device.
+        """
+        latents = torch.randn(num, self.latent_dim, generator=torch.Generator().manual_seed(seed))
+        return self.generate(latents, self.default_labels(num) if labels is None else labels).cpu()

@@ -1,0 +1,177 @@
+"""Evaluate a generator across all ranks: each rank makes and scores its share, one exact gather.
+
+The `num_samples` latents are drawn at once from one seeded CPU generator and dealt to the ranks
+in contiguous shares (`rank_share`), so W ranks produce exactly the samples of one process, and
+`all_gather_features` returns them in the same order. Real features come from the on-disk cache
+(rank 0 decides hit or miss and tells the others, so all ranks take the same collective path) or
+are extracted the same way. Metrics are computed once, on rank 0, and broadcast: every rank logs
+and acts on (best checkpoint) the same numbers.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dgm_scale.metrics.cache import load_cached, save_cached
+from dgm_scale.metrics.extractors import Extracted, FeatureExtractor, build_extractor
+from dgm_scale.metrics.gather import all_gather_features
+from dgm_scale.metrics.real_data import rank_share, real_batches, source_fingerprint
+from dgm_scale.metrics.registry import METRICS, compute_metrics, resolve_options
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    real: str  # real-data source spec (folder, shards, .npz, builtin:NAME)
+    extractor: str  # a resolved extractor spec (see extractors.py)
+    metrics: list[str] = field(default_factory=list)  # empty = fid, kid, pr, ndb (+ is with logits)
+    num_samples: int = 2000  # generated samples
+    num_real: int = 0  # real samples (a seeded subset); 0 = as many as num_samples, at most all
+    seed: int = 0  # latents and the real subset
+    batch_size: int = 250  # per rank, for generation and extraction
+    options: dict[str, Any] = field(default_factory=dict)  # metric options (registry.OPTION_DEFAULTS)
+    cache_dir: str = "~/.cache/dgm_scale"
+    inception_weights: Optional[str] = None  # path or URL; None = the reference URL
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _distributed()[1] > 1:
+        dist.barrier()
+
+
+def _broadcast(value: Any) -> Any:
+    """rank 0's value on every rank (any picklable object)."""
+    if _distributed()[1] == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def extract_all(extractor: FeatureExtractor, batches: Iterable[Tensor], sample_shape: tuple[int, ...],
+                device: torch.device) -> Extracted:
+    """Run the extractor over model-space batches -> Extracted of all rows (on `device`)."""
+    features, logits = [], []
+    for batch in batches:
+        out = extractor(batch.to(device))
+        features.append(out.features)
+        if out.logits is not None:
+            logits.append(out.logits)
+    if not features:  # an empty share still joins the gather, with [0, D] rows of the right width
+        out = extractor(torch.zeros(1, *sample_shape, device=device))
+        return Extracted(out.features[:0], None if out.logits is None else out.logits[:0])
+    return Extracted(torch.cat(features), torch.cat(logits) if logits else None)
+
+
+def generated_batches(module, num: int, seed: int, batch_size: int, rank: int = 0, world: int = 1):
+    """This rank's share of `num` samples from `module` (see the module docstring), in batches."""
+    latents = torch.randn(num, module.latent_dim, generator=torch.Generator().manual_seed(seed))
+    start, end = rank_share(num, rank, world)
+    for lo in range(start, end, batch_size):
+        hi = min(lo + batch_size, end)
+        # Conditional models: class i % K for global sample i, balanced whatever the world size.
+        labels = torch.arange(lo, hi) % module.num_classes if module.num_classes > 0 else None
+        yield module.generate(latents[lo:hi], labels)
+
+
+def _gather(extracted: Extracted) -> Extracted:
+    logits = None if extracted.logits is None else all_gather_features(extracted.logits.contiguous())
+    return Extracted(all_gather_features(extracted.features.contiguous()), logits)
+
+
+class Evaluator:
+    """Holds the extractor and the real features of a run; `evaluate(module)` scores a generator."""
+
+    def __init__(self, settings: EvalSettings, sample_shape: tuple[int, ...], device: torch.device):
+        self.settings, self.sample_shape, self.device = settings, tuple(sample_shape), device
+        resolve_options(settings.options)  # unknown option keys fail now, not after training
+        unknown = [name for name in settings.metrics if name not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}")
+        self.cache_dir = Path(settings.cache_dir).expanduser()
+        rank, _ = _distributed()
+        # Rank 0 downloads / trains the extractor first, the others then read its file.
+        if rank != 0:
+            _barrier()
+        self.extractor = build_extractor(settings.extractor, self.sample_shape, self.cache_dir,
+                                         settings.inception_weights).to(device).eval()
+        if rank == 0:
+            _barrier()
+        self._real: Optional[Tensor] = None
+
+    def metric_names(self) -> list[str]:
+        if self.settings.metrics:
+            return list(self.settings.metrics)
+        names = [name for name in ("fid", "kid", "pr", "ndb") if name in METRICS]
+        return names + (["is"] if self.extractor.has_logits else [])
+
+    def key_parts(self) -> dict[str, Any]:
+        s = self.settings
+        return {"real": s.real, "fingerprint": source_fingerprint(s.real), "num_real": s.num_real or s.num_samples,
+                "exact": s.num_real > 0, "seed": s.seed, "sample_shape": list(self.sample_shape),
+                "extractor": self.extractor.key()}
+
+    def real_features(self) -> Optional[Tensor]:
+        """All real features [num_real, D] on rank 0 (None elsewhere); cached on disk and in memory."""
+        if self._real is not None:
+            return self._real
+        rank, world = _distributed()
+        key = self.key_parts()
+        cached = load_cached(key, self.cache_dir) if rank == 0 else None
+        if _broadcast(cached is not None):
+            self._real = cached if rank == 0 else None
+            return self._real
+        s = self.settings
+        batches = real_batches(s.real, self.sample_shape, s.num_real or s.num_samples, s.seed, rank, world,
+                               s.batch_size, exact=s.num_real > 0)
+        local = extract_all(self.extractor, batches, self.sample_shape, self.device)
+        features = all_gather_features(local.features.contiguous()).cpu()
+        if rank == 0:
+            path = save_cached(key, features, self.cache_dir)
+            log.info("cached %d real features of %s -> %s", len(features), s.real, path)
+            self._real = features
+        return self._real
+
+    @torch.no_grad()
+    def evaluate(self, module) -> dict[str, float]:
+        """Metrics of `module`'s generator (every rank calls this; all get rank 0's results)."""
+        s = self.settings
+        rank, world = _distributed()
+        start = time.perf_counter()
+        real = self.real_features()
+        batches = generated_batches(module, s.num_samples, s.seed, s.batch_size, rank, world)
+        fake = _gather(extract_all(self.extractor, batches, self.sample_shape, self.device))
+        results = None
+        if rank == 0:
+            logits = None if fake.logits is None else fake.logits.cpu().double()
+            results = compute_metrics(self.metric_names(), real.double(), fake.features.cpu().double(), logits, s.options)
+            results["eval_seconds"] = time.perf_counter() - start
+        return _broadcast(results)
+
+
+def eval_settings(cfg) -> EvalSettings:
+    """EvalSettings from a run config's `eval` block, with `auto` resolved against `data`."""
+    from dgm_scale.metrics.extractors import resolve_extractor_spec
+    from dgm_scale.metrics.real_data import data_source_spec
+
+    ev = cfg.eval
+    return EvalSettings(
+        real=data_source_spec(cfg.data) if ev.real == "auto" else str(ev.real),
+        extractor=resolve_extractor_spec(str(ev.extractor), cfg.data.name),
+        metrics=list(ev.metrics), num_samples=int(ev.num_samples), num_real=int(ev.num_real), seed=int(ev.seed),
+        batch_size=int(ev.batch_size), options=dict(ev.options), cache_dir=str(ev.cache_dir),
+        inception_weights=ev.inception_weights)
