@@ -291,7 +291,7 @@ def test_cache_entry_with_other_key_parts_is_not_trusted(tmp_path):
 # ------------------------------------------------------------------------------------ registry
 def test_registry_selects_by_name_and_rejects_unknown_names_and_options():
     real, fake, logits = gaussian(60, 4, 20), gaussian(60, 4, 21), torch.randn(60, 5)
-    assert set(METRICS) == {"fid", "kid", "is", "pr", "dc"}
+    assert set(METRICS) == {"fid", "kid", "is", "pr", "dc", "ndb"}
     out = compute_metrics(["fid", "is"], real, fake, logits, {"is_splits": 2})
     assert out == {"fid": fid_from_features(real, fake), "is_mean": inception_score(logits, 2)[0],
                    "is_std": inception_score(logits, 2)[1]}

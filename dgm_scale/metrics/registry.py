@@ -4,6 +4,8 @@ and returns a dict of floats, so an evaluation callback or CLI can pick them fro
 Options are one flat dict; `OPTION_DEFAULTS` lists every key (torch-fidelity's defaults), and
 `compute_metrics` rejects unknown metric names and unknown option keys instead of ignoring them.
 Features are [N, D]; fake_logits [M, C] (only "is" reads them; the others accept None).
+"ndb" (mode collapse: bins of real-feature k-means whose fake share differs) gives ndb, ndb_fraction
+and ndb_js.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 from dgm_scale.metrics.fid import fid_from_features
 from dgm_scale.metrics.inception_score import inception_score
 from dgm_scale.metrics.kid import kid
+from dgm_scale.metrics.ndb import ndb
 from dgm_scale.metrics.prdc import density_coverage, precision_recall
 
 MetricFn = Callable[[Any, Any, Any, Mapping[str, Any]], dict[str, float]]
@@ -21,6 +24,7 @@ MetricFn = Callable[[Any, Any, Any, Mapping[str, Any]], dict[str, float]]
 OPTION_DEFAULTS: dict[str, Any] = {
     "kid_subsets": 100, "kid_subset_size": 1000, "kid_degree": 3, "kid_gamma": None, "kid_coef0": 1.0,
     "seed": 2020, "is_splits": 10, "is_shuffle_seed": None, "pr_k": 3, "dc_k": 5, "batch_size": 1024,
+    "ndb_bins": 20, "ndb_alpha": 0.05,
 }
 
 
@@ -55,7 +59,17 @@ def _dc(real: Any, fake: Any, fake_logits: Any, options: Mapping[str, Any]) -> d
     return {"density": density, "coverage": coverage}
 
 
-METRICS: dict[str, MetricFn] = {"fid": _fid, "kid": _kid, "is": _is, "pr": _pr, "dc": _dc}
+def _ndb(real: Any, fake: Any, fake_logits: Any, options: Mapping[str, Any]) -> dict[str, float]:
+    bins, alpha = options["ndb_bins"], options["ndb_alpha"]
+    if isinstance(bins, bool) or not isinstance(bins, int):  # 20.0 or True would slip through range checks
+        raise TypeError(f"ndb_bins must be an int, got {bins!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"ndb_alpha must be a number, got {alpha!r}")
+    # k-means is seeded with the shared `seed` option, as KID's subsets are.
+    return ndb(real, fake, bins, float(alpha), options["seed"], batch_size=options["batch_size"]).as_metrics()
+
+
+METRICS: dict[str, MetricFn] = {"fid": _fid, "kid": _kid, "is": _is, "pr": _pr, "dc": _dc, "ndb": _ndb}
 
 
 def resolve_options(options: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -1,0 +1,117 @@
+"""Cost metrics of a run: step time, throughput, peak memory and loader wait, logged every
+`log_every` iterations next to the training metrics (same CSV row, same step).
+
+One Lightning batch is one training iteration here (the modules optimise manually and take
+their n_critic batches at once), so an iteration's time is on_train_batch_start ->
+on_train_batch_end, and the loader's time is the gap from one batch's end to the next one's start.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import lightning as L
+import torch
+
+
+def process_peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (whole lifetime; the OS cannot reset it).
+
+    ru_maxrss is in KiB on Linux but in bytes on macOS.
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: allocated CUDA memory on a CUDA device (since the last reset), else
+    the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return process_peak_rss_mb()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak window on a CUDA device (no-op elsewhere: RSS peaks are lifetime)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs `perf/step_time_s`, `perf/images_per_s`, `perf/peak_memory_mb`, `perf/data_wait_s`
+    whenever the completed iteration count is a multiple of `log_every`.
+
+    Step time and data wait are means over the iterations since the last log; images/s is
+    `images_per_iteration` (the GLOBAL count: per-device batch x batches per iteration x world
+    size) over that mean step time, i.e. compute throughput without the loader wait. Rank 0
+    writes its own values (memory is rank 0's device) in a row of their own at Lightning's step.
+
+    On CUDA the batch end synchronises the device (`cuda_sync`), or the step time would only be
+    the time to queue the kernels; this costs the overlap of one iteration's tail with the next
+    batch's loading. The step time includes the batch-end work of callbacks listed before this
+    one; the batch-end work of those after it counts as data wait.
+    """
+
+    def __init__(self, log_every: int, images_per_iteration: int, cuda_sync: bool = True):
+        if log_every < 1 or images_per_iteration < 1:
+            raise ValueError(f"log_every={log_every} and images_per_iteration={images_per_iteration} must be >= 1")
+        self.log_every, self.images_per_iteration, self.cuda_sync = log_every, images_per_iteration, cuda_sync
+        self._batch_start: float | None = None
+        self._last_end: float | None = None  # None: no previous batch, so no wait to measure
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._step_total, self._steps = 0.0, 0
+        self._wait_total, self._waits = 0.0, 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset_window()
+        self._last_end = None
+        reset_peak_memory(pl_module.device)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_end is not None:
+            self._wait_total += now - self._last_end
+            self._waits += 1
+        self._batch_start = now
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        device = pl_module.device
+        if self.cuda_sync and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if self._batch_start is not None:
+            self._step_total += time.perf_counter() - self._batch_start
+            self._steps += 1
+        if pl_module.iteration % self.log_every == 0 and self._steps > 0:
+            self._log(trainer, self.window_metrics(device))
+            self._reset_window()
+            reset_peak_memory(device)
+        self._last_end = time.perf_counter()
+
+    @staticmethod
+    def _log(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        """Straight to the loggers on rank 0, at Lightning's step for this batch.
+
+        Not `pl_module.log_dict`: Lightning keeps a value logged in on_train_batch_end (or in a
+        training_step) and writes it again with every later batch's row until the epoch ends, so
+        a value logged every k iterations would show up in up to k rows per window.
+        """
+        if not trainer.is_global_zero:
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # what self.log in this batch uses
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def window_metrics(self, device: torch.device) -> dict[str, float]:
+        """The current window's means (needs at least one measured step)."""
+        step_time = self._step_total / self._steps
+        return {
+            "perf/step_time_s": step_time,
+            "perf/images_per_s": self.images_per_iteration / step_time,
+            "perf/peak_memory_mb": peak_memory_mb(device),
+            # The first batch after the start has no previous end: a window of only it logs 0.
+            "perf/data_wait_s": self._wait_total / self._waits if self._waits else 0.0,
+        }
