@@ -56,6 +56,61 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_distributed_from_env() -> None:
+    """Join torchrun's process group (WORLD_SIZE > 1) so that `evaluate` splits its work."""
+    import torch
+    import torch.distributed as dist
+
+    from dgm_scale.distributed import launch_env
+
+    if launch_env().world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from dgm_scale.metrics.evaluation import Evaluator, eval_settings
+    from dgm_scale.metrics.report import format_table, write_report
+    from dgm_scale.modules import load_module
+
+    _init_distributed_from_env()
+    module = load_module(args.checkpoint)
+    cfg = module.cfg
+    overrides = {"real": args.real, "extractor": args.extractor, "num_samples": args.num_samples,
+                 "num_real": args.num_real, "seed": args.seed, "batch_size": args.batch_size,
+                 "cache_dir": args.cache_dir, "inception_weights": args.inception_weights}
+    for key, value in overrides.items():
+        if value is not None:
+            cfg.eval[key] = value
+    if args.metrics:
+        cfg.eval.metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and torch.distributed.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())
+    settings = eval_settings(cfg)
+    try:
+        evaluator = Evaluator(settings, module.sample_shape, device)
+    except ValueError as error:  # a bad extractor spec / weights / option: one line, named
+        raise ConfigError(str(error)) from None
+    results = evaluator.evaluate(module.to(device))
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        out = args.out or Path(args.checkpoint).with_suffix(".eval.json")
+        write_report(out, results, settings, args.checkpoint, module.checkpoint_iteration, evaluator.extractor.key())
+        print(format_table(results))
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from dgm_scale.metrics.classifier import fit_classifier_on_source
+
+    summary = fit_classifier_on_source(args.src, args.out, args.resolution, args.channels, args.epochs,
+                                       args.val_fraction, args.seed)
+    print(summary)
+    return 0
+
+
 def cmd_shards_build(args: argparse.Namespace) -> int:
     from dgm_scale.data.shards import BuildOptions, build_shards, parse_size
 
@@ -108,6 +163,37 @@ def _add_shards_parser(commands: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=cmd_shards_inspect)
 
 
+def _add_evaluate_parsers(commands: argparse._SubParsersAction) -> None:
+    """`dgm-scale evaluate CKPT ...` and `dgm-scale train-classifier SRC OUT ...`."""
+    ev = commands.add_parser("evaluate", help="FID / KID / IS / precision-recall / NDB of a checkpoint's generator "
+                                              "(torchrun: all processes share the work)")
+    ev.add_argument("checkpoint", type=Path)
+    ev.add_argument("--real", metavar="SRC", help="real data: image folder, shards, .npz, builtin:NAME "
+                                                  "(default: the run's training data)")
+    ev.add_argument("--num-samples", type=int, metavar="N", help="generated samples (default: the run's eval.num_samples)")
+    ev.add_argument("--num-real", type=int, metavar="M", help="real samples (0 = as many as N, at most all)")
+    ev.add_argument("--metrics", help="comma-separated: fid,kid,is,pr,dc,ndb (default: fid,kid,pr,ndb + is)")
+    ev.add_argument("--extractor", help="auto | inception | inception:PATH_OR_URL | classifier:PATH | digits | identity")
+    ev.add_argument("--inception-weights", metavar="PATH_OR_URL")
+    ev.add_argument("--cache-dir", help="feature statistics, weights and classifiers (default ~/.cache/dgm_scale)")
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--batch-size", type=int, help="per process")
+    ev.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    ev.add_argument("--out", type=Path, help="JSON report (default: CKPT with suffix .eval.json)")
+    ev.set_defaults(func=cmd_evaluate)
+    tc = commands.add_parser("train-classifier", help="train a domain classifier on labelled data "
+                                                      "(an FID feature extractor: eval.extractor=classifier:OUT)")
+    tc.add_argument("src", metavar="SRC", help="labelled data: image folder with class folders, .npz with labels, "
+                                               "labelled shards, builtin:NAME")
+    tc.add_argument("out", metavar="OUT", type=Path)
+    tc.add_argument("--resolution", type=int, required=True)
+    tc.add_argument("--channels", type=int, choices=(1, 3), required=True)
+    tc.add_argument("--epochs", type=int, default=15)
+    tc.add_argument("--val-fraction", type=float, default=0.1)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.set_defaults(func=cmd_train_classifier)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgm-scale", description="Train and sample deep generative models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_p.add_argument("--out", type=Path, default=Path("samples.png"))
     sample_p.set_defaults(func=cmd_sample)
     _add_shards_parser(commands)
+    _add_evaluate_parsers(commands)
     return parser
 
 

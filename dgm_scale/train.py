@@ -19,7 +19,8 @@ from dgm_scale.distributed.precision import build_precision_plugins
 from dgm_scale.distributed.sync_batchnorm import GlobalBatchNormSync
 from dgm_scale.modules import GenerativeModule, build_module
 from dgm_scale.resume import check_compatible, checkpoint_run_dir, resume_checkpoint
-from dgm_scale.tracking import IterationProgress, PeriodicCheckpoint, SampleGrids, build_loggers
+from dgm_scale.tracking import (IterationProgress, PeriodicCheckpoint, PeriodicEvaluation, SampleGrids,
+                                ThroughputMonitor, build_loggers)
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +87,31 @@ def make_run_dir(cfg, env: Optional[LaunchEnv] = None) -> Path:
     return run_dir
 
 
-def build_callbacks(cfg, run_dir: Path) -> List[L.Callback]:
+def build_callbacks(cfg, run_dir: Path, images_per_iteration: int) -> List[L.Callback]:
+    """The run's callbacks, in the order their batch-end work must happen."""
     reference = toy_centers(cfg.data.name) if cfg.data.name in TOY_DATASETS else None
     callbacks: List[L.Callback] = [
         DataPosition(cfg.trainer.log_every),  # first: a checkpoint written at a batch's end must count it
+        # Next, so that its step time is the training step alone (sample grids, evaluations and
+        # checkpoints after it count as the next iteration's data wait).
+        ThroughputMonitor(cfg.trainer.log_every, images_per_iteration),
         SampleGrids(run_dir / "samples", cfg.run.sample_every, cfg.run.num_samples, reference=reference),
-        PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every),
     ]
+    if cfg.eval.every > 0 or cfg.eval.at_end:  # before the checkpoint, which saves its best-so-far
+        from dgm_scale.metrics.evaluation import eval_settings
+
+        callbacks.append(PeriodicEvaluation(eval_settings(cfg), run_dir, cfg.eval.every, cfg.eval.at_end,
+                                            cfg.eval.best_metric))
+    callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every))
     if cfg.trainer.progress_bar:
         callbacks.append(IterationProgress(cfg.trainer.max_steps))
     return callbacks
+
+
+def global_batch_per_iteration(cfg, module: GenerativeModule) -> int:
+    """Real images consumed per training iteration by all processes together."""
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    return cfg.data.batch_size * module.batches_per_iteration * world
 
 
 def build_trainer(cfg, module: GenerativeModule, run_dir: Path) -> L.Trainer:
@@ -114,7 +130,7 @@ def build_trainer(cfg, module: GenerativeModule, run_dir: Path) -> L.Trainer:
         max_steps=trainer_cfg.max_steps * module.optimizer_steps_per_iteration,
         max_epochs=-1,
         logger=build_loggers(cfg, run_dir),
-        callbacks=build_callbacks(cfg, run_dir),
+        callbacks=build_callbacks(cfg, run_dir, global_batch_per_iteration(cfg, module)),
         use_distributed_sampler=False,  # the data module deals the data to the ranks (resumable)
         log_every_n_steps=1,  # the modules log only every trainer.log_every iterations themselves
         enable_checkpointing=False,  # PeriodicCheckpoint writes atomically instead

@@ -19,6 +19,7 @@ class LaunchEnv:
     run_id: Optional[str]  # shared by every process of one launch; None for a local single launch
     run_dir: Optional[str]  # set by rank 0 for the processes Lightning starts itself
     requeued: bool  # a SLURM job started again after `scontrol requeue` (preemption, USR1)
+    world_size: int = 1  # processes of the launch (torchrun / SLURM); 1 when launched alone
 
 
 def launch_env() -> LaunchEnv:
@@ -29,7 +30,8 @@ def launch_env() -> LaunchEnv:
     if run_id == "none":  # torchrun without an explicit --rdzv-id
         run_id = None
     requeued = int(env.get("SLURM_RESTART_COUNT") or 0) > 0
-    return LaunchEnv(int(rank), run_id, env.get(RUN_DIR_VARIABLE), requeued)
+    world_size = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
+    return LaunchEnv(int(rank), run_id, env.get(RUN_DIR_VARIABLE), requeued, world_size)
 
 
 def share_run_dir(run_dir: str) -> None:

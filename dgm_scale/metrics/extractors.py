@@ -94,6 +94,9 @@ def build_extractor(spec: str, sample_shape: tuple[int, ...], cache_dir: str | P
     kind, _, argument = spec.partition(":")
     if kind == "identity":
         return IdentityExtractor(int(torch.Size(sample_shape).numel()))
+    if kind in ("inception", "classifier", "digits") and len(sample_shape) != 3:
+        raise ValueError(f"feature extractor '{spec}' scores images; these samples have shape {tuple(sample_shape)} "
+                         "(use 'identity')")
     if kind == "inception":
         from dgm_scale.metrics.inception import InceptionExtractor, load_inception
 

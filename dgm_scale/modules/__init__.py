@@ -29,6 +29,7 @@ def load_module(checkpoint_path: str | Path, map_location: str = "cpu") -> Gener
         raise ConfigError(f"checkpoint '{path}' is not a dgm_scale checkpoint: {str(exc).splitlines()[0]}") from None
     module = MODULES[config["model"]["kind"]](config)
     module.load_state_dict(checkpoint["state_dict"])
+    module.checkpoint_iteration = int(checkpoint.get("global_step", 0)) // module.optimizer_steps_per_iteration
     return module
 
 

@@ -42,6 +42,8 @@ class GenerativeModule(L.LightningModule):
     #: draw_noise's key state: the iteration it last drew for, and how often it drew in it
     _noise_iteration: Optional[int] = None
     _noise_draws: int = 0
+    #: the training iteration of the checkpoint this module was loaded from (load_module)
+    checkpoint_iteration: int = 0
 
     def __init__(self, config: dict):
         super().__init__()

@@ -34,6 +34,15 @@ class SampleGrids(L.Callback):
             self.save(pl_module, "final")
 
 
+def save_checkpoint_atomic(trainer, path: Path) -> None:
+    """The full training state to `path` via a temporary name and a rename (collective: every
+    rank calls it under DDP / DeepSpeed; rank 0 writes), so a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    trainer.save_checkpoint(tmp, weights_only=False)
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+
+
 class PeriodicCheckpoint(L.Callback):
     """`last.ckpt` every `every` iterations and at the end, plus a kept `iter_XXXXXXX.ckpt` copy.
 
@@ -45,11 +54,7 @@ class PeriodicCheckpoint(L.Callback):
         self.dirpath, self.every = Path(dirpath), every
 
     def _save(self, trainer, name: str) -> None:
-        final = self.dirpath / name
-        tmp = self.dirpath / f".{name}.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # full state, for resume; collective under DDP/DeepSpeed; rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(tmp, final)
+        save_checkpoint_atomic(trainer, self.dirpath / name)
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         if pl_module.iteration % self.every == 0:

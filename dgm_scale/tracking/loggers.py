@@ -51,3 +51,17 @@ class AppendingCSVLogger(CSVLogger):
 def build_loggers(cfg, run_dir: str | Path) -> List[Logger]:
     """Metrics go to `RUN/metrics.csv`: one row per logged iteration, appended across resumes."""
     return [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
+
+
+def log_now(trainer, metrics: dict[str, float]) -> None:
+    """Write metrics straight to the loggers on rank 0, at Lightning's step for this batch.
+
+    For values logged every k iterations from callbacks. Not `pl_module.log_dict`: Lightning
+    keeps a value logged in on_train_batch_end and writes it again with every later batch's row
+    until the epoch ends, so it would show up in up to k rows per window.
+    """
+    if not trainer.is_global_zero:
+        return
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step self.log in this batch uses
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)

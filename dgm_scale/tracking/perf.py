@@ -14,6 +14,8 @@ import time
 import lightning as L
 import torch
 
+from dgm_scale.tracking.loggers import log_now
+
 
 def process_peak_rss_mb() -> float:
     """This process's peak resident set size in MiB (whole lifetime; the OS cannot reset it).
@@ -86,24 +88,10 @@ class ThroughputMonitor(L.Callback):
             self._step_total += time.perf_counter() - self._batch_start
             self._steps += 1
         if pl_module.iteration % self.log_every == 0 and self._steps > 0:
-            self._log(trainer, self.window_metrics(device))
+            log_now(trainer, self.window_metrics(device))
             self._reset_window()
             reset_peak_memory(device)
         self._last_end = time.perf_counter()
-
-    @staticmethod
-    def _log(trainer: L.Trainer, metrics: dict[str, float]) -> None:
-        """Straight to the loggers on rank 0, at Lightning's step for this batch.
-
-        Not `pl_module.log_dict`: Lightning keeps a value logged in on_train_batch_end (or in a
-        training_step) and writes it again with every later batch's row until the epoch ends, so
-        a value logged every k iterations would show up in up to k rows per window.
-        """
-        if not trainer.is_global_zero:
-            return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # what self.log in this batch uses
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
 
     def window_metrics(self, device: torch.device) -> dict[str, float]:
         """The current window's means (needs at least one measured step)."""

@@ -1,0 +1,80 @@
+"""Sample-quality evaluation during training: every `eval.every` iterations and at the end.
+
+Every rank takes part (each generates and scores its share, see metrics/evaluation.py); rank 0
+logs `eval/<metric>` to the loggers, appends a line to `RUN/eval/metrics.jsonl`, and - when the
+`eval.best_metric` improved - every rank joins in writing `checkpoints/best.ckpt` (a collective
+under DDP / DeepSpeed), with `best.json` beside it naming the iteration and the metrics. The best
+value so far is saved in checkpoints, so a resumed run keeps comparing against it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+
+from dgm_scale.metrics.report import write_json_atomic
+from dgm_scale.tracking.callbacks import save_checkpoint_atomic
+from dgm_scale.tracking.loggers import log_now
+
+log = logging.getLogger(__name__)
+
+
+class PeriodicEvaluation(L.Callback):
+    """Evaluate `settings` (an EvalSettings) every `every` iterations (0: never) and at the end."""
+
+    def __init__(self, settings, run_dir: str | Path, every: int, at_end: bool = True, best_metric: str = "fid"):
+        self.settings, self.run_dir = settings, Path(run_dir)
+        self.every, self.at_end, self.best_metric = every, at_end, best_metric
+        self.evaluator = None  # built at train start, when the device and process group exist
+        self.best: Optional[float] = None
+        self.best_iteration: Optional[int] = None
+        self.last_evaluated: Optional[int] = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        from dgm_scale.metrics.evaluation import Evaluator
+
+        if self.evaluator is None and (self.every > 0 or self.at_end):
+            self.evaluator = Evaluator(self.settings, pl_module.sample_shape, pl_module.device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, *args) -> None:
+        if self.every > 0 and pl_module.iteration % self.every == 0:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self.at_end and self.last_evaluated != pl_module.iteration:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
+        iteration = pl_module.iteration
+        results = self.evaluator.evaluate(pl_module)
+        self.last_evaluated = iteration
+        log_now(trainer, {f"eval/{name}": value for name, value in results.items()})
+        if trainer.is_global_zero:
+            with open(self.run_dir / "eval" / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps({"iteration": iteration, **results}) + "\n")
+            log.info("iteration %d: %s", iteration,
+                     ", ".join(f"{k} {v:.4g}" for k, v in results.items() if k != "eval_seconds"))
+        value = results.get(self.best_metric) if self.best_metric else None
+        if value is not None and math.isfinite(value) and (self.best is None or value < self.best):
+            self.best, self.best_iteration = value, iteration
+            save_checkpoint_atomic(trainer, self.run_dir / "checkpoints" / "best.ckpt")
+            if trainer.is_global_zero:
+                write_json_atomic(self.run_dir / "checkpoints" / "best.json",
+                                  {"iteration": iteration, "metric": self.best_metric, **results})
+        return results
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero:
+            (self.run_dir / "eval").mkdir(parents=True, exist_ok=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_iteration": self.best_iteration, "last_evaluated": self.last_evaluated}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")
+        self.best_iteration = state_dict.get("best_iteration")
+        self.last_evaluated = state_dict.get("last_evaluated")
