@@ -25,8 +25,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dgm_scale.distributed import launch_env
 
     path, overrides = _split_config_args(args.config_and_overrides)
-    result = train(load_config(path, overrides))
+    cfg = load_config(path, overrides)
+    result = train(cfg)
     if launch_env().global_rank > 0:
+        return 0
+    if result.iterations < cfg.trainer.max_steps:  # stopped by a signal (SLURM requeue) or the user
+        print(f"stopped at iteration {result.iterations} of {cfg.trainer.max_steps}; the run continues with "
+              f"resume=auto run.dir={result.run_dir} (a requeued SLURM job does this itself)")
         return 0
     print(f"done: {result.iterations} iterations in {result.seconds:.1f} s "
           f"({result.images_per_second:.0f} images/s)\n"

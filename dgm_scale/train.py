@@ -11,11 +11,13 @@ from typing import List, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from dgm_scale.config import ConfigError, to_yaml
 from dgm_scale.data import DataPosition, ImageDataModule, TOY_DATASETS, toy_centers
 from dgm_scale.distributed import LaunchEnv, build_strategy, launch_env, share_run_dir
 from dgm_scale.distributed.precision import build_precision_plugins
+from dgm_scale.distributed.preemption import RequeueOnSignal
 from dgm_scale.distributed.sync_batchnorm import GlobalBatchNormSync
 from dgm_scale.modules import GenerativeModule, build_module
 from dgm_scale.resume import check_compatible, checkpoint_run_dir, resume_checkpoint
@@ -87,7 +89,7 @@ def make_run_dir(cfg, env: Optional[LaunchEnv] = None) -> Path:
     return run_dir
 
 
-def build_callbacks(cfg, run_dir: Path, images_per_iteration: int) -> List[L.Callback]:
+def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEnv) -> List[L.Callback]:
     """The run's callbacks, in the order their batch-end work must happen."""
     reference = toy_centers(cfg.data.name) if cfg.data.name in TOY_DATASETS else None
     callbacks: List[L.Callback] = [
@@ -95,13 +97,17 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int) -> List[L.Cal
         # Next, so that its step time is the training step alone (sample grids, evaluations and
         # checkpoints after it count as the next iteration's data wait).
         ThroughputMonitor(cfg.trainer.log_every, images_per_iteration),
+    ]
+    if env.slurm_job:  # SIGUSR1 -> checkpoint -> requeue, at an iteration boundary on every rank
+        callbacks.append(RequeueOnSignal(run_dir, env.slurm_job))
+    callbacks += [
         SampleGrids(run_dir / "samples", cfg.run.sample_every, cfg.run.num_samples, reference=reference),
     ]
     if cfg.eval.every > 0 or cfg.eval.at_end:  # before the checkpoint, which saves its best-so-far
         from dgm_scale.metrics.evaluation import eval_settings
 
-        callbacks.append(PeriodicEvaluation(eval_settings(cfg), run_dir, cfg.eval.every, cfg.eval.at_end,
-                                            cfg.eval.best_metric))
+        callbacks.append(PeriodicEvaluation(eval_settings(cfg), run_dir, cfg.eval.every,
+                                            cfg.trainer.max_steps if cfg.eval.at_end else None, cfg.eval.best_metric))
     callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every))
     if cfg.trainer.progress_bar:
         callbacks.append(IterationProgress(cfg.trainer.max_steps))
@@ -114,10 +120,13 @@ def global_batch_per_iteration(cfg, module: GenerativeModule) -> int:
     return cfg.data.batch_size * module.batches_per_iteration * world
 
 
-def build_trainer(cfg, module: GenerativeModule, run_dir: Path) -> L.Trainer:
+def build_trainer(cfg, module: GenerativeModule, run_dir: Path, env: Optional[LaunchEnv] = None) -> L.Trainer:
+    env = env or launch_env()
     trainer_cfg = cfg.trainer
     precision_plugins = build_precision_plugins(trainer_cfg.precision, trainer_cfg.accelerator, trainer_cfg.strategy)
     sync_plugins = [GlobalBatchNormSync()] if trainer_cfg.sync_batchnorm else []
+    # Under SLURM, RequeueOnSignal handles SIGUSR1 instead of Lightning (see distributed/preemption.py).
+    slurm_plugins = [SLURMEnvironment(auto_requeue=False)] if env.slurm_job and SLURMEnvironment.detect() else []
     return L.Trainer(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
@@ -125,12 +134,12 @@ def build_trainer(cfg, module: GenerativeModule, run_dir: Path) -> L.Trainer:
         strategy=build_strategy(trainer_cfg, cfg.run.seed, micro_batch=cfg.data.batch_size),
         # 16-mixed outside DeepSpeed: our plugin (one loss scaler per network), given instead of a name.
         precision=None if precision_plugins else trainer_cfg.precision,
-        plugins=precision_plugins + sync_plugins,
+        plugins=precision_plugins + sync_plugins + slurm_plugins,
         # Lightning counts optimizer.step() calls; our steps are iterations (n_critic D + 1 G).
         max_steps=trainer_cfg.max_steps * module.optimizer_steps_per_iteration,
         max_epochs=-1,
         logger=build_loggers(cfg, run_dir),
-        callbacks=build_callbacks(cfg, run_dir, global_batch_per_iteration(cfg, module)),
+        callbacks=build_callbacks(cfg, run_dir, global_batch_per_iteration(cfg, module), env),
         use_distributed_sampler=False,  # the data module deals the data to the ranks (resumable)
         log_every_n_steps=1,  # the modules log only every trainer.log_every iterations themselves
         enable_checkpointing=False,  # PeriodicCheckpoint writes atomically instead
@@ -154,7 +163,7 @@ def train(cfg) -> RunResult:
                           f"{datamodule.num_classes} classes of dataset '{cfg.data.name}'")
     env = launch_env()
     run_dir = make_run_dir(cfg, env)
-    trainer = build_trainer(cfg, module, run_dir)
+    trainer = build_trainer(cfg, module, run_dir, env)
     log.info("training %s (%s, %s loss) on %s for %d iterations -> %s", cfg.run.name, cfg.model.kind,
              cfg.loss.name if cfg.model.kind == "gan" else cfg.loss.likelihood, cfg.data.name,
              cfg.trainer.max_steps, run_dir)

@@ -1,6 +1,7 @@
 """Evaluation end to end: real data subsets and per-rank shares, the Evaluator (identity and
 classifier features), the cache, 2-process evaluation == one process, the training callback
 (periodic metrics, best checkpoint, resume), and the `evaluate` / `train-classifier` CLI."""
+import csv
 import json
 from pathlib import Path
 
@@ -157,8 +158,13 @@ def test_training_evaluates_keeps_the_best_checkpoint_and_resumes_it(tmp_path):
     assert best["fid"] == min(line["fid"] for line in lines)
     state = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
     assert state["global_step"] == best["iteration"] * (cfg.loss.n_critic + 1)  # optimizer steps per iteration
-    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"eval/fid", "eval/precision", "eval/ndb", "perf/images_per_s", "perf/step_time_s"} <= set(header)
+    with open(run / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"eval/fid", "eval/precision", "eval/ndb", "perf/images_per_s", "perf/step_time_s"} <= set(rows[0])
+    # One row per logged iteration: no value is repeated in later rows.
+    logged = [row["train/iteration"] for row in rows if row["train/iteration"]]
+    assert logged == ["10.0", "20.0"]
+    assert [row["eval/fid"] != "" for row in rows].count(True) == 2
     # Resume to 30: the best-so-far comes back from the checkpoint, and no iteration is evaluated twice.
     train(load_config("configs/ring8.yaml", common + ["trainer.max_steps=30", "resume=auto"]))
     lines = [json.loads(line) for line in (run / "eval" / "metrics.jsonl").read_text().splitlines()]

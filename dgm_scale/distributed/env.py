@@ -20,6 +20,7 @@ class LaunchEnv:
     run_dir: Optional[str]  # set by rank 0 for the processes Lightning starts itself
     requeued: bool  # a SLURM job started again after `scontrol requeue` (preemption, USR1)
     world_size: int = 1  # processes of the launch (torchrun / SLURM); 1 when launched alone
+    slurm_job: Optional[str] = None  # what `scontrol requeue` takes (JOB, or ARRAYJOB_TASK); None outside SLURM
 
 
 def launch_env() -> LaunchEnv:
@@ -31,7 +32,10 @@ def launch_env() -> LaunchEnv:
         run_id = None
     requeued = int(env.get("SLURM_RESTART_COUNT") or 0) > 0
     world_size = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
-    return LaunchEnv(int(rank), run_id, env.get(RUN_DIR_VARIABLE), requeued, world_size)
+    slurm_job = env.get("SLURM_JOB_ID")
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        slurm_job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return LaunchEnv(int(rank), run_id, env.get(RUN_DIR_VARIABLE), requeued, world_size, slurm_job)
 
 
 def share_run_dir(run_dir: str) -> None:

@@ -116,6 +116,20 @@ class GenerativeModule(L.LightningModule):
         """
         return (self.iteration + 1) % self.cfg.trainer.log_every == 0
 
+    def log_train(self, values: dict) -> None:
+        """This iteration's training values as `train/*` (+ `train/iteration`), one CSV row.
+
+        Straight to the loggers on rank 0 (values of rank 0's batch; gradient norms are global):
+        `self.log(on_step=True)` here would make Lightning repeat them in every later row until
+        the next logged iteration.
+        """
+        from dgm_scale.tracking.loggers import log_now
+
+        if self._trainer is None:
+            return
+        metrics = {f"train/{key}": float(value) for key, value in values.items()}
+        log_now(self.trainer, {**metrics, "train/iteration": float(self.iteration)})
+
     def default_labels(self, num: int) -> Optional[Tensor]:
         """Class labels 0, 1, ..., K-1, 0, ... for conditional models; None otherwise."""
         if self.num_classes == 0:

@@ -120,6 +120,5 @@ class GANModule(GenerativeModule):
         logs.update(self.generator_step(real_chunks[-1].shape[0], label_chunks[-1], opt_g, with_logs=log_now))
         if not log_now:
             return
-        self.log_dict({f"train/{key}": value for key, value in logs.items()}, on_step=True)
-        self.log("train/iteration", float(self.iteration), on_step=True)
+        self.log_train(logs)
         self.log_dict({"d": logs["d_loss"], "g": logs["g_loss"]}, prog_bar=True, logger=False)

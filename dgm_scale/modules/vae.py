@@ -63,8 +63,7 @@ class VAEModule(GenerativeModule):
         opt.step()
         if not log_now:
             return
-        self.log_dict({f"train/{key}": value.detach() for key, value in terms.items()}, on_step=True)
-        self.log("train/iteration", float(self.iteration), on_step=True)
+        self.log_train(terms)
         self.log("elbo", terms["elbo"].detach(), prog_bar=True, logger=False)
 
     def validation_step(self, batch, batch_idx: int) -> None:

@@ -24,11 +24,14 @@ log = logging.getLogger(__name__)
 
 
 class PeriodicEvaluation(L.Callback):
-    """Evaluate `settings` (an EvalSettings) every `every` iterations (0: never) and at the end."""
+    """Evaluate `settings` (an EvalSettings) every `every` iterations (0: never), and at the end
+    when training reached `final_iteration` (None: no final evaluation; a run stopped early, say
+    for a SLURM requeue, is evaluated when it finishes)."""
 
-    def __init__(self, settings, run_dir: str | Path, every: int, at_end: bool = True, best_metric: str = "fid"):
+    def __init__(self, settings, run_dir: str | Path, every: int, final_iteration: Optional[int] = None,
+                 best_metric: str = "fid"):
         self.settings, self.run_dir = settings, Path(run_dir)
-        self.every, self.at_end, self.best_metric = every, at_end, best_metric
+        self.every, self.final_iteration, self.best_metric = every, final_iteration, best_metric
         self.evaluator = None  # built at train start, when the device and process group exist
         self.best: Optional[float] = None
         self.best_iteration: Optional[int] = None
@@ -37,7 +40,7 @@ class PeriodicEvaluation(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         from dgm_scale.metrics.evaluation import Evaluator
 
-        if self.evaluator is None and (self.every > 0 or self.at_end):
+        if self.evaluator is None and (self.every > 0 or self.final_iteration is not None):
             self.evaluator = Evaluator(self.settings, pl_module.sample_shape, pl_module.device)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, *args) -> None:
@@ -45,7 +48,8 @@ class PeriodicEvaluation(L.Callback):
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        if self.at_end and self.last_evaluated != pl_module.iteration:
+        done = self.final_iteration is not None and pl_module.iteration >= self.final_iteration
+        if done and self.last_evaluated != pl_module.iteration:
             self.run(trainer, pl_module)
 
     def run(self, trainer: L.Trainer, pl_module) -> dict[str, float]:

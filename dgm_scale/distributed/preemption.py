@@ -1,0 +1,61 @@
+"""SLURM preemption: on SIGUSR1, checkpoint at the next iteration boundary, requeue, stop.
+
+Lightning's own handler (SLURMEnvironment auto_requeue) saves the checkpoint inside the signal
+handler. Under DDP each rank runs that handler wherever its main thread happens to be, so one
+rank's checkpoint collectives (barriers, gathers) can meet another rank's gradient all-reduce:
+a hang, seen under CPU load. Here the handler only sets a flag; after each iteration the ranks
+agree (one boolean all-reduce: any rank signalled) and all of them save
+`RUN/hpc_ckpt_N.ckpt` together, at the same point; rank 0 then calls `scontrol requeue` and
+training stops. The requeued job continues from that checkpoint (see resume.py).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+
+from dgm_scale.resume import requeue_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def next_requeue_path(run_dir: Path) -> Path:
+    """RUN/hpc_ckpt_{N+1}.ckpt after the newest existing one (the name Lightning uses)."""
+    newest = requeue_checkpoint(run_dir)
+    number = int(newest.stem.rsplit("_", 1)[1]) + 1 if newest else 1
+    return run_dir / f"hpc_ckpt_{number}.ckpt"
+
+
+class RequeueOnSignal(L.Callback):
+    """Checkpoint + `scontrol requeue JOB` + stop, one iteration after SIGUSR1 reached any rank."""
+
+    def __init__(self, run_dir: str | Path, slurm_job: Optional[str], signum: int = signal.SIGUSR1):
+        self.run_dir, self.slurm_job, self.signum = Path(run_dir), slurm_job, signum
+        self.signalled = False
+        self.requeued_at: Optional[int] = None  # the iteration it stopped at, once it did
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        signal.signal(self.signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True  # nothing else here: see the module docstring
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, *args) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            return
+        from dgm_scale.tracking.callbacks import save_checkpoint_atomic
+
+        path = next_requeue_path(self.run_dir)
+        save_checkpoint_atomic(trainer, path)
+        self.requeued_at = pl_module.iteration
+        if trainer.is_global_zero:
+            log.info("signal %d: saved %s at iteration %d", self.signum, path, pl_module.iteration)
+            if self.slurm_job:
+                result = subprocess.run(["scontrol", "requeue", self.slurm_job], capture_output=True, text=True)
+                if result.returncode != 0:
+                    log.warning("scontrol requeue %s failed: %s", self.slurm_job, result.stderr.strip())
+        trainer.should_stop = True
