@@ -128,7 +128,7 @@ class GenerativeModule(L.LightningModule):
         if self._trainer is None:
             return
         metrics = {f"train/{key}": float(value) for key, value in values.items()}
-        log_now(self.trainer, {**metrics, "train/iteration": float(self.iteration)})
+        log_now(self.trainer, {**metrics, "train/iteration": float(self.iteration), "epoch": self.current_epoch})
 
     def default_labels(self, num: int) -> Optional[Tensor]:
         """Class labels 0, 1, ..., K-1, 0, ... for conditional models; None otherwise."""
