@@ -4,8 +4,9 @@ computes (within float32 tolerance), for FID/KID ('2048' pool features) and IS (
 The input contract is torch-fidelity's: uint8 RGB images of any size, resized to 299x299 with
 TensorFlow 1.x's bilinear resize (no half-pixel centres, no antialiasing; the original FID graph
 resized that way, and torch's `interpolate` differs), then scaled by (x - 128) / 128. The network
-runs in float32 (torch-fidelity's default); on the CPU in channels_last memory layout, which the
-oneDNN convolutions run faster, with the same result up to float rounding.
+runs in float32 (torch-fidelity's default), by default with the BatchNorms folded into the
+convolutions and, on the CPU, in channels_last layout (oneDNN's fast path): the same result up to
+float32 rounding, ~1.8x faster on 2 CPU cores.
 
 Weights: `load_inception(path_or_url, cache_dir)` takes a local file or an http(s)/file URL
 (downloaded once into cache_dir), checks the sha256 prefix in the file name as torch.hub does
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from dgm_scale.metrics.extractors import Extracted, FeatureExtractor, to_uint8
-from dgm_scale.metrics.inception_net import FIDInceptionV3
+from dgm_scale.metrics.inception_net import FIDInceptionV3, fold_batchnorm
 
 # torch-fidelity 0.4.0's URL_INCEPTION_V3 (converted from TensorFlow's 2015-12-05 graph).
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -165,9 +166,11 @@ def load_inception(path_or_url: str | None = None, cache_dir: str | Path = "~/.c
     except Exception as error:  # noqa: BLE001 - torch.load raises many types for a bad file
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InceptionWeightsError(f"Inception weights {path}: not a readable torch file ({reason})") from error
-    model = FIDInceptionV3()
+    with torch.device("meta"):  # no random init of 24M parameters that are overwritten next
+        model = FIDInceptionV3()
     _check_state_dict(state, model, str(path))
-    model.load_state_dict(state, strict=True)
+    counters = {k: torch.zeros((), dtype=torch.long) for k in model.state_dict() if k not in state}
+    model.load_state_dict({**state, **counters}, strict=True, assign=True)
     model.weights_sha256, model.weights_source = sha256, source
     return model.float().eval().requires_grad_(False)
 
@@ -186,22 +189,36 @@ class InceptionExtractor(FeatureExtractor):
     """Model-space images [N, C in {1, 3}, H, W] in [-1, 1] -> Extracted(pool features [N, 2048],
     logits_unbiased [N, 1008]), both float32, as torch-fidelity extracts them from uint8 images.
 
-    channels_last: run the convolutions in NHWC layout (None: on the CPU only, where it is faster).
+    fold_bn: run a copy with the BatchNorms folded into the convolutions (see `fold_batchnorm`).
+    channels_last: run the convolutions in NHWC layout, weights and activations (None: on the CPU
+    only, where oneDNN runs it faster). Both change only float32 rounding (~1e-6 relative); with
+    both off the CPU result is bit-identical to torch-fidelity's. Measured on 2 CPU cores: ~1.8x.
     """
 
     name = "inception-v3-compat"
     feature_dim = 2048
     has_logits = True
 
-    def __init__(self, net: FIDInceptionV3, channels_last: bool | None = None):
+    def __init__(self, net: FIDInceptionV3, fold_bn: bool = True, channels_last: bool | None = None):
         super().__init__()
-        self.net = net.float().eval().requires_grad_(False)
-        self.channels_last = channels_last
         # Computed once: the file's sha256 when loaded by load_inception, else the tensors' own.
         self.weights_sha256: str = getattr(net, "weights_sha256", None) or _state_dict_sha256(net)
+        net = net.float().eval().requires_grad_(False)
+        self.net = fold_batchnorm(net) if fold_bn else net
+        self.channels_last = channels_last
+        self._layout = torch.contiguous_format  # the weights' current memory format
 
     def key(self) -> dict[str, Any]:
         return {"name": self.name, "weights_sha256": self.weights_sha256, "resize": "tf1-bilinear-299"}
+
+    def _memory_format(self, device: torch.device) -> torch.memory_format:
+        """The layout for this device; the weights are converted (once) when it changes."""
+        nhwc = self.channels_last if self.channels_last is not None else device.type == "cpu"
+        layout = torch.channels_last if nhwc else torch.contiguous_format
+        if layout != self._layout:
+            self.net.to(memory_format=layout)
+            self._layout = layout
+        return layout
 
     @torch.no_grad()
     def extract_uint8(self, images: Tensor) -> Extracted:
@@ -213,10 +230,7 @@ class InceptionExtractor(FeatureExtractor):
         x = images.to(device).float().expand(-1, 3, -1, -1)  # grey -> RGB: the same plane three times
         x = resize_bilinear_tf1(x, (INPUT_SIZE, INPUT_SIZE))
         x = (x - 128) / 128  # torch-fidelity's form; bit-equal to the graph's (x - 128) * 0.0078125
-        channels_last = self.channels_last if self.channels_last is not None else device.type == "cpu"
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        features, logits = self.net(x)
+        features, logits = self.net(x.contiguous(memory_format=self._memory_format(device)))
         return Extracted(features.float().to(images.device), logits.float().to(images.device))
 
     def extract(self, samples: Tensor) -> Extracted:

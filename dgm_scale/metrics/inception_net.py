@@ -10,6 +10,8 @@ scaled to [-1, 1] (see `dgm_scale.metrics.inception`).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -203,3 +205,28 @@ class FIDInceptionV3(nn.Module):
         """x [N, 3, 299, 299] in [-1, 1] -> (features [N, 2048], logits_unbiased [N, 1008])."""
         features = self.pool_features(x)
         return features, self.logits_unbiased(features)
+
+
+@torch.no_grad()
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """An inference copy of `net` with each eval-mode BatchNorm folded into the conv before it.
+
+    conv(x, w) then (y - mean) * g / sqrt(var + eps) + b  ==  conv(x, w * s) + (b - mean * s),
+    s = g / sqrt(var + eps), computed in float64 and rounded once to float32. One pass less over
+    every activation (the network's ~95 BatchNorms are memory-bound on the CPU); the result equals
+    the unfolded network's up to float32 rounding (about 1e-6 relative). The copy's state dict no
+    longer has the reference names; `net` itself is left unchanged.
+    """
+    folded = copy.deepcopy(net)
+    for block in folded.modules():
+        if isinstance(block, BasicConv2d) and isinstance(block.bn, nn.BatchNorm2d):
+            conv, bn = block.conv, block.bn
+            scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+            weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+            bias = bn.bias.double() - bn.running_mean.double() * scale
+            block.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                                   padding=conv.padding, bias=True).to(conv.weight.device)
+            block.conv.weight.copy_(weight.to(conv.weight.dtype))
+            block.conv.bias.copy_(bias.to(conv.weight.dtype))
+            block.bn = nn.Identity()
+    return folded.eval().requires_grad_(False)
