@@ -42,7 +42,7 @@ def _installed_source() -> Path | None:
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0])
+    folder = Path(next(iter(spec.submodule_search_locations)))
     version = (folder / "version.py").read_text() if (folder / "version.py").exists() else ""
     return folder if f'"{VERSION}"' in version or f"'{VERSION}'" in version else None
 
@@ -56,7 +56,7 @@ def _wheel_source() -> Path:
     with tempfile.TemporaryDirectory(dir=deps_dir()) as scratch:
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                                f"torch-fidelity=={VERSION}", "-d", scratch],
-                              capture_output=True, text=True, timeout=300)
+                              check=False, capture_output=True, text=True, timeout=300)
         wheels = list(Path(scratch).glob("torch_fidelity-*.whl"))
         if proc.returncode != 0 or not wheels:
             raise RuntimeError(f"pip download torch-fidelity=={VERSION} failed: "

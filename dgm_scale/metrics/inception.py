@@ -163,7 +163,7 @@ def load_inception(path_or_url: str | None = None, cache_dir: str | Path = "~/.c
     _check_hash_prefix(path.name, sha256, str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch.load raises many types for a bad file
+    except Exception as error:  # torch.load raises many types for a bad file
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InceptionWeightsError(f"Inception weights {path}: not a readable torch file ({reason})") from error
     with torch.device("meta"):  # no random init of 24M parameters that are overwritten next
