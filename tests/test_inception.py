@@ -195,18 +195,39 @@ def extracted(reference, weights):
     return out
 
 
+@pytest.fixture(scope="module")
+def float64_truth(weights):
+    """The first 2 images of each set through the same graph in float64: what float32 approximates.
+
+    Our unfolded network (bit-identical to torch-fidelity's in float32, see below) run in float64;
+    torch-fidelity's own `feature_extractor_internal_dtype="float64"` maps to float32 in 0.4.0.
+    """
+    net = load_inception(str(weights), "unused").double()
+    sets = {"rgb32": smooth_images(6, 3, 32, 32, 1)[:2], "grey16": smooth_images(6, 1, 16, 16, 2, brightness=0.15)[:2]}
+    with torch.no_grad():
+        return {name: net((resize_bilinear_tf1(images.double().expand(-1, 3, -1, -1), (299, 299)) - 128) / 128)
+                for name, images in sets.items()}
+
+
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("name", ["rgb32", "grey16"])
-def test_features_and_unbiased_logits_match_torch_fidelity(extracted, name):
+def test_features_and_unbiased_logits_match_torch_fidelity(extracted, float64_truth, name):
     (features, logits), (their_features, their_logits) = extracted[name]["ours"], extracted[name]["theirs"]
     assert features.shape == (6, 2048) and logits.shape == (6, 1008)
     assert features.dtype == logits.dtype == torch.float32
-    # Folded BatchNorms and NHWC kernels round differently; ~2e-5 after ~95 float32 layers.
-    assert relative_difference(features, their_features) < 1e-4
-    assert relative_difference(logits, their_logits) < 1e-4
+    # Folded BatchNorms and NHWC kernels round differently; after ~95 float32 layers that is
+    # ~1e-5..1e-4 of the largest value, the size of torch-fidelity's own float32 error: measured
+    # against the float64 graph, ours is as accurate as theirs (within a factor of 3).
+    assert relative_difference(features, their_features) < 3e-4
+    assert relative_difference(logits, their_logits) < 3e-4
+    truth_features, truth_logits = (t.float() for t in float64_truth[name])
+    for ours, theirs, truth in ((features[:2], their_features[:2], truth_features),
+                                (logits[:2], their_logits[:2], truth_logits)):
+        our_error, their_error = relative_difference(ours, truth), relative_difference(theirs, truth)
+        assert our_error < 3 * their_error + 1e-6, (our_error, their_error)
     # The features must be worth comparing: they differ between images well beyond that tolerance.
     assert (their_features.std(0).max() / their_features.abs().max()).item() > 1e-2
 
