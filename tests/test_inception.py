@@ -7,8 +7,11 @@ architecture with random convolutions, BatchNorm statistics calibrated on the te
 that activations keep unit scale through the ~95 layers, and a classifier orthogonal to the mean
 feature so the logits differ between images (otherwise every softmax is the same and IS is 1).
 """
+import functools
 import hashlib
+import http.server
 import shutil
+import threading
 import warnings
 
 import numpy as np
@@ -102,6 +105,40 @@ def test_file_url_is_downloaded_into_the_cache_once_and_reused_offline(weights, 
     source.unlink()  # the "server" is gone: the cached copy must be used without fetching
     again = load_inception(source.as_uri(), cache)
     assert again.weights_sha256 == net.weights_sha256 == sha256_of(weights)
+
+
+def test_http_url_is_downloaded_from_a_local_server(weights, tmp_path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(weights.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{weights.name}"
+        net = load_inception(url, tmp_path / "cache")
+        with pytest.raises(InceptionWeightsError, match=f"could not download .*{server.server_address[1]}/absent"):
+            load_inception(url.replace("inception-test", "absent"), tmp_path / "cache")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert net.weights_sha256 == sha256_of(weights) and (tmp_path / "cache" / weights.name).exists()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [weights.name]
+
+
+def test_default_weights_are_torch_fidelitys_release(tfid, monkeypatch, tmp_path):
+    from dgm_scale.metrics import inception
+
+    assert inception.INCEPTION_URL == tfid["feature_extractor_inceptionv3"].URL_INCEPTION_V3
+    requested = []
+
+    def offline(url, cache_dir):
+        requested.append(url)
+        raise InceptionWeightsError("offline")
+
+    monkeypatch.setattr(inception, "_download", offline)
+    with pytest.raises(InceptionWeightsError, match="offline"):
+        load_inception(None, tmp_path)
+    assert requested == [inception.INCEPTION_URL]
 
 
 def test_build_extractor_spec_names_weights_and_key_carries_their_hash(weights):
