@@ -1,11 +1,9 @@
 """Metric formulas against independent truth (closed forms, naive loops), exact distributed
 gathering (2 gloo processes), the real-feature cache, and parity with torch-fidelity's formulas
-when it is installed (loaded file by file: its package __init__ imports torchvision)."""
-import importlib
-import importlib.util
+(installed, or its wheel fetched once by pip; loaded file by file by tests/fidelity_reference.py,
+since its package __init__ imports torchvision)."""
 import inspect
 import math
-import sys
 import types
 import warnings
 from pathlib import Path
@@ -16,6 +14,7 @@ import scipy.linalg
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fidelity_reference import load_torch_fidelity
 
 from dgm_scale.metrics import (
     METRICS,
@@ -306,37 +305,11 @@ def test_registry_selects_by_name_and_rejects_unknown_names_and_options():
 
 
 # ------------------------------------------------------------------- torch-fidelity parity
-def load_torch_fidelity_metrics() -> dict[str, types.ModuleType] | None:
-    """torch-fidelity's metric_* modules, loaded without its package __init__ (which imports
-    torchvision); its `utils` (feature extraction, torchvision again) is replaced by a stub."""
-    try:
-        spec = importlib.util.find_spec("torch_fidelity")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.submodule_search_locations is None:
-        return None
-    package = types.ModuleType("torch_fidelity")
-    package.__path__ = list(spec.submodule_search_locations)
-    utils = types.ModuleType("torch_fidelity.utils")
-    utils.__getattr__ = lambda name: None  # the metric files import names they only use for inputs
-    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "torch_fidelity"}
-    sys.modules.update({"torch_fidelity": package, "torch_fidelity.utils": utils})
-    try:
-        return {name: importlib.import_module(f"torch_fidelity.{name}")
-                for name in ("defaults", "metric_fid", "metric_kid", "metric_isc", "metric_prc")}
-    except Exception:  # noqa: BLE001 - any import problem means "skip the parity tests"
-        return None
-    finally:
-        for name in [n for n in sys.modules if n.split(".")[0] == "torch_fidelity"]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-
-
 @pytest.fixture(scope="module")
 def tfid() -> dict[str, types.ModuleType]:
-    modules = load_torch_fidelity_metrics()
+    modules, reason = load_torch_fidelity()
     if modules is None:
-        pytest.skip("torch-fidelity is not installed (pip install --no-deps torch-fidelity)")
+        pytest.skip(reason)
     return modules
 
 
