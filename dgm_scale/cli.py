@@ -96,7 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = eval_settings(cfg)
     try:
         evaluator = Evaluator(settings, module.sample_shape, device)
-    except ValueError as error:  # a bad extractor spec / weights / option: one line, named
+    except ValueError as error:  # a bad extractor spec / weights file / option: one line, named
         raise ConfigError(str(error)) from None
     results = evaluator.evaluate(module.to(device))
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:

@@ -18,6 +18,7 @@ from dgm_scale.data import DataPosition, ImageDataModule, TOY_DATASETS, toy_cent
 from dgm_scale.distributed import LaunchEnv, build_strategy, launch_env, share_run_dir
 from dgm_scale.distributed.precision import build_precision_plugins
 from dgm_scale.distributed.preemption import RequeueOnSignal
+from dgm_scale.metrics.evaluation import eval_settings, prepare_evaluation
 from dgm_scale.distributed.sync_batchnorm import GlobalBatchNormSync
 from dgm_scale.modules import GenerativeModule, build_module
 from dgm_scale.resume import check_compatible, checkpoint_run_dir, resume_checkpoint
@@ -104,8 +105,6 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
         SampleGrids(run_dir / "samples", cfg.run.sample_every, cfg.run.num_samples, reference=reference),
     ]
     if cfg.eval.every > 0 or cfg.eval.at_end:  # before the checkpoint, which saves its best-so-far
-        from dgm_scale.metrics.evaluation import eval_settings
-
         callbacks.append(PeriodicEvaluation(eval_settings(cfg), run_dir, cfg.eval.every,
                                             cfg.trainer.max_steps if cfg.eval.at_end else None, cfg.eval.best_metric))
     callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every))
@@ -162,6 +161,8 @@ def train(cfg) -> RunResult:
         raise ConfigError(f"config key 'model.num_classes': {wanted_classes} does not match the "
                           f"{datamodule.num_classes} classes of dataset '{cfg.data.name}'")
     env = launch_env()
+    if env.global_rank == 0:  # the other ranks' evaluators wait for rank 0's files at train start
+        prepare_evaluation(cfg)
     run_dir = make_run_dir(cfg, env)
     trainer = build_trainer(cfg, module, run_dir, env)
     log.info("training %s (%s, %s loss) on %s for %d iterations -> %s", cfg.run.name, cfg.model.kind,

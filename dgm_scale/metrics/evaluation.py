@@ -175,3 +175,22 @@ def eval_settings(cfg) -> EvalSettings:
         metrics=list(ev.metrics), num_samples=int(ev.num_samples), num_real=int(ev.num_real), seed=int(ev.seed),
         batch_size=int(ev.batch_size), options=dict(ev.options), cache_dir=str(ev.cache_dir),
         inception_weights=ev.inception_weights)
+
+
+def prepare_evaluation(cfg) -> Optional[EvalSettings]:
+    """Before training: resolve the eval settings and fetch / train the extractor into the cache
+    (download the Inception weights, train the digits classifier), so that a bad eval setup stops
+    the run before its directory exists. ConfigError / DataError name the config key at fault."""
+    from dgm_scale.config import ConfigError
+    from dgm_scale.modules.base import sample_shape
+
+    if cfg.eval.every == 0 and not cfg.eval.at_end:
+        return None
+    settings = eval_settings(cfg)
+    try:
+        build_extractor(settings.extractor, sample_shape(cfg.data), Path(settings.cache_dir).expanduser(),
+                        settings.inception_weights)
+    except ValueError as error:
+        raise ConfigError(f"config key 'eval.extractor' ({settings.extractor}): {error} - set eval.inception_weights, "
+                          "another eval.extractor, or eval.every=0 eval.at_end=false") from None
+    return settings

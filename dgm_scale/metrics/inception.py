@@ -40,7 +40,7 @@ INPUT_SIZE = 299
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.")
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(ValueError):
     """The Inception weights are missing, unreadable, fail their checksum or do not fit the network."""
 
 
