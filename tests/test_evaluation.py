@@ -225,3 +225,14 @@ def test_train_classifier_cli_and_classifier_extractor(tmp_path, capsys):
     real = torch.cat(list(real_batches(str(tmp_path / "shapes"), (1, 16, 16), 120)))
     assert evaluator.evaluate(ReplayModule(real))["is_mean"] > 1.8  # two confident, balanced classes
     assert main(["train-classifier", "builtin:ring8", str(out), "--resolution", "16", "--channels", "1"]) == 2
+
+
+def test_an_empty_share_yields_zero_rows_of_the_right_width(eval_cache):
+    """A rank with no samples (more ranks than samples) still joins the gathers with [0, D] rows."""
+    from dgm_scale.metrics.evaluation import extract_all
+    from dgm_scale.metrics.extractors import build_extractor
+
+    extractor = build_extractor("digits", (1, 16, 16), eval_cache)
+    empty = extract_all(extractor, [], (1, 16, 16), torch.device("cpu"))
+    assert empty.features.shape == (0, extractor.feature_dim) and empty.logits.shape == (0, 10)
+    assert list(generated_batches(ReplayModule(torch.zeros(1, 2)), 1, 0, 8, rank=1, world=2)) == []

@@ -17,8 +17,10 @@ EPOCHS = {"wgan_gp": ["data.batch_size=128"], "vae": ["data.batch_size=512"], "n
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
+    """The logged training rows, without the perf/* timings (which differ from run to run)."""
     with open(run_dir / "metrics.csv") as handle:
-        return [row for row in csv.DictReader(handle) if row.get("train/iteration")]
+        return [{key: value for key, value in row.items() if not key.startswith("perf/")}
+                for row in csv.DictReader(handle) if row.get("train/iteration")]
 
 
 def assert_same_weights(first: Path, second: Path, atol: float = 0.0) -> None:

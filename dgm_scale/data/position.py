@@ -104,10 +104,14 @@ class DataPosition(L.Callback):
             self.consumed += len(batch[0]) * trainer.world_size
             return
         stream.consumed(batch[2])  # the batch's position info (worker, samples delivered, faults)
-        if pl_module.iteration % self.log_every == 0:  # the same iterations on every rank
+        if pl_module.iteration % self.log_every == 0:  # the same iterations on every rank (a collective)
+            from dgm_scale.tracking.loggers import log_now
+
             faults = stream.tracker.faults()
-            pl_module.log_dict({f"data/skipped_{kind}": float(count) for kind, count in faults.items()},
-                               on_step=True, reduce_fx="sum", sync_dist=True)
+            kinds = sorted(faults)
+            counts = torch.tensor([float(faults[kind]) for kind in kinds], device=pl_module.device)
+            totals = trainer.strategy.reduce(counts, reduce_op="sum") if kinds else counts
+            log_now(trainer, {f"data/skipped_{kind}": float(total) for kind, total in zip(kinds, totals)})
 
     def state_dict(self) -> Dict[str, Any]:
         # Called on every rank (Lightning's checkpoint dump); the stream gathers all ranks' positions.

@@ -26,6 +26,14 @@ class _AppendingWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
         pass
 
+    def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
+        """Values logged at the same step (training values, perf/*, data/*, eval/*) share one row."""
+        pending = self.metrics[-1] if self.metrics else None
+        super().log_metrics(metrics_dict, step)
+        if pending is not None and pending.get("step") == self.metrics[-1]["step"] \
+                and not (set(pending) & set(self.metrics[-1])) - {"step"}:
+            pending.update(self.metrics.pop())
+
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         path = Path(self.metrics_file_path)
         with open(path, newline="") as handle:
