@@ -9,6 +9,7 @@ from typing import List
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -47,6 +48,17 @@ class _AppendingWriter(ExperimentWriter):
 
 
 class AppendingCSVLogger(CSVLogger):
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        """As CSVLogger's, but flushes only when a new step begins, so that values logged later
+        at the same step (callbacks) still join the step's row instead of starting a new one."""
+        experiment = self.experiment
+        pending = experiment.metrics
+        if pending and step is not None and pending[-1].get("step") != step \
+                and len(pending) >= self._flush_logs_every_n_steps:
+            self.save()
+        experiment.log_metrics(metrics, step if step is not None else len(pending))
+
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
