@@ -49,7 +49,7 @@ class ReplayModule:
 def test_rank_shares_are_contiguous_balanced_and_cover_everything(total, world):
     shares = [rank_share(total, rank, world) for rank in range(world)]
     assert shares[0][0] == 0 and shares[-1][1] == total
-    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    assert all(a[1] == b[0] for a, b in zip(shares[:-1], shares[1:], strict=True))
     sizes = [end - start for start, end in shares]
     assert max(sizes) - min(sizes) <= 1
 
@@ -94,7 +94,8 @@ def test_a_generator_replaying_the_real_set_scores_perfectly(eval_cache):
 def test_held_out_digits_score_far_better_than_noise(eval_cache):
     """Features are meaningful: another subset of real digits is close, noise is far."""
     settings = EvalSettings(real="builtin:digits", extractor="digits", metrics=["fid", "kid"], num_samples=500,
-                            num_real=500, cache_dir=str(eval_cache), options={"kid_subset_size": 200, "kid_subsets": 20})
+                            num_real=500, cache_dir=str(eval_cache),
+                            options={"kid_subset_size": 200, "kid_subsets": 20})
     evaluator = Evaluator(settings, (1, 16, 16), torch.device("cpu"))
     other_half = torch.cat(list(real_batches("builtin:digits", (1, 16, 16), 500, seed=99)))
     held_out = evaluator.evaluate(ReplayModule(other_half))

@@ -149,8 +149,8 @@ def digits_classifier_path(cache_dir: Path, channels: int, resolution: int) -> P
 def digits_extractor(sample_shape: tuple[int, ...], cache_dir: Path) -> ClassifierExtractor:
     """The digits classifier for this channel count and resolution: from the cache, else trained.
 
-    Trained on the train split of scikit-learn's digits (seeded; ~5 s on 2 CPU cores, held-out accuracy 0.95 at 16x16), held-out
-    accuracy recorded in the file's meta and logged.
+    Trained on the train split of scikit-learn's digits (seeded; ~5 s on 2 CPU cores); the
+    held-out accuracy (0.95 at 16x16) is recorded in the file's meta and logged.
     """
     from dgm_scale.config.schema import DataConfig
     from dgm_scale.data.datasets import build_digits

@@ -158,7 +158,8 @@ class Evaluator:
         results = None
         if rank == 0:
             logits = None if fake.logits is None else fake.logits.cpu().double()
-            results = compute_metrics(self.metric_names(), real.double(), fake.features.cpu().double(), logits, s.options)
+            fake_features = fake.features.cpu().double()
+            results = compute_metrics(self.metric_names(), real.double(), fake_features, logits, s.options)
             results["eval_seconds"] = time.perf_counter() - start
         return _broadcast(results)
 

@@ -2,7 +2,8 @@
 
 A source is what `dgm-scale shards build` reads (an image folder, .npy/.npz, builtin:NAME,
 shards) or, for the 2-D toys, `builtin:ring8` / `builtin:grid25`. A fixed random subset of
-`num` samples (seeded, kept in source order) is split into contiguous per-rank shares, so gathering the shares in rank order gives the same rows as
+`num` samples (seeded, kept in source order) is split into contiguous per-rank shares, so
+gathering the shares in rank order gives the same rows as
 one process reading them all. The fingerprint names the data for the feature cache: a shard
 set's manifest hash, a folder's file list with sizes and modification times.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch

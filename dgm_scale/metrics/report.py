@@ -28,7 +28,8 @@ def format_table(results: dict[str, float]) -> str:
         label, better = DESCRIPTIONS.get(name, ("", ""))
         rows.append((name, f"{value:.6g}", label, better))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows)
+    return "\n".join(lines)
 
 
 def write_report(path: Path, results: dict[str, float], settings: Any, checkpoint: Path, iteration: int,
