@@ -97,6 +97,10 @@ class TrainerConfig:
     # each rank's own; only matters with more than one process and norm=batch.
     sync_batchnorm: bool = False
     log_every: int = 10  # iterations between logged metrics
+    # A NaN/Inf loss or gradient: "stop" (an error naming the iteration and network) or "skip"
+    # (the step is not applied, counted in train/nonfinite_skips; stop after max_nonfinite_skips).
+    nonfinite: str = "stop"
+    max_nonfinite_skips: int = 100
     progress_bar: bool = True
 
 
@@ -108,10 +112,28 @@ class RunConfig:
     seed: int = 0
     sample_every: int = 250  # iterations between sample grids
     checkpoint_every: int = 500  # iterations between kept checkpoints (last.ckpt is always kept)
+    keep_checkpoints: int = 5  # newest iter_XXXXXXX.ckpt files kept (0 = all); last/best are always kept
     num_samples: int = 64  # images in each sample grid (fixed latent batch)
     # "" = a fresh run; "auto" = continue from the run directory's newest checkpoint if it has one
     # (needs run.dir or a launcher run id); a path = continue from that checkpoint. `resume=` works too.
     resume: str = ""
+
+
+@dataclass
+class WandbConfig:
+    # auto = online when an API key is configured (WANDB_API_KEY or `wandb login`), else offline;
+    # the default job never needs an account. A resumed run continues the same W&B run.
+    mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "dgm_scale"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    log_checkpoints: bool = False  # upload checkpoints as W&B artifacts
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    report: bool = True  # RUN/report.html + RUN/plots/*.png (curves), refreshed at evaluations and the end
 
 
 @dataclass
@@ -144,3 +166,4 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
