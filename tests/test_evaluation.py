@@ -237,3 +237,21 @@ def test_an_empty_share_yields_zero_rows_of_the_right_width(eval_cache):
     empty = extract_all(extractor, [], (1, 16, 16), torch.device("cpu"))
     assert empty.features.shape == (0, extractor.feature_dim) and empty.logits.shape == (0, 10)
     assert list(generated_batches(ReplayModule(torch.zeros(1, 2)), 1, 0, 8, rank=1, world=2)) == []
+
+
+def test_evaluate_cli_against_a_shard_set(tmp_path, eval_cache, capsys):
+    """--real accepts shards (here built from the digits); the shard set's manifest keys the cache."""
+    assert main(["shards", "build", "builtin:digits", str(tmp_path / "shards"), "--resolution", "8",
+                 "--samples-per-shard", "500", "--quiet", "--workers", "1"]) == 0
+    cfg = load_config(overrides=["data.resolution=8", "model.generator.width=4", "model.discriminator.width=4",
+                                 "trainer.max_steps=2", "trainer.progress_bar=false", "eval.every=0",
+                                 "eval.at_end=false", f"run.dir={tmp_path / 'run'}"])
+    checkpoint = train(cfg).checkpoint
+    capsys.readouterr()
+    args = ["evaluate", str(checkpoint), "--real", str(tmp_path / "shards"), "--num-samples", "200",
+            "--extractor", "digits", "--metrics", "fid,is", "--cache-dir", str(eval_cache)]
+    assert main(args) == 0
+    report = json.loads(checkpoint.with_suffix(".eval.json").read_text())
+    assert report["settings"]["real"] == str(tmp_path / "shards") and report["results"]["fid"] > 0
+    cached = set(eval_cache.glob("real-features-*.pt"))
+    assert main(args) == 0 and set(eval_cache.glob("real-features-*.pt")) == cached  # a cache hit
