@@ -124,6 +124,7 @@ class RunWandbLogger(WandbLogger):
 
     def __init__(self, run_dir: Path, log_checkpoints: bool, **kwargs: Any) -> None:
         super().__init__(save_dir=str(run_dir), **kwargs)
+        self._wandb_init.pop("anonymous")  # Lightning's default; wandb 0.31 warns that it does nothing
         self._run_dir, self._log_checkpoints = Path(run_dir), log_checkpoints
 
     @property
