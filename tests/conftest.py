@@ -8,6 +8,20 @@ from dgm_scale.train import quiet_lightning
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _wandb_stays_local(tmp_path_factory):
+    """Runs that use W&B (tracking.wandb.mode=auto in tests without TINY) write only under a
+    temporary folder, and `auto` never resolves to online: no key, no netrc."""
+    home = tmp_path_factory.mktemp("wandb_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("WANDB_API_KEY", raising=False)
+        patch.setenv("NETRC", str(home / "no-netrc"))
+        for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+            patch.setenv(name, str(home / name.lower()))
+        patch.setenv("WANDB_SILENT", "true")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():

@@ -13,7 +13,7 @@ from dgm_scale.config import load_config
 from dgm_scale.modules import build_module
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=8", "model.generator.width=4", "model.discriminator.width=4",
+TINY = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=8", "model.generator.width=4", "model.discriminator.width=4",
         "model.latent_dim=8", "trainer.max_steps=3", "trainer.log_every=1", "trainer.progress_bar=false",
         "trainer.accelerator=cpu", "run.sample_every=2", "run.checkpoint_every=2", "run.num_samples=4"]
 

@@ -12,7 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "launch" / "slurm" / "local_cluster.sh"
-TINY = ["eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=8", "model.generator.width=4", "model.discriminator.width=4",
+TINY = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=8", "model.generator.width=4", "model.discriminator.width=4",
         "model.latent_dim=8", "trainer.log_every=1", "trainer.progress_bar=false", "trainer.accelerator=cpu",
         "run.sample_every=100", "run.checkpoint_every=100", "run.num_samples=4"]
 ITERATIONS = 600

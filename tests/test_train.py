@@ -13,7 +13,7 @@ from dgm_scale.modules import load_module
 from dgm_scale.train import train
 
 VARIANTS = ["gan", "nsgan", "lsgan", "wgan", "wgan_gp", "hinge", "vae"]
-TINY = ["eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=16", "model.generator.width=8", "model.discriminator.width=8",
+TINY = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=16", "model.generator.width=8", "model.discriminator.width=8",
         "model.latent_dim=8", "trainer.max_steps=4", "trainer.log_every=1", "trainer.progress_bar=false",
         "run.sample_every=2", "run.checkpoint_every=2", "run.num_samples=16"]
 

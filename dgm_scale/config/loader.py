@@ -172,6 +172,7 @@ def validate(cfg: DictConfig) -> None:
     _require(run.sample_every >= 1, f"config key 'run.sample_every' must be >= 1, got {run.sample_every}")
     _require(run.checkpoint_every >= 1, f"config key 'run.checkpoint_every' must be >= 1, got {run.checkpoint_every}")
     _require(run.num_samples >= 1, f"config key 'run.num_samples' must be >= 1, got {run.num_samples}")
+    _choice("tracking.wandb.mode", cfg.tracking.wandb.mode, ["auto", "online", "offline", "disabled"])
     _validate_eval(cfg)
 
 

@@ -85,16 +85,16 @@ class GenerativeModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Log what a run's numbers depend on: parameter counts and the global batch."""
-        if self.logger is None:
-            return
         per_device = self.cfg.data.batch_size
-        self.logger.log_hyperparams({
+        params = {
             **{f"params/{name}": count_parameters(net) for name, net in self.networks().items()},
             "batch/per_device": per_device,
             "batch/world_size": self.trainer.world_size,
             # Learning rates are not rescaled with it: see launch/README.md.
             "batch/global": per_device * self.trainer.world_size,
-        })
+        }
+        for logger in self.loggers:  # every logger (CSV hparams.yaml, W&B config), not just the first
+            logger.log_hyperparams(params)
 
     def backward(self, loss: Tensor, *args, **kwargs) -> None:
         # `manual_backward(loss, optimizer)`: the optimizer is for the strategy (DeepSpeed picks

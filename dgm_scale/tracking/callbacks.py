@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
 from dgm_scale.tracking.images import samples_to_image, save_png_atomic
+from dgm_scale.tracking.loggers import log_image_now
 
 
 class SampleGrids(L.Callback):
@@ -20,18 +21,21 @@ class SampleGrids(L.Callback):
         self.out_dir, self.every, self.num_samples, self.seed = Path(out_dir), every, num_samples, seed
         self.reference = reference  # optional [K, 2] mode centres drawn on toy scatter plots
 
-    def save(self, pl_module, name: str) -> Path:
+    def save(self, trainer, pl_module, name: str) -> Path:
+        """Write samples/NAME.png and latest.png, and send the grid to image-taking loggers."""
         image = samples_to_image(pl_module.sample(self.num_samples, seed=self.seed), self.reference)
         save_png_atomic(image, self.out_dir / "latest.png")
-        return save_png_atomic(image, self.out_dir / f"{name}.png")
+        path = save_png_atomic(image, self.out_dir / f"{name}.png")
+        log_image_now(trainer, "samples", image, caption=f"{name} (iteration {pl_module.iteration})")
+        return path
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         if pl_module.iteration % self.every == 0 and trainer.is_global_zero:
-            self.save(pl_module, f"iter_{pl_module.iteration:07d}")
+            self.save(trainer, pl_module, f"iter_{pl_module.iteration:07d}")
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            self.save(pl_module, "final")
+            self.save(trainer, pl_module, "final")
 
 
 def save_checkpoint_atomic(trainer, path: Path) -> None:

@@ -1,12 +1,18 @@
-"""The one place where experiment loggers are built (W&B joins here in the production issue)."""
+"""The one place where experiment loggers are built: RUN/metrics.csv, and W&B unless disabled.
+
+This module is also the one place that looks for a W&B API key - only whether one is
+configured, to resolve `tracking.wandb.mode=auto`; the key itself is left to wandb.
+"""
 from __future__ import annotations
 
 import csv
+import netrc
 import os
+import secrets
 from pathlib import Path
-from typing import List
+from typing import Any, List, Optional
 
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
@@ -68,9 +74,117 @@ class AppendingCSVLogger(CSVLogger):
         return self._experiment
 
 
+WANDB_HOST = "api.wandb.ai"  # the netrc machine `wandb login` writes
+WANDB_RUN_ID_FILE = "wandb_run_id"  # RUN/wandb_run_id: the W&B run a resumed run continues
+
+
+def wandb_api_key_configured() -> bool:
+    """Whether wandb would find an API key: WANDB_API_KEY, or a netrc entry for api.wandb.ai
+    (from `wandb login`; $NETRC or ~/.netrc, as wandb looks). Only presence is checked."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        entry = netrc.netrc(str(path)).authenticators(WANDB_HOST)
+    except (OSError, netrc.NetrcParseError):  # no netrc file, or one wandb could not read either
+        return False
+    return entry is not None and bool(entry[2])
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """`auto` -> online when an API key is configured, else offline (sync later); others as given."""
+    if mode == "auto":
+        return "online" if wandb_api_key_configured() else "offline"
+    return mode
+
+
+def stored_wandb_run_id(run_dir: Path) -> str:
+    """The run directory's W&B run id: read from RUN/wandb_run_id, or made and stored on first
+    start (via a temporary file and a rename, so a crash never leaves an empty id)."""
+    path = run_dir / WANDB_RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(6)  # W&B ids are short [a-z0-9] strings; 48 random bits
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
+class RunWandbLogger(WandbLogger):
+    """Lightning's WandbLogger, tied to a run directory.
+
+    - The W&B run id comes from RUN/wandb_run_id (resume="allow"), so a resumed or requeued run
+      continues the same W&B run. Only rank 0 reads or writes it: Lightning gives the other
+      ranks a dummy experiment, so they never create a run.
+    - The W&B run is finished with the training; otherwise the next `train` in this process
+      would silently log into it (WandbLogger reuses an open `wandb.run`).
+    - With `log_checkpoints`, a successful end logs last.ckpt / best.ckpt as one model artifact.
+    """
+
+    def __init__(self, run_dir: Path, log_checkpoints: bool, **kwargs: Any) -> None:
+        super().__init__(save_dir=str(run_dir), **kwargs)
+        self._wandb_init.pop("anonymous")  # Lightning's default; wandb 0.31 warns that it does nothing
+        self._run_dir, self._log_checkpoints = Path(run_dir), log_checkpoints
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:  # rank 0, first use: decide which W&B run this is
+            self._id = self._wandb_init["id"] = stored_wandb_run_id(self._run_dir)
+        return super().experiment
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if self._experiment is None:
+            return
+        if status == "success" and self._log_checkpoints:
+            self.log_checkpoint_artifact()
+        self._experiment.finish(exit_code=0 if status == "success" else 1)
+        self._experiment = None  # a later use resumes the same run id instead of a finished run
+
+    def log_checkpoint_artifact(self) -> Optional[Any]:
+        """last.ckpt and best.ckpt (those that exist) as a `model` artifact of this run."""
+        import wandb
+
+        files = [self._run_dir / "checkpoints" / name for name in ("last.ckpt", "best.ckpt")]
+        files = [path for path in files if path.is_file()]
+        if not files:
+            return None
+        artifact = wandb.Artifact(name=f"checkpoints-{self.experiment.id}", type="model")
+        for path in files:
+            artifact.add_file(str(path), name=path.name)
+        return self.experiment.log_artifact(artifact, aliases=["latest"])
+
+
+def build_wandb_logger(cfg, run_dir: Path) -> Optional[RunWandbLogger]:
+    """A WandbLogger writing under RUN/wandb, or None when the mode resolves to disabled.
+
+    The resolved config reaches W&B once per start, through Lightning's log_hyperparams of the
+    module's hparams (`config`, a nested dict); no API key is part of it: wandb reads the key
+    itself from the environment or netrc.
+    """
+    wb = cfg.tracking.wandb
+    mode = resolve_wandb_mode(wb.mode)
+    if mode == "disabled":
+        return None
+    return RunWandbLogger(Path(run_dir), wb.log_checkpoints, project=wb.project, entity=wb.entity,
+                          tags=list(wb.tags), mode=mode, name=Path(run_dir).name)
+
+
 def build_loggers(cfg, run_dir: str | Path) -> List[Logger]:
-    """Metrics go to `RUN/metrics.csv`: one row per logged iteration, appended across resumes."""
-    return [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
+    """Metrics go to `RUN/metrics.csv` (one row per logged iteration, appended across resumes)
+    and, unless `tracking.wandb.mode` resolves to disabled, to W&B (files under RUN/wandb)."""
+    loggers: List[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="", version="")]
+    wandb_logger = build_wandb_logger(cfg, Path(run_dir))
+    if wandb_logger is not None:
+        loggers.append(wandb_logger)
+    return loggers
+
+
+def _current_step(trainer) -> int:
+    return trainer.fit_loop.epoch_loop._batches_that_stepped  # the step self.log in this batch uses
 
 
 def log_now(trainer, metrics: dict[str, float]) -> None:
@@ -82,6 +196,17 @@ def log_now(trainer, metrics: dict[str, float]) -> None:
     """
     if not trainer.is_global_zero:
         return
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step self.log in this batch uses
+    step = _current_step(trainer)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
+
+
+def log_image_now(trainer, key: str, image: Any, caption: Optional[str] = None) -> None:
+    """Send an image (a PIL image) to the loggers that take images (W&B) on rank 0; the CSV
+    logger has no place for one, so the callbacks that make images stay logger-agnostic."""
+    if not trainer.is_global_zero:
+        return
+    extra = {"caption": [caption]} if caption is not None else {}
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key, [image], step=_current_step(trainer), **extra)

@@ -1,0 +1,172 @@
+"""W&B tracking through Lightning's WandbLogger, checked on the offline run files W&B writes."""
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from wandb.proto import wandb_internal_pb2
+
+from dgm_scale.config import ConfigError, load_config
+from dgm_scale.tracking.loggers import WANDB_RUN_ID_FILE, build_loggers, resolve_wandb_mode
+from dgm_scale.train import train
+from test_distributed import ROOT, torchrun
+from test_train import TINY
+
+# The test suite's TINY turns W&B off; these tests turn it on again (the later value wins).
+OFFLINE = TINY + ["tracking.wandb.mode=offline"]
+FAKE_KEY = "local-0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(autouse=True)
+def wandb_dirs(tmp_path, monkeypatch):
+    """Everything W&B writes (settings, caches, artifact staging) stays under tmp_path."""
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+
+
+def read_records(path: Path) -> list:
+    """The records of a `.wandb` file: W&B's LevelDB-style log (a 7-byte header, 32 KiB blocks
+    of chunks with a 7-byte header each: crc32, length, type full/first/middle/last), each
+    record a wandb_internal_pb2.Record."""
+    data, block, header = path.read_bytes(), 32 * 1024, 7
+    assert data[:4] == b":W&B"
+    records, pending, offset = [], b"", header
+    while offset + header <= len(data):
+        if block - offset % block < header:  # too little room left: the block is padded
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset:offset + header])
+        chunk, offset = data[offset + header:offset + header + length], offset + header + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # full, or the last chunk of a record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def finished_records(offline_run: Path, timeout: float = 30.0) -> list:
+    """The run's records once its `exit` record is on disk: wandb.finish() can return before
+    W&B's service has flushed the file (seen: header only, complete 0.2 s later)."""
+    (path,) = offline_run.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def records_of(offline_run: Path, kind: str) -> list:
+    return [getattr(r, kind) for r in finished_records(offline_run) if r.WhichOneof("record_type") == kind]
+
+
+def item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)  # W&B stores "train/d_loss" as a nested key
+
+
+def history_keys(offline_run: Path) -> set[str]:
+    return {item_key(item) for h in records_of(offline_run, "history") for item in h.item}
+
+
+def config_values(offline_run: Path) -> dict:
+    return {item_key(u): json.loads(u.value_json)
+            for c in records_of(offline_run, "config") for u in c.update}
+
+
+def test_wandb_mode_is_validated():
+    with pytest.raises(ConfigError, match="tracking.wandb.mode"):
+        load_config(overrides=["tracking.wandb.mode=offlne"])
+
+
+def test_auto_mode_is_online_only_with_a_configured_key(tmp_path, monkeypatch):
+    assert resolve_wandb_mode("auto") == "offline"
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine example.org login user password secret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert resolve_wandb_mode("auto") == "offline"  # an entry for another host is not a W&B key
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + FAKE_KEY + "\n")
+    assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    assert resolve_wandb_mode("auto") == "online"
+    assert [resolve_wandb_mode(m) for m in ("online", "offline", "disabled")] == ["online", "offline", "disabled"]
+
+
+def test_disabled_mode_creates_no_wandb_files(tmp_path):
+    cfg = load_config("configs/nsgan.yaml", TINY + ["trainer.max_steps=1", f"run.dir={tmp_path / 'run'}"])
+    assert [type(logger).__name__ for logger in build_loggers(cfg, tmp_path / "run")] == ["AppendingCSVLogger"]
+    run_dir = train(cfg).run_dir
+    assert not (run_dir / "wandb").exists() and not (run_dir / WANDB_RUN_ID_FILE).exists()
+    assert not (tmp_path / "wandb_home").exists()
+
+
+def test_offline_run_records_metrics_images_config_and_resumes_the_same_run(tmp_path):
+    run = tmp_path / "run"
+    train(load_config("configs/nsgan.yaml", OFFLINE + [f"run.dir={run}"]))
+    (first,) = offline_runs(run)
+    run_id = (run / WANDB_RUN_ID_FILE).read_text().strip()
+    assert first.name.endswith(run_id) and (run / "wandb" / "latest-run").exists()
+    keys = history_keys(first)
+    assert {"train/d_loss", "train/g_loss", "perf/images_per_s", "perf/step_time_s", "trainer/global_step"} <= keys
+    assert "samples/_type" in keys  # the sample grids, as W&B images
+    images = sorted((first / "files" / "media" / "images").glob("samples_*.png"))
+    assert len(images) == 3  # iterations 2 and 4 (run.sample_every=2) and the final grid
+    config = config_values(first)
+    assert config["config"]["model"]["kind"] == "gan" and config["config"]["trainer"]["max_steps"] == 4
+    assert config["params/generator"] > 0 and config["batch/global"] == 16
+    assert [r.run_id for r in records_of(first, "run")] == [run_id]
+    assert [e.exit_code for e in records_of(first, "exit")] == [0]  # finished with the training
+
+    train(load_config("configs/nsgan.yaml", OFFLINE + [f"run.dir={run}", "resume=auto", "trainer.max_steps=6"]))
+    assert (run / WANDB_RUN_ID_FILE).read_text().strip() == run_id
+    runs = offline_runs(run)
+    assert len(runs) == 2 and all(path.name.endswith(run_id) for path in runs)
+    (second,) = [path for path in runs if path != first]
+    assert [r.run_id for r in records_of(second, "run")] == [run_id]
+    iterations = [json.loads(item.value_json) for h in records_of(second, "history") for item in h.item
+                  if item_key(item) == "train/iteration"]
+    assert iterations == [5, 6]  # the continuation logs only the new iterations
+
+
+def test_checkpoint_artifact_and_no_api_key_anywhere(tmp_path):
+    # A separate process, so that everything it and W&B's service print is captured; a key is
+    # set, but mode=offline, so nothing goes online.
+    run = tmp_path / "run"
+    env = dict(os.environ, WANDB_API_KEY=FAKE_KEY, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("WANDB_SILENT", None)  # W&B's own console output is checked too
+    proc = subprocess.run([sys.executable, "-m", "dgm_scale", "train", "configs/nsgan.yaml", *OFFLINE,
+                           f"run.dir={run}", "tracking.wandb.log_checkpoints=true", "tracking.wandb.tags=[test]"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (offline,) = offline_runs(run)
+    (artifact,) = records_of(offline, "artifact")
+    assert artifact.type == "model" and artifact.name.startswith("checkpoints-")
+    assert [entry.path for entry in artifact.manifest.contents] == ["last.ckpt"]  # no best.ckpt without evaluation
+    assert list(records_of(offline, "run")[0].tags) == ["test"]
+
+    assert "wandb sync" in proc.stdout + proc.stderr  # W&B did print (its sync hint), just not the key
+    assert FAKE_KEY not in proc.stdout + proc.stderr
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert len(files) > 10
+    assert [path for path in files if FAKE_KEY.encode() in path.read_bytes()] == []
+
+
+def test_only_rank_zero_creates_the_wandb_run(tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun(["tests/ddp_worker.py", "configs/nsgan.yaml", str(tmp_path), *OFFLINE, "trainer.devices=2",
+                     "trainer.max_steps=2", f"run.dir={run}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (offline,) = offline_runs(run)  # rank 1 would have made a second one here (same save_dir)
+    assert offline.name.endswith((run / WANDB_RUN_ID_FILE).read_text().strip())
+    assert config_values(offline)["batch/world_size"] == 2 and "train/d_loss" in history_keys(offline)
