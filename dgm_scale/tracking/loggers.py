@@ -85,3 +85,13 @@ def log_now(trainer, metrics: dict[str, float]) -> None:
     step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step self.log in this batch uses
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
+
+
+def unsaved_metric_rows(trainer) -> list[dict]:
+    """Metric rows the CSV logger holds in memory, not yet in metrics.csv (it writes every 100
+    rows and at the end), so that a report made during training shows the newest values."""
+    rows: list[dict] = []
+    for logger in trainer.loggers:
+        if isinstance(logger, AppendingCSVLogger) and logger._experiment is not None:
+            rows += [dict(row) for row in logger.experiment.metrics]
+    return rows
