@@ -25,7 +25,7 @@ HOSTILE_NAME = "<script>alert('x')</script>&run"
 def colored_pixels(image: Image.Image, color) -> np.ndarray:
     """(row, column) of every pixel of exactly this colour."""
     pixels = np.asarray(image.convert("RGB")).astype(int)
-    return np.argwhere((np.abs(pixels - np.array(color)).sum(axis=2) == 0))
+    return np.argwhere(np.abs(pixels - np.array(color)).sum(axis=2) == 0)
 
 
 def test_nice_ticks_and_labels_are_readable():
@@ -55,13 +55,14 @@ def test_curve_pixels_land_on_the_axis_mapping():
     curve = found[(found[:, 1] > left + 5) & (found[:, 1] < right - 5) & (found[:, 0] > top) & (found[:, 0] < bottom)]
     first, last = curve[curve[:, 1].argmin()], curve[curve[:, 1].argmax()]
     assert first[0] > last[0] + 0.8 * (bottom - top) * 0.9
-    assert chart.to_pixel(0, 0)[0] < left + 0.05 * (right - left) and chart.to_pixel(100, 0)[0] > right - 0.05 * (right - left)
+    margin = 0.05 * (right - left)
+    assert chart.to_pixel(0, 0)[0] < left + margin and chart.to_pixel(100, 0)[0] > right - margin
     # The horizontal grid lines sit at the tick values under the same mapping as the curve: look
     # down a column halfway between two vertical grid lines (the curve crosses it once).
     x_ticks, _ = nice_ticks(*chart.x_range)
-    column = int(round((chart.to_pixel(x_ticks[1], 0)[0] + chart.to_pixel(x_ticks[2], 0)[0]) / 2))
+    column = round((chart.to_pixel(x_ticks[1], 0)[0] + chart.to_pixel(x_ticks[2], 0)[0]) / 2)
     grid_rows = colored_pixels(chart.image.crop((column, top + 1, column + 1, bottom)), GRID)[:, 0] + top + 1
-    tick_rows = [chart.to_pixel(0, t)[1] for t in nice_ticks(*chart.y_range)[0] if top < chart.to_pixel(0, t)[1] < bottom]
+    tick_rows = [row for row in (chart.to_pixel(0, t)[1] for t in nice_ticks(*chart.y_range)[0]) if top < row < bottom]
     assert len(tick_rows) >= 3 and len(grid_rows) > 0
     for row in grid_rows:
         assert min(abs(row - tick) for tick in tick_rows) <= 1, row
@@ -177,7 +178,8 @@ def test_training_refreshes_the_report_at_evaluations_and_the_end(tmp_path, monk
         return build_report(run_dir, unsaved_rows, status)
 
     monkeypatch.setattr(report_module, "build_report", recording_build)
-    cfg = load_config("configs/ring8.yaml", TOY + [f"run.dir={tmp_path / 'run'}", f"eval.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config("configs/ring8.yaml", TOY + [f"run.dir={tmp_path / 'run'}",
+                                                   f"eval.cache_dir={tmp_path / 'cache'}"])
     train(cfg)
     assert [status for status, _ in calls] == ["running (iteration 2)", "running (iteration 4)", "finished"]
     assert calls[0][1] > 0  # metrics.csv is not written yet at iteration 2: the logger's rows are used

@@ -15,4 +15,5 @@ from dgm_scale.tracking.perf import ThroughputMonitor
 from dgm_scale.tracking.report import RunReport, build_report
 
 __all__ = ["IterationProgress", "PeriodicCheckpoint", "PeriodicEvaluation", "RunReport", "SampleGrids",
-           "ThroughputMonitor", "build_loggers", "build_report", "image_grid", "log_now", "samples_to_image", "save_png_atomic", "scatter_plot"]
+           "ThroughputMonitor", "build_loggers", "build_report", "image_grid", "log_now", "samples_to_image",
+           "save_png_atomic", "scatter_plot"]

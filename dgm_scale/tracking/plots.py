@@ -72,7 +72,7 @@ def nice_ticks(low: float, high: float, target: int = 5) -> Tuple[np.ndarray, fl
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     first = math.floor(low / step + 1e-9) * step
-    count = int(math.ceil((high - first) / step - 1e-9)) + 1
+    count = math.ceil((high - first) / step - 1e-9) + 1
     return first + step * np.arange(count), step
 
 

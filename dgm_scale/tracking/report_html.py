@@ -71,7 +71,7 @@ def fmt(value) -> str:
 
 
 def duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours} h {minutes:02d} min" if hours else (f"{minutes} min {secs:02d} s" if minutes else f"{secs} s")
@@ -80,7 +80,8 @@ def duration(seconds: float) -> str:
 def reached_iteration(run: RunData) -> int:
     """The newest iteration the files show (training rows or evaluations)."""
     values = [float(x) for x in iterations(run.rows) if math.isfinite(x)]
-    values += [float(record["iteration"]) for record in run.evaluations if isinstance(record.get("iteration"), (int, float))]
+    values += [float(record["iteration"]) for record in run.evaluations
+               if isinstance(record.get("iteration"), (int, float))]
     return int(max(values)) if values else 0
 
 
@@ -93,6 +94,10 @@ def file_times(run: RunData) -> Tuple[float, float]:
     return start, max(times + [start])
 
 
+def clock(unix_time: float) -> str:
+    return datetime.fromtimestamp(unix_time).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def status_section(run: RunData, status: Optional[str]) -> str:
     max_steps = int(run.setting("trainer.max_steps", 0) or 0)
     reached = reached_iteration(run)
@@ -101,11 +106,10 @@ def status_section(run: RunData, status: Optional[str]) -> str:
     kind = next((k for k in ("finished", "running", "failed") if status.startswith(k)), "incomplete")
     share = min(1.0, reached / max_steps) if max_steps else 0.0
     start, last = file_times(run)
-    when = lambda t: datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")  # noqa: E731
     return (f'<div class="card"><span class="status {kind}">{esc(status)}</span>'
             f'<div class="bar"><div style="width: {100 * share:.1f}%"></div></div>'
-            f"iteration <b>{reached:,}</b> of {max_steps:,} ({100 * share:.0f}%) &middot; started {when(start)} "
-            f"&middot; last update {when(last)} &middot; {duration(last - start)} wall clock "
+            f"iteration <b>{reached:,}</b> of {max_steps:,} ({100 * share:.0f}%) &middot; started {clock(start)} "
+            f"&middot; last update {clock(last)} &middot; {duration(last - start)} wall clock "
             f'<span class="muted">(pauses included)</span></div>')
 
 
@@ -200,7 +204,7 @@ def plots_section(plots: Sequence[Plot]) -> str:
 def render_report(run: RunData, plots: Sequence[Plot], status: Optional[str] = None) -> str:
     """The whole page."""
     name = run.setting("run.name") or run.run_dir.name
-    now = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    now = clock(datetime.now().timestamp())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(name)} - dgm-scale report</title><style>{STYLE}</style></head>
