@@ -31,12 +31,12 @@ h1 { font-size: 24px; margin: 0 0 2px; } h2 { font-size: 17px; margin: 22px 0 8p
 .bar { height: 8px; background: #e3e6ea; border-radius: 4px; margin: 8px 0 4px; overflow: hidden; }
 .bar div { height: 100%; background: #1565c0; }
 table { border-collapse: collapse; } td, th { padding: 3px 12px 3px 0; text-align: left; vertical-align: top; }
-th { font-weight: 600; color: #444; border-bottom: 1px solid #dde0e4; }
+th { font-weight: 600; color: #444; border-bottom: 1px solid #dde0e4; white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .facts td:first-child { color: #555; white-space: nowrap; }
 .muted { color: #777; }
 .top { display: grid; grid-template-columns: minmax(0, 1fr) auto; gap: 14px; align-items: start; }
-.samples img { image-rendering: pixelated; max-width: 420px; width: 100%; display: block; }
+.samples img { max-width: 420px; width: 100%; display: block; }
 .plots { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 12px; }
 .plots figure { margin: 0; background: #fff; border: 1px solid #dde0e4; border-radius: 6px; padding: 6px; }
 .plots img { width: 100%; display: block; }
@@ -211,9 +211,9 @@ def render_report(run: RunData, plots: Sequence[Plot], status: Optional[str] = N
 <body><main>
 <h1>{esc(name)}</h1><p class="path">{esc(run.run_dir.resolve())}</p>
 {status_section(run, status)}
-<div class="top"><div class="card"><h2 style="margin-top:0">Run</h2>{facts_table(describe_model(run))}
-<h2>Evaluation</h2>{metrics_table(run)}</div>
+<div class="top"><div class="card"><h2 style="margin-top:0">Run</h2>{facts_table(describe_model(run))}</div>
 <div class="card">{samples_figure(run)}</div></div>
+<div class="card"><h2 style="margin-top:0">Evaluation</h2>{metrics_table(run)}</div>
 {history_table(run.evaluations)}
 <h2>Curves</h2>{plots_section(plots)}
 <h2>Config</h2><details><summary>config.yaml (the resolved config; repeat the run with
