@@ -1,4 +1,4 @@
-"""The command line: thin wrappers around config loading, `train`, sampling and shards."""
+"""The command line: thin wrappers around config loading, `train`, sampling, reports and shards."""
 from __future__ import annotations
 
 import argparse
@@ -104,6 +104,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_report(out, results, settings, args.checkpoint, module.checkpoint_iteration, evaluator.extractor.key())
         print(format_table(results))
         print(f"wrote {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dgm_scale.tracking.report import NotARunDirectory, build_report
+
+    try:
+        path = build_report(args.run_dir)
+    except NotARunDirectory as error:
+        raise ConfigError(str(error)) from None
+    print(f"wrote {path} (plots in {path.parent / 'plots'})")
     return 0
 
 
@@ -214,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample_p.add_argument("--seed", type=int, default=0)
     sample_p.add_argument("--out", type=Path, default=Path("samples.png"))
     sample_p.set_defaults(func=cmd_sample)
+    report_p = commands.add_parser("report", help="(re)build RUN_DIR/report.html and RUN_DIR/plots/*.png "
+                                                  "from a run directory (running, finished or crashed)")
+    report_p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report_p.set_defaults(func=cmd_report)
     _add_shards_parser(commands)
     _add_evaluate_parsers(commands)
     return parser

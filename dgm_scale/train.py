@@ -22,7 +22,7 @@ from dgm_scale.metrics.evaluation import eval_settings, prepare_evaluation
 from dgm_scale.distributed.sync_batchnorm import GlobalBatchNormSync
 from dgm_scale.modules import GenerativeModule, build_module
 from dgm_scale.resume import check_compatible, checkpoint_run_dir, resume_checkpoint
-from dgm_scale.tracking import (IterationProgress, PeriodicCheckpoint, PeriodicEvaluation, SampleGrids,
+from dgm_scale.tracking import (IterationProgress, PeriodicCheckpoint, PeriodicEvaluation, RunReport, SampleGrids,
                                 ThroughputMonitor, build_loggers)
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
         callbacks.append(PeriodicEvaluation(eval_settings(cfg), run_dir, cfg.eval.every,
                                             cfg.trainer.max_steps if cfg.eval.at_end else None, cfg.eval.best_metric))
     callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every))
+    if cfg.tracking.report:  # after the sample grids and PeriodicEvaluation: shows this iteration's grid and scores
+        callbacks.append(RunReport(run_dir, cfg.eval.every, cfg.trainer.max_steps))
     if cfg.trainer.progress_bar:
         callbacks.append(IterationProgress(cfg.trainer.max_steps))
     return callbacks

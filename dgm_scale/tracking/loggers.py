@@ -210,3 +210,13 @@ def log_image_now(trainer, key: str, image: Any, caption: Optional[str] = None) 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key, [image], step=_current_step(trainer), **extra)
+
+
+def unsaved_metric_rows(trainer) -> list[dict]:
+    """Metric rows the CSV logger holds in memory, not yet in metrics.csv (it writes every 100
+    rows and at the end), so that a report made during training shows the newest values."""
+    rows: list[dict] = []
+    for logger in trainer.loggers:
+        if isinstance(logger, AppendingCSVLogger) and logger._experiment is not None:
+            rows += [dict(row) for row in logger.experiment.metrics]
+    return rows
