@@ -107,7 +107,7 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
     if cfg.eval.every > 0 or cfg.eval.at_end:  # before the checkpoint, which saves its best-so-far
         callbacks.append(PeriodicEvaluation(eval_settings(cfg), run_dir, cfg.eval.every,
                                             cfg.trainer.max_steps if cfg.eval.at_end else None, cfg.eval.best_metric))
-    callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every))
+    callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every, cfg.run.keep_checkpoints))
     if cfg.trainer.progress_bar:
         callbacks.append(IterationProgress(cfg.trainer.max_steps))
     return callbacks
@@ -174,7 +174,9 @@ def train(cfg) -> RunResult:
         log.info("resuming from %s", resume_from)
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        # weights_only: our checkpoints hold tensors and plain data only (DeepSpeed partitions as bytes)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                    weights_only=True)
     finally:
         # Without this, torchrun processes sometimes abort at exit after finishing (SIGABRT).
         if torch.distributed.is_initialized():
