@@ -106,10 +106,10 @@ class GenerativeModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.start_iteration = self.iteration  # after any checkpoint was restored
 
-    def guarded_step(self, loss: Tensor, opt, network: torch.nn.Module, name: str) -> bool:
+    def guarded_step(self, loss: Tensor, opt, network: torch.nn.Module, name: str, scaled_terms=()) -> bool:
         """`opt.step()` unless `loss` or the gradient of `network` is NaN/Inf on any rank (then
         stop or skip, see modules/guards.py). Call it after backward; returns whether it stepped."""
-        if not self.nonfinite_guard.check(self, loss, network, name, opt):
+        if not self.nonfinite_guard.check(self, loss, network, name, opt, scaled_terms):
             return False
         opt.step()
         return True

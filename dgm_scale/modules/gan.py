@@ -73,7 +73,7 @@ class GANModule(GenerativeModule):
         real_logits = self._critic(real_images, labels)
         fake_logits = self._critic(fake_images, labels)
         d_loss = self.adversarial.d_loss(real_logits, fake_logits)
-        total = d_loss
+        total, penalty = d_loss, None
         logs = {}
         if self.cfg.loss.gp_weight > 0:
             mix = self.draw_noise(real_images.shape[0], uniform=True)
@@ -83,7 +83,8 @@ class GANModule(GenerativeModule):
             logs["gradient_penalty"] = penalty.detach()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(total, opt)
-        stepped = self.guarded_step(total, opt, self.discriminator, "discriminator")
+        stepped = self.guarded_step(d_loss, opt, self.discriminator, "discriminator",
+                                    scaled_terms=() if penalty is None else (penalty,))
         if with_logs:  # values of this rank's batch; the gradient norm is the global gradient's
             logs.update(d_loss=d_loss.detach(), d_real=real_logits.detach().mean(),
                         d_fake=fake_logits.detach().mean(), wasserstein=wasserstein_estimate(real_logits, fake_logits),

@@ -12,11 +12,12 @@ collective, but that all-reduce runs inside `optimizer.step()`, after the decisi
 and not at all with one process or under DeepSpeed.)
 
 Gradients scaled by an fp16 loss scaler may be inf by design: the scaler skips such a step and
-lowers its scale, so there only the loss is checked and the scaler's skips are not counted.
+lowers its scale, so there only the loss is checked and the scaler's skips are not counted. The
+same holds for a gradient penalty, computed from loss-scaled gradients (`scaled_terms`).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -65,13 +66,19 @@ class NonFiniteGuard:
             return bad
         return bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
 
-    def check(self, module, loss: Tensor, network: nn.Module, name: str, opt: Any) -> bool:
+    def check(self, module, loss: Tensor, network: nn.Module, name: str, opt: Any,
+              scaled_terms: Sequence[Tensor] = ()) -> bool:
         """True: apply the step. False: skip it (gradients cleared, Lightning's step counter
-        advanced so that iterations keep their numbers). Raises under `stop` or past the limit."""
+        advanced so that iterations keep their numbers). Raises under `stop` or past the limit.
+
+        `scaled_terms`: loss terms computed from loss-scaled gradients (the gradient penalty),
+        which overflow like the gradients under fp16 and are then left to the scaler too.
+        """
         trainer = module._trainer
-        loss_bad = not all_finite([loss])
+        unscaled = _gradients_checked(trainer)
+        loss_bad = not all_finite([loss, *(scaled_terms if unscaled else ())])
         grads = [p.grad for p in network.parameters() if p.grad is not None]
-        grad_bad = _gradients_checked(trainer) and not all_finite(grads)
+        grad_bad = unscaled and not all_finite(grads)
         # Two flags in one decision would need two collectives; the quantity only names the error.
         if not self._global(trainer, loss_bad or grad_bad):
             return True
