@@ -22,8 +22,8 @@ from dgm_scale.metrics.evaluation import eval_settings, prepare_evaluation
 from dgm_scale.distributed.sync_batchnorm import GlobalBatchNormSync
 from dgm_scale.modules import GenerativeModule, build_module
 from dgm_scale.resume import check_compatible, checkpoint_run_dir, resume_checkpoint
-from dgm_scale.tracking import (IterationProgress, PeriodicCheckpoint, PeriodicEvaluation, SampleGrids,
-                                ThroughputMonitor, build_loggers)
+from dgm_scale.tracking import (IterationProgress, MetricsResumePoint, PeriodicCheckpoint, PeriodicEvaluation,
+                                SampleGrids, ThroughputMonitor, build_loggers)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
         # Next, so that its step time is the training step alone (sample grids, evaluations and
         # checkpoints after it count as the next iteration's data wait).
         ThroughputMonitor(cfg.trainer.log_every, images_per_iteration),
+        MetricsResumePoint(),  # metrics.csv rows up to each checkpoint reach the disk with it
     ]
     if env.slurm_job:  # SIGUSR1 -> checkpoint -> requeue, at an iteration boundary on every rank
         callbacks.append(RequeueOnSignal(run_dir, env.slurm_job))

@@ -10,8 +10,8 @@ from dgm_scale.tracking.images import (
     scatter_plot,
 )
 from dgm_scale.tracking.evaluation import PeriodicEvaluation
-from dgm_scale.tracking.loggers import build_loggers, log_now
+from dgm_scale.tracking.loggers import MetricsResumePoint, build_loggers, log_now
 from dgm_scale.tracking.perf import ThroughputMonitor
 
 __all__ = ["IterationProgress", "PeriodicCheckpoint", "PeriodicEvaluation", "SampleGrids", "ThroughputMonitor",
-           "build_loggers", "image_grid", "log_now", "samples_to_image", "save_png_atomic", "scatter_plot"]
+           "MetricsResumePoint", "build_loggers", "image_grid", "log_now", "samples_to_image", "save_png_atomic", "scatter_plot"]
