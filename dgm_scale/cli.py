@@ -236,13 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from dgm_scale.data import DataError
+    from dgm_scale.modules.guards import NonFiniteError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="dgm-scale: %(message)s", level=logging.WARNING)
     logging.getLogger("dgm_scale").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, NonFiniteError) as exc:  # one line, no traceback
         print(f"dgm-scale: error: {exc}", file=sys.stderr)
         return 2
 

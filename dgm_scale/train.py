@@ -22,8 +22,8 @@ from dgm_scale.metrics.evaluation import eval_settings, prepare_evaluation
 from dgm_scale.distributed.sync_batchnorm import GlobalBatchNormSync
 from dgm_scale.modules import GenerativeModule, build_module
 from dgm_scale.resume import check_compatible, checkpoint_run_dir, resume_checkpoint
-from dgm_scale.tracking import (IterationProgress, PeriodicCheckpoint, PeriodicEvaluation, RunReport, SampleGrids,
-                                ThroughputMonitor, build_loggers)
+from dgm_scale.tracking import (IterationProgress, MetricsResumePoint, PeriodicCheckpoint, PeriodicEvaluation,
+                                RunReport, SampleGrids, ThroughputMonitor, build_loggers)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
         # Next, so that its step time is the training step alone (sample grids, evaluations and
         # checkpoints after it count as the next iteration's data wait).
         ThroughputMonitor(cfg.trainer.log_every, images_per_iteration),
+        MetricsResumePoint(),  # metrics.csv rows up to each checkpoint reach the disk with it
     ]
     if env.slurm_job:  # SIGUSR1 -> checkpoint -> requeue, at an iteration boundary on every rank
         callbacks.append(RequeueOnSignal(run_dir, env.slurm_job))
@@ -107,7 +108,7 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
     if cfg.eval.every > 0 or cfg.eval.at_end:  # before the checkpoint, which saves its best-so-far
         callbacks.append(PeriodicEvaluation(eval_settings(cfg), run_dir, cfg.eval.every,
                                             cfg.trainer.max_steps if cfg.eval.at_end else None, cfg.eval.best_metric))
-    callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every))
+    callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every, cfg.run.keep_checkpoints))
     if cfg.tracking.report:  # after the sample grids and PeriodicEvaluation: shows this iteration's grid and scores
         callbacks.append(RunReport(run_dir, cfg.eval.every, cfg.trainer.max_steps))
     if cfg.trainer.progress_bar:
@@ -176,7 +177,9 @@ def train(cfg) -> RunResult:
         log.info("resuming from %s", resume_from)
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        # weights_only: our checkpoints hold tensors and plain data only (DeepSpeed partitions as bytes)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                    weights_only=True)
     finally:
         # Without this, torchrun processes sometimes abort at exit after finishing (SIGABRT).
         if torch.distributed.is_initialized():

@@ -10,6 +10,10 @@ from dgm_scale.train import quiet_lightning, train
 if __name__ == "__main__":
     config_path, out_dir, *overrides = sys.argv[1:]
     quiet_lightning()
+    if os.environ.get("DGM_TEST_NAN"):  # tests/test_nonfinite.py: a NaN loss on one rank
+        from nan_injection import install
+
+        install(os.environ["DGM_TEST_NAN"])
     result = train(load_config(config_path, overrides))
     params = {name: p.detach().clone() for name, p in result.module.named_parameters()}
     # Each rank draws its own noise stream (the ranks' latents must differ to be worth two ranks).

@@ -169,8 +169,12 @@ def validate(cfg: DictConfig) -> None:
     _require(trainer.devices >= 1 and trainer.num_nodes >= 1,
              f"config key 'trainer.devices' / 'trainer.num_nodes' must be >= 1, got {trainer.devices} / {trainer.num_nodes}")
     _require(trainer.log_every >= 1, f"config key 'trainer.log_every' must be >= 1, got {trainer.log_every}")
+    _choice("trainer.nonfinite", trainer.nonfinite, ["stop", "skip"])
+    _require(trainer.max_nonfinite_skips >= 0,
+             f"config key 'trainer.max_nonfinite_skips' must be >= 0, got {trainer.max_nonfinite_skips}")
     _require(run.sample_every >= 1, f"config key 'run.sample_every' must be >= 1, got {run.sample_every}")
     _require(run.checkpoint_every >= 1, f"config key 'run.checkpoint_every' must be >= 1, got {run.checkpoint_every}")
+    _require(run.keep_checkpoints >= 0, f"config key 'run.keep_checkpoints' must be >= 0, got {run.keep_checkpoints}")
     _require(run.num_samples >= 1, f"config key 'run.num_samples' must be >= 1, got {run.num_samples}")
     _choice("tracking.wandb.mode", cfg.tracking.wandb.mode, ["auto", "online", "offline", "disabled"])
     _validate_eval(cfg)

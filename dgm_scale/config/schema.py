@@ -98,7 +98,8 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     log_every: int = 10  # iterations between logged metrics
     # A NaN/Inf loss or gradient: "stop" (an error naming the iteration and network) or "skip"
-    # (the step is not applied, counted in train/nonfinite_skips; stop after max_nonfinite_skips).
+    # (the step is not applied, counted in train/nonfinite_skips; at most max_nonfinite_skips steps are
+    # skipped, the next non-finite one stops).
     nonfinite: str = "stop"
     max_nonfinite_skips: int = 100
     progress_bar: bool = True

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from dgm_scale.config import config_from_dict, to_dict
+from dgm_scale.modules.guards import NonFiniteGuard
 from dgm_scale.nets import count_parameters
 
 
@@ -52,6 +53,7 @@ class GenerativeModule(L.LightningModule):
         self.sample_shape = sample_shape(self.cfg.data)
         self.latent_dim = self.cfg.model.latent_dim
         self.num_classes = self.cfg.model.num_classes
+        self.nonfinite_guard = NonFiniteGuard(self.cfg.trainer.nonfinite, self.cfg.trainer.max_nonfinite_skips)
 
     @classmethod
     def from_config(cls, cfg) -> "GenerativeModule":
@@ -104,6 +106,21 @@ class GenerativeModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.start_iteration = self.iteration  # after any checkpoint was restored
 
+    def guarded_step(self, loss: Tensor, opt, network: torch.nn.Module, name: str, scaled_terms=()) -> bool:
+        """`opt.step()` unless `loss` or the gradient of `network` is NaN/Inf on any rank (then
+        stop or skip, see modules/guards.py). Call it after backward; returns whether it stepped."""
+        if not self.nonfinite_guard.check(self, loss, network, name, opt, scaled_terms):
+            return False
+        opt.step()
+        return True
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The skip budget spans the whole run, resumes included.
+        checkpoint["nonfinite_skips"] = self.nonfinite_guard.skips
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_guard.skips = int(checkpoint.get("nonfinite_skips", 0))
+
     def networks(self) -> dict:
         """The trained networks by name, e.g. {"generator": G, "discriminator": D}."""
         raise NotImplementedError
@@ -128,6 +145,8 @@ class GenerativeModule(L.LightningModule):
         if self._trainer is None:
             return
         metrics = {f"train/{key}": float(value) for key, value in values.items()}
+        if self.cfg.trainer.nonfinite == "skip":  # only then: other runs keep their columns
+            metrics["train/nonfinite_skips"] = float(self.nonfinite_guard.skips)
         log_now(self.trainer, {**metrics, "train/iteration": float(self.iteration), "epoch": self.current_epoch})
 
     def default_labels(self, num: int) -> Optional[Tensor]:

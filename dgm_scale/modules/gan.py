@@ -73,7 +73,7 @@ class GANModule(GenerativeModule):
         real_logits = self._critic(real_images, labels)
         fake_logits = self._critic(fake_images, labels)
         d_loss = self.adversarial.d_loss(real_logits, fake_logits)
-        total = d_loss
+        total, penalty = d_loss, None
         logs = {}
         if self.cfg.loss.gp_weight > 0:
             mix = self.draw_noise(real_images.shape[0], uniform=True)
@@ -83,14 +83,19 @@ class GANModule(GenerativeModule):
             logs["gradient_penalty"] = penalty.detach()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(total, opt)
-        opt.step()
+        stepped = self.guarded_step(d_loss, opt, self.discriminator, "discriminator",
+                                    scaled_terms=() if penalty is None else (penalty,))
         if with_logs:  # values of this rank's batch; the gradient norm is the global gradient's
             logs.update(d_loss=d_loss.detach(), d_real=real_logits.detach().mean(),
                         d_fake=fake_logits.detach().mean(), wasserstein=wasserstein_estimate(real_logits, fake_logits),
-                        d_grad_norm=stepped_gradient_norm(self._trainer, opt, self.discriminator))
-        if self.cfg.loss.clip_value > 0:
+                        d_grad_norm=self._stepped_norm(stepped, opt, self.discriminator))
+        if stepped and self.cfg.loss.clip_value > 0:
             clip_weights(self.discriminator, self.cfg.loss.clip_value)
         return logs
+
+    def _stepped_norm(self, stepped: bool, opt, network: nn.Module) -> Tensor:
+        """The stepped gradient's global norm; NaN for a skipped step (its gradient is gone)."""
+        return stepped_gradient_norm(self._trainer, opt, network) if stepped else torch.tensor(float("nan"))
 
     def generator_step(self, num: int, labels: Optional[Tensor], opt, with_logs: bool = True) -> Dict[str, Tensor]:
         fake_images = self.generator(self.draw_noise(num, self.latent_dim), labels)
@@ -99,10 +104,10 @@ class GANModule(GenerativeModule):
         g_loss = self.adversarial.g_loss(fake_logits)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(g_loss, opt)
-        opt.step()
+        stepped = self.guarded_step(g_loss, opt, self.generator, "generator")
         logs = {"g_loss": g_loss.detach(),
-                "g_grad_norm": stepped_gradient_norm(self._trainer, opt, self.generator)} if with_logs else {}
-        if self.generator_ema is not None:
+                "g_grad_norm": self._stepped_norm(stepped, opt, self.generator)} if with_logs else {}
+        if stepped and self.generator_ema is not None:  # a skipped step leaves G, so its average, as is
             update_ema(self.generator_ema, self.generator, self.cfg.model.ema_decay)
         return logs
 

@@ -60,7 +60,7 @@ class VAEModule(GenerativeModule):
         terms = self.elbo(batch[0], self.draw_noise(batch[0].shape[0], self.latent_dim))
         opt.zero_grad(set_to_none=True)
         self.manual_backward(terms["loss"], opt)
-        opt.step()
+        self.guarded_step(terms["loss"], opt, self, "encoder-decoder")
         if not log_now:
             return
         self.log_train(terms)

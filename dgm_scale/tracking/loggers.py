@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 from typing import Any, List, Optional
 
+import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -41,16 +42,37 @@ class _AppendingWriter(ExperimentWriter):
                 and not (set(pending) & set(self.metrics[-1])) - {"step"}:
             pending.update(self.metrics.pop())
 
-    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+    def _rewrite_with_new_header(self, fieldnames: list[str], before_step: Optional[int] = None) -> None:
+        """Rewrite the file with `fieldnames`, atomically; with `before_step`, keep only the rows
+        of earlier steps (and drop a last line cut short by a kill: it has no newline)."""
         path = Path(self.metrics_file_path)
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        text = path.read_text()
+        if before_step is not None and not text.endswith("\n"):
+            text = text[:text.rfind("\n") + 1]
+        rows = list(csv.DictReader(text.splitlines()))
+        if before_step is not None:
+            rows = [row for row in rows if row.get("step") and int(float(row["step"])) < before_step]
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, path)  # a crash mid-rewrite leaves the old file whole
+
+    def flush_before(self, step: int) -> list[dict]:
+        """Write the pending rows of steps < `step`; return (and keep pending) the rest."""
+        later = [row for row in self.metrics if row.get("step", -1) >= step]
+        self.metrics = [row for row in self.metrics if row.get("step", -1) < step]
+        self.save()
+        self.metrics = later
+        return [dict(row) for row in later]
+
+    def rewind(self, step: int, pending: list[dict]) -> None:
+        """Continue as at a checkpoint of `step`: rows of steps >= `step` on disk (written after
+        that checkpoint by a run that was then killed) go; the rows pending then come back."""
+        if Path(self.metrics_file_path).is_file():
+            self._rewrite_with_new_header(self.metrics_keys, before_step=step)
+        self.metrics = [dict(row) for row in pending] + self.metrics
 
 
 class AppendingCSVLogger(CSVLogger):
@@ -171,6 +193,47 @@ def build_wandb_logger(cfg, run_dir: Path) -> Optional[RunWandbLogger]:
         return None
     return RunWandbLogger(Path(run_dir), wb.log_checkpoints, project=wb.project, entity=wb.entity,
                           tags=list(wb.tags), mode=mode, name=Path(run_dir).name)
+
+
+class MetricsResumePoint(L.Callback):
+    """Keeps metrics.csv in step with the checkpoints, so a run killed at any moment and resumed
+    logs every iteration exactly once.
+
+    Rows are buffered in memory and appended in batches. With every checkpoint, rank 0 writes
+    the rows of earlier steps and stores the current step's (still open) rows in the checkpoint;
+    a run resumed from it drops the rows the killed run wrote after that checkpoint and reopens
+    the stored ones.
+    """
+
+    def __init__(self) -> None:
+        self._restore: Optional[dict] = None
+        self._trainer = None
+
+    @staticmethod
+    def _writer(trainer) -> Optional[_AppendingWriter]:
+        if trainer is None or not trainer.is_global_zero:
+            return None
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, AppendingCSVLogger)]
+        return loggers[0].experiment if loggers else None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer  # state_dict() gets no trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        writer = self._writer(self._trainer)
+        if writer is None:
+            return {}
+        step = self._trainer.fit_loop.epoch_loop._batches_that_stepped
+        return {"step": step, "pending": writer.flush_before(step)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restore = state_dict or None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        writer = self._writer(trainer)
+        if writer is not None and self._restore is not None:
+            writer.rewind(self._restore["step"], self._restore["pending"])
+        self._restore = None
 
 
 def build_loggers(cfg, run_dir: str | Path) -> List[Logger]:

@@ -1,0 +1,106 @@
+"""NaN/Inf guards: detect a non-finite loss or gradient between backward and step, then stop or skip.
+
+`trainer.nonfinite=stop` raises a `NonFiniteError` naming the iteration, the network and the
+quantity; `skip` leaves that step out (no optimizer step, no EMA update), counts it in
+`train/nonfinite_skips` and raises once more than `trainer.max_nonfinite_skips` were skipped.
+
+Under DDP / DeepSpeed the decision is global: each rank checks its own loss and local gradient,
+and one 1-element all-reduce per optimizer step (`reduce_boolean_decision`) makes every rank take
+the same decision, so a NaN on one rank can neither hang the others in the gradient all-reduce
+nor let the replicas diverge. (Folding the flag into the gradient all-reduce would save that
+collective, but that all-reduce runs inside `optimizer.step()`, after the decision is needed,
+and not at all with one process or under DeepSpeed.)
+
+Gradients scaled by an fp16 loss scaler may be inf by design: the scaler skips such a step and
+lowers its scale, so there only the loss is checked and the scaler's skips are not counted. The
+same holds for a gradient penalty, computed from loss-scaled gradients (`scaled_terms`).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/Inf loss, gradient or weight; the message is one line."""
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one host sync for all of them)."""
+    flags = [t.detach().isfinite().all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def first_nonfinite(named: Iterable[tuple[str, Tensor]]) -> str | None:
+    """The name of the first floating tensor with a NaN/Inf element, or None."""
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(tensor.detach().isfinite().all()):
+            return name
+    return None
+
+
+def _gradients_checked(trainer) -> bool:
+    """False where an fp16 loss scaler owns inf gradients (they are skipped and counted by it)."""
+    from dgm_scale.distributed.deepspeed_engines import MultiEngineDeepSpeed
+    from dgm_scale.distributed.precision import PerOptimizerScaledPrecision
+
+    if trainer is None:
+        return True
+    if isinstance(trainer.precision_plugin, PerOptimizerScaledPrecision):
+        return False
+    return not (isinstance(trainer.strategy, MultiEngineDeepSpeed) and str(trainer.precision).startswith("16"))
+
+
+class NonFiniteGuard:
+    """The policy of one module: `check()` before every `opt.step()`; the skip count is checkpointed."""
+
+    def __init__(self, policy: str, max_skips: int):
+        self.policy, self.max_skips = policy, max_skips
+        self.skips = 0
+
+    def _global(self, trainer, bad: bool) -> bool:
+        """Any rank's flag, on every rank (a collective: every rank calls it at every step)."""
+        if trainer is None or trainer.world_size == 1:
+            return bad
+        return bool(trainer.strategy.reduce_boolean_decision(bad, all=False))
+
+    def check(self, module, loss: Tensor, network: nn.Module, name: str, opt: Any,
+              scaled_terms: Sequence[Tensor] = ()) -> bool:
+        """True: apply the step. False: skip it (gradients cleared, Lightning's step counter
+        advanced so that iterations keep their numbers). Raises under `stop` or past the limit.
+
+        `scaled_terms`: loss terms computed from loss-scaled gradients (the gradient penalty),
+        which overflow like the gradients under fp16 and are then left to the scaler too.
+        """
+        trainer = module._trainer
+        unscaled = _gradients_checked(trainer)
+        loss_bad = not all_finite([loss, *(scaled_terms if unscaled else ())])
+        grads = [p.grad for p in network.parameters() if p.grad is not None]
+        grad_bad = unscaled and not all_finite(grads)
+        # Two flags in one decision would need two collectives; the quantity only names the error.
+        if not self._global(trainer, loss_bad or grad_bad):
+            return True
+        quantity = "loss" if loss_bad else ("gradient" if grad_bad else "loss or gradient on another rank")
+        where = f"non-finite {quantity} in the {name} step at iteration {module.iteration + 1}"
+        if self.policy == "stop":
+            raise NonFiniteError(f"{where} (trainer.nonfinite=stop)")
+        self.skips += 1
+        if self.skips > self.max_skips:
+            raise NonFiniteError(f"{where}: {self.skips} non-finite steps, more than "
+                                 f"trainer.max_nonfinite_skips={self.max_skips}")
+        opt.zero_grad(set_to_none=True)
+        count_skipped_step(opt)
+        return False
+
+
+def count_skipped_step(opt: Any) -> None:
+    """Advance Lightning's optimizer-step counter (global_step) without stepping.
+
+    Our iterations are global_step // steps per iteration, and the noise is keyed to them: a
+    skipped step must still count, or every later iteration would be numbered (and seeded) anew.
+    These are the hooks Lightning's manual-optimisation loop runs around a real `opt.step()`.
+    """
+    opt._on_before_step()
+    opt._on_after_step()

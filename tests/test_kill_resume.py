@@ -1,0 +1,179 @@
+"""kill -9 at a random moment, `resume=auto`: the run ends bit-identical to an uninterrupted one.
+
+Real `dgm-scale train` processes (torchrun for 2 processes) are killed with SIGKILL at a seeded
+random point after a chosen iteration's checkpoint appeared, then resumed to the end; final
+weights (EMA included) and every logged training value in metrics.csv must equal those of an
+uninterrupted run. A kill in the middle of a checkpoint write is made deterministic by
+tests/kill_in_save.py, which writes half of a checkpoint and then kills its own process.
+
+Starting a process costs ~4 s of CPU (imports) against ~1 s of training, so the one-process
+reference runs and final resumes run inside pytest (one thread, like the subprocesses; the same
+`train()` the CLI calls) while only the killed runs are separate processes.
+"""
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from dgm_scale.config import load_config
+from dgm_scale.modules import load_module
+from dgm_scale.train import train
+from test_distributed import ROOT, TINY, free_port
+from test_resume import assert_same_weights, metrics_rows
+
+SEED = 20261202
+MAX_STEPS = 16
+COMMON = TINY + [f"trainer.max_steps={MAX_STEPS}", "run.checkpoint_every=1", "run.sample_every=100",
+                 "run.keep_checkpoints=3"]
+# n_critic > 1; batches large enough that the iterations cross epoch ends (digits: 1,617 images)
+GAN = ["configs/wgan_gp.yaml", "loss.n_critic=2", "data.batch_size=128"]
+VAE = ["configs/vae.yaml", "data.batch_size=512"]
+
+
+def launch(args: list[str], run_dir: Path, nproc: int = 1, driver: str = "", env: dict | None = None) -> subprocess.Popen:
+    """`dgm-scale train ARGS run.dir=RUN_DIR` (under torchrun when nproc > 1), output to RUN_DIR.log."""
+    command = ["-m", "dgm_scale.cli"] if not driver else [driver]
+    if nproc > 1:
+        command = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+                   f"--rdzv-id={run_dir.name}", *command]
+    log = open(f"{run_dir}.log", "a")
+    return subprocess.Popen([sys.executable, *command, "train", *args, f"run.dir={run_dir}"], cwd=ROOT,
+                            stdout=log, stderr=log,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {})))
+
+
+def finish(proc: subprocess.Popen, run_dir: Path) -> None:
+    assert proc.wait(timeout=180) == 0, Path(f"{run_dir}.log").read_text()[-3000:]
+
+
+@contextmanager
+def one_thread():
+    """In-process runs compute like the OMP_NUM_THREADS=1 subprocesses (same reduction order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_here(args: list[str], run_dir: Path) -> None:
+    with one_thread():
+        train(load_config(args[0], [*args[1:], f"run.dir={run_dir}"]))
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and all its descendants (torchrun's workers run in their own sessions)."""
+    family = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()
+    for child in family:
+        child.kill()
+    proc.wait()
+    psutil.wait_procs(family, timeout=10)
+
+
+def checkpointed_iterations(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem[5:]) for p in (run_dir / "checkpoints").glob("iter_*.ckpt")) \
+        if (run_dir / "checkpoints").is_dir() else []
+
+
+def kill_after(proc: subprocess.Popen, run_dir: Path, iteration: int, delay: float) -> None:
+    """SIGKILL `proc` `delay` seconds after the checkpoint of `iteration` (or a later one) appeared."""
+    deadline = time.monotonic() + 120
+    while not any(i >= iteration for i in checkpointed_iterations(run_dir)):
+        assert proc.poll() is None, f"run ended before iteration {iteration}: {Path(f'{run_dir}.log').read_text()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    time.sleep(delay)
+    assert proc.poll() is None, "the run finished before it could be killed: choose an earlier kill point"
+    kill_tree(proc)
+
+
+def kill_in_background(proc: subprocess.Popen, run_dir: Path, iteration: int, delay: float):
+    """kill_after in a thread (so a reference run can train meanwhile); join() re-raises its failure."""
+    errors = []
+
+    def watch():
+        try:
+            kill_after(proc, run_dir, iteration, delay)
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+            proc.kill()
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+
+    def join() -> None:
+        thread.join(timeout=180)
+        if errors:
+            raise errors[0]
+    return join
+
+
+def random_kill_point(case: str, first: int, last: int) -> tuple[int, float]:
+    rng = random.Random(f"{SEED}-{case}")
+    iteration, delay = rng.randint(first, last), rng.uniform(0.0, 0.15)
+    print(f"{case}: SIGKILL {delay:.3f} s after the checkpoint of iteration {iteration} (seed {SEED})")
+    return iteration, delay
+
+
+def checkpoint_iteration(run_dir: Path) -> int:
+    return load_module(run_dir / "checkpoints" / "last.ckpt").checkpoint_iteration
+
+
+def assert_same_run(reference: Path, resumed: Path) -> None:
+    assert_same_weights(reference / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
+    assert metrics_rows(reference) == metrics_rows(resumed)
+    assert [float(row["train/iteration"]) for row in metrics_rows(resumed)] == list(range(1, MAX_STEPS + 1))
+
+
+def test_gan_killed_while_saving_then_at_random_resumes_exactly(tmp_path):
+    """WGAN-GP, n_critic 2, EMA. First kill: half-way through writing last.ckpt at iteration 4
+    (save 8; iter_4 is save 7) - the half file is the temporary one, last.ckpt is iteration 3's
+    and whole. Second kill: SIGKILL at a random point of the resumed run. Then resume to the end."""
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    first = launch([*GAN, *COMMON], victim, driver="tests/kill_in_save.py", env={"DGM_TEST_KILL_AT_SAVE": "8"})
+    train_here([*GAN, *COMMON], reference)
+    assert first.wait(timeout=180) == -9
+    assert (victim / "checkpoints" / ".last.ckpt.tmp").is_file()
+    assert checkpoint_iteration(victim) == 3  # loads: whole
+    iteration, delay = random_kill_point("gan", 5, 10)
+    second = launch([*GAN, *COMMON, "resume=auto"], victim)
+    kill_after(second, victim, iteration, delay)
+    stopped_at = checkpoint_iteration(victim)
+    print(f"gan: killed; last.ckpt holds iteration {stopped_at}")
+    assert iteration <= stopped_at < MAX_STEPS
+    train_here([*GAN, *COMMON, "resume=auto"], victim)
+    assert_same_run(reference, victim)
+
+
+def test_vae_killed_at_random_resumes_exactly(tmp_path):
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    iteration, delay = random_kill_point("vae", 2, 10)
+    proc = launch([*VAE, *COMMON], victim)
+    join = kill_in_background(proc, victim, iteration, delay)
+    train_here([*VAE, *COMMON], reference)
+    join()
+    assert iteration <= checkpoint_iteration(victim) < MAX_STEPS
+    train_here([*VAE, *COMMON, "resume=auto"], victim)
+    assert_same_run(reference, victim)
+
+
+def test_two_process_ddp_killed_at_random_resumes_exactly(tmp_path):
+    """torchrun, 2 processes: the launcher and both workers are SIGKILLed together."""
+    args = [*GAN, *COMMON, "trainer.devices=2"]
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    iteration, delay = random_kill_point("ddp", 2, 10)
+    runs = [launch(args, reference, nproc=2), launch(args, victim, nproc=2)]
+    kill_after(runs[1], victim, iteration, delay)
+    assert iteration <= checkpoint_iteration(victim) < MAX_STEPS
+    finish(launch([*args, "resume=auto"], victim, nproc=2), victim)
+    finish(runs[0], reference)
+    assert_same_run(reference, victim)

@@ -1,0 +1,134 @@
+"""NaN/Inf guards: stop or skip a step with a non-finite loss/gradient, never checkpoint NaN weights."""
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import dgm_scale.train as train_module
+from dgm_scale.config import ConfigError, load_config
+from dgm_scale.modules import load_module
+from dgm_scale.modules.guards import NonFiniteError
+from dgm_scale.train import train
+from nan_injection import install
+from test_distributed import TINY, torchrun
+
+COMMON = TINY + ["trainer.max_steps=6", "run.checkpoint_every=2"]
+
+
+def csv_column(run_dir: Path, key: str) -> list[str]:
+    with open(run_dir / "metrics.csv") as handle:
+        return [row[key] for row in csv.DictReader(handle) if row.get("train/iteration")]
+
+
+def adam_steps(checkpoint: Path) -> list[int]:
+    """Adam's own step counter per optimizer: the steps that were really applied."""
+    states = torch.load(checkpoint, weights_only=True)["optimizer_states"]
+    return [int(next(iter(state["state"].values()))["step"]) for state in states]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("trainer.nonfinite", "ignore", "trainer.nonfinite.*not one of stop, skip"),
+    ("trainer.max_nonfinite_skips", "-1", "trainer.max_nonfinite_skips.*>= 0"),
+    ("run.keep_checkpoints", "-2", "run.keep_checkpoints.*>= 0"),
+])
+def test_config_keys_are_validated(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[f"{key}={value}"])
+
+
+class SnapshotLast(L.Callback):
+    """Keeps the bytes of last.ckpt as they are at the end of iteration `at`."""
+
+    def __init__(self, checkpoints: Path, at: int, corrupt: bool = False):
+        self.checkpoints, self.at, self.corrupt, self.bytes = checkpoints, at, corrupt, None
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.iteration == self.at:
+            self.bytes = (self.checkpoints / "last.ckpt").read_bytes()
+            if self.corrupt:  # NaN weights that no loss or gradient check could see coming
+                with torch.no_grad():
+                    next(pl_module.generator_ema.parameters()).fill_(float("nan"))
+
+
+def with_callback(monkeypatch, callback: L.Callback) -> None:
+    build = train_module.build_callbacks
+    monkeypatch.setattr(train_module, "build_callbacks", lambda *a, **k: [callback] + build(*a, **k))
+
+
+@pytest.mark.parametrize("variant, network", [("nsgan", "generator"), ("wgan_gp", "discriminator"),
+                                              ("vae", "encoder-decoder")])
+def test_stop_names_iteration_and_network_and_keeps_last_checkpoint(variant, network, tmp_path, monkeypatch):
+    install(f"{network}:4", monkeypatch.setattr)
+    snapshot = SnapshotLast(tmp_path / "checkpoints", at=3)
+    with_callback(monkeypatch, snapshot)
+    with pytest.raises(NonFiniteError, match=f"^non-finite loss in the {network} step at iteration 4 "
+                                             r"\(trainer.nonfinite=stop\)$"):
+        train(load_config(f"configs/{variant}.yaml", COMMON + [f"run.dir={tmp_path}"]))
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == snapshot.bytes  # iteration 2's, untouched
+    assert load_module(tmp_path / "checkpoints" / "last.ckpt").checkpoint_iteration == 2
+
+
+def test_skip_leaves_steps_out_counts_them_and_keeps_weights_finite(tmp_path, monkeypatch):
+    install("generator:3", monkeypatch.setattr)
+    install("discriminator:5", monkeypatch.setattr)
+    result = train(load_config("configs/wgan_gp.yaml", COMMON + ["trainer.nonfinite=skip", f"run.dir={tmp_path}"]))
+    assert result.iterations == 6  # skipped steps still count as iterations
+    # iteration 5: all 5 critic steps see the NaN loss, so 1 + 5 skips
+    assert csv_column(tmp_path, "train/nonfinite_skips") == ["0.0", "0.0", "1.0", "1.0", "6.0", "6.0"]
+    assert csv_column(tmp_path, "train/g_loss")[2] == "nan"
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert all(torch.isfinite(t).all() for t in load_module(last).state_dict().values() if t.is_floating_point())
+    # Adam counts applied steps: G missed iteration 3's; D (n_critic 5) all of iteration 5's.
+    assert adam_steps(last) == [5, 6 * 5 - 5]
+    assert torch.load(last, weights_only=True)["nonfinite_skips"] == 6
+
+
+def test_skip_stops_past_the_limit(tmp_path, monkeypatch):
+    install("generator:2", monkeypatch.setattr)
+    install("generator:3", monkeypatch.setattr)
+    with pytest.raises(NonFiniteError, match="generator step at iteration 3: 2 non-finite steps, more than "
+                                             "trainer.max_nonfinite_skips=1"):
+        train(load_config("configs/nsgan.yaml", COMMON + ["trainer.nonfinite=skip", "trainer.max_nonfinite_skips=1",
+                                                          f"run.dir={tmp_path}"]))
+
+
+def test_nan_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    """EMA weights turned NaN after iteration 3: writing iteration 4's checkpoint is refused, and
+    last.ckpt stays iteration 2's, byte for byte."""
+    snapshot = SnapshotLast(tmp_path / "checkpoints", at=3, corrupt=True)
+    with_callback(monkeypatch, snapshot)
+    with pytest.raises(NonFiniteError, match="refusing to write checkpoint 'iter_0000004.ckpt' at iteration 4: "
+                                             "'generator_ema.*' is not finite"):
+        train(load_config("configs/nsgan.yaml", COMMON + [f"run.dir={tmp_path}"]))
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == snapshot.bytes
+    assert not (tmp_path / "checkpoints" / "iter_0000004.ckpt").exists()
+
+
+@pytest.mark.parametrize("policy, strategy", [("skip", "ddp"), ("stop", "ddp"),
+                                              pytest.param("skip", "deepspeed", marks=pytest.mark.slow)])
+def test_nan_on_one_rank_gives_the_same_decision_on_both(policy, strategy, tmp_path, monkeypatch):
+    """2 processes, a NaN generator loss on rank 1 only: both ranks skip the step (and stay
+    identical), or both stop with the error - no hang in the next collective. Under DeepSpeed
+    ZeRO-2 the skipped step's reduced gradient must not leak into the next step either."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DGM_TEST_NAN", "generator:2:1")
+    proc = torchrun(["tests/ddp_worker.py", "configs/nsgan.yaml", str(tmp_path), *COMMON, "trainer.devices=2",
+                     f"trainer.strategy={strategy}", f"trainer.nonfinite={policy}", f"run.dir={tmp_path / 'run'}"],
+                    timeout=150)
+    if policy == "stop":
+        assert proc.returncode != 0
+        assert proc.stderr.count("NonFiniteError: non-finite loss or gradient on another rank in the generator step "
+                                 "at iteration 2") >= 1, proc.stderr[-3000:]
+        assert proc.stderr.count("NonFiniteError: non-finite loss in the generator step at iteration 2") >= 1
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name, tensor in rank0["params"].items():
+        torch.testing.assert_close(tensor, rank1["params"][name], rtol=0, atol=0, msg=name)
+        assert tensor.isfinite().all(), name
+    assert csv_column(tmp_path / "run", "train/nonfinite_skips") == ["0.0"] + ["1.0"] * 5
+    if strategy == "ddp":  # (DeepSpeed keeps Adam's state in its ZeRO partitions)
+        assert adam_steps(tmp_path / "run" / "checkpoints" / "last.ckpt") == [5, 6]
