@@ -49,6 +49,17 @@ def test_resume_equals_uninterrupted_run(variant, tmp_path):
     assert len({row["epoch"] for row in metrics_rows(full)}) >= 2  # the stop or the rest crossed an epoch end
 
 
+def test_resume_with_random_flips_equals_uninterrupted_run(tmp_path):
+    """data.hflip: the flips are keyed to (seed, epoch, index), so the batches after a
+    mid-epoch resume are flipped exactly as in the straight run (with the global RNG they were not)."""
+    quiet_lightning()
+    run = lambda overrides: train(load_config("configs/nsgan.yaml", overrides))  # noqa: E731
+    common = TINY + ["data.batch_size=64", "data.hflip=true", "run.checkpoint_every=3"]
+    full, part = stop_and_resume(run, tmp_path, common)
+    assert_same_weights(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt")
+    assert metrics_rows(full) == metrics_rows(part)
+
+
 def _torchrun_train(out: Path):
     def run(overrides: list[str]) -> None:
         proc = torchrun(["tests/ddp_worker.py", overrides[0], str(out), *overrides[1:]])

@@ -15,7 +15,7 @@ from .position import DataPosition, ResumableDistributedSampler
 from .transforms import (
     from_model_range,
     load_image,
-    random_hflip,
+    keyed_hflip,
     resize_tensor,
     to_model_range,
 )
@@ -34,7 +34,7 @@ __all__ = [
     "fixed_split",
     "from_model_range",
     "load_image",
-    "random_hflip",
+    "keyed_hflip",
     "resize_tensor",
     "to_model_range",
     "toy_centers",

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .transforms import load_image, random_hflip, resize_tensor, to_model_range
+from .transforms import keyed_hflip, load_image, resize_tensor, to_model_range
 
 TOY_DATASETS = ("ring8", "grid25")
 # Streamed from tar shards by the data module (data/shards/), not built by this registry.
@@ -36,19 +36,28 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------- datasets
+def item_key(key) -> Tuple[int, int]:
+    """(index, epoch key) from what a loader asks for: an index, or (index, epoch key) from a
+    ResumableDistributedSampler over a dataset with `keyed_items` (random flips keyed to the
+    run seed and epoch; a plain index flips as in epoch key 0)."""
+    return (int(key[0]), int(key[1])) if isinstance(key, tuple) else (int(key), 0)
+
+
 class InMemoryDataset(Dataset):
     """Pre-computed samples x [N, ...] in [-1, 1] with int64 labels [N]."""
 
     def __init__(self, x: Tensor, labels: Tensor, num_classes: int, hflip: bool = False):
         self.x, self.labels, self.num_classes = x, labels, num_classes
         self.hflip = hflip and x.dim() == 4  # flipping only makes sense for images
+        self.keyed_items = self.hflip  # the sampler then hands over (index, epoch key): see item_key
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def __getitem__(self, index: int) -> Item:
+    def __getitem__(self, key) -> Item:
+        index, epoch_key = item_key(key)
         x = self.x[index]
-        return (random_hflip(x) if self.hflip else x), self.labels[index]
+        return (keyed_hflip(x, epoch_key, index) if self.hflip else x), self.labels[index]
 
 
 class ImageFolderDataset(Dataset):
@@ -68,12 +77,14 @@ class ImageFolderDataset(Dataset):
     ):
         self.samples, self.classes = list(samples), list(classes)
         self.channels, self.resolution, self.hflip = channels, resolution, hflip
+        self.keyed_items = hflip  # the sampler then hands over (index, epoch key): see item_key
         self.num_classes = len(self.classes)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Item:
+    def __getitem__(self, key) -> Item:
+        index, epoch_key = item_key(key)
         path, label = self.samples[index]
         try:
             x = load_image(path, self.channels, self.resolution)
@@ -81,7 +92,7 @@ class ImageFolderDataset(Dataset):
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise DataError(f"cannot decode image '{path}': {reason}") from None
         if self.hflip:
-            x = random_hflip(x)
+            x = keyed_hflip(x, epoch_key, index)
         return to_model_range(x), torch.tensor(label, dtype=torch.int64)
 
 

@@ -45,14 +45,18 @@ class ResumableDistributedSampler(DistributedSampler):
             return torch.randperm(len(self.dataset), generator=generator).tolist()
         return list(range(len(self.dataset)))
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator:
         order = self._epoch_order()[self._skipped():]
         if not order:
             return iter([])
         # Pad by wrapping around (as DistributedSampler does) so every rank gets as many samples.
         total = math.ceil(len(order) / self.num_replicas) * self.num_replicas
         order = (order * math.ceil(total / len(order)))[:total]
-        return iter(order[self.rank:total:self.num_replicas])
+        mine = order[self.rank:total:self.num_replicas]
+        if getattr(self.dataset, "keyed_items", False):  # random augmentation keyed to (seed, epoch, index)
+            epoch_key = self.seed * 1_000_003 + self.epoch
+            return iter([(index, epoch_key) for index in mine])
+        return iter(mine)
 
     def __len__(self) -> int:
         return math.ceil((len(self.dataset) - self._skipped()) / self.num_replicas)

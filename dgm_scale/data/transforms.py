@@ -144,12 +144,24 @@ def _center_crop(img: Image.Image, resolution: int) -> Image.Image:
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-def random_hflip(x: Tensor) -> Tensor:
-    """Flip an image [C, H, W] left-right with probability 0.5.
+_MASK64 = (1 << 64) - 1
 
-    Uses torch's global RNG (not Python's `random`) so that Lightning's
-    `seed_everything(workers=True)` makes the flips reproducible in every worker.
+
+def mix64(z: int) -> int:
+    """splitmix64's finaliser: a well-mixed 64-bit hash of an integer (cheap, no RNG state)."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def keyed_hflip(x: Tensor, epoch_key: int, index: int) -> Tensor:
+    """Flip an image [C, H, W] left-right with probability 1/2, decided by (epoch_key, index).
+
+    No RNG state: the same sample in the same epoch flips the same way in any worker, on any
+    rank, and after a mid-epoch resume (a global or per-worker RNG restarts at the epoch's
+    beginning when a run resumes, so its flips would differ from the uninterrupted run's).
     """
-    if torch.rand(()) < 0.5:
+    if mix64(((epoch_key & 0xFFFFFFFF) << 32) | (index & 0xFFFFFFFF)) >> 63:
         return x.flip(-1)
     return x
