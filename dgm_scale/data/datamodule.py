@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from .datasets import STREAM_DATASETS, TOY_DATASETS, DataError, build_dataset
 from .shards.manifest import read_manifest
 from .shards.urls import expand_urls
-from .position import ResumableDistributedSampler
+from .position import DataPosition, ResumableDistributedSampler
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -78,7 +78,11 @@ class ImageDataModule(L.LightningDataModule):
             return None
         trainer = self.trainer  # None outside a Trainer (e.g. a loader built by hand)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        for callback in trainer.callbacks if trainer is not None else []:
+            if isinstance(callback, DataPosition):  # a resumed run: start the loader where it stopped
+                callback.apply_to(sampler)
+        return sampler
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = int(self.cfg.num_workers)

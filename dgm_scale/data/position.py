@@ -59,7 +59,10 @@ class ResumableDistributedSampler(DistributedSampler):
         return iter(mine)
 
     def __len__(self) -> int:
-        return math.ceil((len(self.dataset) - self._skipped()) / self.num_replicas)
+        # The whole epoch's share, also in a resumed epoch: Lightning sizes the epoch from this
+        # and counts the batches restored from the checkpoint as part of it, so a shortened
+        # length would end the resumed epoch early. The iterator itself yields only the rest.
+        return math.ceil(len(self.dataset) / self.num_replicas)
 
 
 class DataPosition(L.Callback):
@@ -88,6 +91,17 @@ class DataPosition(L.Callback):
     def _sampler(trainer) -> Optional[ResumableDistributedSampler]:
         sampler = getattr(trainer.train_dataloader, "sampler", None)
         return sampler if isinstance(sampler, ResumableDistributedSampler) else None
+
+    def apply_to(self, sampler: ResumableDistributedSampler) -> None:
+        """Put a new sampler at the restored position (epoch, consumed samples), if any.
+
+        Called by the data module when it builds the training loader: Lightning starts a
+        multi-worker loader's iterator (its workers prefetch indices) before on_train_start,
+        so a position applied only there would come too late.
+        """
+        if self._restored is not None and "stream" not in self._restored:
+            sampler.set_epoch(self.epoch)
+            sampler.resume(self.epoch, self.consumed)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self._restored is None:
