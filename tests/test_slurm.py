@@ -93,4 +93,4 @@ def test_sbatch_trains_two_ranks_checkpoints_on_usr1_requeues_and_resumes(slurm_
     # Both parts logged to the same W&B run (offline here: one folder per part, the same run id).
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     parts = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(parts) == 2 and all(part.name.endswith(run_id) for part in parts), parts
+    assert len(parts) == 2 and all(f"-{run_id}" in part.name for part in parts), parts
