@@ -185,6 +185,10 @@ def train(cfg) -> RunResult:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     seconds = time.perf_counter() - start
+    if trainer.is_global_zero:  # stopped for a SLURM signal: requeue now that the loggers are closed
+        for callback in trainer.callbacks:
+            if isinstance(callback, RequeueOnSignal):
+                callback.requeue()
     # Throughput of this process's share of the run (a resumed run starts past iteration 0).
     images = (module.iteration - module.start_iteration) * per_iteration_batch * trainer.world_size
     return RunResult(run_dir=run_dir, iterations=module.iteration, seconds=seconds,

@@ -1,5 +1,6 @@
 """SLURM for real: a local cluster runs launch/slurm/train.sbatch with 2 ranks; USR1 makes the
-job checkpoint and requeue; the requeued job resumes from that checkpoint and finishes."""
+job checkpoint and requeue; the requeued job resumes from that checkpoint and finishes, and its
+W&B run (offline) continues the stopped job's."""
 import csv
 import os
 import re
@@ -11,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_wandb import logged_iterations as wandb_iterations, offline_runs, records_of
+from dgm_scale.tracking.loggers import WANDB_RUN_ID_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "launch" / "slurm" / "local_cluster.sh"
-TINY = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=8", "model.generator.width=4", "model.discriminator.width=4",
+TINY = ["tracking.wandb.mode=offline", "eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=8", "model.generator.width=4", "model.discriminator.width=4",
         "model.latent_dim=8", "trainer.log_every=1", "trainer.progress_bar=false", "trainer.accelerator=cpu",
         "run.sample_every=100", "run.checkpoint_every=100", "run.num_samples=4"]
 ITERATIONS = 600
@@ -54,7 +58,9 @@ def logged_iterations(run_dir: Path) -> list[int]:
 def test_sbatch_trains_two_ranks_checkpoints_on_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONPATH=str(ROOT),
-               NETRC=str(tmp_path / "no-netrc"),  # W&B offline, its files under tmp_path
+               # W&B offline, its files under tmp_path. The environment may hold this test process's
+               # W&B service (WANDB_SERVICE, when an earlier test used W&B): the jobs must not use it.
+               NETRC=str(tmp_path / "no-netrc"),
                **{name: str(tmp_path / "wandb_home" / name.lower())
                   for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")})
     env.pop("WANDB_API_KEY", None)
@@ -90,3 +96,11 @@ def test_sbatch_trains_two_ranks_checkpoints_on_usr1_requeues_and_resumes(slurm_
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2 * ITERATIONS
     # The metrics of both parts are in one file, none missing.
     assert sorted(logged_iterations(run_dir)) == list(range(1, ITERATIONS + 1))  # each exactly once
+    # W&B: both parts logged to the run's one W&B run id, the stopped part finished its run
+    # before the requeue, and between them they hold every iteration once.
+    run_id = (run_dir / WANDB_RUN_ID_FILE).read_text().strip()
+    parts = offline_runs(run_dir)
+    assert len(parts) == 2 and all(f"-{run_id}" in part.name for part in parts)
+    assert [[r.run_id for r in records_of(part, "run")] for part in parts] == [[run_id], [run_id]]
+    assert [[e.exit_code for e in records_of(part, "exit")] for part in parts] == [[0], [0]]
+    assert sorted(wandb_iterations(parts[0]) + wandb_iterations(parts[1])) == list(range(1, ITERATIONS + 1))

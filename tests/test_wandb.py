@@ -1,6 +1,7 @@
 """W&B tracking through Lightning's WandbLogger, checked on the offline run files W&B writes."""
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -84,6 +85,11 @@ def config_values(offline_run: Path) -> dict:
             for c in records_of(offline_run, "config") for u in c.update}
 
 
+def logged_iterations(offline_run: Path) -> list[int]:
+    return [json.loads(item.value_json) for h in records_of(offline_run, "history") for item in h.item
+            if item_key(item) == "train/iteration"]
+
+
 def test_wandb_mode_is_validated():
     with pytest.raises(ConfigError, match="tracking.wandb.mode"):
         load_config(overrides=["tracking.wandb.mode=offlne"])
@@ -135,9 +141,7 @@ def test_offline_run_records_metrics_images_config_and_resumes_the_same_run(tmp_
     assert len(runs) == 2 and all(f"-{run_id}" in path.name for path in runs)
     (second,) = [path for path in runs if path != first]
     assert [r.run_id for r in records_of(second, "run")] == [run_id]
-    iterations = [json.loads(item.value_json) for h in records_of(second, "history") for item in h.item
-                  if item_key(item) == "train/iteration"]
-    assert iterations == [5, 6]  # the continuation logs only the new iterations
+    assert logged_iterations(second) == [5, 6]  # the continuation logs only the new iterations
 
 
 def test_checkpoint_artifact_and_no_api_key_anywhere(tmp_path):
@@ -171,3 +175,21 @@ def test_only_rank_zero_creates_the_wandb_run(tmp_path):
     (offline,) = offline_runs(run)  # rank 1 would have made a second one here (same save_dir)
     assert offline.name.endswith((run / WANDB_RUN_ID_FILE).read_text().strip())
     assert config_values(offline)["batch/world_size"] == 2 and "train/d_loss" in history_keys(offline)
+
+
+def test_a_training_started_by_a_wandb_process_uses_its_own_service(tmp_path):
+    # wandb shares its service with child processes (WANDB_SERVICE). Were the training to log
+    # through its parent's service, a killed training's run would stay open there and the resumed
+    # one would fail with "run ID ... is in use" (as a requeued SLURM job did).
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "tests/wandb_parent.py", str(run), *OFFLINE, "run.checkpoint_every=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert "resumed training exit status: 0" in proc.stdout, proc.stderr[-3000:]
+    run_id = (run / WANDB_RUN_ID_FILE).read_text().strip()
+    runs = offline_runs(run)
+    assert len(runs) == 2 and all(f"-{run_id}" in path.name for path in runs)
+    resumed = max(runs, key=lambda path: path.stat().st_mtime)
+    assert [r.run_id for r in records_of(resumed, "run")] == [run_id]
+    assert [e.exit_code for e in records_of(resumed, "exit")] == [0]
+    start = int(re.search(r"resumed from iteration (\d+)", proc.stdout).group(1))
+    assert logged_iterations(resumed) == list(range(start + 1, start + 5))

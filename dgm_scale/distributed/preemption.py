@@ -5,8 +5,11 @@ handler. Under DDP each rank runs that handler wherever its main thread happens 
 rank's checkpoint collectives (barriers, gathers) can meet another rank's gradient all-reduce:
 a hang, seen under CPU load. Here the handler only sets a flag; after each iteration the ranks
 agree (one boolean all-reduce: any rank signalled) and all of them save
-`RUN/hpc_ckpt_N.ckpt` together, at the same point; rank 0 then calls `scontrol requeue` and
-training stops. The requeued job continues from that checkpoint (see resume.py).
+`RUN/hpc_ckpt_N.ckpt` together, at the same point, and training stops. Only after `fit`
+returns - the loggers finalized, so the W&B run is finished and flushed - does rank 0 call
+`scontrol requeue` (`requeue()`, called by train.py): SLURM ends the job's processes right after
+it, and a W&B run cut off mid-stream cannot be continued cleanly by the requeued job. The
+requeued job continues from that checkpoint (see resume.py).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def next_requeue_path(run_dir: Path) -> Path:
 
 
 class RequeueOnSignal(L.Callback):
-    """Checkpoint + `scontrol requeue JOB` + stop, one iteration after SIGUSR1 reached any rank."""
+    """Checkpoint + stop one iteration after SIGUSR1 reached any rank; then `requeue()`."""
 
     def __init__(self, run_dir: str | Path, slurm_job: Optional[str], signum: int = signal.SIGUSR1):
         self.run_dir, self.slurm_job, self.signum = Path(run_dir), slurm_job, signum
@@ -54,8 +57,12 @@ class RequeueOnSignal(L.Callback):
         self.requeued_at = pl_module.iteration
         if trainer.is_global_zero:
             log.info("signal %d: saved %s at iteration %d", self.signum, path, pl_module.iteration)
-            if self.slurm_job:
-                result = subprocess.run(["scontrol", "requeue", self.slurm_job], capture_output=True, text=True)
-                if result.returncode != 0:
-                    log.warning("scontrol requeue %s failed: %s", self.slurm_job, result.stderr.strip())
         trainer.should_stop = True
+
+    def requeue(self) -> None:
+        """`scontrol requeue JOB` once training stopped for the signal; call it on rank 0 after `fit`."""
+        if self.requeued_at is None or not self.slurm_job:
+            return
+        result = subprocess.run(["scontrol", "requeue", self.slurm_job], capture_output=True, text=True)
+        if result.returncode != 0:
+            log.warning("scontrol requeue %s failed: %s", self.slurm_job, result.stderr.strip())

@@ -1,13 +1,15 @@
 """The one place where experiment loggers are built: RUN/metrics.csv, and W&B unless disabled.
 
-This module is also the one place that looks for a W&B API key - only whether one is
-configured, to resolve `tracking.wandb.mode=auto`; the key itself is left to wandb.
+This module is also the one place that reads W&B's environment: whether an API key is
+configured (only that, to resolve `tracking.wandb.mode=auto`; the key itself is left to wandb),
+and a W&B service inherited from a parent process (see `drop_inherited_wandb_service`).
 """
 from __future__ import annotations
 
 import csv
 import netrc
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any, List, Optional
@@ -133,12 +135,35 @@ def stored_wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
+WANDB_SERVICE_ENV = "WANDB_SERVICE"  # "VERSION-PID-unix-SOCKET" or "VERSION-PID-tcp-localhost-PORT"
+
+
+def drop_inherited_wandb_service() -> Optional[str]:
+    """Forget a W&B service that a parent process started; return its token if one was dropped.
+
+    wandb puts its service's address into os.environ (WANDB_SERVICE) and every child process
+    connects to that service instead of starting its own. A training launched from a process that
+    used W&B - a notebook, a sweep driver, the test suite, `sbatch` from such a shell - would log
+    through the parent's service: on another node its socket does not exist, and a SLURM job
+    killed on requeue leaves its run open there, so the requeued job fails with "run ID ... is in
+    use". A training owns its W&B run, so it starts its own service (the token names the pid of
+    the process that started the service: ours, or inherited).
+    """
+    token = os.environ.get(WANDB_SERVICE_ENV, "")
+    match = re.match(r"\d+-(\d+)-", token)
+    if match is None or int(match.group(1)) == os.getpid():
+        return None
+    del os.environ[WANDB_SERVICE_ENV]
+    return token
+
+
 class RunWandbLogger(WandbLogger):
     """Lightning's WandbLogger, tied to a run directory.
 
     - The W&B run id comes from RUN/wandb_run_id (resume="allow"), so a resumed or requeued run
       continues the same W&B run. Only rank 0 reads or writes it: Lightning gives the other
       ranks a dummy experiment, so they never create a run.
+    - It logs through a W&B service of this process, never one inherited from a parent process.
     - The W&B run is finished with the training; otherwise the next `train` in this process
       would silently log into it (WandbLogger reuses an open `wandb.run`).
     - With `log_checkpoints`, a successful end logs last.ckpt / best.ckpt as one model artifact.
@@ -154,6 +179,7 @@ class RunWandbLogger(WandbLogger):
     def experiment(self):
         if self._experiment is None:  # rank 0, first use: decide which W&B run this is
             self._id = self._wandb_init["id"] = stored_wandb_run_id(self._run_dir)
+            drop_inherited_wandb_service()
         return super().experiment
 
     @rank_zero_only
