@@ -2,7 +2,9 @@
 
 `install("generator:4")` (or "discriminator:4:1", "encoder-decoder:2") patches the modules so
 that the loss of that network's step in iteration 4 (1-based) is NaN - on rank 1 only when a
-rank is given. tests/ddp_worker.py installs the spec in env DGM_TEST_NAN.
+rank is given. "generator-gradient:4" (or "discriminator-gradient:...") leaves the loss finite
+and makes the gradient of the network's first parameter NaN instead, in its backward.
+tests/ddp_worker.py installs the spec in env DGM_TEST_NAN.
 """
 from __future__ import annotations
 
@@ -33,12 +35,20 @@ def install(spec: str, setattr: Callable = setattr) -> None:
             return terms
         setattr(VAEModule, "elbo", poisoned_elbo)
         return
+    network, _, quantity = network.partition("-")
     name, field = {"generator": ("generator_step", "g_loss"), "discriminator": ("discriminator_step", "d_loss")}[network]
     step = getattr(GANModule, name)
 
     def poisoned_step(self, *args, **kwargs):
         if not _due(self, iteration, rank):
             return step(self, *args, **kwargs)
+        if quantity == "gradient":  # the hook runs in backward, before any gradient reduction
+            first_param = next(getattr(self, network).parameters())
+            handle = first_param.register_hook(lambda grad: grad * float("nan"))
+            try:
+                return step(self, *args, **kwargs)
+            finally:
+                handle.remove()
         clean = self.adversarial
         self.adversarial = dataclasses.replace(clean, **{field: _nan(getattr(clean, field))})
         try:

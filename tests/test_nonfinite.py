@@ -132,3 +132,28 @@ def test_nan_on_one_rank_gives_the_same_decision_on_both(policy, strategy, tmp_p
     assert csv_column(tmp_path / "run", "train/nonfinite_skips") == ["0.0"] + ["1.0"] * 5
     if strategy == "ddp":  # (DeepSpeed keeps Adam's state in its ZeRO partitions)
         assert adam_steps(tmp_path / "run" / "checkpoints" / "last.ckpt") == [5, 6]
+
+
+@pytest.mark.parametrize("policy, strategy", [("stop", "ddp"), ("stop", "deepspeed"),
+                                              pytest.param("skip", "deepspeed", marks=pytest.mark.slow)])
+def test_nan_gradient_with_a_finite_loss_is_caught(policy, strategy, tmp_path, monkeypatch):
+    """A NaN in one gradient on rank 1, the loss finite: the guard sees it in the gradients (under
+    DeepSpeed ZeRO-2, in the engine's gradient partitions, not `.grad`) and stops naming it, or
+    skips that one step (the NaN partition is dropped, not applied in the next step)."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DGM_TEST_NAN", "generator-gradient:2:1")
+    proc = torchrun(["tests/ddp_worker.py", "configs/nsgan.yaml", str(tmp_path), *COMMON, "trainer.devices=2",
+                     f"trainer.strategy={strategy}", f"trainer.nonfinite={policy}", f"run.dir={tmp_path / 'run'}"],
+                    timeout=150)
+    if policy == "stop":
+        assert proc.returncode != 0
+        assert "NonFiniteError: non-finite gradient in the generator step at iteration 2" in proc.stderr, \
+            proc.stderr[-3000:]
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert csv_column(tmp_path / "run", "train/nonfinite_skips") == ["0.0"] + ["1.0"] * 5
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name, tensor in rank0["params"].items():
+        torch.testing.assert_close(tensor, rank1["params"][name], rtol=0, atol=0, msg=name)
+        assert tensor.isfinite().all(), name

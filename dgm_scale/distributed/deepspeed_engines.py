@@ -88,6 +88,25 @@ class MultiEngineDeepSpeed(GradientAllReduceDDP):
         norm = self._engine_of(optimizer).get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
 
+    def local_gradients(self, optimizer: Any) -> Optional[List[torch.Tensor]]:
+        """This rank's share of the reduced gradients the engine's next `step()` will apply.
+
+        Under ZeRO-1/2 they are not in the parameters' `.grad`: each rank holds its partition in
+        the ZeRO optimizer (on CPU with optimizer offload). None without ZeRO: use `.grad`.
+        """
+        zero = self._engine_of(optimizer).optimizer
+        if getattr(zero, "cpu_offload", False):
+            return [flat.grad for flat in zero.single_partition_of_fp32_groups if flat.grad is not None]
+        if not hasattr(zero, "averaged_gradients"):
+            return None
+        grads: List[torch.Tensor] = []
+        for group in zero.averaged_gradients.values():
+            if isinstance(group, torch.Tensor):
+                grads.append(group)
+            elif group is not None:
+                grads += [grad for grad in group if grad is not None]
+        return grads
+
     def loss_scale(self, optimizer: Any) -> float:
         """The engine's current fp16 loss scale (1.0 in bf16/fp32)."""
         return float(getattr(self._engine_of(optimizer).optimizer, "loss_scale", 1.0))

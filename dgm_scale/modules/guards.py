@@ -4,7 +4,8 @@
 quantity; `skip` leaves that step out (no optimizer step, no EMA update), counts it in
 `train/nonfinite_skips` and raises once more than `trainer.max_nonfinite_skips` were skipped.
 
-Under DDP / DeepSpeed the decision is global: each rank checks its own loss and local gradient,
+Under DDP / DeepSpeed the decision is global: each rank checks its own loss and local gradient
+(under DeepSpeed ZeRO: its partition of the reduced gradient, which ZeRO keeps out of `.grad`),
 and one 1-element all-reduce per optimizer step (`reduce_boolean_decision`) makes every rank take
 the same decision, so a NaN on one rank can neither hang the others in the gradient all-reduce
 nor let the replicas diverge. (Folding the flag into the gradient all-reduce would save that
@@ -53,6 +54,18 @@ def _gradients_checked(trainer) -> bool:
     return not (isinstance(trainer.strategy, MultiEngineDeepSpeed) and str(trainer.precision).startswith("16"))
 
 
+def _local_gradients(trainer, network: nn.Module, opt: Any) -> list[Tensor]:
+    """The gradients this rank is about to step with: the network's `.grad`, or under DeepSpeed
+    ZeRO the engine's gradient partition (ZeRO moves gradients out of `.grad`)."""
+    from dgm_scale.distributed.deepspeed_engines import MultiEngineDeepSpeed
+
+    if trainer is not None and isinstance(trainer.strategy, MultiEngineDeepSpeed):
+        partition = trainer.strategy.local_gradients(opt)
+        if partition is not None:
+            return partition
+    return [p.grad for p in network.parameters() if p.grad is not None]
+
+
 class NonFiniteGuard:
     """The policy of one module: `check()` before every `opt.step()`; the skip count is checkpointed."""
 
@@ -77,8 +90,7 @@ class NonFiniteGuard:
         trainer = module._trainer
         unscaled = _gradients_checked(trainer)
         loss_bad = not all_finite([loss, *(scaled_terms if unscaled else ())])
-        grads = [p.grad for p in network.parameters() if p.grad is not None]
-        grad_bad = unscaled and not all_finite(grads)
+        grad_bad = unscaled and not all_finite(_local_gradients(trainer, network, opt))
         # Two flags in one decision would need two collectives; the quantity only names the error.
         if not self._global(trainer, loss_bad or grad_bad):
             return True
