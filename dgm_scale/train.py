@@ -90,8 +90,10 @@ def make_run_dir(cfg, env: Optional[LaunchEnv] = None) -> Path:
     return run_dir
 
 
-def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEnv) -> List[L.Callback]:
-    """The run's callbacks, in the order their batch-end work must happen."""
+def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEnv,
+                    extractor=None) -> List[L.Callback]:
+    """The run's callbacks, in the order their batch-end work must happen; `extractor`: the
+    evaluation's feature extractor when already built (prepare_evaluation)."""
     reference = toy_centers(cfg.data.name) if cfg.data.name in TOY_DATASETS else None
     callbacks: List[L.Callback] = [
         DataPosition(cfg.trainer.log_every),  # first: a checkpoint written at a batch's end must count it
@@ -107,7 +109,8 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
     ]
     if cfg.eval.every > 0 or cfg.eval.at_end:  # before the checkpoint, which saves its best-so-far
         callbacks.append(PeriodicEvaluation(eval_settings(cfg), run_dir, cfg.eval.every,
-                                            cfg.trainer.max_steps if cfg.eval.at_end else None, cfg.eval.best_metric))
+                                            cfg.trainer.max_steps if cfg.eval.at_end else None, cfg.eval.best_metric,
+                                            extractor=extractor))
     callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every, cfg.run.keep_checkpoints))
     if cfg.tracking.report:  # after the sample grids and PeriodicEvaluation: shows this iteration's grid and scores
         callbacks.append(RunReport(run_dir, cfg.eval.every, cfg.trainer.max_steps))
@@ -122,7 +125,8 @@ def global_batch_per_iteration(cfg, module: GenerativeModule) -> int:
     return cfg.data.batch_size * module.batches_per_iteration * world
 
 
-def build_trainer(cfg, module: GenerativeModule, run_dir: Path, env: Optional[LaunchEnv] = None) -> L.Trainer:
+def build_trainer(cfg, module: GenerativeModule, run_dir: Path, env: Optional[LaunchEnv] = None,
+                  extractor=None) -> L.Trainer:
     env = env or launch_env()
     trainer_cfg = cfg.trainer
     precision_plugins = build_precision_plugins(trainer_cfg.precision, trainer_cfg.accelerator, trainer_cfg.strategy)
@@ -141,7 +145,7 @@ def build_trainer(cfg, module: GenerativeModule, run_dir: Path, env: Optional[La
         max_steps=trainer_cfg.max_steps * module.optimizer_steps_per_iteration,
         max_epochs=-1,
         logger=build_loggers(cfg, run_dir),
-        callbacks=build_callbacks(cfg, run_dir, global_batch_per_iteration(cfg, module), env),
+        callbacks=build_callbacks(cfg, run_dir, global_batch_per_iteration(cfg, module), env, extractor),
         use_distributed_sampler=False,  # the data module deals the data to the ranks (resumable)
         log_every_n_steps=1,  # the modules log only every trainer.log_every iterations themselves
         enable_checkpointing=False,  # PeriodicCheckpoint writes atomically instead
@@ -164,10 +168,11 @@ def train(cfg) -> RunResult:
         raise ConfigError(f"config key 'model.num_classes': {wanted_classes} does not match the "
                           f"{datamodule.num_classes} classes of dataset '{cfg.data.name}'")
     env = launch_env()
-    if env.global_rank == 0:  # the other ranks' evaluators wait for rank 0's files at train start
-        prepare_evaluation(cfg)
+    # Rank 0 builds the extractor now (a bad eval setup fails before the run directory exists);
+    # the other ranks' evaluators build theirs at train start, from rank 0's files.
+    extractor = prepare_evaluation(cfg) if env.global_rank == 0 else None
     run_dir = make_run_dir(cfg, env)
-    trainer = build_trainer(cfg, module, run_dir, env)
+    trainer = build_trainer(cfg, module, run_dir, env, extractor)
     log.info("training %s (%s, %s loss) on %s for %d iterations -> %s", cfg.run.name, cfg.model.kind,
              cfg.loss.name if cfg.model.kind == "gan" else cfg.loss.likelihood, cfg.data.name,
              cfg.trainer.max_steps, run_dir)

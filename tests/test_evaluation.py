@@ -17,6 +17,7 @@ from dgm_scale.config import load_config
 from dgm_scale.data.datasets import DataError
 from dgm_scale.metrics import evaluation as evaluation_module
 from dgm_scale.metrics.evaluation import EvalSettings, Evaluator, generated_batches
+from dgm_scale.metrics.extractors import build_extractor
 from dgm_scale.metrics.real_data import rank_share, real_batches
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.train import train
@@ -35,9 +36,12 @@ class ReplayModule:
     """A 'generator' whose sample i is row i of a fixed tensor: evaluates a known sample set."""
 
     def __init__(self, rows: torch.Tensor):
-        self.rows, self.latent_dim, self.num_classes = rows, 1, 0
+        self.rows, self.latent_dim, self.num_classes = rows, 1, 0  # (unconditional)
         self.sample_shape = tuple(rows.shape[1:])
         self._next = 0
+
+    def default_labels(self, num, start=0):
+        return None
 
     def generate(self, latents, labels=None):
         batch = self.rows[self._next:self._next + len(latents)]
@@ -147,11 +151,15 @@ def test_two_processes_equal_one_process_with_uneven_shares(tmp_path):
         assert two[0][name] == pytest.approx(one[name], rel=1e-9, abs=1e-12), name
 
 
-def test_training_evaluates_keeps_the_best_checkpoint_and_resumes_it(tmp_path):
+def test_training_evaluates_keeps_the_best_checkpoint_and_resumes_it(tmp_path, monkeypatch):
     common = TOY + [f"run.dir={tmp_path / 'run'}", "eval.every=10", "eval.num_samples=400",
                     f"eval.cache_dir={tmp_path / 'cache'}", "run.checkpoint_every=10"]
     cfg = load_config("configs/ring8.yaml", common + ["trainer.max_steps=20"])
+    built = []
+    monkeypatch.setattr(evaluation_module, "build_extractor",
+                        lambda *args, **kwargs: built.append(args) or build_extractor(*args, **kwargs))
     train(cfg)
+    assert len(built) == 1  # before the run directory exists; the evaluator reuses it
     run = tmp_path / "run"
     lines = [json.loads(line) for line in (run / "eval" / "metrics.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines] == [10, 20]

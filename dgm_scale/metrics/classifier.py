@@ -184,7 +184,7 @@ def fit_classifier_on_source(src: str, out: Path, resolution: int, channels: int
 
     from dgm_scale.data.datasets import DataError
     from dgm_scale.data.shards.sources import open_source
-    from dgm_scale.metrics.real_data import _raw_to_image, _to_model_space
+    from dgm_scale.metrics.real_data import raw_to_image, to_model_space
 
     source = open_source(src, resolution=resolution, channels=channels)
     if source.num_classes < 2:
@@ -194,9 +194,9 @@ def fit_classifier_on_source(src: str, out: Path, resolution: int, channels: int
     for raw in source.samples():
         if raw.label is None:
             raise DataError(f"SRC '{src}': sample '{raw.origin}' has no label")
-        images.append(_raw_to_image(raw, channels, resolution))
+        images.append(raw_to_image(raw, channels, resolution))
         labels.append(raw.label)
-    x, y = _to_model_space(images), torch.tensor(labels, dtype=torch.int64)
+    x, y = to_model_space(images), torch.tensor(labels, dtype=torch.int64)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     num_val = int(round(len(x) * val_fraction))
     val, train = order[:num_val], order[num_val:]

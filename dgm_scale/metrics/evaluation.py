@@ -78,14 +78,16 @@ def extract_all(extractor: FeatureExtractor, batches: Iterable[Tensor], sample_s
 
 
 def generated_batches(module, num: int, seed: int, batch_size: int, rank: int = 0, world: int = 1):
-    """This rank's share of `num` samples from `module` (see the module docstring), in batches."""
+    """This rank's share of `num` samples from `module` (see the module docstring), in batches.
+
+    `module`: a GenerativeModule, or anything with its `latent_dim`, `default_labels` and `generate`.
+    """
     latents = torch.randn(num, module.latent_dim, generator=torch.Generator().manual_seed(seed))
     start, end = rank_share(num, rank, world)
     for lo in range(start, end, batch_size):
         hi = min(lo + batch_size, end)
         # Conditional models: class i % K for global sample i, balanced whatever the world size.
-        labels = torch.arange(lo, hi) % module.num_classes if module.num_classes > 0 else None
-        yield module.generate(latents[lo:hi], labels)
+        yield module.generate(latents[lo:hi], module.default_labels(hi - lo, start=lo))
 
 
 def _gather(extracted: Extracted) -> Extracted:
@@ -96,7 +98,9 @@ def _gather(extracted: Extracted) -> Extracted:
 class Evaluator:
     """Holds the extractor and the real features of a run; `evaluate(module)` scores a generator."""
 
-    def __init__(self, settings: EvalSettings, sample_shape: tuple[int, ...], device: torch.device):
+    def __init__(self, settings: EvalSettings, sample_shape: tuple[int, ...], device: torch.device,
+                 extractor: Optional[FeatureExtractor] = None):
+        """`extractor`: one already built from `settings` (by `prepare_evaluation`), else built here."""
         self.settings, self.sample_shape, self.device = settings, tuple(sample_shape), device
         resolve_options(settings.options)  # unknown option keys fail now, not after training
         unknown = [name for name in settings.metrics if name not in METRICS]
@@ -107,8 +111,10 @@ class Evaluator:
         # Rank 0 downloads / trains the extractor first, the others then read its file.
         if rank != 0:
             _barrier()
-        self.extractor = build_extractor(settings.extractor, self.sample_shape, self.cache_dir,
-                                         settings.inception_weights).to(device).eval()
+        if extractor is None:
+            extractor = build_extractor(settings.extractor, self.sample_shape, self.cache_dir,
+                                        settings.inception_weights)
+        self.extractor = extractor.to(device).eval()
         if rank == 0:
             _barrier()
         self._real: Optional[Tensor] = None
@@ -178,10 +184,11 @@ def eval_settings(cfg) -> EvalSettings:
         inception_weights=ev.inception_weights)
 
 
-def prepare_evaluation(cfg) -> Optional[EvalSettings]:
-    """Before training: resolve the eval settings and fetch / train the extractor into the cache
-    (download the Inception weights, train the digits classifier), so that a bad eval setup stops
-    the run before its directory exists. ConfigError / DataError name the config key at fault."""
+def prepare_evaluation(cfg) -> Optional[FeatureExtractor]:
+    """Before training: fetch / build the extractor the run's evaluations will use (download the
+    Inception weights, train the digits classifier), so that a bad eval setup stops the run before
+    its directory exists; the run's Evaluator then takes it as it is. None without evaluations.
+    ConfigError names the config key at fault (a bad real-data source fails as a DataError)."""
     from dgm_scale.config import ConfigError
     from dgm_scale.modules.base import sample_shape
 
@@ -189,9 +196,8 @@ def prepare_evaluation(cfg) -> Optional[EvalSettings]:
         return None
     settings = eval_settings(cfg)
     try:
-        build_extractor(settings.extractor, sample_shape(cfg.data), Path(settings.cache_dir).expanduser(),
-                        settings.inception_weights)
+        return build_extractor(settings.extractor, sample_shape(cfg.data), Path(settings.cache_dir).expanduser(),
+                               settings.inception_weights)
     except ValueError as error:
         raise ConfigError(f"config key 'eval.extractor' ({settings.extractor}): {error} - set eval.inception_weights, "
                           "another eval.extractor, or eval.every=0 eval.at_end=false") from None
-    return settings

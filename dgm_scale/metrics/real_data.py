@@ -67,7 +67,7 @@ def _chosen_indices(total: int, num: int, seed: int, exact: bool) -> Tensor:
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:num].sort().values
 
 
-def _raw_to_image(raw, channels: int, resolution: int) -> np.ndarray:
+def raw_to_image(raw, channels: int, resolution: int) -> np.ndarray:
     """A source's RawSample -> uint8 [R, R] or [R, R, 3] (the training loaders' decode)."""
     from dgm_scale.data.shards.encode import Payload
 
@@ -83,7 +83,8 @@ def _raw_to_image(raw, channels: int, resolution: int) -> np.ndarray:
     return decode_square(data, channels, resolution)
 
 
-def _to_model_space(images: list[np.ndarray]) -> Tensor:
+def to_model_space(images: list[np.ndarray]) -> Tensor:
+    """uint8 images ([R, R] or [R, R, 3] each) -> float [N, C, R, R] in the models' value range."""
     pixels = torch.from_numpy(np.stack(images)).float().div_(255.0)
     pixels = pixels.unsqueeze(1) if pixels.dim() == 3 else pixels.permute(0, 3, 1, 2)
     return to_model_range(pixels).contiguous()
@@ -125,11 +126,11 @@ def real_batches(src: str, sample_shape: tuple[int, ...], num: int, seed: int = 
         if index not in wanted:
             continue
         try:
-            batch.append(_raw_to_image(raw, channels, resolution))
+            batch.append(raw_to_image(raw, channels, resolution))
         except (OSError, ValueError) as error:
             raise DataError(f"real data: cannot decode '{raw.origin}': {error}") from None
         if len(batch) == batch_size:
-            yield _to_model_space(batch)
+            yield to_model_space(batch)
             batch = []
     if batch:
-        yield _to_model_space(batch)
+        yield to_model_space(batch)

@@ -149,11 +149,12 @@ class GenerativeModule(L.LightningModule):
             metrics["train/nonfinite_skips"] = float(self.nonfinite_guard.skips)
         log_now(self.trainer, {**metrics, "train/iteration": float(self.iteration), "epoch": self.current_epoch})
 
-    def default_labels(self, num: int) -> Optional[Tensor]:
-        """Class labels 0, 1, ..., K-1, 0, ... for conditional models; None otherwise."""
+    def default_labels(self, num: int, start: int = 0) -> Optional[Tensor]:
+        """Class labels (start + i) % K for i < num: 0, 1, ..., K-1, 0, ... from sample `start`
+        of a longer sequence, for conditional models; None otherwise."""
         if self.num_classes == 0:
             return None
-        return torch.arange(num, device=self.device) % self.num_classes
+        return torch.arange(start, start + num, device=self.device) % self.num_classes
 
     def sampling_network(self) -> torch.nn.Module:
         raise NotImplementedError

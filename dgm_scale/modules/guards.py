@@ -112,7 +112,7 @@ def count_skipped_step(opt: Any) -> None:
 
     Our iterations are global_step // steps per iteration, and the noise is keyed to them: a
     skipped step must still count, or every later iteration would be numbered (and seeded) anew.
-    These are the hooks Lightning's manual-optimisation loop runs around a real `opt.step()`.
     """
-    opt._on_before_step()
-    opt._on_after_step()
+    from dgm_scale.lightning_internals import count_skipped_optimizer_step
+
+    count_skipped_optimizer_step(opt)

@@ -26,11 +26,12 @@ log = logging.getLogger(__name__)
 class PeriodicEvaluation(L.Callback):
     """Evaluate `settings` (an EvalSettings) every `every` iterations (0: never), and at the end
     when training reached `final_iteration` (None: no final evaluation; a run stopped early, say
-    for a SLURM requeue, is evaluated when it finishes)."""
+    for a SLURM requeue, is evaluated when it finishes). `extractor`: one built beforehand from
+    `settings` (prepare_evaluation, on rank 0), so it is not loaded twice."""
 
     def __init__(self, settings, run_dir: str | Path, every: int, final_iteration: Optional[int] = None,
-                 best_metric: str = "fid"):
-        self.settings, self.run_dir = settings, Path(run_dir)
+                 best_metric: str = "fid", extractor=None):
+        self.settings, self.run_dir, self.prepared_extractor = settings, Path(run_dir), extractor
         self.every, self.final_iteration, self.best_metric = every, final_iteration, best_metric
         self.evaluator = None  # built at train start, when the device and process group exist
         self.best: Optional[float] = None
@@ -41,7 +42,9 @@ class PeriodicEvaluation(L.Callback):
         from dgm_scale.metrics.evaluation import Evaluator
 
         if self.evaluator is None and (self.every > 0 or self.final_iteration is not None):
-            self.evaluator = Evaluator(self.settings, pl_module.sample_shape, pl_module.device)
+            self.evaluator = Evaluator(self.settings, pl_module.sample_shape, pl_module.device,
+                                       extractor=self.prepared_extractor)
+            self.prepared_extractor = None  # the evaluator holds it now
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, *args) -> None:
         if self.every > 0 and pl_module.iteration % self.every == 0:

@@ -20,6 +20,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from dgm_scale.lightning_internals import logger_step
+
 
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer deletes an existing metrics.csv when it starts; a resumed run
@@ -249,7 +251,7 @@ class MetricsResumePoint(L.Callback):
         writer = self._writer(self._trainer)
         if writer is None:
             return {}
-        step = self._trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = logger_step(self._trainer)
         return {"step": step, "pending": writer.flush_before(step)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -272,10 +274,6 @@ def build_loggers(cfg, run_dir: str | Path) -> List[Logger]:
     return loggers
 
 
-def _current_step(trainer) -> int:
-    return trainer.fit_loop.epoch_loop._batches_that_stepped  # the step self.log in this batch uses
-
-
 def log_now(trainer, metrics: dict[str, float]) -> None:
     """Write metrics straight to the loggers on rank 0, at Lightning's step for this batch.
 
@@ -285,7 +283,7 @@ def log_now(trainer, metrics: dict[str, float]) -> None:
     """
     if not trainer.is_global_zero:
         return
-    step = _current_step(trainer)
+    step = logger_step(trainer)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
 
@@ -298,7 +296,7 @@ def log_image_now(trainer, key: str, image: Any, caption: Optional[str] = None) 
     extra = {"caption": [caption]} if caption is not None else {}
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key, [image], step=_current_step(trainer), **extra)
+            logger.log_image(key, [image], step=logger_step(trainer), **extra)
 
 
 def unsaved_metric_rows(trainer) -> list[dict]:
