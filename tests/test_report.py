@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -204,12 +205,24 @@ def find_chromium():
                  if shutil.which(name)), None)
 
 
-@pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
-def test_report_renders_in_headless_chromium(tmp_path):
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Chromium's path; installed from Debian (as root, like the local SLURM cluster) if missing."""
+    if find_chromium() is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, capture_output=True, timeout=900).returncode != 0:
+            subprocess.run(["apt-get", "update"], capture_output=True, timeout=300)
+            subprocess.run(install, capture_output=True, timeout=900)
+    if find_chromium() is None:
+        pytest.skip("no chromium on PATH and none installable here (Debian: apt-get install chromium)")
+    return find_chromium()
+
+
+def test_report_renders_in_headless_chromium(tmp_path, chromium):
     run_dir = write_synthetic_run(tmp_path / "run")
     html = build_report(run_dir)
     shot = tmp_path / "shot.png"
-    subprocess.run([find_chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars",
+    subprocess.run([chromium, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars",
                     f"--screenshot={shot}", "--window-size=1200,1600", html.resolve().as_uri()],
                    check=True, capture_output=True, timeout=120)
     with Image.open(shot) as image:
