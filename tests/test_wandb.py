@@ -133,6 +133,9 @@ def test_offline_run_records_metrics_images_config_and_resumes_the_same_run(tmp_
     assert config["params/generator"] > 0 and config["batch/global"] == 16
     assert [r.run_id for r in records_of(first, "run")] == [run_id]
     assert [e.exit_code for e in records_of(first, "exit")] == [0]  # finished with the training
+    # System info (W&B's own: OS, Python, host, CPU/GPU), sent by W&B for every run.
+    environment = records_of(first, "environment")
+    assert environment and environment[0].os and environment[0].python.startswith("CPython")
 
     train(load_config("configs/nsgan.yaml", OFFLINE + [f"run.dir={run}", "resume=auto", "trainer.max_steps=6"]))
     assert (run / WANDB_RUN_ID_FILE).read_text().strip() == run_id
