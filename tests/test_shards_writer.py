@@ -243,6 +243,18 @@ def test_refuses_to_overwrite_and_removes_stale_shards(npz_file, tmp_path):
     assert main(["shards", "build", str(path), str(out), "--quiet"]) == 2
 
 
+def test_failed_overwrite_leaves_the_old_set_untouched(class_folder, tmp_path):
+    root, _ = class_folder
+    out = tmp_path / "out"
+    build_shards(str(root), out, BuildOptions(samples_per_shard=4, **QUIET))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    (root / "eel" / "9.png").write_bytes(b"not a png")  # the rebuild fails at its last image
+    with pytest.raises(DataError, match=r"9\.png.*shard set in '.*out' is unchanged"):
+        build_shards(str(root), out, BuildOptions(samples_per_shard=3, overwrite=True, **QUIET))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # no staging left either
+    assert main(["shards", "inspect", str(out)]) == 0
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_failure_midway_writes_no_manifest(class_folder, tmp_path, workers):
     root, _ = class_folder

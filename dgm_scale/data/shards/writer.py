@@ -3,8 +3,11 @@
 Safety: each shard is written to `OUT/.<shard>.tmp`, fsynced, then renamed; the manifest is
 written last and atomically, so a directory with a manifest is always a finished set. An OUT
 that already holds a manifest (or shards of the same name) is refused unless `overwrite`.
-With `overwrite` the old manifest is removed first (a half-rebuilt set must not look
-finished) and old shards that the new set does not reuse are deleted only after success.
+With `overwrite` of a finished set, the new set is built in `OUT/.<name>.staging/` while the
+old one stays whole and usable; only after the build succeeded are the new shards renamed into
+place (the old manifest removed first, the new one written last) and the old shards that the new
+set does not reuse deleted. A failed or interrupted rebuild leaves the old set as it was (it
+needs room for both sets while it runs).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter
@@ -85,20 +89,41 @@ def build_shards(src: str, out: Union[str, Path], options: BuildOptions = BuildO
     name = _check_name(options.name or source.name)
     out = Path(out).expanduser()
     stale = _prepare_out(out, name, options.overwrite, source.shard_files)
-    sink = ShardSink(out, name, options.samples_per_shard, options.bytes_per_shard)
+    # Replacing a finished set: build beside it, so that a failed build leaves it untouched.
+    stage = out / f".{name}.staging" if (out / MANIFEST_NAME).exists() else out
+    if stage != out:
+        shutil.rmtree(stage, ignore_errors=True)  # left by an interrupted rebuild
+        stage.mkdir()
+    sink = ShardSink(stage, name, options.samples_per_shard, options.bytes_per_shard)
     try:
         manifest = _write_all(source, name, options, sink)
-        write_manifest(out, manifest)  # last: its presence means "finished"
     except BaseException as err:
         sink.abort()
-        note = (f"build stopped, no manifest written; '{out}' holds {len(sink.entries)} "
-                "finished shard(s) of an incomplete set")
+        if stage != out:
+            shutil.rmtree(stage, ignore_errors=True)
+            note = f"build stopped; the shard set in '{out}' is unchanged"
+        else:
+            note = (f"build stopped, no manifest written; '{out}' holds {len(sink.entries)} "
+                    "finished shard(s) of an incomplete set")
         if isinstance(err, (DataError, OSError)):
             raise DataError(f"{err} -- {note}") from err
         log.error(note)
         raise
+    if stage != out:
+        _move_into_place(stage, out, [entry["name"] for entry in manifest["shards"]])
+    write_manifest(out, manifest)  # last: its presence means "finished"
     _remove_stale(out, stale, {s["name"] for s in manifest["shards"]})
+    if stage != out:
+        stage.rmdir()
     return BuildResult(out, manifest, time.perf_counter() - start)
+
+
+def _move_into_place(stage: Path, out: Path, names: Sequence[str]) -> None:
+    """Rename the staged shards into OUT (same file system: no copies). The old manifest goes
+    first: from then on OUT no longer claims a finished set until the new manifest is written."""
+    (out / MANIFEST_NAME).unlink()
+    for name in names:
+        os.replace(stage / name, out / name)
 
 
 def _write_all(source: Source, name: str, options: BuildOptions, sink: "ShardSink") -> Dict[str, Any]:
@@ -256,7 +281,6 @@ def _prepare_out(out: Path, name: str, overwrite: bool, inputs: Sequence[Path]) 
             raise DataError(f"OUT '{out}' already holds a shard set ({MANIFEST_NAME}); "
                             "pass --overwrite to replace it")
         old |= _listed_shards(out)
-        manifest.unlink()  # from here on OUT no longer claims to hold a finished set
     elif old and not overwrite:
         raise DataError(f"OUT '{out}' holds {len(old)} '{name}-*.tar' shards but no manifest "
                         "(an unfinished build?); pass --overwrite to replace them")
