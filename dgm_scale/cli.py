@@ -87,7 +87,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                  "cache_dir": args.cache_dir, "inception_weights": args.inception_weights}
     for key, value in overrides.items():
         if value is not None:
-            cfg.eval[key] = value
+            setattr(cfg.eval, key, value)
     if args.metrics:
         cfg.eval.metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -9,7 +9,7 @@ import torch
 import dgm_scale.train as train_module
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.modules import load_module
-from dgm_scale.modules.guards import NonFiniteError
+from dgm_scale.modules.guards import NonFiniteError, all_finite
 from dgm_scale.train import train
 from nan_injection import install
 from test_distributed import TINY, torchrun
@@ -26,6 +26,23 @@ def adam_steps(checkpoint: Path) -> list[int]:
     """Adam's own step counter per optimizer: the steps that were really applied."""
     states = torch.load(checkpoint, weights_only=True)["optimizer_states"]
     return [int(next(iter(state["state"].values()))["step"]) for state in states]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_any_bad_element_and_changes_nothing(dtype, bad):
+    generator = torch.Generator().manual_seed(0)
+    for size in (1, 33, 100_003):
+        for position in (0, size // 2, size - 1):
+            tensors = [torch.randn(5, 7, generator=generator).to(dtype).t(),  # non-contiguous
+                       torch.randn(size, generator=generator).to(dtype), torch.tensor(2.0)]
+            before = [t.clone() for t in tensors]
+            assert all_finite(tensors)
+            assert all(torch.equal(t, b) for t, b in zip(tensors, before))  # the check wrote 1.0 * x
+            tensors[1][position] = bad
+            assert not all_finite(tensors)
+    loss = torch.tensor([1.0, 2.0], requires_grad=True).sum()  # in a graph: checked apart
+    assert all_finite([loss]) and not all_finite([loss * bad]) and all_finite([]) and all_finite([torch.arange(3)])
 
 
 @pytest.mark.parametrize("key, value, message", [
