@@ -85,25 +85,40 @@ def checkpointed_iterations(run_dir: Path) -> list[int]:
         if (run_dir / "checkpoints").is_dir() else []
 
 
-def kill_after(proc: subprocess.Popen, run_dir: Path, iteration: int, delay: float) -> None:
-    """SIGKILL `proc` `delay` seconds after the checkpoint of `iteration` (or a later one) appeared."""
+def iteration_seconds(run_dir: Path) -> float:
+    """One iteration's time: the shortest gap between the write times of consecutive iteration
+    checkpoints (one per iteration; the shortest, because an older file may be a killed run's)."""
+    times = []
+    for number in checkpointed_iterations(run_dir):
+        try:
+            times.append((number, (run_dir / "checkpoints" / f"iter_{number:07d}.ckpt").stat().st_mtime))
+        except FileNotFoundError:  # pruned meanwhile (run.keep_checkpoints)
+            pass
+    gaps = [(t2 - t1) / (n2 - n1) for (n1, t1), (n2, t2) in zip(times, times[1:]) if t2 > t1]
+    return min(gaps) if gaps else 0.05
+
+
+def kill_after(proc: subprocess.Popen, run_dir: Path, iteration: int, fraction: float) -> None:
+    """SIGKILL `proc` `fraction` of an iteration's time after the checkpoint of `iteration` (or a
+    later one) appeared, so that the kill lands at the same point of the run on a fast or a slow
+    machine."""
     deadline = time.monotonic() + 120
     while not any(i >= iteration for i in checkpointed_iterations(run_dir)):
         assert proc.poll() is None, f"run ended before iteration {iteration}: {Path(f'{run_dir}.log').read_text()[-2000:]}"
         assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.005)
-    time.sleep(delay)
+        time.sleep(0.002)
+    time.sleep(fraction * iteration_seconds(run_dir))
     assert proc.poll() is None, "the run finished before it could be killed: choose an earlier kill point"
     kill_tree(proc)
 
 
-def kill_in_background(proc: subprocess.Popen, run_dir: Path, iteration: int, delay: float):
+def kill_in_background(proc: subprocess.Popen, run_dir: Path, iteration: int, fraction: float):
     """kill_after in a thread (so a reference run can train meanwhile); join() re-raises its failure."""
     errors = []
 
     def watch():
         try:
-            kill_after(proc, run_dir, iteration, delay)
+            kill_after(proc, run_dir, iteration, fraction)
         except BaseException as exc:  # handed to the test thread
             errors.append(exc)
             proc.kill()
@@ -118,10 +133,13 @@ def kill_in_background(proc: subprocess.Popen, run_dir: Path, iteration: int, de
 
 
 def random_kill_point(case: str, first: int, last: int) -> tuple[int, float]:
+    """A seeded kill point: after the checkpoint of an iteration in [first, last], within the
+    next 1.5 iterations (so also while a checkpoint is being written); at most iteration
+    last + 2 of MAX_STEPS, so the run cannot finish first."""
     rng = random.Random(f"{SEED}-{case}")
-    iteration, delay = rng.randint(first, last), rng.uniform(0.0, 0.15)
-    print(f"{case}: SIGKILL {delay:.3f} s after the checkpoint of iteration {iteration} (seed {SEED})")
-    return iteration, delay
+    iteration, fraction = rng.randint(first, last), rng.uniform(0.0, 1.5)
+    print(f"{case}: SIGKILL {fraction:.2f} iterations' time after the checkpoint of iteration {iteration} (seed {SEED})")
+    return iteration, fraction
 
 
 def checkpoint_iteration(run_dir: Path) -> int:
@@ -144,9 +162,9 @@ def test_gan_killed_while_saving_then_at_random_resumes_exactly(tmp_path):
     assert first.wait(timeout=180) == -9
     assert (victim / "checkpoints" / ".last.ckpt.tmp").is_file()
     assert checkpoint_iteration(victim) == 3  # loads: whole
-    iteration, delay = random_kill_point("gan", 5, 10)
+    iteration, fraction = random_kill_point("gan", 5, 10)
     second = launch([*GAN, *COMMON, "resume=auto"], victim)
-    kill_after(second, victim, iteration, delay)
+    kill_after(second, victim, iteration, fraction)
     stopped_at = checkpoint_iteration(victim)
     print(f"gan: killed; last.ckpt holds iteration {stopped_at}")
     assert iteration <= stopped_at < MAX_STEPS
@@ -156,9 +174,9 @@ def test_gan_killed_while_saving_then_at_random_resumes_exactly(tmp_path):
 
 def test_vae_killed_at_random_resumes_exactly(tmp_path):
     reference, victim = tmp_path / "reference", tmp_path / "victim"
-    iteration, delay = random_kill_point("vae", 2, 10)
+    iteration, fraction = random_kill_point("vae", 2, 10)
     proc = launch([*VAE, *COMMON], victim)
-    join = kill_in_background(proc, victim, iteration, delay)
+    join = kill_in_background(proc, victim, iteration, fraction)
     train_here([*VAE, *COMMON], reference)
     join()
     assert iteration <= checkpoint_iteration(victim) < MAX_STEPS
@@ -170,9 +188,9 @@ def test_two_process_ddp_killed_at_random_resumes_exactly(tmp_path):
     """torchrun, 2 processes: the launcher and both workers are SIGKILLed together."""
     args = [*GAN, *COMMON, "trainer.devices=2"]
     reference, victim = tmp_path / "reference", tmp_path / "victim"
-    iteration, delay = random_kill_point("ddp", 2, 10)
+    iteration, fraction = random_kill_point("ddp", 2, 10)
     runs = [launch(args, reference, nproc=2), launch(args, victim, nproc=2)]
-    kill_after(runs[1], victim, iteration, delay)
+    kill_after(runs[1], victim, iteration, fraction)
     assert iteration <= checkpoint_iteration(victim) < MAX_STEPS
     finish(launch([*args, "resume=auto"], victim, nproc=2), victim)
     finish(runs[0], reference)
