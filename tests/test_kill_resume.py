@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-import pytest
 import torch
 
 from dgm_scale.config import load_config
