@@ -123,18 +123,30 @@ def test_nan_weights_are_never_checkpointed(tmp_path, monkeypatch):
     assert not (tmp_path / "checkpoints" / "iter_0000004.ckpt").exists()
 
 
+def train_two_ranks_with_nan(nan_spec: str, strategy: str, policy: str, tmp_path, monkeypatch):
+    """torchrun 2 processes of the tiny nsgan with a NaN injected (tests/nan_injection.py spec)."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DGM_TEST_NAN", nan_spec)
+    return torchrun(["tests/ddp_worker.py", "configs/nsgan.yaml", str(tmp_path), *COMMON, "trainer.devices=2",
+                     f"trainer.strategy={strategy}", f"trainer.nonfinite={policy}", f"run.dir={tmp_path / 'run'}"],
+                    timeout=150)
+
+
+def assert_ranks_identical_and_finite(out_dir: Path) -> None:
+    rank0, rank1 = (torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name, tensor in rank0["params"].items():
+        torch.testing.assert_close(tensor, rank1["params"][name], rtol=0, atol=0, msg=name)
+        assert tensor.isfinite().all(), name
+
+
 @pytest.mark.parametrize("policy, strategy", [("skip", "ddp"), ("stop", "ddp"),
                                               pytest.param("skip", "deepspeed", marks=pytest.mark.slow)])
 def test_nan_on_one_rank_gives_the_same_decision_on_both(policy, strategy, tmp_path, monkeypatch):
     """2 processes, a NaN generator loss on rank 1 only: both ranks skip the step (and stay
     identical), or both stop with the error - no hang in the next collective. Under DeepSpeed
     ZeRO-2 the skipped step's reduced gradient must not leak into the next step either."""
-    if strategy == "deepspeed":
-        pytest.importorskip("deepspeed")
-    monkeypatch.setenv("DGM_TEST_NAN", "generator:2:1")
-    proc = torchrun(["tests/ddp_worker.py", "configs/nsgan.yaml", str(tmp_path), *COMMON, "trainer.devices=2",
-                     f"trainer.strategy={strategy}", f"trainer.nonfinite={policy}", f"run.dir={tmp_path / 'run'}"],
-                    timeout=150)
+    proc = train_two_ranks_with_nan("generator:2:1", strategy, policy, tmp_path, monkeypatch)
     if policy == "stop":
         assert proc.returncode != 0
         assert proc.stderr.count("NonFiniteError: non-finite loss or gradient on another rank in the generator step "
@@ -142,10 +154,7 @@ def test_nan_on_one_rank_gives_the_same_decision_on_both(policy, strategy, tmp_p
         assert proc.stderr.count("NonFiniteError: non-finite loss in the generator step at iteration 2") >= 1
         return
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for name, tensor in rank0["params"].items():
-        torch.testing.assert_close(tensor, rank1["params"][name], rtol=0, atol=0, msg=name)
-        assert tensor.isfinite().all(), name
+    assert_ranks_identical_and_finite(tmp_path)
     assert csv_column(tmp_path / "run", "train/nonfinite_skips") == ["0.0"] + ["1.0"] * 5
     if strategy == "ddp":  # (DeepSpeed keeps Adam's state in its ZeRO partitions)
         assert adam_steps(tmp_path / "run" / "checkpoints" / "last.ckpt") == [5, 6]
@@ -157,12 +166,7 @@ def test_nan_gradient_with_a_finite_loss_is_caught(policy, strategy, tmp_path, m
     """A NaN in one gradient on rank 1, the loss finite: the guard sees it in the gradients (under
     DeepSpeed ZeRO-2, in the engine's gradient partitions, not `.grad`) and stops naming it, or
     skips that one step (the NaN partition is dropped, not applied in the next step)."""
-    if strategy == "deepspeed":
-        pytest.importorskip("deepspeed")
-    monkeypatch.setenv("DGM_TEST_NAN", "generator-gradient:2:1")
-    proc = torchrun(["tests/ddp_worker.py", "configs/nsgan.yaml", str(tmp_path), *COMMON, "trainer.devices=2",
-                     f"trainer.strategy={strategy}", f"trainer.nonfinite={policy}", f"run.dir={tmp_path / 'run'}"],
-                    timeout=150)
+    proc = train_two_ranks_with_nan("generator-gradient:2:1", strategy, policy, tmp_path, monkeypatch)
     if policy == "stop":
         assert proc.returncode != 0
         assert "NonFiniteError: non-finite gradient in the generator step at iteration 2" in proc.stderr, \
@@ -170,7 +174,4 @@ def test_nan_gradient_with_a_finite_loss_is_caught(policy, strategy, tmp_path, m
         return
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert csv_column(tmp_path / "run", "train/nonfinite_skips") == ["0.0"] + ["1.0"] * 5
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for name, tensor in rank0["params"].items():
-        torch.testing.assert_close(tensor, rank1["params"][name], rtol=0, atol=0, msg=name)
-        assert tensor.isfinite().all(), name
+    assert_ranks_identical_and_finite(tmp_path)
