@@ -41,10 +41,15 @@ def write_report(path: Path, results: dict[str, float], settings: Any, checkpoin
     return write_json_atomic(Path(path), report)
 
 
-def write_json_atomic(path: Path, data: Any) -> Path:
-    """JSON to a temporary file in the same folder, then renamed: never half a file."""
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Text (UTF-8) to a temporary file in the same folder, then renamed: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """JSON, written as `write_text_atomic` writes."""
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

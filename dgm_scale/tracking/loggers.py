@@ -21,6 +21,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from dgm_scale.lightning_internals import logger_step
+from dgm_scale.metrics.report import write_text_atomic
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -131,9 +132,7 @@ def stored_wandb_run_id(run_dir: Path) -> str:
     if path.is_file():
         return path.read_text().strip()
     run_id = secrets.token_hex(6)  # W&B ids are short [a-z0-9] strings; 48 random bits
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, run_id + "\n")
     return run_id
 
 

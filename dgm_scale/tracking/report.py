@@ -12,7 +12,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import lightning as L
 import numpy as np
 import yaml
 
-from dgm_scale.metrics.report import DESCRIPTIONS
+from dgm_scale.metrics.report import DESCRIPTIONS, write_text_atomic
 from dgm_scale.tracking.images import save_png_atomic
 from dgm_scale.tracking.plots import Series, line_chart
 
@@ -205,14 +204,6 @@ def write_plots(run: RunData) -> List[Plot]:
         save_png_atomic(line_chart(series, title).image, path)
         plots.append(Plot(path.relative_to(run.run_dir).as_posix(), title))
     return plots
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Text via a temporary file in the same folder and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def build_report(run_dir: str | Path, unsaved_rows: Iterable[dict] = (), status: Optional[str] = None) -> Path:
