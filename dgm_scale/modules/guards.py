@@ -23,6 +23,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from dgm_scale.lightning_internals import count_skipped_optimizer_step
+
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN/Inf loss, gradient or weight; the message is one line."""
@@ -125,16 +127,8 @@ class NonFiniteGuard:
             raise NonFiniteError(f"{where}: {self.skips} non-finite steps, more than "
                                  f"trainer.max_nonfinite_skips={self.max_skips}")
         opt.zero_grad(set_to_none=True)
-        count_skipped_step(opt)
+        # Our iterations are global_step // steps per iteration, and the noise is keyed to them:
+        # a skipped step must still count, or every later iteration would be numbered (and seeded) anew.
+        count_skipped_optimizer_step(opt)
         return False
 
-
-def count_skipped_step(opt: Any) -> None:
-    """Advance Lightning's optimizer-step counter (global_step) without stepping.
-
-    Our iterations are global_step // steps per iteration, and the noise is keyed to them: a
-    skipped step must still count, or every later iteration would be numbered (and seeded) anew.
-    """
-    from dgm_scale.lightning_internals import count_skipped_optimizer_step
-
-    count_skipped_optimizer_step(opt)
