@@ -90,8 +90,9 @@ def build_shards(src: str, out: Union[str, Path], options: BuildOptions = BuildO
     out = Path(out).expanduser()
     stale = _prepare_out(out, name, options.overwrite, source.shard_files)
     # Replacing a finished set: build beside it, so that a failed build leaves it untouched.
-    stage = out / f".{name}.staging" if (out / MANIFEST_NAME).exists() else out
-    if stage != out:
+    replacing = (out / MANIFEST_NAME).exists()
+    stage = out / f".{name}.staging" if replacing else out
+    if replacing:
         shutil.rmtree(stage, ignore_errors=True)  # left by an interrupted rebuild
         stage.mkdir()
     sink = ShardSink(stage, name, options.samples_per_shard, options.bytes_per_shard)
@@ -99,7 +100,7 @@ def build_shards(src: str, out: Union[str, Path], options: BuildOptions = BuildO
         manifest = _write_all(source, name, options, sink)
     except BaseException as err:
         sink.abort()
-        if stage != out:
+        if replacing:
             shutil.rmtree(stage, ignore_errors=True)
             note = f"build stopped; the shard set in '{out}' is unchanged"
         else:
@@ -109,11 +110,11 @@ def build_shards(src: str, out: Union[str, Path], options: BuildOptions = BuildO
             raise DataError(f"{err} -- {note}") from err
         log.error(note)
         raise
-    if stage != out:
+    if replacing:
         _move_into_place(stage, out, [entry["name"] for entry in manifest["shards"]])
     write_manifest(out, manifest)  # last: its presence means "finished"
     _remove_stale(out, stale, {s["name"] for s in manifest["shards"]})
-    if stage != out:
+    if replacing:
         stage.rmdir()
     return BuildResult(out, manifest, time.perf_counter() - start)
 
