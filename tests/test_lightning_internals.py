@@ -1,9 +1,9 @@
-"""The private Lightning internals of dgm_scale/lightning_internals.py, on the installed Lightning."""
+"""The private Lightning internals of dgm_scale/core/lightning_internals.py, on the installed Lightning."""
 import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 
-from dgm_scale.lightning_internals import count_skipped_optimizer_step, logger_step
+from dgm_scale.core.lightning_internals import count_skipped_optimizer_step, logger_step
 
 
 class StepRecorder(Logger):

@@ -20,6 +20,8 @@ import lightning as L
 import torch
 from torch.utils.data import DistributedSampler
 
+from dgm_scale.core.logs import log_now
+
 
 class ResumableDistributedSampler(DistributedSampler):
     """DistributedSampler (same permutation, same dealing, same padding) that can resume mid-epoch.
@@ -123,8 +125,6 @@ class DataPosition(L.Callback):
             return
         stream.consumed(batch[2])  # the batch's position info (worker, samples delivered, faults)
         if pl_module.iteration % self.log_every == 0:  # the same iterations on every rank (a collective)
-            from dgm_scale.tracking.loggers import log_now
-
             faults = stream.tracker.faults()
             kinds = sorted(faults)
             counts = torch.tensor([float(faults[kind]) for kind in kinds], device=pl_module.device)

@@ -22,6 +22,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 from torch.optim import Optimizer
 
+from dgm_scale.distributed.interface import StepInterface
 from dgm_scale.distributed.strategy import GradientAllReduceDDP
 
 ZERO_PARTITIONS = "zero_partitions"  # key of the per-rank ZeRO states in a checkpoint's optimizer state
@@ -38,6 +39,7 @@ def _precision_block(precision: str) -> Dict[str, Any]:
 class MultiEngineDeepSpeed(GradientAllReduceDDP):
     def __init__(self, seed: int, deepspeed_config: Dict[str, Any], precision: str, micro_batch: int, **kwargs: Any):
         super().__init__(seed=seed, **kwargs)
+        self.fp16 = precision.startswith("16")  # then each engine's loss scaler skips overflowing steps
         self.deepspeed_config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": 1,
@@ -83,33 +85,8 @@ class MultiEngineDeepSpeed(GradientAllReduceDDP):
         closure()  # manual optimisation: a no-op; gradients are already in the engine
         return self._engine_of(optimizer).step()
 
-    def engine_grad_norm(self, optimizer: Any) -> float:
-        """The global gradient norm the engine computed in its last step (inf after an overflow)."""
-        norm = self._engine_of(optimizer).get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)
-
-    def local_gradients(self, optimizer: Any) -> Optional[List[torch.Tensor]]:
-        """This rank's share of the reduced gradients the engine's next `step()` will apply.
-
-        Under ZeRO-1/2 they are not in the parameters' `.grad`: each rank holds its partition in
-        the ZeRO optimizer (on CPU with optimizer offload). None without ZeRO: use `.grad`.
-        """
-        zero = self._engine_of(optimizer).optimizer
-        if getattr(zero, "cpu_offload", False):
-            return [flat.grad for flat in zero.single_partition_of_fp32_groups if flat.grad is not None]
-        if not hasattr(zero, "averaged_gradients"):
-            return None
-        grads: List[torch.Tensor] = []
-        for group in zero.averaged_gradients.values():
-            if isinstance(group, torch.Tensor):
-                grads.append(group)
-            elif group is not None:
-                grads += [grad for grad in group if grad is not None]
-        return grads
-
-    def loss_scale(self, optimizer: Any) -> float:
-        """The engine's current fp16 loss scale (1.0 in bf16/fp32)."""
-        return float(getattr(self._engine_of(optimizer).optimizer, "loss_scale", 1.0))
+    def step_interface(self) -> "DeepSpeedSteps":
+        return DeepSpeedSteps(self)
 
     def optimizer_state(self, optimizer: Optimizer) -> Dict[str, Any]:
         """Every rank's ZeRO partition of this optimizer's state, gathered for rank 0's checkpoint.
@@ -140,3 +117,43 @@ class MultiEngineDeepSpeed(GradientAllReduceDDP):
             # fp32 master weights from the checkpoint too, not re-derived from bf16/fp16 weights.
             self._engine_of(optimizer).optimizer.load_state_dict(
                 partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+class DeepSpeedSteps(StepInterface):
+    """Loss scaling, gradients and norms live in each optimizer's engine."""
+
+    def __init__(self, strategy: MultiEngineDeepSpeed):
+        super().__init__()
+        self.strategy = strategy
+
+    @property
+    def owns_overflow(self) -> bool:
+        return self.strategy.fp16
+
+    def loss_scale(self, optimizer: Any) -> float:
+        """The engine's current fp16 loss scale (1.0 in bf16/fp32)."""
+        return float(getattr(self.strategy._engine_of(optimizer).optimizer, "loss_scale", 1.0))
+
+    def gradient_norm(self, optimizer: Any, network: nn.Module) -> torch.Tensor:
+        """The global gradient norm the engine computed in its last step (ZeRO-2 keeps .grad empty)."""
+        norm = self.strategy._engine_of(optimizer).get_global_grad_norm()
+        return torch.tensor(float("nan") if norm is None else float(norm))
+
+    def local_gradients(self, optimizer: Any, network: nn.Module) -> List[torch.Tensor]:
+        """This rank's share of the reduced gradients the engine's next `step()` will apply.
+
+        Under ZeRO-1/2 they are not in the parameters' `.grad`: each rank holds its partition in
+        the ZeRO optimizer (on CPU with optimizer offload). Without ZeRO: `.grad`.
+        """
+        zero = self.strategy._engine_of(optimizer).optimizer
+        if getattr(zero, "cpu_offload", False):
+            return [flat.grad for flat in zero.single_partition_of_fp32_groups if flat.grad is not None]
+        if not hasattr(zero, "averaged_gradients"):
+            return super().local_gradients(optimizer, network)
+        grads: List[torch.Tensor] = []
+        for group in zero.averaged_gradients.values():
+            if isinstance(group, torch.Tensor):
+                grads.append(group)
+            elif group is not None:
+                grads += [grad for grad in group if grad is not None]
+        return grads

@@ -86,20 +86,3 @@ def build_precision_plugins(precision: str, accelerator: str, strategy: str) -> 
         return []
     device = "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
     return [PerOptimizerScaledPrecision(device)]
-
-
-def loss_scale(trainer, optimizer: Any) -> float:
-    """The factor `optimizer`'s next backward is scaled by (1.0 when nothing scales it).
-
-    The gradient penalty needs it: its inner gradient must be taken of the scaled critic output
-    so that fp16 gradients neither underflow nor go unscaled (PyTorch AMP docs, "Gradient penalty").
-    """
-    from dgm_scale.distributed.deepspeed_engines import MultiEngineDeepSpeed
-
-    if trainer is None:
-        return 1.0
-    if isinstance(trainer.precision_plugin, PerOptimizerScaledPrecision):
-        return float(trainer.precision_plugin.scaler_of(optimizer).get_scale())
-    if isinstance(trainer.strategy, MultiEngineDeepSpeed):  # each engine scales its own loss
-        return trainer.strategy.loss_scale(optimizer)
-    return 1.0

@@ -21,9 +21,15 @@ from typing import Optional
 
 import lightning as L
 
-from dgm_scale.resume import requeue_checkpoint
+from dgm_scale.core.checkpoints import save_checkpoint_atomic
 
 log = logging.getLogger(__name__)
+
+
+def requeue_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest requeue checkpoint of a run (`hpc_ckpt_N.ckpt`, the name Lightning uses), if any."""
+    candidates = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return candidates[-1] if candidates else None
 
 
 def next_requeue_path(run_dir: Path) -> Path:
@@ -50,8 +56,6 @@ class RequeueOnSignal(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, *args) -> None:
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
-        from dgm_scale.tracking.callbacks import save_checkpoint_atomic
-
         path = next_requeue_path(self.run_dir)
         save_checkpoint_atomic(trainer, path)
         self.requeued_at = pl_module.iteration

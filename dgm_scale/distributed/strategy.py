@@ -34,22 +34,6 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], world_size: int) 
         grad.copy_(synced)
 
 
-def stepped_gradient_norm(trainer, optimizer: Any, network: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of the gradient `optimizer` just stepped with: the global (all ranks') gradient,
-    unscaled, identical on every rank. Call it after `optimizer.step()`.
-
-    Our DDP averages the gradients inside step() and the fp16 scaler unscales them in place, so
-    `network`'s .grad is that gradient. ZeRO-2 partitions gradients (.grad stays empty): its
-    engine computed the global norm during step().
-    """
-    from dgm_scale.distributed.deepspeed_engines import MultiEngineDeepSpeed
-
-    if trainer is not None and isinstance(trainer.strategy, MultiEngineDeepSpeed):
-        return torch.tensor(trainer.strategy.engine_grad_norm(optimizer))
-    norms = [p.grad.detach().float().norm() for p in network.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-
-
 class GradientAllReduceDDP(DDPStrategy):
     """Data parallel without a DistributedDataParallel wrapper (see the module docstring)."""
 

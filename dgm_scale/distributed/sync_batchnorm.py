@@ -7,6 +7,9 @@ in single-process batch norm over the concatenated batch. One small all-reduce p
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins import LayerSync
@@ -22,7 +25,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2-D input, got {input.dim()}-D")
 
     def forward(self, input: Tensor) -> Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if _LOCAL_ONLY[0] or not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input)
         channels = input.shape[1]
         dims = [d for d in range(input.dim()) if d != 1]
@@ -65,3 +68,17 @@ class GlobalBatchNormSync(LayerSync):
 
     def revert(self, model: nn.Module) -> nn.Module:
         return model  # the module keeps the same parameters and buffers; nothing to undo
+
+
+_LOCAL_ONLY = [0]  # > 0 inside local_batch_statistics()
+
+
+@contextmanager
+def local_batch_statistics() -> Iterator[None]:
+    """Within this block a GlobalBatchNorm uses this rank's batch alone (no collective): for
+    computations every rank repeats identically, e.g. an EMA network's standing statistics."""
+    _LOCAL_ONLY[0] += 1
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY[0] -= 1

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from dgm_scale.core.files import torch_save_atomic
 
 
 def cache_key(key_parts: dict[str, Any]) -> str:
@@ -52,17 +52,7 @@ def _load(path: Path, key_parts: dict[str, Any]) -> Tensor | None:
 
 
 def _save_atomic(path: Path, entry: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(entry, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    torch_save_atomic(entry, path, unique=True)  # ranks / runs may write the same entry at once
 
 
 def load_cached(key_parts: dict[str, Any], cache_dir: Path) -> Tensor | None:

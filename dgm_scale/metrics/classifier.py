@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dgm_scale.core.files import torch_save_atomic
 from dgm_scale.metrics.extractors import Extracted, FeatureExtractor
 
 log = logging.getLogger(__name__)
@@ -93,17 +92,8 @@ def accuracy(model: DomainClassifier, images: Tensor, labels: Tensor) -> float:
 
 def save_classifier(model: DomainClassifier, path: Path, meta: Optional[dict[str, Any]] = None) -> Path:
     """Write {config, state_dict, meta} atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"config": model.config(), "state_dict": model.state_dict(), "meta": meta or {}}, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return torch_save_atomic({"config": model.config(), "state_dict": model.state_dict(), "meta": meta or {}},
+                             Path(path), unique=True)
 
 
 class ClassifierExtractor(FeatureExtractor):

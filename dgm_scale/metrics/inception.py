@@ -16,9 +16,7 @@ Weights: `load_inception(path_or_url, cache_dir)` takes a local file or an http(
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dgm_scale.core.files import atomic_open
 from dgm_scale.metrics.extractors import Extracted, FeatureExtractor, to_uint8
 from dgm_scale.metrics.inception_net import FIDInceptionV3, fold_batchnorm
 
@@ -97,7 +96,7 @@ def _download(url: str, cache_dir: Path) -> Path:
     """url -> cache_dir/<its file name>; a file already there is reused without network.
 
     The bytes go to a temporary file in cache_dir, are checked against the name's hash prefix,
-    and only then renamed into place (os.replace), so the cache never holds a partial file.
+    and only then renamed into place (core.files.atomic_open), so the cache never holds a partial file.
     """
     name = Path(urllib.parse.urlparse(url).path).name
     if not name:
@@ -105,21 +104,15 @@ def _download(url: str, cache_dir: Path) -> Path:
     target = cache_dir / name
     if target.exists():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=cache_dir, prefix=f".{name}.", suffix=".part")
     try:
         digest = hashlib.sha256()
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+        with atomic_open(target, "wb", unique=True) as out, urllib.request.urlopen(url, timeout=60) as response:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 digest.update(chunk)
                 out.write(chunk)
-        _check_hash_prefix(name, digest.hexdigest(), url)
-        os.replace(temporary, target)
+            _check_hash_prefix(name, digest.hexdigest(), url)  # before the file takes its name
     except (urllib.error.URLError, OSError, ValueError) as error:
         raise InceptionWeightsError(f"could not download Inception weights from {url}: {error}") from error
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return target
 
 

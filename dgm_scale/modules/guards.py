@@ -18,72 +18,16 @@ same holds for a gradient penalty, computed from loss-scaled gradients (`scaled_
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
-from dgm_scale.lightning_internals import count_skipped_optimizer_step
+from dgm_scale.core.errors import NonFiniteError
+from dgm_scale.core.finite import all_finite, first_nonfinite
+from dgm_scale.core.lightning_internals import count_skipped_optimizer_step
+from dgm_scale.distributed.interface import step_interface
 
-
-class NonFiniteError(RuntimeError):
-    """Training produced a NaN/Inf loss, gradient or weight; the message is one line."""
-
-
-def all_finite(tensors: Iterable[Tensor]) -> bool:
-    """Whether every element of every tensor is finite (one host sync for all of them).
-
-    Gradients go through torch's GradScaler check (`_amp_foreach_non_finite_check_and_unscale_`,
-    with a scale of exactly 1, so their values stay as they are), one fused pass per device and
-    dtype: ~20x faster on CPU than an `isfinite().all()` per tensor, which cost ~3% of a small
-    GAN's step. Tensors in an autograd graph (a loss) are checked apart, never written to.
-    """
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    flags: list[Tensor] = []
-    for tensor in tensors:
-        if not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        if tensor.requires_grad:
-            flags.append(tensor.detach().isfinite().all().logical_not().float().reshape(1).cpu())
-        else:
-            groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-    for (device, _), group in groups.items():
-        found = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=device))
-        flags.append(found.cpu())
-    return not bool(torch.cat(flags).any()) if flags else True
-
-
-def first_nonfinite(named: Iterable[tuple[str, Tensor]]) -> str | None:
-    """The name of the first floating tensor with a NaN/Inf element, or None."""
-    for name, tensor in named:
-        if tensor.is_floating_point() and not bool(tensor.detach().isfinite().all()):
-            return name
-    return None
-
-
-def _gradients_checked(trainer) -> bool:
-    """False where an fp16 loss scaler owns inf gradients (they are skipped and counted by it)."""
-    from dgm_scale.distributed.deepspeed_engines import MultiEngineDeepSpeed
-    from dgm_scale.distributed.precision import PerOptimizerScaledPrecision
-
-    if trainer is None:
-        return True
-    if isinstance(trainer.precision_plugin, PerOptimizerScaledPrecision):
-        return False
-    return not (isinstance(trainer.strategy, MultiEngineDeepSpeed) and str(trainer.precision).startswith("16"))
-
-
-def _local_gradients(trainer, network: nn.Module, opt: Any) -> list[Tensor]:
-    """The gradients this rank is about to step with: the network's `.grad`, or under DeepSpeed
-    ZeRO the engine's gradient partition (ZeRO moves gradients out of `.grad`)."""
-    from dgm_scale.distributed.deepspeed_engines import MultiEngineDeepSpeed
-
-    if trainer is not None and isinstance(trainer.strategy, MultiEngineDeepSpeed):
-        partition = trainer.strategy.local_gradients(opt)
-        if partition is not None:
-            return partition
-    return [p.grad for p in network.parameters() if p.grad is not None]
+__all__ = ["NonFiniteError", "NonFiniteGuard", "all_finite", "first_nonfinite"]
 
 
 class NonFiniteGuard:
@@ -108,10 +52,11 @@ class NonFiniteGuard:
         which overflow like the gradients under fp16 and are then left to the scaler too.
         """
         trainer = module._trainer
-        unscaled = _gradients_checked(trainer)
+        steps = step_interface(trainer)
+        unscaled = not steps.owns_overflow
         # Copies of the loss terms (the fused check writes in place), then one check of all.
         losses = [term.detach().clone() for term in (loss, *(scaled_terms if unscaled else ()))]
-        grads = _local_gradients(trainer, network, opt) if unscaled else []
+        grads = steps.local_gradients(opt, network) if unscaled else []
         bad = not all_finite(losses + grads)
         # Two flags in one decision would need two collectives; the quantity only names the error.
         if not self._global(trainer, bad):

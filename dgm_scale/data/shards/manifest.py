@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+from dgm_scale.core.files import atomic_open
 
 from ..datasets import DataError
 
@@ -93,16 +94,12 @@ def manifest_path(path_or_dir: Union[str, Path]) -> Path:
 
 
 def write_manifest(out_dir: Path, manifest: Dict[str, Any]) -> Path:
-    """Write OUT/manifest.json atomically (temp file + fsync + os.replace)."""
+    """Write OUT/manifest.json atomically (core.files.atomic_open)."""
     validate_manifest(manifest, out_dir / MANIFEST_NAME)
     final = out_dir / MANIFEST_NAME
-    tmp = out_dir / f".{MANIFEST_NAME}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    with atomic_open(final, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1)
+        handle.write("\n")
     return final
 
 

@@ -145,20 +145,20 @@ class TarReader:
                 return None
             if not _checksum_ok(block):
                 raise TarCorrupt(f"'{self.name}': bad header checksum at byte {start}")
-            kind = block[TYPE]
+            member_type = block[TYPE]
             size = self._header_size(block, start)
             if "size" in pax:
                 size = self._pax_size(pax, start)
-            if kind in REGULAR:
+            if member_type in REGULAR:
                 name = pax.get("path") or long_name or self._ustar_name(block)
                 self._size, self._pad = size, -size % BLOCK
                 return name, size
             data = self._read(size + (-size % BLOCK), "an extended header")[:size]
-            if kind == ord("L"):
+            if member_type == ord("L"):
                 long_name = _cstr(data)
-            elif kind == ord("x"):
+            elif member_type == ord("x"):
                 pax.update(_parse_pax(data, f"'{self.name}' byte {start}"))
-            elif kind == ord("S"):
+            elif member_type == ord("S"):
                 raise TarCorrupt(f"'{self.name}': GNU sparse member at byte {start} unsupported")
             else:  # 'g' global PAX, 'K' long link, directories, links, devices: not data
                 long_name, pax = None, {}

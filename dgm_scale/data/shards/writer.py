@@ -28,6 +28,8 @@ from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequ
 
 from tqdm import tqdm
 
+from dgm_scale.core.files import commit_file, temporary_path
+
 from ..datasets import DataError
 from .encode import Encoded, EncodeOptions, RawSample, encode_sample
 from .layout import (ENCODINGS, add_member, archive_bytes, format_key, is_shard_of,
@@ -193,8 +195,8 @@ class ShardSink:
         self._count = self._members = 0
 
     @property
-    def _tmp(self) -> Path:
-        return self.out / f".{shard_name(self.name, len(self.entries))}.tmp"
+    def _final(self) -> Path:
+        return self.out / shard_name(self.name, len(self.entries))
 
     def add(self, key: str, sample: Encoded) -> None:
         """Write one sample (image member, then label member)."""
@@ -203,7 +205,7 @@ class ShardSink:
         if self._tar is not None and self._full(size):
             self._close_shard()
         if self._tar is None:
-            self._file = open(self._tmp, "wb")
+            self._file = open(temporary_path(self._final), "wb")
             self._tar = open_writer(self._file)
             self._count = self._members = 0
         for member, data in members:
@@ -220,11 +222,8 @@ class ShardSink:
     def _close_shard(self) -> None:
         """Finish the tar, fsync, rename into place, and record its manifest entry."""
         self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        final = self.out / shard_name(self.name, len(self.entries))
-        os.replace(self._tmp, final)
+        final = commit_file(temporary_path(self._final), self._final)
         self._tar = self._file = None
         self.entries.append({"name": final.name, "num_samples": self._count,
                              "bytes": final.stat().st_size, "sha256": sha256_file(final)})
@@ -239,7 +238,7 @@ class ShardSink:
         """Drop the shard being written (finished shards stay)."""
         if self._file is not None:
             self._file.close()
-            self._tmp.unlink(missing_ok=True)
+            temporary_path(self._final).unlink(missing_ok=True)
             self._tar = self._file = None
 
 

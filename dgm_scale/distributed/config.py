@@ -1,0 +1,27 @@
+"""Validation of the `trainer` section (its dataclass: dgm_scale.config.schema.TrainerConfig)."""
+from __future__ import annotations
+
+from typing import Any
+
+from dgm_scale.core.checks import at_least, choice, require
+
+
+def validate_trainer(trainer: Any) -> None:
+    from dgm_scale.distributed.strategy import STRATEGIES
+
+    at_least("trainer.max_steps", trainer.max_steps, 1)
+    choice("trainer.precision", trainer.precision, ["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"])
+    choice("trainer.strategy", trainer.strategy, STRATEGIES)
+    if trainer.strategy == "deepspeed":
+        stage = trainer.deepspeed.get("zero_optimization", {}).get("stage", 0)
+        # Our forwards use the raw networks (an engine's forward breaks the gradient penalty);
+        # ZeRO-3 partitions the parameters themselves, so those forwards would see empty tensors.
+        require(stage in (0, 1, 2), f"config key 'trainer.deepspeed.zero_optimization.stage': {stage} is not "
+                                    "supported (use 0, 1 or 2: ZeRO-3 partitions the weights our forwards need)")
+        require(not (trainer.precision == "16-mixed" and trainer.accelerator == "cpu"),
+                "config key 'trainer.precision': DeepSpeed's fp16 needs a GPU; on CPU use bf16-mixed or 32-true")
+    require(trainer.devices >= 1 and trainer.num_nodes >= 1,
+            f"config key 'trainer.devices' / 'trainer.num_nodes' must be >= 1, got {trainer.devices} / {trainer.num_nodes}")
+    at_least("trainer.log_every", trainer.log_every, 1)
+    choice("trainer.nonfinite", trainer.nonfinite, ["stop", "skip"])
+    at_least("trainer.max_nonfinite_skips", trainer.max_nonfinite_skips, 0)
