@@ -28,10 +28,10 @@ import lightning as L
 import torch
 
 from dgm_scale.config import load_config
-from dgm_scale.data import ImageDataModule
+from dgm_scale.data import DataModule
 from dgm_scale.losses import build_adversarial_loss, gradient_penalty
 from dgm_scale.modules import build_module
-from dgm_scale.modules.base import build_optimizer
+from dgm_scale.modules.optim import build_optimizer
 from dgm_scale.train import build_trainer, make_run_dir, quiet_lightning
 
 
@@ -47,7 +47,7 @@ class SteadyStateTimer(L.Callback):
 
 def time_ours(cfg, warmup: int) -> float:
     module = build_module(cfg)
-    datamodule = ImageDataModule(cfg.data, batch_size=cfg.data.batch_size * module.batches_per_iteration)
+    datamodule = DataModule(cfg.data, batch_size=cfg.data.batch_size * module.batches_per_iteration)
     trainer = build_trainer(cfg, module, make_run_dir(cfg))
     timer = SteadyStateTimer(warmup)
     trainer.callbacks.append(timer)
@@ -81,7 +81,7 @@ def time_reference(cfg, iterations: int, warmup: int) -> float:
     opt_d = build_optimizer(discriminator.parameters(), cfg.optim.d)
     losses = build_adversarial_loss(cfg.loss)
     n_critic, latent_dim = cfg.loss.n_critic, cfg.model.latent_dim
-    datamodule = ImageDataModule(cfg.data, batch_size=cfg.data.batch_size * n_critic)
+    datamodule = DataModule(cfg.data, batch_size=cfg.data.batch_size * n_critic)
     datamodule.setup("fit")
     done, start = 0, 0.0
     while done < iterations:

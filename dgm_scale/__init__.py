@@ -1,3 +1,30 @@
-"""dgm_scale: train deep generative models from a laptop to a GPU cluster."""
+"""dgm_scale: train deep generative models (GANs, VAEs, autoregressive models, or your own family)
+from a laptop to a GPU cluster.
+
+The Python API (imported on first use, so that `import dgm_scale.data` stays light):
+`load_config`, `train`, `load_module`, `evaluate`, `register_family`, `Family`.
+"""
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+_API = {"load_config": "dgm_scale.api", "train": "dgm_scale.api", "load_module": "dgm_scale.api",
+        "evaluate": "dgm_scale.api", "register_family": "dgm_scale.families.registry",
+        "Family": "dgm_scale.families.registry"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'dgm_scale' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_API))
+
+
+__all__ = list(_API)

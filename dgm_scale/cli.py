@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from dgm_scale.config import ConfigError, load_config, to_yaml
+from dgm_scale.core.imports import working_directory_importable
 
 
 def _split_config_args(args: Sequence[str]) -> tuple[Optional[str], List[str]]:
@@ -25,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dgm_scale.distributed import launch_env
 
     path, overrides = _split_config_args(args.config_and_overrides)
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, overrides, imports=args.imports)
     result = train(cfg)
     if launch_env().global_rank > 0:
         return 0
@@ -34,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"resume=auto run.dir={result.run_dir} (a requeued SLURM job does this itself)")
         return 0
     print(f"done: {result.iterations} iterations in {result.seconds:.1f} s "
-          f"({result.images_per_second:.0f} images/s)\n"
+          f"({result.images_per_second:.0f} samples/s)\n"
           f"  run directory: {result.run_dir}\n"
           f"  checkpoint:    {result.checkpoint}\n"
           f"  samples:       {result.samples}\n"
@@ -44,64 +45,62 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_show_config(args: argparse.Namespace) -> int:
     path, overrides = _split_config_args(args.config_and_overrides)
-    print(to_yaml(load_config(path, overrides)), end="")
+    print(to_yaml(load_config(path, overrides, imports=args.imports)), end="")
     return 0
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The family-specific sampling options given on the command line (temperature, prompt, length)."""
+    options = {"temperature": args.temperature, "prompt": args.prompt, "length": args.length}
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from dgm_scale.core.files import save_png_atomic, write_text_atomic
+    from dgm_scale.core.imports import run_imports
     from dgm_scale.modules import load_module
-    from dgm_scale.tracking import samples_to_image, save_png_atomic
+    from dgm_scale.tracking import samples_to_image, samples_to_text
 
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1, got {args.num}")
+    run_imports(args.imports, "--import")
     module = load_module(args.checkpoint)
-    samples = module.sample(args.num, seed=args.seed)
-    out = save_png_atomic(samples_to_image(samples), args.out)
+    if args.variant not in module.sampler_variants():
+        raise ConfigError(f"--variant '{args.variant}': this model has {sorted(module.sampler_variants())}")
+    labels = None
+    if args.label is not None:
+        if not 0 <= args.label < max(module.num_classes, 1) or module.num_classes == 0:
+            raise ConfigError(f"--class {args.label}: the model has {module.num_classes} classes")
+        labels = torch.full((args.num,), args.label, dtype=torch.long)
+    try:
+        samples = module.sample(args.num, seed=args.seed, labels=labels, variant=args.variant,
+                                **sampling_options(args))
+    except ValueError as error:  # an option the family does not take, a bad prompt: one line
+        raise ConfigError(str(error)) from None
+    if module.modality == "text":
+        texts = samples_to_text(samples)
+        out = write_text_atomic(args.out or Path("samples.txt"), "".join(f"{text}\n\n" for text in texts))
+    else:
+        out = save_png_atomic(samples_to_image(samples), args.out or Path("samples.png"))
     print(f"wrote {args.num} samples to {out}")
     return 0
-
-
-def _init_distributed_from_env() -> None:
-    """Join torchrun's process group (WORLD_SIZE > 1) so that `evaluate` splits its work."""
-    import torch
-    import torch.distributed as dist
-
-    from dgm_scale.distributed import launch_env
-
-    if launch_env().world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from dgm_scale.metrics.evaluation import Evaluator, eval_settings
-    from dgm_scale.metrics.report import format_table, write_report
-    from dgm_scale.modules import load_module
+    from dgm_scale.core.imports import run_imports
+    from dgm_scale.evaluate import evaluate
+    from dgm_scale.metrics.report import format_table
 
-    _init_distributed_from_env()
-    module = load_module(args.checkpoint)
-    cfg = module.cfg
-    overrides = {"real": args.real, "extractor": args.extractor, "num_samples": args.num_samples,
-                 "num_real": args.num_real, "seed": args.seed, "batch_size": args.batch_size,
-                 "cache_dir": args.cache_dir, "inception_weights": args.inception_weights}
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg.eval, key, value)
-    if args.metrics:
-        cfg.eval.metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and torch.distributed.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device())
-    settings = eval_settings(cfg)
-    try:
-        evaluator = Evaluator(settings, module.sample_shape, device)
-    except ValueError as error:  # a bad extractor spec / weights file / option: one line, named
-        raise ConfigError(str(error)) from None
-    results = evaluator.evaluate(module.to(device))
+    run_imports(args.imports, "--import")
+    settings = {key: getattr(args, key) for key in ("real", "extractor", "num_samples", "num_real", "seed",
+                                                    "batch_size", "cache_dir", "inception_weights", "metrics")}
+    out = args.out or Path(args.checkpoint).with_suffix(".eval.json")
+    results = evaluate(args.checkpoint, out=out, device=args.device, **settings)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        out = args.out or Path(args.checkpoint).with_suffix(".eval.json")
-        write_report(out, results, settings, args.checkpoint, module.checkpoint_iteration, evaluator.extractor.key())
         print(format_table(results))
         print(f"wrote {out}")
     return 0
@@ -196,6 +195,7 @@ def _add_evaluate_parsers(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=int, help="per process")
     ev.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     ev.add_argument("--out", type=Path, help="JSON report (default: CKPT with suffix .eval.json)")
+    _add_import_option(ev)
     ev.set_defaults(func=cmd_evaluate)
     tc = commands.add_parser("train-classifier", help="train a domain classifier on labelled data "
                                                       "(an FID feature extractor: eval.extractor=classifier:OUT)")
@@ -210,20 +210,36 @@ def _add_evaluate_parsers(commands: argparse._SubParsersAction) -> None:
     tc.set_defaults(func=cmd_train_classifier)
 
 
+def _add_import_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import your code first (e.g. a file registering a model family); repeatable; "
+                             "for train it is recorded in run.imports, so every rank and later `sample` "
+                             "import it too")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgm-scale", description="Train and sample deep generative models.")
     commands = parser.add_subparsers(dest="command", required=True)
     train_p = commands.add_parser("train", help="train a model: dgm-scale train [CONFIG.yaml] [key=value ...]")
     train_p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key=value]")
+    _add_import_option(train_p)
     train_p.set_defaults(func=cmd_train)
     show_p = commands.add_parser("show-config", help="print the resolved config")
     show_p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key=value]")
+    _add_import_option(show_p)
     show_p.set_defaults(func=cmd_show_config)
-    sample_p = commands.add_parser("sample", help="generate a grid of samples from a checkpoint")
+    sample_p = commands.add_parser("sample", help="generate samples from a checkpoint: an image grid or text")
     sample_p.add_argument("checkpoint", type=Path)
     sample_p.add_argument("--num", type=int, default=64)
     sample_p.add_argument("--seed", type=int, default=0)
-    sample_p.add_argument("--out", type=Path, default=Path("samples.png"))
+    sample_p.add_argument("--out", type=Path, help="PNG grid (images) or text file (default samples.png / .txt)")
+    sample_p.add_argument("--variant", default="", help="another sampler of the model, e.g. raw (a GAN's raw "
+                                                        "generator; default: the EMA generator)")
+    sample_p.add_argument("--class", dest="label", type=int, metavar="K", help="class K (conditional models)")
+    sample_p.add_argument("--temperature", type=float, help="autoregressive: softmax temperature (default 1)")
+    sample_p.add_argument("--prompt", help="autoregressive text: the text every sample continues")
+    sample_p.add_argument("--length", type=int, help="autoregressive text: characters per sample")
+    _add_import_option(sample_p)
     sample_p.set_defaults(func=cmd_sample)
     report_p = commands.add_parser("report", help="(re)build RUN_DIR/report.html and RUN_DIR/plots/*.png "
                                                   "from a run directory (running, finished or crashed)")
@@ -235,10 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from dgm_scale.data import DataError
-    from dgm_scale.modules.guards import NonFiniteError
+    from dgm_scale.core.errors import DataError, NonFiniteError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Options may sit between the config and its overrides (`train cfg.yaml --import x.py k=v`):
+    # what follows an option comes back unparsed and joins the overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "config_and_overrides"):
+        args.config_and_overrides = list(args.config_and_overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    working_directory_importable()  # `model.generator.target: mynets:G` for mynets.py in the working directory
     logging.basicConfig(format="dgm-scale: %(message)s", level=logging.WARNING)
     logging.getLogger("dgm_scale").setLevel(logging.INFO)
     try:

@@ -11,17 +11,18 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 
 from dgm_scale.config import ConfigError, to_dict
+from dgm_scale.distributed.preemption import requeue_checkpoint
 
 # Keys a checkpoint must share with the config that continues it: they decide the shapes of
-# the weights and of the optimizer state. Everything else (learning rates, max_steps, devices,
-# logging, batch size) may change between a run and its continuation.
-MUST_MATCH = ("model", "loss", "data.name", "data.resolution", "data.channels", "optim.g.name", "optim.d.name")
+# the weights and of the optimizer state (and every optimizer's `name`: `optim.name` of a
+# single-optimizer family, `optim.g.name` / `optim.d.name` of a GAN). Everything else (learning
+# rates, max_steps, devices, logging, batch size) may change between a run and its continuation.
+MUST_MATCH = ("model", "loss", "data.name", "data.resolution", "data.channels", "data.seq_len")
 
 
-def requeue_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest checkpoint Lightning's SLURM auto-requeue wrote (`hpc_ckpt_N.ckpt`), if any."""
-    candidates = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    return candidates[-1] if candidates else None
+def must_match(key: str) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in MUST_MATCH) or \
+        (key.startswith("optim.") and key.endswith(".name"))
 
 
 def newest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -78,7 +79,7 @@ def check_compatible(checkpoint_path: Path, cfg) -> None:
         raise ConfigError(f"config key 'trainer.strategy': the checkpoint '{checkpoint_path}' was written under "
                           f"{stored.get('trainer.strategy')!r}, which cannot resume under {cfg.trainer.strategy!r}")
     for key in sorted(current):
-        if any(key == name or key.startswith(name + ".") for name in MUST_MATCH):
+        if must_match(key):
             if key in stored and stored[key] != current[key]:
                 raise ConfigError(f"config key '{key}': the checkpoint '{checkpoint_path}' was trained with "
                                   f"{stored[key]!r}, this config has {current[key]!r}")

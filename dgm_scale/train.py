@@ -12,13 +12,14 @@ from typing import List, Optional
 import lightning as L
 import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from omegaconf import OmegaConf
 
 from dgm_scale.config import ConfigError, to_yaml
-from dgm_scale.data import DataPosition, ImageDataModule, TOY_DATASETS, toy_centers
+from dgm_scale.data import DataModule, DataPosition, TOY_DATASETS, toy_centers
 from dgm_scale.distributed import LaunchEnv, build_strategy, launch_env, share_run_dir
 from dgm_scale.distributed.precision import build_precision_plugins
 from dgm_scale.distributed.preemption import RequeueOnSignal
-from dgm_scale.metrics.evaluation import eval_settings, prepare_evaluation
+from dgm_scale.metrics.evaluation import eval_settings, prepare_evaluation, scores_samples
 from dgm_scale.distributed.sync_batchnorm import GlobalBatchNormSync
 from dgm_scale.modules import GenerativeModule, build_module
 from dgm_scale.resume import check_compatible, checkpoint_run_dir, resume_checkpoint
@@ -108,7 +109,8 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
         SampleGrids(run_dir / "samples", cfg.run.sample_every, cfg.run.num_samples, reference=reference),
     ]
     if cfg.eval.every > 0 or cfg.eval.at_end:  # before the checkpoint, which saves its best-so-far
-        callbacks.append(PeriodicEvaluation(eval_settings(cfg), run_dir, cfg.eval.every,
+        settings = eval_settings(cfg) if scores_samples(cfg) else None  # text: held-out likelihood only
+        callbacks.append(PeriodicEvaluation(settings, run_dir, cfg.eval.every,
                                             cfg.trainer.max_steps if cfg.eval.at_end else None, cfg.eval.best_metric,
                                             extractor=extractor))
     callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every, cfg.run.keep_checkpoints))
@@ -161,9 +163,9 @@ def train(cfg) -> RunResult:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     module = build_module(cfg)
     per_iteration_batch = cfg.data.batch_size * module.batches_per_iteration
-    datamodule = ImageDataModule(cfg.data, batch_size=per_iteration_batch, seed=cfg.run.seed)
+    datamodule = DataModule(cfg.data, batch_size=per_iteration_batch, seed=cfg.run.seed)
     datamodule.setup("fit")  # bad paths and empty data fail here, before a run directory exists
-    wanted_classes = cfg.model.num_classes
+    wanted_classes = module.num_classes
     if wanted_classes > 0 and wanted_classes != datamodule.num_classes:
         raise ConfigError(f"config key 'model.num_classes': {wanted_classes} does not match the "
                           f"{datamodule.num_classes} classes of dataset '{cfg.data.name}'")
@@ -173,9 +175,9 @@ def train(cfg) -> RunResult:
     extractor = prepare_evaluation(cfg) if env.global_rank == 0 else None
     run_dir = make_run_dir(cfg, env)
     trainer = build_trainer(cfg, module, run_dir, env, extractor)
-    log.info("training %s (%s, %s loss) on %s for %d iterations -> %s", cfg.run.name, cfg.model.kind,
-             cfg.loss.name if cfg.model.kind == "gan" else cfg.loss.likelihood, cfg.data.name,
-             cfg.trainer.max_steps, run_dir)
+    log.info("training %s (%s) on %s for %d iterations -> %s", cfg.run.name,
+             module.family.headline(lambda key, default=None: OmegaConf.select(cfg, key, default=default)),
+             cfg.data.name, cfg.trainer.max_steps, run_dir)
     resume_from = resume_checkpoint(cfg, run_dir, env.requeued)
     if resume_from is not None:
         check_compatible(resume_from, cfg)
@@ -198,5 +200,6 @@ def train(cfg) -> RunResult:
     images = (module.iteration - module.start_iteration) * per_iteration_batch * trainer.world_size
     return RunResult(run_dir=run_dir, iterations=module.iteration, seconds=seconds,
                      images_per_second=images / max(seconds, 1e-9),
-                     checkpoint=run_dir / "checkpoints" / "last.ckpt", samples=run_dir / "samples" / "final.png",
+                     checkpoint=run_dir / "checkpoints" / "last.ckpt",
+                     samples=run_dir / "samples" / ("final.txt" if module.modality == "text" else "final.png"),
                      module=module)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from dgm_scale.modules import GANModule, VAEModule
+from dgm_scale.families.gan.module import GANModule
+from dgm_scale.families.vae.module import VAEModule
 
 
 def _due(module, iteration: int, rank: int | None) -> bool:

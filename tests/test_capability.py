@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dgm_scale.config import load_config
-from dgm_scale.data import ImageDataModule, toy_centers
+from dgm_scale.data import DataModule, toy_centers
 from dgm_scale.metrics import mode_coverage
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.train import train
@@ -48,7 +48,7 @@ def validation_elbo(module, datamodule) -> float:
 def test_vae_elbo_improves_far_beyond_the_untrained_model(configs_dir, tmp_path):
     cfg = load_config(configs_dir / "vae.yaml", [f"run.dir={tmp_path / 'run'}", "trainer.max_steps=400",
                                                  "trainer.progress_bar=false"])
-    datamodule = ImageDataModule(cfg.data)
+    datamodule = DataModule(cfg.data)
     datamodule.setup("fit")
     untrained = validation_elbo(build_module(cfg), datamodule)
     result = train(cfg)

@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TINY
 from dgm_scale.config import load_config
 from dgm_scale.tracking.callbacks import prune_iteration_checkpoints
 from dgm_scale.train import train
-from test_distributed import TINY
 
 
 def names(directory: Path) -> list[str]:

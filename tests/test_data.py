@@ -15,7 +15,7 @@ from dgm_scale.data import (
     DATASETS,
     TOY_DATASETS,
     DataError,
-    ImageDataModule,
+    DataModule,
     build_dataset,
     from_model_range,
     load_image,
@@ -54,7 +54,7 @@ def test_resize_tensor_shapes():
 
 
 def test_registry_contents():
-    assert set(DATASETS) == {"digits", "ring8", "grid25", "folder"}
+    assert set(DATASETS) == {"digits", "ring8", "grid25", "folder", "text"}
     assert TOY_DATASETS == ("ring8", "grid25")
 
 
@@ -250,7 +250,7 @@ def test_folder_corrupt_image(tmp_path):
 # ----------------------------------------------------------------------------- datamodule
 def test_datamodule_digits_batches():
     cfg = make_cfg(batch_size=32)
-    dm = ImageDataModule(cfg)
+    dm = DataModule(cfg)
     dm.setup("fit")
     train_set = dm.train_set
     dm.setup("fit")  # idempotent
@@ -266,7 +266,7 @@ def test_datamodule_digits_batches():
 
 def test_datamodule_batch_override_and_toy_shape():
     cfg = make_cfg(name="ring8", toy_samples=500, batch_size=16)
-    dm = ImageDataModule(cfg, batch_size=80)
+    dm = DataModule(cfg, batch_size=80)
     assert dm.sample_shape == (2,)
     batches = list(dm.train_dataloader())
     assert len(batches) == 500 // 80
@@ -275,16 +275,16 @@ def test_datamodule_batch_override_and_toy_shape():
 
 
 def test_datamodule_batch_too_large():
-    dm = ImageDataModule(make_cfg(name="grid25", toy_samples=100, batch_size=128))
+    dm = DataModule(make_cfg(name="grid25", toy_samples=100, batch_size=128))
     with pytest.raises(DataError, match="data.batch_size") as err:
         dm.setup("fit")
     assert "100" in str(err.value)
     with pytest.raises(DataError, match="data.batch_size"):
-        ImageDataModule(make_cfg(), batch_size=5000).train_dataloader()
+        DataModule(make_cfg(), batch_size=5000).train_dataloader()
 
 
 def test_datamodule_accepts_plain_dataclass():
-    dm = ImageDataModule(DataConfig(resolution=8, batch_size=16))
+    dm = DataModule(DataConfig(resolution=8, batch_size=16))
     x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (16, 1, 8, 8)
 

@@ -1,34 +1,14 @@
 """Data parallel training with 2 CPU processes (gloo): ranks agree, outputs are shared."""
 import os
-import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import ROOT, TINY, adapt, free_port, torchrun
 from dgm_scale.distributed import GradientAllReduceDDP, build_strategy
 from dgm_scale.config import load_config
 from dgm_scale.modules import build_module
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=8", "model.generator.width=4", "model.discriminator.width=4",
-        "model.latent_dim=8", "trainer.max_steps=3", "trainer.log_every=1", "trainer.progress_bar=false",
-        "trainer.accelerator=cpu", "run.sample_every=2", "run.checkpoint_every=2", "run.num_samples=4"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                           f"--master-port={free_port()}", "--rdzv-id=test", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_strategy_choice():
@@ -39,7 +19,7 @@ def test_strategy_choice():
 
 @pytest.mark.parametrize("variant", ["gan", "nsgan", "lsgan", "wgan", "wgan_gp", "hinge", "vae"])
 def test_every_variant_keeps_ranks_identical(variant, tmp_path):
-    proc = torchrun(["tests/ddp_worker.py", f"configs/{variant}.yaml", str(tmp_path), *TINY,
+    proc = torchrun(["tests/ddp_worker.py", f"configs/{variant}.yaml", str(tmp_path), *adapt(f"configs/{variant}.yaml", TINY),
                      "trainer.devices=2", f"run.dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -49,7 +29,7 @@ def test_every_variant_keeps_ranks_identical(variant, tmp_path):
     for name, tensor in rank0["params"].items():
         torch.testing.assert_close(tensor, rank1["params"][name], rtol=0, atol=0, msg=name)
     # Training moved the weights: they are not the (shared) initialisation.
-    fresh = load_config(f"configs/{variant}.yaml", TINY)
+    fresh = load_config(f"configs/{variant}.yaml", adapt(f"configs/{variant}.yaml", TINY))
     torch.manual_seed(0)
     assert any(not torch.equal(p, rank0["params"][n]) for n, p in build_module(fresh).named_parameters())
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
@@ -102,8 +82,9 @@ def test_vae_on_two_ranks_equals_one_rank_with_the_double_batch(norm, tmp_path):
     Batch norm only with trainer.sync_batchnorm: per-rank statistics over 8 images differ from
     those over 16 by design (this test fails without it); GlobalBatchNorm's are those of the 16.
     """
-    common = [f"model.generator.norm={norm}", f"model.discriminator.norm={norm}", "trainer.max_steps=6", "run.seed=3"]
-    proc = torchrun(["tests/ddp_worker.py", "configs/vae.yaml", str(tmp_path), *TINY, *common,
+    common = adapt("configs/vae.yaml", TINY + [f"model.generator.norm={norm}", f"model.discriminator.norm={norm}",
+                                               "trainer.max_steps=6", "run.seed=3"])
+    proc = torchrun(["tests/ddp_worker.py", "configs/vae.yaml", str(tmp_path), *common,
                      "trainer.devices=2", "data.batch_size=8", f"run.dir={tmp_path / 'ddp'}",
                      f"trainer.sync_batchnorm={norm == 'batch'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -115,15 +96,15 @@ def test_vae_on_two_ranks_equals_one_rank_with_the_double_batch(norm, tmp_path):
     # permutation; with one replica, the same permutation in order, 16 at a time.
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from dgm_scale.data import ImageDataModule
+    from dgm_scale.data import DataModule
     from dgm_scale.train import build_trainer, make_run_dir
 
-    cfg = load_config("configs/vae.yaml", TINY + common + ["data.batch_size=16", f"run.dir={tmp_path / 'single'}"])
+    cfg = load_config("configs/vae.yaml", common + ["data.batch_size=16", f"run.dir={tmp_path / 'single'}"])
     import lightning as L
 
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     module = build_module(cfg)
-    datamodule = ImageDataModule(cfg.data)
+    datamodule = DataModule(cfg.data)
     datamodule.setup("fit")
     sampler = DistributedSampler(datamodule.train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.run.seed)
     loader = DataLoader(datamodule.train_set, batch_size=16, sampler=sampler, drop_last=True)
@@ -177,7 +158,8 @@ def test_deepspeed_zero_gan_agrees_across_ranks_and_with_ddp(stage, tmp_path):
 
 def test_deepspeed_vae_uses_one_engine(tmp_path):
     pytest.importorskip("deepspeed")
-    proc = torchrun(["tests/ddp_worker.py", "configs/vae.yaml", str(tmp_path), *TINY, "trainer.devices=2",
+    proc = torchrun(["tests/ddp_worker.py", "configs/vae.yaml", str(tmp_path), *adapt("configs/vae.yaml", TINY),
+                     "trainer.devices=2",
                      "trainer.strategy=deepspeed", f"run.dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

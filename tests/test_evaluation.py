@@ -33,20 +33,18 @@ def eval_cache(tmp_path_factory) -> Path:
 
 
 class ReplayModule:
-    """A 'generator' whose sample i is row i of a fixed tensor: evaluates a known sample set."""
+    """A 'generator' whose sample i is row i of a fixed tensor: evaluates a known sample set
+    through the sampling contract (`sample_batch`)."""
 
     def __init__(self, rows: torch.Tensor):
-        self.rows, self.latent_dim, self.num_classes = rows, 1, 0  # (unconditional)
+        self.rows, self.num_classes = rows, 0  # (unconditional)
         self.sample_shape = tuple(rows.shape[1:])
-        self._next = 0
 
-    def default_labels(self, num, start=0):
-        return None
+    def sampler_variants(self):
+        return {"": "replay"}
 
-    def generate(self, latents, labels=None):
-        batch = self.rows[self._next:self._next + len(latents)]
-        self._next += len(latents)
-        return batch
+    def sample_batch(self, num, seed=0, start=0, labels=None, variant=""):
+        return self.rows[start:start + num]
 
 
 @pytest.mark.parametrize("total,world", [(10, 3), (2, 4), (7, 1), (0, 2)])

@@ -22,11 +22,10 @@ from pathlib import Path
 import psutil
 import torch
 
+from helpers import ROOT, TINY, adapt_args, assert_same_weights, free_port, metrics_rows
 from dgm_scale.config import load_config
 from dgm_scale.modules import load_module
 from dgm_scale.train import train
-from test_distributed import ROOT, TINY, free_port
-from test_resume import assert_same_weights, metrics_rows
 
 SEED = 20261202
 MAX_STEPS = 16
@@ -174,12 +173,12 @@ def test_gan_killed_while_saving_then_at_random_resumes_exactly(tmp_path):
 def test_vae_killed_at_random_resumes_exactly(tmp_path):
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     iteration, fraction = random_kill_point("vae", 2, 10)
-    proc = launch([*VAE, *COMMON], victim)
+    proc = launch(adapt_args([*VAE, *COMMON]), victim)
     join = kill_in_background(proc, victim, iteration, fraction)
-    train_here([*VAE, *COMMON], reference)
+    train_here(adapt_args([*VAE, *COMMON]), reference)
     join()
     assert iteration <= checkpoint_iteration(victim) < MAX_STEPS
-    train_here([*VAE, *COMMON, "resume=auto"], victim)
+    train_here(adapt_args([*VAE, *COMMON, "resume=auto"]), victim)
     assert_same_run(reference, victim)
 
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import dgm_scale.train as train_module
+from helpers import TINY, adapt, torchrun
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.modules import load_module
 from dgm_scale.modules.guards import NonFiniteError, all_finite
 from dgm_scale.train import train
 from nan_injection import install
-from test_distributed import TINY, torchrun
 
 COMMON = TINY + ["trainer.max_steps=6", "run.checkpoint_every=2"]
 
@@ -82,7 +82,7 @@ def test_stop_names_iteration_and_network_and_keeps_last_checkpoint(variant, net
     with_callback(monkeypatch, snapshot)
     with pytest.raises(NonFiniteError, match=f"^non-finite loss in the {network} step at iteration 4 "
                                              r"\(trainer.nonfinite=stop\)$"):
-        train(load_config(f"configs/{variant}.yaml", COMMON + [f"run.dir={tmp_path}"]))
+        train(load_config(f"configs/{variant}.yaml", adapt(f"configs/{variant}.yaml", COMMON + [f"run.dir={tmp_path}"])))
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == snapshot.bytes  # iteration 2's, untouched
     assert load_module(tmp_path / "checkpoints" / "last.ckpt").checkpoint_iteration == 2
 

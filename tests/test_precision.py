@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import TINY, adapt, torchrun
 from dgm_scale.config import load_config
 from dgm_scale.distributed.precision import PerOptimizerScaledPrecision
 from dgm_scale.losses import gradient_penalty
 from dgm_scale.train import quiet_lightning, train
-from test_distributed import TINY
 
 
 def test_gradient_penalty_does_not_depend_on_the_loss_scale():
@@ -103,15 +103,14 @@ def test_fp16_wgan_gp_tracks_fp32_on_cpu(tmp_path):
 @pytest.mark.parametrize("variant", ["nsgan", "vae"])
 def test_fp16_trains_every_model_kind(variant, tmp_path):
     quiet_lightning()
-    result = train(load_config(f"configs/{variant}.yaml", TINY + ["trainer.precision=16-mixed",
-                                                                   f"run.dir={tmp_path / 'run'}"]))
+    path = f"configs/{variant}.yaml"
+    result = train(load_config(path, adapt(path, TINY + ["trainer.precision=16-mixed", f"run.dir={tmp_path / 'run'}"])))
     assert result.iterations == 3
     assert all(torch.isfinite(p).all() for p in result.module.parameters())
 
 
 def test_fp16_on_two_processes_keeps_ranks_identical(tmp_path):
     """Scaled gradients are averaged (an inf on one rank reaches all): every rank skips or steps alike."""
-    from test_distributed import torchrun
 
     proc = torchrun(["tests/ddp_worker.py", "configs/wgan_gp.yaml", str(tmp_path), *TINY, "trainer.devices=2",
                      "trainer.precision=16-mixed", f"run.dir={tmp_path / 'run'}"])

@@ -17,6 +17,7 @@ from dgm_scale.cli import main
 from dgm_scale.config import load_config, to_yaml
 from dgm_scale.tracking import report as report_module
 from dgm_scale.tracking.plots import GRID, Series, format_tick, line_chart, nice_ticks
+from dgm_scale.families import get_family
 from dgm_scale.tracking.report import build_report, load_run, training_groups
 from dgm_scale.train import train
 
@@ -118,7 +119,7 @@ def test_run_data_groups_columns_and_maps_iterations(tmp_path):
     run = load_run(write_synthetic_run(tmp_path / "run"))
     assert run.params == {"generator": 263553, "discriminator": 134465}
     assert len(run.evaluations) == 2  # the torn last line is skipped
-    groups = {stem: series for stem, _, series in training_groups(run.rows)}
+    groups = {stem: series for stem, _, series in training_groups(run.rows, get_family("gan"))}
     assert [s.name for s in groups["losses"]] == ["train/d_loss", "train/g_loss"]
     assert [s.name for s in groups["critic_outputs"]] == ["train/d_real", "train/d_fake"]
     d_fake = groups["critic_outputs"][1]

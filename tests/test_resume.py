@@ -1,48 +1,22 @@
 """Resume: a run stopped and continued from its checkpoint equals the uninterrupted run."""
-import csv
 from pathlib import Path
 
 import pytest
-import torch
 from torch.utils.data import DistributedSampler
 
+from helpers import TINY, adapt, assert_same_weights, metrics_rows, stop_and_resume, torchrun
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.data import ResumableDistributedSampler
-from dgm_scale.modules import load_module
 from dgm_scale.train import quiet_lightning, train
-from test_distributed import TINY, torchrun
 
 # Large batches so that the 6 iterations cross epoch boundaries (digits: 1,617 training images).
 EPOCHS = {"wgan_gp": ["data.batch_size=128"], "vae": ["data.batch_size=512"], "nsgan": ["data.batch_size=512"]}
 
 
-def metrics_rows(run_dir: Path) -> list[dict]:
-    """The logged training rows, without the perf/* timings (which differ from run to run)."""
-    with open(run_dir / "metrics.csv") as handle:
-        return [{key: value for key, value in row.items() if not key.startswith("perf/")}
-                for row in csv.DictReader(handle) if row.get("train/iteration")]
-
-
-def assert_same_weights(first: Path, second: Path, atol: float = 0.0) -> None:
-    a, b = load_module(first).state_dict(), load_module(second).state_dict()
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
-
-
-def stop_and_resume(run_train, tmp_path: Path, common: list[str]) -> tuple[Path, Path]:
-    """Train 6 iterations straight, and 3 + 3 with a resume; return both run directories."""
-    full, part = tmp_path / "full", tmp_path / "part"
-    run_train(common + ["trainer.max_steps=6", f"run.dir={full}"])
-    run_train(common + ["trainer.max_steps=3", f"run.dir={part}"])
-    run_train(common + ["trainer.max_steps=6", f"run.dir={part}", "resume=auto"])
-    return full, part
-
-
 @pytest.mark.parametrize("variant", ["wgan_gp", "vae"])
 def test_resume_equals_uninterrupted_run(variant, tmp_path):
     quiet_lightning()
-    run = lambda overrides: train(load_config(f"configs/{variant}.yaml", overrides))  # noqa: E731
+    run = lambda overrides: train(load_config(f"configs/{variant}.yaml", adapt(f"configs/{variant}.yaml", overrides)))  # noqa: E731
     full, part = stop_and_resume(run, tmp_path, TINY + EPOCHS[variant] + ["run.checkpoint_every=3"])
     assert_same_weights(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt")
     assert metrics_rows(full) == metrics_rows(part)  # every logged loss, before and after the resume

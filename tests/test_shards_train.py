@@ -1,17 +1,15 @@
 """Training on tar shards end to end: the data module streams them, ranks split them, resume
 continues the stream exactly, and damaged data is skipped and counted in metrics.csv."""
-import csv
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import TINY, assert_same_weights, metrics_rows, stop_and_resume, torchrun
 from dgm_scale.config import load_config
 from dgm_scale.data import DataError
 from dgm_scale.data.shards.writer import BuildOptions, build_shards
 from dgm_scale.train import quiet_lightning, train
-from test_distributed import TINY, torchrun
-from test_resume import assert_same_weights, metrics_rows, stop_and_resume
 
 SHARDS = ["data.name=shards", "data.resolution=8", "data.channels=1", "data.shuffle_buffer=64"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_wandb import logged_iterations as wandb_iterations, offline_runs, records_of
+from helpers import offline_runs, records_of, wandb_logged_iterations
 from dgm_scale.tracking.loggers import WANDB_RUN_ID_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,4 +103,4 @@ def test_sbatch_trains_two_ranks_checkpoints_on_usr1_requeues_and_resumes(slurm_
     assert len(parts) == 2 and all(f"-{run_id}" in part.name for part in parts)
     assert [[r.run_id for r in records_of(part, "run")] for part in parts] == [[run_id], [run_id]]
     assert [[e.exit_code for e in records_of(part, "exit")] for part in parts] == [[0], [0]]
-    assert sorted(wandb_iterations(parts[0]) + wandb_iterations(parts[1])) == list(range(1, ITERATIONS + 1))
+    assert sorted(wandb_logged_iterations(parts[0]) + wandb_logged_iterations(parts[1])) == list(range(1, ITERATIONS + 1))

@@ -7,15 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import TINY_TRAIN, adapt
 from dgm_scale.cli import main
 from dgm_scale.config import load_config
 from dgm_scale.modules import load_module
 from dgm_scale.train import train
 
 VARIANTS = ["gan", "nsgan", "lsgan", "wgan", "wgan_gp", "hinge", "vae"]
-TINY = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=16", "model.generator.width=8", "model.discriminator.width=8",
-        "model.latent_dim=8", "trainer.max_steps=4", "trainer.log_every=1", "trainer.progress_bar=false",
-        "run.sample_every=2", "run.checkpoint_every=2", "run.num_samples=16"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -25,7 +23,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_trains_checkpoints_and_samples_reproducibly(variant, configs_dir, tmp_path):
-    cfg = load_config(configs_dir / f"{variant}.yaml", TINY + [f"run.dir={tmp_path / 'run'}"])
+    cfg = load_config(configs_dir / f"{variant}.yaml", adapt(configs_dir / f"{variant}.yaml", TINY_TRAIN + [f"run.dir={tmp_path / 'run'}"]))
     result = train(cfg)
     assert result.iterations == 4
     run_dir = result.run_dir
@@ -51,7 +49,7 @@ def test_variant_trains_checkpoints_and_samples_reproducibly(variant, configs_di
 
 
 def test_critic_takes_n_critic_batches_per_generator_step(configs_dir, tmp_path):
-    cfg = load_config(configs_dir / "wgan.yaml", TINY + [f"run.dir={tmp_path / 'run'}", "trainer.max_steps=2"])
+    cfg = load_config(configs_dir / "wgan.yaml", TINY_TRAIN + [f"run.dir={tmp_path / 'run'}", "trainer.max_steps=2"])
     result = train(cfg)
     ckpt = torch.load(result.checkpoint, weights_only=True)
     assert ckpt["global_step"] == 2 * (5 + 1)  # Lightning counts each optimizer step
@@ -64,7 +62,7 @@ def test_critic_takes_n_critic_batches_per_generator_step(configs_dir, tmp_path)
 
 
 def test_existing_run_dir_is_never_overwritten(configs_dir, tmp_path, capsys):
-    args = ["train", *TINY, "trainer.max_steps=1", f"run.dir={tmp_path / 'run'}"]
+    args = ["train", *TINY_TRAIN, "trainer.max_steps=1", f"run.dir={tmp_path / 'run'}"]
     assert main(args) == 0
     before = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
     assert main(args) == 2
@@ -73,9 +71,9 @@ def test_existing_run_dir_is_never_overwritten(configs_dir, tmp_path, capsys):
 
 
 def test_sample_command_writes_a_grid(configs_dir, tmp_path, capsys):
-    assert main(["train", str(configs_dir / "nsgan.yaml"), *TINY, f"run.dir={tmp_path / 'run'}"]) == 0
+    assert main(["train", str(configs_dir / "nsgan.yaml"), *TINY_TRAIN, f"run.dir={tmp_path / 'run'}"]) == 0
     out = capsys.readouterr().out
-    assert "4 iterations" in out and "images/s" in out and str(tmp_path / "run") in out
+    assert "4 iterations" in out and "samples/s" in out and str(tmp_path / "run") in out
     grid = tmp_path / "grid.png"
     ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert main(["sample", ckpt, "--num", "9", "--out", str(grid), "--seed", "1"]) == 0
@@ -96,7 +94,7 @@ def test_trains_on_an_image_folder_in_rgb(tmp_path):
         for index in range(20):
             pixels = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "images" / label / f"{index}.png")
-    cfg = load_config(overrides=TINY + ["data.name=folder", f"data.path={tmp_path / 'images'}", "data.channels=3",
+    cfg = load_config(overrides=TINY_TRAIN + ["data.name=folder", f"data.path={tmp_path / 'images'}", "data.channels=3",
                                         "data.hflip=true", "data.batch_size=8", "trainer.max_steps=2",
                                         f"run.dir={tmp_path / 'run'}"])
     result = train(cfg)
@@ -104,7 +102,7 @@ def test_trains_on_an_image_folder_in_rgb(tmp_path):
 
 
 def test_class_conditional_gan_trains_and_samples_per_class(tmp_path):
-    cfg = load_config(overrides=TINY + ["model.num_classes=10", "trainer.max_steps=2", f"run.dir={tmp_path / 'run'}"])
+    cfg = load_config(overrides=TINY_TRAIN + ["model.num_classes=10", "trainer.max_steps=2", f"run.dir={tmp_path / 'run'}"])
     module = load_module(train(cfg).checkpoint)
     same_z_class_0 = module.sample(2, seed=0, labels=torch.tensor([0, 0]))
     same_z_class_5 = module.sample(2, seed=0, labels=torch.tensor([5, 5]))
@@ -113,8 +111,9 @@ def test_class_conditional_gan_trains_and_samples_per_class(tmp_path):
 
 @pytest.mark.parametrize("variant", ["wgan_gp", "vae"])
 def test_bf16_mixed_precision_trains_on_cpu(variant, configs_dir, tmp_path):
-    cfg = load_config(configs_dir / f"{variant}.yaml", TINY + ["trainer.precision=bf16-mixed", "trainer.accelerator=cpu",
-                                                              f"run.dir={tmp_path / 'run'}"])
+    path = configs_dir / f"{variant}.yaml"
+    cfg = load_config(path, adapt(path, TINY_TRAIN + ["trainer.precision=bf16-mixed", "trainer.accelerator=cpu",
+                                                f"run.dir={tmp_path / 'run'}"]))
     result = train(cfg)
     loss_key = "train/g_loss" if variant != "vae" else "train/elbo"
     losses = [float(row[loss_key]) for row in read_metrics(result.run_dir) if row.get(loss_key)]
@@ -127,5 +126,5 @@ def test_bf16_mixed_precision_trains_on_cpu(variant, configs_dir, tmp_path):
 
 
 def test_trains_with_loader_worker_processes(tmp_path):
-    cfg = load_config(overrides=TINY + ["data.num_workers=2", "data.hflip=true", f"run.dir={tmp_path / 'run'}"])
+    cfg = load_config(overrides=TINY_TRAIN + ["data.num_workers=2", "data.hflip=true", f"run.dir={tmp_path / 'run'}"])
     assert train(cfg).iterations == 4

@@ -1,24 +1,18 @@
 """W&B tracking through Lightning's WandbLogger, checked on the offline run files W&B writes."""
-import json
 import os
 import re
-import struct
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-from wandb.proto import wandb_internal_pb2
 
+from helpers import ROOT, TINY_TRAIN, config_values, history_keys, wandb_logged_iterations, offline_runs, records_of, torchrun
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.tracking.loggers import WANDB_RUN_ID_FILE, build_loggers, resolve_wandb_mode
 from dgm_scale.train import train
-from test_distributed import ROOT, torchrun
-from test_train import TINY
 
-# The test suite's TINY turns W&B off; these tests turn it on again (the later value wins).
-OFFLINE = TINY + ["tracking.wandb.mode=offline"]
+# The test suite's TINY_TRAIN turns W&B off; these tests turn it on again (the later value wins).
+OFFLINE = TINY_TRAIN + ["tracking.wandb.mode=offline"]
 FAKE_KEY = "local-0123456789abcdef0123456789abcdef01234567"
 
 
@@ -29,65 +23,6 @@ def wandb_dirs(tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-
-
-def read_records(path: Path) -> list:
-    """The records of a `.wandb` file: W&B's LevelDB-style log (a 7-byte header, 32 KiB blocks
-    of chunks with a 7-byte header each: crc32, length, type full/first/middle/last), each
-    record a wandb_internal_pb2.Record."""
-    data, block, header = path.read_bytes(), 32 * 1024, 7
-    assert data[:4] == b":W&B"
-    records, pending, offset = [], b"", header
-    while offset + header <= len(data):
-        if block - offset % block < header:  # too little room left: the block is padded
-            offset += block - offset % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[offset:offset + header])
-        chunk, offset = data[offset + header:offset + header + length], offset + header + length
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):  # full, or the last chunk of a record
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
-
-
-def offline_runs(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "wandb").glob("offline-run-*"))
-
-
-def finished_records(offline_run: Path, timeout: float = 30.0) -> list:
-    """The run's records once its `exit` record is on disk: wandb.finish() can return before
-    W&B's service has flushed the file (seen: header only, complete 0.2 s later)."""
-    (path,) = offline_run.glob("run-*.wandb")
-    deadline = time.monotonic() + timeout
-    while True:
-        records = read_records(path)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.1)
-
-
-def records_of(offline_run: Path, kind: str) -> list:
-    return [getattr(r, kind) for r in finished_records(offline_run) if r.WhichOneof("record_type") == kind]
-
-
-def item_key(item) -> str:
-    return item.key or "/".join(item.nested_key)  # W&B stores "train/d_loss" as a nested key
-
-
-def history_keys(offline_run: Path) -> set[str]:
-    return {item_key(item) for h in records_of(offline_run, "history") for item in h.item}
-
-
-def config_values(offline_run: Path) -> dict:
-    return {item_key(u): json.loads(u.value_json)
-            for c in records_of(offline_run, "config") for u in c.update}
-
-
-def logged_iterations(offline_run: Path) -> list[int]:
-    return [json.loads(item.value_json) for h in records_of(offline_run, "history") for item in h.item
-            if item_key(item) == "train/iteration"]
 
 
 def test_wandb_mode_is_validated():
@@ -110,7 +45,7 @@ def test_auto_mode_is_online_only_with_a_configured_key(tmp_path, monkeypatch):
 
 
 def test_disabled_mode_creates_no_wandb_files(tmp_path):
-    cfg = load_config("configs/nsgan.yaml", TINY + ["trainer.max_steps=1", f"run.dir={tmp_path / 'run'}"])
+    cfg = load_config("configs/nsgan.yaml", TINY_TRAIN + ["trainer.max_steps=1", f"run.dir={tmp_path / 'run'}"])
     assert [type(logger).__name__ for logger in build_loggers(cfg, tmp_path / "run")] == ["AppendingCSVLogger"]
     run_dir = train(cfg).run_dir
     assert not (run_dir / "wandb").exists() and not (run_dir / WANDB_RUN_ID_FILE).exists()
@@ -144,7 +79,7 @@ def test_offline_run_records_metrics_images_config_and_resumes_the_same_run(tmp_
     assert len(runs) == 2 and all(f"-{run_id}" in path.name for path in runs)
     (second,) = [path for path in runs if path != first]
     assert [r.run_id for r in records_of(second, "run")] == [run_id]
-    assert logged_iterations(second) == [5, 6]  # the continuation logs only the new iterations
+    assert wandb_logged_iterations(second) == [5, 6]  # the continuation logs only the new iterations
 
 
 def test_checkpoint_artifact_and_no_api_key_anywhere(tmp_path):
@@ -195,4 +130,4 @@ def test_a_training_started_by_a_wandb_process_uses_its_own_service(tmp_path):
     assert [r.run_id for r in records_of(resumed, "run")] == [run_id]
     assert [e.exit_code for e in records_of(resumed, "exit")] == [0]
     start = int(re.search(r"resumed from iteration (\d+)", proc.stdout).group(1))
-    assert logged_iterations(resumed) == list(range(start + 1, start + 5))
+    assert wandb_logged_iterations(resumed) == list(range(start + 1, start + 5))

@@ -1,4 +1,5 @@
-from dgm_scale.config.loader import ConfigError, config_from_dict, load_config, to_dict, to_yaml, validate
-from dgm_scale.config.schema import Config
+"""Config loading: the shared sections, the family's own sections, validation (see loader.py)."""
+from dgm_scale.config.loader import config_from_dict, load_config, to_dict, to_yaml, validate
+from dgm_scale.core.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "config_from_dict", "load_config", "to_dict", "to_yaml", "validate"]
+__all__ = ["ConfigError", "config_from_dict", "load_config", "to_dict", "to_yaml", "validate"]

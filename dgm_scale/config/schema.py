@@ -1,20 +1,27 @@
-"""Typed configuration schema: one small dataclass per component.
+"""Typed configuration schema: one small dataclass per shared section, plus the family's own.
 
-The defaults below ARE the default job (`dgm-scale train` with no arguments): a DCGAN with the
-non-saturating loss on scikit-learn's offline 8x8 digits, upsampled to 16x16. Variant YAML files
-in `configs/` only state what differs from these defaults.
+A config is `data`, `trainer`, `run`, `eval`, `tracking` (here) and `model`, `loss`, `optim`
+(the model family's dataclasses: dgm_scale/families/*): `config_class(family)` puts them together.
+The defaults ARE the default job (`dgm-scale train` with no arguments): the GAN family's DCGAN
+with the non-saturating loss on scikit-learn's offline 8x8 digits, upsampled to 16x16. Variant
+YAML files in `configs/` only state what differs from these defaults.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, field, make_dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+if TYPE_CHECKING:
+    from dgm_scale.families.registry import Family
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | ring8 | grid25 | folder | shards
+    name: str = "digits"  # digits | ring8 | grid25 | folder | shards | text
     # folder: the image folder root. shards: a shard spec - a directory (with manifest.json), a
     # brace pattern `x-{000000..000127}.tar`, `pipe:CMD` (s3/gcs/http via your CLI); '::' joins parts.
+    # text: a text file, a folder of .txt files, a shard spec of tars holding .txt members, or
+    # builtin:pydoc (Python's own documentation topics, shipped with the standard library).
     path: Optional[str] = None
     # shards only: more datasets mixed with data.path, by data.weights (one weight per dataset)
     mix: List[str] = field(default_factory=list)
@@ -32,54 +39,31 @@ class DataConfig:
     val_fraction: float = 0.1  # held-out share of built-in datasets (used by the VAE's val ELBO)
     toy_samples: int = 50_000  # points drawn for the 2-D toy mixtures
     toy_std: float = 0.02  # standard deviation of each toy mixture component
+    seq_len: int = 256  # text: characters (bytes) per training sequence
 
 
 @dataclass
 class NetConfig:
+    """One network of a family (generator, discriminator, encoder, decoder): a built-in arch,
+    or your own class by import path (`target`), built with `kwargs` (see dgm_scale/nets)."""
     arch: str = "dcgan"  # mlp | dcgan | resnet
     width: int = 64  # base channel count (conv) or hidden units (mlp)
     depth: int = 3  # hidden layers (mlp only)
     norm: str = "batch"  # none | batch | layer | instance
     spectral_norm: bool = False
-
-
-@dataclass
-class ModelConfig:
-    kind: str = "gan"  # gan | vae
-    latent_dim: int = 64
-    num_classes: int = 0  # > 0: class-conditional G (embedding) and D (projection)
-    generator: NetConfig = field(default_factory=NetConfig)  # also the VAE decoder
-    discriminator: NetConfig = field(default_factory=NetConfig)  # also the VAE encoder
-    ema_decay: float = 0.999  # > 0 keeps an exponential moving average of G for sampling
-
-
-@dataclass
-class LossConfig:
-    name: str = "nonsaturating"  # minimax | nonsaturating | lsgan | wasserstein | hinge
-    n_critic: int = 1  # discriminator steps per generator step
-    gp_weight: float = 0.0  # WGAN-GP gradient penalty lambda (0 = off)
-    clip_value: float = 0.0  # WGAN weight clipping bound c (0 = off)
-    lsgan_a: float = 0.0  # LSGAN target for fake images in D's loss
-    lsgan_b: float = 1.0  # LSGAN target for real images in D's loss
-    lsgan_c: float = 1.0  # LSGAN target G wants D to output on fakes
-    likelihood: str = "bernoulli"  # VAE: bernoulli | gaussian
-    gaussian_std: float = 0.1  # VAE: fixed decoder std of the Gaussian likelihood ([-1, 1] scale)
-    beta: float = 1.0  # VAE: KL weight
+    # your own nn.Module instead of `arch`: package.module:Class or path/to/file.py:Class
+    target: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for `target`
 
 
 @dataclass
 class OptimizerConfig:
+    """One optimizer: `optim.g` / `optim.d` of a GAN, `optim` of a single-optimizer family."""
     name: str = "adam"  # adam | rmsprop
     lr: float = 2e-4
     betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
     weight_decay: float = 0.0
     eps: float = 1e-8
-
-
-@dataclass
-class OptimConfig:
-    g: OptimizerConfig = field(default_factory=OptimizerConfig)  # generator / VAE
-    d: OptimizerConfig = field(default_factory=OptimizerConfig)  # discriminator / critic
 
 
 @dataclass
@@ -118,6 +102,9 @@ class RunConfig:
     # "" = a fresh run; "auto" = continue from the run directory's newest checkpoint if it has one
     # (needs run.dir or a launcher run id); a path = continue from that checkpoint. `resume=` works too.
     resume: str = ""
+    # Python modules or files imported before the config is read, in every process (e.g. your
+    # own model family registering itself); `dgm-scale train --import X` appends here.
+    imports: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -139,8 +126,9 @@ class TrackingConfig:
 
 @dataclass
 class EvalConfig:
-    # Sample quality during training (FID, KID, precision/recall, IS, NDB), on the EMA generator
-    # when model.ema_decay > 0, computed across all ranks; see dgm_scale/metrics.
+    # Sample quality during training (FID, KID, precision/recall, IS, NDB) of every sampler the
+    # family offers (a GAN with an EMA: eval/* the EMA generator, eval_raw/* the raw one), and
+    # the held-out likelihood of families that have one; computed across all ranks.
     every: int = 1000  # iterations between evaluations; 0 = none during training
     at_end: bool = True  # also evaluate the final model
     metrics: List[str] = field(default_factory=list)  # empty = fid, kid, pr, ndb (+ is with logits)
@@ -154,17 +142,20 @@ class EvalConfig:
     cache_dir: str = "~/.cache/dgm_scale"  # real-feature statistics, weights and trained classifiers
     batch_size: int = 250  # per rank, for generation and feature extraction
     seed: int = 0  # the evaluation latents and the real subset (same every evaluation)
-    best_metric: str = "fid"  # checkpoints/best.ckpt keeps the lowest value of this metric; "" = off
+    # checkpoints/best.ckpt keeps the lowest value of this metric; auto = fid where samples are
+    # scored, else the held-out bits per dim / char; "" = off
+    best_metric: str = "auto"
     options: Dict[str, Any] = field(default_factory=dict)  # metric options, e.g. {kid_subset_size: 500}
 
 
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+SHARED_SECTIONS = {"data": DataConfig, "trainer": TrainerConfig, "run": RunConfig, "eval": EvalConfig,
+                   "tracking": TrackingConfig}
+
+
+def config_class(family: "Family") -> type:
+    """The dataclass of a whole config for `family`: its model / loss / optim sections and the
+    shared ones."""
+    sections = {"data": DataConfig, "model": family.model, "loss": family.loss, "optim": family.optim,
+                **{name: cls for name, cls in SHARED_SECTIONS.items() if name != "data"}}
+    return make_dataclass(f"{family.name.title()}Config",
+                          [(name, cls, field(default_factory=cls)) for name, cls in sections.items()])

@@ -1,10 +1,11 @@
 """Data: dataset registry (`build_dataset`), transforms and the Lightning data module."""
-from .datamodule import ImageDataModule
+from dgm_scale.core.errors import DataError
+
+from .datamodule import DataModule
 from .datasets import (
     DATASETS,
     IMAGE_EXTENSIONS,
     TOY_DATASETS,
-    DataError,
     ImageFolderDataset,
     InMemoryDataset,
     build_dataset,
@@ -25,8 +26,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "TOY_DATASETS",
     "DataError",
+    "DataModule",
     "DataPosition",
-    "ImageDataModule",
     "ImageFolderDataset",
     "InMemoryDataset",
     "ResumableDistributedSampler",

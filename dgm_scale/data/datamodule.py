@@ -19,7 +19,7 @@ from .shards.urls import expand_urls
 from .position import DataPosition, ResumableDistributedSampler
 
 
-class ImageDataModule(L.LightningDataModule):
+class DataModule(L.LightningDataModule):
     """Train / val loaders for one DataConfig.
 
     `batch_size` overrides cfg.batch_size (the GAN module draws n_critic batches at once).

@@ -17,6 +17,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dgm_scale.core.errors import DataError
+
 from .transforms import keyed_hflip, load_image, resize_tensor, to_model_range
 
 TOY_DATASETS = ("ring8", "grid25")
@@ -29,10 +31,6 @@ SPLIT_SEED = 1234
 TOY_SEEDS = {"train": 0, "val": 1}
 
 Item = Tuple[Tensor, Tensor]
-
-
-class DataError(ValueError):
-    """A data problem the user must fix; the one-line message names the config key / file."""
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -199,11 +197,19 @@ def build_folder(cfg: Any, split: str) -> Dataset:
     )
 
 
+def build_text(cfg: Any, split: str) -> Dataset:
+    """Byte windows of a text corpus (see text.py)."""
+    from .text import build_text as build
+
+    return build(cfg, split)
+
+
 DATASETS: Dict[str, Callable[[Any, str], Dataset]] = {
     "digits": build_digits,
     "ring8": build_toy,
     "grid25": build_toy,
     "folder": build_folder,
+    "text": build_text,
 }
 
 

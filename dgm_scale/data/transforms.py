@@ -28,6 +28,16 @@ def from_model_range(x: Tensor) -> Tensor:
     return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
 
 
+def to_8bit(x: Tensor) -> Tensor:
+    """Model-range values [-1, 1] -> the nearest of the 256 levels, int64 in [0, 255]."""
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).long()
+
+
+def from_8bit(levels: Tensor) -> Tensor:
+    """Levels [0, 255] -> model range [-1, 1] (float32): level k is -1 + 2k / 255."""
+    return levels.float() / 127.5 - 1.0
+
+
 def resize_tensor(x: Tensor, size: int) -> Tensor:
     """Bilinearly resize a batch [N, C, H, W] to [N, C, size, size].
 

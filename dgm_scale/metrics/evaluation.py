@@ -10,6 +10,7 @@ and acts on (best checkpoint) the same numbers.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,17 +78,17 @@ def extract_all(extractor: FeatureExtractor, batches: Iterable[Tensor], sample_s
     return Extracted(torch.cat(features), torch.cat(logits) if logits else None)
 
 
-def generated_batches(module, num: int, seed: int, batch_size: int, rank: int = 0, world: int = 1):
-    """This rank's share of `num` samples from `module` (see the module docstring), in batches.
+def generated_batches(module, num: int, seed: int, batch_size: int, rank: int = 0, world: int = 1,
+                      variant: str = ""):
+    """This rank's share of `num` samples of `module`'s sampler `variant`, in batches.
 
-    `module`: a GenerativeModule, or anything with its `latent_dim`, `default_labels` and `generate`.
+    `module`: a GenerativeModule (anything with its `sample_batch`): sample i of the sequence
+    `seed` is the same whichever rank and batch draws it; conditional models get class i % K.
     """
-    latents = torch.randn(num, module.latent_dim, generator=torch.Generator().manual_seed(seed))
     start, end = rank_share(num, rank, world)
     for lo in range(start, end, batch_size):
         hi = min(lo + batch_size, end)
-        # Conditional models: class i % K for global sample i, balanced whatever the world size.
-        yield module.generate(latents[lo:hi], module.default_labels(hi - lo, start=lo))
+        yield module.sample_batch(hi - lo, seed, lo, variant=variant)
 
 
 def _gather(extracted: Extracted) -> Extracted:
@@ -153,13 +154,13 @@ class Evaluator:
         return self._real
 
     @torch.no_grad()
-    def evaluate(self, module) -> dict[str, float]:
-        """Metrics of `module`'s generator (every rank calls this; all get rank 0's results)."""
+    def evaluate(self, module, variant: str = "") -> dict[str, float]:
+        """Metrics of `module`'s sampler `variant` (every rank calls this; all get rank 0's results)."""
         s = self.settings
         rank, world = _distributed()
         start = time.perf_counter()
         real = self.real_features()
-        batches = generated_batches(module, s.num_samples, s.seed, s.batch_size, rank, world)
+        batches = generated_batches(module, s.num_samples, s.seed, s.batch_size, rank, world, variant)
         fake = _gather(extract_all(self.extractor, batches, self.sample_shape, self.device))
         results = None
         if rank == 0:
@@ -184,15 +185,61 @@ def eval_settings(cfg) -> EvalSettings:
         inception_weights=ev.inception_weights)
 
 
+def scores_samples(cfg) -> bool:
+    """Whether a run's samples are scored against real data (images, 2-D points; not text)."""
+    from dgm_scale.data.config import modality_of
+
+    return modality_of(cfg.data.name) != "text"
+
+
+@torch.no_grad()
+def heldout_likelihood(module, batches: Iterable) -> dict[str, float]:
+    """The held-out negative log-likelihood of a family that has one (`heldout_nll`): bits per
+    dim (images) or per character (text), over `batches` (every rank passes the same, in the
+    same order, and scores every W-th, so the result does not depend on the world size);
+    {} for families without a likelihood."""
+    rank, world = _distributed()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for index, batch in enumerate(batches):
+        if index % world != rank:
+            continue
+        scored = module.heldout_nll(batch, seed=index)
+        if scored is None:
+            return {}
+        totals += torch.tensor([float(scored[0]), float(scored[1])], dtype=torch.float64)
+    if world > 1:
+        totals = totals.to(module.device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    if totals[1] == 0:
+        return {}
+    name = "bits_per_char" if module.modality == "text" else "bits_per_dim"
+    return {name: float(totals[0] / totals[1] / math.log(2.0))}
+
+
+def evaluate_module(module, evaluator: Optional["Evaluator"], heldout: Optional[Iterable] = None) -> dict[str, float]:
+    """Everything an evaluation reports: the sample metrics of each of the module's samplers
+    (the default one unprefixed, e.g. fid; another as `raw/fid`) and the held-out likelihood."""
+    results: dict[str, float] = {}
+    if evaluator is not None:
+        for variant in module.sampler_variants():
+            prefix = f"{variant}/" if variant else ""
+            results.update({prefix + name: value for name, value in evaluator.evaluate(module, variant).items()})
+    if heldout is not None:
+        results.update(heldout_likelihood(module, heldout))
+    return results
+
+
 def prepare_evaluation(cfg) -> Optional[FeatureExtractor]:
     """Before training: fetch / build the extractor the run's evaluations will use (download the
     Inception weights, train the digits classifier), so that a bad eval setup stops the run before
-    its directory exists; the run's Evaluator then takes it as it is. None without evaluations.
-    ConfigError names the config key at fault (a bad real-data source fails as a DataError)."""
+    its directory exists; the run's Evaluator then takes it as it is. None without evaluations
+    or sample metrics. ConfigError names the config key at fault (a bad real-data source fails
+    as a DataError)."""
     from dgm_scale.config import ConfigError
     from dgm_scale.modules.base import sample_shape
 
-    if cfg.eval.every == 0 and not cfg.eval.at_end:
+    if (cfg.eval.every == 0 and not cfg.eval.at_end) or not scores_samples(cfg):
         return None
     settings = eval_settings(cfg)
     try:

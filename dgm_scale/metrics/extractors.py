@@ -91,21 +91,21 @@ def build_extractor(spec: str, sample_shape: tuple[int, ...], cache_dir: str | P
     sample_shape: one sample's shape, (C, H, W) or (2,); cache_dir: where downloaded weights
     and trained classifiers are kept; inception_weights: path or URL for plain `inception`.
     """
-    kind, _, argument = spec.partition(":")
-    if kind == "identity":
+    name, _, argument = spec.partition(":")
+    if name == "identity":
         return IdentityExtractor(int(torch.Size(sample_shape).numel()))
-    if kind in ("inception", "classifier", "digits") and len(sample_shape) != 3:
+    if name in ("inception", "classifier", "digits") and len(sample_shape) != 3:
         raise ValueError(f"feature extractor '{spec}' scores images; these samples have shape {tuple(sample_shape)} "
                          "(use 'identity')")
-    if kind == "inception":
+    if name == "inception":
         from dgm_scale.metrics.inception import InceptionExtractor, load_inception
 
         return InceptionExtractor(load_inception(argument or inception_weights, cache_dir))
-    if kind == "classifier" and argument:
+    if name == "classifier" and argument:
         from dgm_scale.metrics.classifier import load_classifier_extractor
 
         return load_classifier_extractor(Path(argument).expanduser(), sample_shape)
-    if kind == "digits":
+    if name == "digits":
         from dgm_scale.metrics.classifier import digits_extractor
 
         return digits_extractor(sample_shape, Path(cache_dir).expanduser())

@@ -1,12 +1,12 @@
 """Evaluation results for people and programs: a text table and a JSON report."""
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from dgm_scale.core.files import write_json_atomic
 
 #: how each result reads: (label, which way is better)
 DESCRIPTIONS = {
@@ -17,6 +17,8 @@ DESCRIPTIONS = {
     "density": ("density", "higher"), "coverage": ("coverage", "higher"),
     "ndb": ("statistically different bins", "lower"), "ndb_fraction": ("NDB / bins", "lower"),
     "ndb_js": ("JS divergence of bin histograms", "lower"),
+    "bits_per_dim": ("held-out negative log-likelihood, bits per dimension (VAE: an upper bound)", "lower"),
+    "bits_per_char": ("held-out negative log-likelihood, bits per character", "lower"),
     "eval_seconds": ("seconds", ""),
 }
 
@@ -24,8 +26,8 @@ DESCRIPTIONS = {
 def format_table(results: dict[str, float]) -> str:
     """Aligned rows: metric, value, what it is, which way is better."""
     rows = [("metric", "value", "meaning", "better")]
-    for name, value in results.items():
-        label, better = DESCRIPTIONS.get(name, ("", ""))
+    for name, value in results.items():  # a sampler variant's metric: `raw/fid`
+        label, better = DESCRIPTIONS.get(name.rpartition("/")[2], ("", ""))
         rows.append((name, f"{value:.6g}", label, better))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows)
@@ -36,20 +38,6 @@ def write_report(path: Path, results: dict[str, float], settings: Any, checkpoin
                  extractor_key: dict[str, Any]) -> Path:
     """JSON {results, checkpoint, iteration, settings, extractor, time}, written atomically."""
     report = {"results": results, "checkpoint": str(checkpoint), "iteration": iteration,
-              "settings": asdict(settings), "extractor": extractor_key,
+              "settings": asdict(settings) if settings is not None else None, "extractor": extractor_key,
               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return write_json_atomic(Path(path), report)
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Text (UTF-8) to a temporary file in the same folder, then renamed: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def write_json_atomic(path: Path, data: Any) -> Path:
-    """JSON, written as `write_text_atomic` writes."""
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,7 +1,9 @@
-"""What every generative Lightning module shares: config handling, optimisers, seeded sampling."""
+"""What every generative Lightning module shares: config, keyed noise, guarded steps, logging and
+the one sampling contract (`sample_batch`) that sample grids, `dgm-scale sample`, evaluation and
+the report use, whatever the family."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import lightning as L
 import torch
@@ -9,31 +11,33 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from dgm_scale.config import config_from_dict, to_dict
+from dgm_scale.core.logs import log_now
+from dgm_scale.families.registry import get_family
 from dgm_scale.modules.guards import NonFiniteGuard
+from dgm_scale.modules.sampling import keyed_noise
 from dgm_scale.nets import count_parameters
 
 
 def sample_shape(data_cfg) -> Tuple[int, ...]:
-    """Shape of one data sample: (2,) for the 2-D toy mixtures, else (C, R, R)."""
-    from dgm_scale.data.datasets import TOY_DATASETS
+    """Shape of one data sample: (2,) for the 2-D toy mixtures, (seq_len,) bytes for text,
+    else (C, R, R)."""
+    from dgm_scale.data.config import modality_of
 
-    if data_cfg.name in TOY_DATASETS:
+    modality = modality_of(data_cfg.name)
+    if modality == "points":
         return (2,)
+    if modality == "text":
+        return (data_cfg.seq_len,)
     return (data_cfg.channels, data_cfg.resolution, data_cfg.resolution)
 
 
-def build_optimizer(params, opt_cfg) -> torch.optim.Optimizer:
-    """Adam or RMSprop from an `optim.g` / `optim.d` config block."""
-    if opt_cfg.name == "adam":
-        return torch.optim.Adam(params, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
-                                weight_decay=opt_cfg.weight_decay)
-    if opt_cfg.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=opt_cfg.lr, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
-    raise ValueError(f"unknown optimizer '{opt_cfg.name}'")
-
-
 class GenerativeModule(L.LightningModule):
-    """Base class: stores the resolved config as plain data (checkpoints load with weights_only)."""
+    """Base class: stores the resolved config as plain data (checkpoints load with weights_only).
+
+    A family's module implements `training_step`, `configure_optimizers`, `networks()` and
+    `sample_batch()`; optionally `sampler_variants()` (e.g. a GAN's EMA and raw generators) and
+    `heldout_nll()` (families with a likelihood: the evaluation's bits per dim / char).
+    """
 
     #: optimizer.step() calls per training iteration; Lightning's global_step counts those calls.
     optimizer_steps_per_iteration: int = 1
@@ -48,15 +52,18 @@ class GenerativeModule(L.LightningModule):
     checkpoint_iteration: int = 0
 
     def __init__(self, config: dict):
+        from dgm_scale.data.config import modality_of
+
         super().__init__()
         self.save_hyperparameters({"config": config})
         # The typed schema's dataclasses, not a DictConfig: the training step reads a dozen config
         # values per iteration, and OmegaConf's attribute access (~20 us each on CPU) was ~1% of
         # a small GAN's step.
         self.cfg = OmegaConf.to_object(config_from_dict(config))
+        self.family = get_family(self.cfg.model.kind)
+        self.modality = modality_of(self.cfg.data.name)  # images | points | text
         self.sample_shape = sample_shape(self.cfg.data)
-        self.latent_dim = self.cfg.model.latent_dim
-        self.num_classes = self.cfg.model.num_classes
+        self.num_classes = int(getattr(self.cfg.model, "num_classes", 0))
         self.nonfinite_guard = NonFiniteGuard(self.cfg.trainer.nonfinite, self.cfg.trainer.max_nonfinite_skips)
 
     @classmethod
@@ -125,8 +132,9 @@ class GenerativeModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite_guard.skips = int(checkpoint.get("nonfinite_skips", 0))
 
-    def networks(self) -> dict:
-        """The trained networks by name, e.g. {"generator": G, "discriminator": D}."""
+    def networks(self) -> Dict[str, torch.nn.Module]:
+        """The trained networks by name, e.g. {"generator": G, "discriminator": D}; under DeepSpeed
+        each optimizer's engine holds the networks whose parameters it owns."""
         raise NotImplementedError
 
     def logging_due(self) -> bool:
@@ -144,8 +152,6 @@ class GenerativeModule(L.LightningModule):
         `self.log(on_step=True)` here would make Lightning repeat them in every later row until
         the next logged iteration.
         """
-        from dgm_scale.tracking.loggers import log_now
-
         if self._trainer is None:
             return
         metrics = {f"train/{key}": float(value) for key, value in values.items()}
@@ -153,6 +159,7 @@ class GenerativeModule(L.LightningModule):
             metrics["train/nonfinite_skips"] = float(self.nonfinite_guard.skips)
         log_now(self.trainer, {**metrics, "train/iteration": float(self.iteration), "epoch": self.current_epoch})
 
+    # ------------------------------------------------------------------ the sampling contract
     def default_labels(self, num: int, start: int = 0) -> Optional[Tensor]:
         """Class labels (start + i) % K for i < num: 0, 1, ..., K-1, 0, ... from sample `start`
         of a longer sequence, for conditional models; None otherwise."""
@@ -160,32 +167,77 @@ class GenerativeModule(L.LightningModule):
             return None
         return torch.arange(start, start + num, device=self.device) % self.num_classes
 
-    def sampling_network(self) -> torch.nn.Module:
+    def sampler_variants(self) -> Dict[str, str]:
+        """The samplers `sample_batch(variant=...)` offers, name -> what it is; "" is the default
+        (the one `dgm-scale sample`, best.ckpt and `eval/*` use; others are scored as `eval_<name>/*`)."""
+        return {"": "the model"}
+
+    def sample_batch(self, num: int, seed: int = 0, start: int = 0, labels: Optional[Tensor] = None,
+                     variant: str = "", **options: Any) -> Tensor:
+        """Samples start .. start + num - 1 of the sequence `seed`, on this module's device:
+        images [num, C, H, W] / points [num, 2] (float32, model range [-1, 1]) or text [num, L]
+        (int64 byte values). Sample i depends only on (seed, i, its label, variant, options), so
+        any split of a sequence into batches or over ranks gives the same samples. `labels` [num]
+        for conditional models (default: `default_labels(num, start)`). `options`: family
+        specific (e.g. temperature)."""
         raise NotImplementedError
 
-    def decode(self, z: Tensor, labels: Optional[Tensor]) -> Tensor:
+    @torch.no_grad()
+    def sample(self, num: int, seed: int = 0, labels: Optional[Tensor] = None, variant: str = "",
+               batch_size: int = 1024, **options: Any) -> Tensor:
+        """`num` samples on the CPU (see sample_batch), made `batch_size` at a time."""
+        parts = []
+        for lo in range(0, num, batch_size):
+            hi = min(num, lo + batch_size)
+            part_labels = None if labels is None else labels[lo:hi]
+            parts.append(self.sample_batch(hi - lo, seed, lo, part_labels, variant, **options).cpu())
+        return torch.cat(parts)
+
+    #: whether `heldout_nll` scores this model (evaluations then read the held-out split)
+    has_likelihood: bool = False
+
+    def heldout_nll(self, batch, seed: int = 0) -> Optional[Tuple[Tensor, int]]:
+        """(total negative log-likelihood in nats over the batch, number of dimensions scored),
+        for families with a likelihood over discrete data (8-bit pixels, bytes); None otherwise.
+        The evaluation turns the sums over a held-out split into bits per dim / char; `seed`
+        keys any noise it draws (a VAE's posterior sample)."""
+        return None
+
+
+class LatentModule(GenerativeModule):
+    """A family whose samples decode latents z ~ N(0, I) [N, latent_dim] (the GAN, the VAE)."""
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.latent_dim = int(self.cfg.model.latent_dim)
+
+    def sampling_network(self, variant: str = "") -> torch.nn.Module:
+        raise NotImplementedError
+
+    def decode(self, z: Tensor, labels: Optional[Tensor], variant: str = "") -> Tensor:
         """Map latents [N, latent_dim] to samples in data space [N, *sample_shape]."""
-        return self.sampling_network()(z, labels)
+        return self.sampling_network(variant)(z, labels)
 
     @torch.no_grad()
-    def generate(self, latents: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        """Samples [N, *sample_shape] (float32, on this module's device) for latents [N, latent_dim].
-
-        Uses the sampling network (the EMA generator when kept) in eval mode, then restores its mode.
-        """
-        net = self.sampling_network()
+    def generate(self, latents: Tensor, labels: Optional[Tensor] = None, variant: str = "") -> Tensor:
+        """Samples [N, *sample_shape] (float32, on this module's device) for latents [N, latent_dim],
+        by the sampling network of `variant` in eval mode (its mode is restored)."""
+        net = self.sampling_network(variant)
         was_training = net.training
         net.eval()
         try:
-            samples = self.decode(latents.to(self.device), None if labels is None else labels.to(self.device))
+            samples = self.decode(latents.to(self.device), None if labels is None else labels.to(self.device), variant)
         finally:
             net.train(was_training)
         return samples.float()
 
-    def sample(self, num: int, seed: int = 0, labels: Optional[Tensor] = None) -> Tensor:
-        """`num` samples [num, *sample_shape] (float32, CPU); the same seed gives the same samples.
+    def latents(self, num: int, seed: int, start: int = 0) -> Tensor:
+        """The latents of samples start .. start + num - 1 of sequence `seed` (CPU)."""
+        return keyed_noise(seed, start, num, (self.latent_dim,))
 
-        The latents come from a CPU generator so that the result does not depend on the device.
-        """
-        latents = torch.randn(num, self.latent_dim, generator=torch.Generator().manual_seed(seed))
-        return self.generate(latents, self.default_labels(num) if labels is None else labels).cpu()
+    def sample_batch(self, num: int, seed: int = 0, start: int = 0, labels: Optional[Tensor] = None,
+                     variant: str = "", **options: Any) -> Tensor:
+        if options:
+            raise ValueError(f"unknown sampling option(s) for the {self.family.name} family: {sorted(options)}")
+        labels = self.default_labels(num, start) if labels is None else labels
+        return self.generate(self.latents(num, seed, start), labels, variant)

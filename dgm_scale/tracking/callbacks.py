@@ -1,7 +1,6 @@
 """Training callbacks: sample grids from a fixed latent batch, atomic checkpoints, progress bar."""
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -11,26 +10,36 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
-from dgm_scale.modules.guards import NonFiniteError, first_nonfinite
-from dgm_scale.tracking.images import samples_to_image, save_png_atomic
-from dgm_scale.tracking.loggers import log_image_now
+from dgm_scale.core.checkpoints import save_checkpoint_atomic
+from dgm_scale.core.files import save_png_atomic, write_text_atomic
+from dgm_scale.core.logs import log_media_now
+from dgm_scale.tracking.images import samples_to_image, samples_to_text
 
 ITERATION_CHECKPOINT = re.compile(r"iter_(\d+)\.ckpt")
+TEXT_SAMPLES = 8  # text samples written per sample "grid"
 
 
 class SampleGrids(L.Callback):
-    """Every `every` iterations (and at the end) save a grid from the same latents: seed fixed."""
+    """Every `every` iterations (and at the end) save samples of the same seed: an image grid
+    (scatter plot for 2-D points) as samples/NAME.png, or text samples as samples/NAME.txt."""
 
     def __init__(self, out_dir: str | Path, every: int, num_samples: int, seed: int = 1234, reference=None):
         self.out_dir, self.every, self.num_samples, self.seed = Path(out_dir), every, num_samples, seed
         self.reference = reference  # optional [K, 2] mode centres drawn on toy scatter plots
 
     def save(self, trainer, pl_module, name: str) -> Path:
-        """Write samples/NAME.png and latest.png, and send the grid to image-taking loggers."""
+        """Write samples/NAME.* and latest.*, and send them to the loggers that take media."""
+        caption = f"{name} (iteration {pl_module.iteration})"
+        if pl_module.modality == "text":
+            texts = samples_to_text(pl_module.sample(min(self.num_samples, TEXT_SAMPLES), seed=self.seed))
+            body = "\n\n".join(f"--- sample {i} ---\n{text}" for i, text in enumerate(texts)) + "\n"
+            write_text_atomic(self.out_dir / "latest.txt", body)
+            log_media_now(trainer, "samples", text=texts, caption=caption)
+            return write_text_atomic(self.out_dir / f"{name}.txt", body)
         image = samples_to_image(pl_module.sample(self.num_samples, seed=self.seed), self.reference)
         save_png_atomic(image, self.out_dir / "latest.png")
         path = save_png_atomic(image, self.out_dir / f"{name}.png")
-        log_image_now(trainer, "samples", image, caption=f"{name} (iteration {pl_module.iteration})")
+        log_media_now(trainer, "samples", image=image, caption=caption)
         return path
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
@@ -40,28 +49,6 @@ class SampleGrids(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             self.save(trainer, pl_module, "final")
-
-
-def check_weights_finite(pl_module, path: Path) -> None:
-    """Refuse to write `path` when a weight or buffer (EMA included: it is a submodule) is NaN/Inf,
-    so the last good checkpoint is never replaced by a broken one. Every rank checks its own
-    replica (identical under our DDP), so under DDP all ranks refuse together, before the
-    collective save."""
-    bad = first_nonfinite(pl_module.state_dict().items())
-    if bad is not None:
-        raise NonFiniteError(f"refusing to write checkpoint '{path.name}' at iteration {pl_module.iteration}: "
-                             f"'{bad}' is not finite (the previous checkpoints are kept)")
-
-
-def save_checkpoint_atomic(trainer, path: Path) -> None:
-    """The full training state to `path` via a temporary name and a rename (collective: every
-    rank calls it under DDP / DeepSpeed; rank 0 writes), so a crash never leaves half a file.
-    Weights with a NaN/Inf are refused (NonFiniteError) before anything is written."""
-    check_weights_finite(trainer.lightning_module, path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    trainer.save_checkpoint(tmp, weights_only=False)
-    if trainer.is_global_zero:
-        os.replace(tmp, path)
 
 
 class PeriodicCheckpoint(L.Callback):

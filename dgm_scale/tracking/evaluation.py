@@ -1,10 +1,13 @@
-"""Sample-quality evaluation during training: every `eval.every` iterations and at the end.
+"""Evaluation during training: every `eval.every` iterations and at the end.
 
-Every rank takes part (each generates and scores its share, see metrics/evaluation.py); rank 0
-logs `eval/<metric>` to the loggers, appends a line to `RUN/eval/metrics.jsonl`, and - when the
-`eval.best_metric` improved - every rank joins in writing `checkpoints/best.ckpt` (a collective
-under DDP / DeepSpeed), with `best.json` beside it naming the iteration and the metrics. The best
-value so far is saved in checkpoints, so a resumed run keeps comparing against it.
+Every rank takes part (each generates and scores its share, see metrics/evaluation.py): the
+sample metrics of each of the family's samplers (a GAN with an EMA: `eval/*` for the EMA
+generator, `eval_raw/*` for the raw one) and, for families with a likelihood, the held-out bits
+per dim / char. Rank 0 logs them, appends a line to `RUN/eval/metrics.jsonl`, and - when
+`eval.best_metric` (of the default sampler) improved - every rank joins in writing
+`checkpoints/best.ckpt` (a collective under DDP / DeepSpeed), with `best.json` beside it naming
+the iteration and the metrics. The best value so far is saved in checkpoints, so a resumed run
+keeps comparing against it.
 """
 from __future__ import annotations
 
@@ -16,21 +19,37 @@ from typing import Any, Optional
 
 import lightning as L
 
-from dgm_scale.metrics.report import write_json_atomic
-from dgm_scale.tracking.callbacks import save_checkpoint_atomic
-from dgm_scale.tracking.loggers import log_now
+from dgm_scale.core.checkpoints import save_checkpoint_atomic
+from dgm_scale.core.files import write_json_atomic
+from dgm_scale.core.logs import log_now
 
 log = logging.getLogger(__name__)
 
+#: what eval.best_metric=auto means: the first of these the evaluation reports
+AUTO_BEST = ("fid", "bits_per_dim", "bits_per_char")
+
+
+def logged_name(result: str) -> str:
+    """`fid` -> `eval/fid`; a sampler variant's `raw/fid` -> `eval_raw/fid`."""
+    variant, _, name = result.rpartition("/")
+    return f"eval_{variant}/{name}" if variant else f"eval/{name}"
+
+
+def best_metric_of(setting: str, results: dict[str, float]) -> Optional[str]:
+    if setting != "auto":
+        return setting or None
+    return next((name for name in AUTO_BEST if name in results), None)
+
 
 class PeriodicEvaluation(L.Callback):
-    """Evaluate `settings` (an EvalSettings) every `every` iterations (0: never), and at the end
-    when training reached `final_iteration` (None: no final evaluation; a run stopped early, say
-    for a SLURM requeue, is evaluated when it finishes). `extractor`: one built beforehand from
-    `settings` (prepare_evaluation, on rank 0), so it is not loaded twice."""
+    """Evaluate every `every` iterations (0: never), and at the end when training reached
+    `final_iteration` (None: no final evaluation; a run stopped early, say for a SLURM requeue,
+    is evaluated when it finishes). `settings`: the sample metrics' EvalSettings, None where the
+    samples are not scored (text); `extractor`: one built beforehand from them
+    (prepare_evaluation, on rank 0), so it is not loaded twice."""
 
     def __init__(self, settings, run_dir: str | Path, every: int, final_iteration: Optional[int] = None,
-                 best_metric: str = "fid", extractor=None):
+                 best_metric: str = "auto", extractor=None):
         self.settings, self.run_dir, self.prepared_extractor = settings, Path(run_dir), extractor
         self.every, self.final_iteration, self.best_metric = every, final_iteration, best_metric
         self.evaluator = None  # built at train start, when the device and process group exist
@@ -41,7 +60,8 @@ class PeriodicEvaluation(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         from dgm_scale.metrics.evaluation import Evaluator
 
-        if self.evaluator is None and (self.every > 0 or self.final_iteration is not None):
+        wanted = self.every > 0 or self.final_iteration is not None
+        if self.evaluator is None and self.settings is not None and wanted:
             self.evaluator = Evaluator(self.settings, pl_module.sample_shape, pl_module.device,
                                        extractor=self.prepared_extractor)
             self.prepared_extractor = None  # the evaluator holds it now
@@ -56,22 +76,27 @@ class PeriodicEvaluation(L.Callback):
             self.run(trainer, pl_module)
 
     def run(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
+        from dgm_scale.metrics.evaluation import evaluate_module
+
         iteration = pl_module.iteration
-        results = self.evaluator.evaluate(pl_module)
+        datamodule = getattr(trainer, "datamodule", None)
+        heldout = datamodule.val_dataloader() if pl_module.has_likelihood and datamodule is not None else None
+        results = evaluate_module(pl_module, self.evaluator, heldout)
         self.last_evaluated = iteration
-        log_now(trainer, {f"eval/{name}": value for name, value in results.items()})
+        log_now(trainer, {logged_name(name): value for name, value in results.items()})
         if trainer.is_global_zero:
             with open(self.run_dir / "eval" / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps({"iteration": iteration, **results}) + "\n")
             log.info("iteration %d: %s", iteration,
-                     ", ".join(f"{k} {v:.4g}" for k, v in results.items() if k != "eval_seconds"))
-        value = results.get(self.best_metric) if self.best_metric else None
+                     ", ".join(f"{k} {v:.4g}" for k, v in results.items() if not k.endswith("eval_seconds")))
+        metric = best_metric_of(self.best_metric, results)
+        value = results.get(metric) if metric else None
         if value is not None and math.isfinite(value) and (self.best is None or value < self.best):
             self.best, self.best_iteration = value, iteration
             save_checkpoint_atomic(trainer, self.run_dir / "checkpoints" / "best.ckpt")
             if trainer.is_global_zero:
                 write_json_atomic(self.run_dir / "checkpoints" / "best.json",
-                                  {"iteration": iteration, "metric": self.best_metric, **results})
+                                  {"iteration": iteration, "metric": metric, **results})
         return results
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:

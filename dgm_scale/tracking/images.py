@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -54,11 +52,6 @@ def samples_to_image(samples: Tensor, reference: Optional[Tensor] = None) -> Ima
     return scatter_plot(samples, reference=reference)
 
 
-def save_png_atomic(image: Image.Image, path: str | Path) -> Path:
-    """Write a PNG via a temporary file + rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+def samples_to_text(samples: Tensor) -> list[str]:
+    """Text samples [N, L] of byte values -> N strings (invalid UTF-8 replaced)."""
+    return [bytes(row.clamp(0, 255).to(torch.uint8).tolist()).decode("utf-8", errors="replace") for row in samples]

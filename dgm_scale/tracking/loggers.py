@@ -20,8 +20,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from dgm_scale.lightning_internals import logger_step
-from dgm_scale.metrics.report import write_text_atomic
+from dgm_scale.core.files import atomic_open, write_text_atomic
+from dgm_scale.core.lightning_internals import logger_step
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -57,12 +57,10 @@ class _AppendingWriter(ExperimentWriter):
         rows = list(csv.DictReader(text.splitlines()))
         if before_step is not None:
             rows = [row for row in rows if row.get("step") and int(float(row["step"])) < before_step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as handle:
+        with atomic_open(path, "w", newline="") as handle:  # a crash mid-rewrite leaves the old file whole
             writer = csv.DictWriter(handle, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)  # a crash mid-rewrite leaves the old file whole
 
     def flush_before(self, step: int) -> list[dict]:
         """Write the pending rows of steps < `step`; return (and keep pending) the rest."""
@@ -271,31 +269,6 @@ def build_loggers(cfg, run_dir: str | Path) -> List[Logger]:
     if wandb_logger is not None:
         loggers.append(wandb_logger)
     return loggers
-
-
-def log_now(trainer, metrics: dict[str, float]) -> None:
-    """Write metrics straight to the loggers on rank 0, at Lightning's step for this batch.
-
-    For values logged every k iterations from callbacks. Not `pl_module.log_dict`: Lightning
-    keeps a value logged in on_train_batch_end and writes it again with every later batch's row
-    until the epoch ends, so it would show up in up to k rows per window.
-    """
-    if not trainer.is_global_zero:
-        return
-    step = logger_step(trainer)
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
-
-
-def log_image_now(trainer, key: str, image: Any, caption: Optional[str] = None) -> None:
-    """Send an image (a PIL image) to the loggers that take images (W&B) on rank 0; the CSV
-    logger has no place for one, so the callbacks that make images stay logger-agnostic."""
-    if not trainer.is_global_zero:
-        return
-    extra = {"caption": [caption]} if caption is not None else {}
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key, [image], step=logger_step(trainer), **extra)
 
 
 def unsaved_metric_rows(trainer) -> list[dict]:

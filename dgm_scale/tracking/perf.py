@@ -14,7 +14,7 @@ import time
 import lightning as L
 import torch
 
-from dgm_scale.tracking.loggers import log_now
+from dgm_scale.core.logs import log_now
 
 
 def process_peak_rss_mb() -> float:

@@ -21,8 +21,8 @@ import lightning as L
 import numpy as np
 import yaml
 
-from dgm_scale.metrics.report import DESCRIPTIONS, write_text_atomic
-from dgm_scale.tracking.images import save_png_atomic
+from dgm_scale.core.files import save_png_atomic, write_text_atomic
+from dgm_scale.metrics.report import DESCRIPTIONS
 from dgm_scale.tracking.plots import Series, line_chart
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,11 @@ def column_series(rows: Sequence[Row], x: np.ndarray, key: str) -> Series:
 
 # Groups of training columns drawn together: file stem, title, which columns. Later groups
 # only take columns no earlier group took; every other numeric column gets a chart of its own.
+# The family's own groups (e.g. the GAN's critic outputs, the VAE's ELBO terms) come after the losses.
 TRAIN_GROUPS: List[Tuple[str, str, Callable[[str], bool]]] = [
     ("losses", "Losses", lambda k: k.startswith("train/") and (k.endswith("_loss") or k == "train/gradient_penalty")),
-    ("elbo", "ELBO terms (per image)", lambda k: k.split("/")[-1] in ("elbo", "reconstruction", "kl")
-     and k.split("/")[0] in ("train", "val")),
-    ("critic_outputs", "Critic outputs: mean D(real), D(fake), Wasserstein estimate",
-     lambda k: k in ("train/d_real", "train/d_fake", "train/wasserstein")),
+]
+COMMON_GROUPS: List[Tuple[str, str, Callable[[str], bool]]] = [
     ("grad_norms", "Global gradient norms", lambda k: "grad_norm" in k),
     ("throughput", "Throughput (images/s, all processes)", lambda k: k == "perf/images_per_s"),
     ("step_time", "Step time and data wait (s per iteration)", lambda k: k in ("perf/step_time_s", "perf/data_wait_s")),
@@ -164,13 +163,25 @@ def legend_order(key: str) -> Tuple[int, str]:
     return (first.index(key) if key in first else len(first) + key.startswith("val/"), key)
 
 
-def training_groups(rows: Sequence[Row]) -> List[Tuple[str, str, List[Series]]]:
+def family_of_run(run: RunData):
+    """The run's model family, or None where it cannot be found here (a family of user code
+    that this process does not import)."""
+    from dgm_scale.families.registry import get_family
+
+    try:
+        return get_family(run.setting("model.kind", "gan"))
+    except Exception:  # noqa: BLE001 - the report still shows everything else
+        return None
+
+
+def training_groups(rows: Sequence[Row], family=None) -> List[Tuple[str, str, List[Series]]]:
     """(stem, title, series) for the training columns that have at least one finite value."""
     x = iterations(rows)
     keys = sorted({key for row in rows for key in row} - NOT_PLOTTED)
-    keys = [key for key in keys if not key.startswith("eval/")]  # drawn from eval/metrics.jsonl
+    keys = [key for key in keys if not key.startswith("eval")]  # drawn from eval/metrics.jsonl
     groups, taken = [], set()
-    for stem, title, wanted in TRAIN_GROUPS:
+    family_groups = list(family.chart_groups) if family is not None else []
+    for stem, title, wanted in TRAIN_GROUPS + family_groups + COMMON_GROUPS:
         chosen = sorted((key for key in keys if key not in taken and wanted(key)), key=legend_order)
         taken.update(chosen)
         groups.append((stem, title, [column_series(rows, x, key) for key in chosen]))
@@ -181,25 +192,30 @@ def training_groups(rows: Sequence[Row]) -> List[Tuple[str, str, List[Series]]]:
 
 
 def evaluation_groups(evaluations: Sequence[dict]) -> List[Tuple[str, str, List[Series]]]:
-    """One chart per evaluation metric (standard deviations stay in the table)."""
-    names = [name for name in dict.fromkeys(k for record in evaluations for k in record)
-             if name not in EVAL_NOT_PLOTTED and not name.endswith("_std")]
+    """One chart per evaluation metric (standard deviations stay in the table); the metric of
+    every sampler on the same chart (a GAN's `eval/fid` of the EMA generator and `eval_raw/fid`)."""
+    keys = [key for key in dict.fromkeys(k for record in evaluations for k in record)
+            if key.rpartition("/")[2] not in EVAL_NOT_PLOTTED and not key.endswith("_std")]
+    names = list(dict.fromkeys(key.rpartition("/")[2] for key in keys))
     x = np.array([to_float(record.get("iteration")) for record in evaluations], dtype=float)
     groups = []
     for name in names:
-        y = np.array([to_float(record.get(name)) for record in evaluations], dtype=float)
+        series = []
+        for key in (key for key in keys if key.rpartition("/")[2] == name):
+            variant = key.rpartition("/")[0]
+            y = np.array([to_float(record.get(key)) for record in evaluations], dtype=float)
+            series.append(Series(f"eval_{variant}/{name}" if variant else f"eval/{name}", x, y))
         label, better = DESCRIPTIONS.get(name, ("", ""))
         title = f"eval/{name}" + (f": {label}" if label else "") + (f"; {better} is better" if better else "")
-        series = Series(f"eval/{name}", x, y)
-        if len(series.finite()[0]):
-            groups.append((f"eval_{name}", title, [series]))
+        if any(len(s.finite()[0]) for s in series):
+            groups.append((f"eval_{name}", title, series))
     return groups
 
 
 def write_plots(run: RunData) -> List[Plot]:
     """Draw every chart into RUN/plots/<stem>.png; returns them in report order."""
     plots = []
-    for stem, title, series in training_groups(run.rows) + evaluation_groups(run.evaluations):
+    for stem, title, series in training_groups(run.rows, family_of_run(run)) + evaluation_groups(run.evaluations):
         path = run.run_dir / "plots" / f"{stem}.png"
         save_png_atomic(line_chart(series, title).image, path)
         plots.append(Plot(path.relative_to(run.run_dir).as_posix(), title))

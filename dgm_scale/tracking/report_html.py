@@ -16,7 +16,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
 from dgm_scale.metrics.report import DESCRIPTIONS
-from dgm_scale.tracking.report import Plot, RunData, iterations
+from dgm_scale.tracking.report import Plot, RunData, family_of_run, iterations
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1e1e1e; margin: 0;
@@ -42,6 +42,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .plots img { width: 100%; display: block; }
 figcaption { font-size: 12px; color: #555; margin-top: 4px; }
 details { margin-bottom: 10px; } summary { cursor: pointer; font-weight: 600; }
+.text-samples { max-width: 520px; max-height: 420px; white-space: pre-wrap; margin: 0; }
 pre { background: #fafbfc; border: 1px solid #e3e6ea; padding: 10px; overflow: auto; font-size: 12px; }
 footer { color: #888; font-size: 12px; margin-top: 16px; }
 """
@@ -103,10 +104,10 @@ def status_section(run: RunData, status: Optional[str]) -> str:
     reached = reached_iteration(run)
     if status is None:
         status = "finished" if max_steps and reached >= max_steps else "incomplete (running, stopped or crashed)"
-    kind = next((k for k in ("finished", "running", "failed") if status.startswith(k)), "incomplete")
+    state = next((k for k in ("finished", "running", "failed") if status.startswith(k)), "incomplete")
     share = min(1.0, reached / max_steps) if max_steps else 0.0
     start, last = file_times(run)
-    return (f'<div class="card"><span class="status {kind}">{esc(status)}</span>'
+    return (f'<div class="card"><span class="status {state}">{esc(status)}</span>'
             f'<div class="bar"><div style="width: {100 * share:.1f}%"></div></div>'
             f"iteration <b>{reached:,}</b> of {max_steps:,} ({100 * share:.0f}%) &middot; started {clock(start)} "
             f"&middot; last update {clock(last)} &middot; {duration(last - start)} wall clock "
@@ -114,26 +115,23 @@ def status_section(run: RunData, status: Optional[str]) -> str:
 
 
 def describe_model(run: RunData) -> List[Tuple[str, str]]:
-    """Label/value pairs of the settings a reader asks about first."""
+    """Label/value pairs of the settings a reader asks about first (the model ones from its family)."""
     s = run.setting
-    if s("model.kind") == "vae":
-        loss = f"ELBO, {s('loss.likelihood')} likelihood, beta {s('loss.beta')}"
-        nets = f"encoder {s('model.discriminator.arch')}, decoder {s('model.generator.arch')}"
+    family = family_of_run(run)
+    if family is not None and family.describe is not None:
+        model_pairs = family.describe(s)
     else:
-        extras = [f"n_critic {s('loss.n_critic')}" if (s("loss.n_critic") or 1) > 1 else "",
-                  f"gradient penalty {s('loss.gp_weight')}" if s("loss.gp_weight") else "",
-                  f"clipping {s('loss.clip_value')}" if s("loss.clip_value") else ""]
-        loss = ", ".join([str(s("loss.name"))] + [e for e in extras if e])
-        nets = f"G {s('model.generator.arch')} (width {s('model.generator.width')}), " \
-               f"D {s('model.discriminator.arch')} (width {s('model.discriminator.width')})"
+        model_pairs = [("model", f"{s('model.kind')}" + (f": {family.description}" if family is not None else ""))]
     world = (s("trainer.devices") or 1) * (s("trainer.num_nodes") or 1)
-    pairs = [("model", f"{s('model.kind')}: {nets}, latent {s('model.latent_dim')}"), ("loss", loss),
-             ("data", f"{s('data.name')}" + (f" ({s('data.path')})" if s("data.path") else "")
-              + f", {s('data.resolution')} px, {s('data.channels')} channel(s)"),
-             ("batch", f"{s('data.batch_size')} per device x {world} process(es)"),
-             ("optimizer", f"G {s('optim.g.name')} lr {s('optim.g.lr')}, D {s('optim.d.name')} lr {s('optim.d.lr')}"),
-             ("precision / strategy", f"{s('trainer.precision')} / {s('trainer.strategy')}"),
-             ("seed", str(s("run.seed")))]
+    data = f"{s('data.name')}" + (f" ({s('data.path')})" if s("data.path") else "")
+    if s("data.name") == "text":
+        data += f", sequences of {s('data.seq_len')} bytes"
+    elif s("data.name") not in ("ring8", "grid25"):
+        data += f", {s('data.resolution')} px, {s('data.channels')} channel(s)"
+    pairs = model_pairs + [("data", data),
+                           ("batch", f"{s('data.batch_size')} per device x {world} process(es)"),
+                           ("precision / strategy", f"{s('trainer.precision')} / {s('trainer.strategy')}"),
+                           ("seed", str(s("run.seed")))]
     if run.params:
         total = sum(run.params.values())
         pairs.append(("parameters", ", ".join(f"{name} {count:,}" for name, count in run.params.items())
@@ -146,23 +144,32 @@ def facts_table(pairs: Iterable[Tuple[str, str]]) -> str:
     return f'<table class="facts">{rows}</table>'
 
 
+SAMPLER_NAMES = {"": "", "raw": "raw generator"}
+
+
 def metrics_table(run: RunData) -> str:
-    """Latest evaluation next to the best one (checkpoints/best.json), one row per metric."""
+    """Latest evaluation (a column per sampler: a GAN's EMA and raw generators) next to the best
+    one (checkpoints/best.json, the default sampler), one row per metric."""
     if not run.evaluations and not run.best:
         return '<p class="muted">No evaluation yet (eval.every / eval.at_end).</p>'
     latest = run.evaluations[-1] if run.evaluations else {}
     best = run.best or {}
     skip = {"iteration", "metric"}
-    names = [n for n in dict.fromkeys(list(latest) + list(best)) if n not in skip]
+    keys = [k for k in dict.fromkeys(list(latest) + list(best)) if k not in skip]
+    variants = list(dict.fromkeys(key.rpartition("/")[0] for key in keys))
+    names = list(dict.fromkeys(key.rpartition("/")[2] for key in keys))
     best_head = (f"best by {esc(best.get('metric', '?'))} (iteration {fmt(best.get('iteration'))})"
                  if best else "best")
-    head = (f"<tr><th>metric</th><th>latest (iteration {fmt(latest.get('iteration'))})</th>"
-            f"<th>{best_head}</th><th>better</th><th>meaning</th></tr>")
+    latest_heads = "".join(
+        f"<th>latest (iteration {fmt(latest.get('iteration'))})"
+        + (f"<br>{esc(SAMPLER_NAMES.get(v, v))}" if v or len(variants) > 1 else "") + "</th>" for v in variants)
+    head = f"<tr><th>metric</th>{latest_heads}<th>{best_head}</th><th>better</th><th>meaning</th></tr>"
     body = ""
     for name in names:
         label, better = DESCRIPTIONS.get(name, ("", ""))
-        body += (f"<tr><td>{esc(name)}</td><td class=\"num\">{esc(fmt(latest.get(name)))}</td>"
-                 f"<td class=\"num\">{esc(fmt(best.get(name)))}</td><td>{esc(better)}</td><td>{esc(label)}</td></tr>")
+        cells = "".join(f'<td class="num">{esc(fmt(latest.get(f"{v}/{name}" if v else name)))}</td>' for v in variants)
+        body += (f"<tr><td>{esc(name)}</td>{cells}<td class=\"num\">{esc(fmt(best.get(name)))}</td>"
+                 f"<td>{esc(better)}</td><td>{esc(label)}</td></tr>")
     return f'<table class="metrics">{head}{body}</table>'
 
 
@@ -179,18 +186,23 @@ def history_table(evaluations: Sequence[dict]) -> str:
 
 
 def samples_figure(run: RunData) -> str:
-    latest = run.run_dir / "samples" / "latest.png"
-    if not latest.is_file():
-        return '<p class="muted">No sample grid yet.</p>'
-    numbered = sorted(p.name for p in latest.parent.glob("iter_*.png"))
-    match = re.match(r"iter_(\d+)\.png", numbered[-1]) if numbered else None
-    if (latest.parent / "final.png").is_file():
+    """The newest samples: the grid (samples/latest.png), or text samples (samples/latest.txt)."""
+    folder = run.run_dir / "samples"
+    text = folder / "latest.txt"
+    suffix = "txt" if text.is_file() else "png"
+    if not (folder / f"latest.{suffix}").is_file():
+        return '<p class="muted">No samples yet.</p>'
+    numbered = sorted(p.name for p in folder.glob(f"iter_*.{suffix}"))
+    match = re.match(r"iter_(\d+)\.", numbered[-1]) if numbered else None
+    if (folder / f"final.{suffix}").is_file():
         caption = "final model"
     else:
         caption = f"iteration {int(match.group(1)):,}" if match else "latest"
-    ema = " (EMA generator)" if (run.setting("model.ema_decay") or 0) > 0 else ""
+    if suffix == "txt":
+        return (f'<figure class="samples" style="margin:0"><pre class="text-samples">{esc(text.read_text())}</pre>'
+                f"<figcaption>samples/latest.txt: {esc(caption)}, fixed seed</figcaption></figure>")
     return (f'<figure class="samples" style="margin:0"><img src="samples/latest.png" alt="latest samples">'
-            f"<figcaption>samples/latest.png: {esc(caption)}{esc(ema)}, fixed latents</figcaption></figure>")
+            f"<figcaption>samples/latest.png: {esc(caption)}, fixed seed</figcaption></figure>")
 
 
 def plots_section(plots: Sequence[Plot]) -> str:

@@ -1,8 +1,9 @@
 """The GAN Lightning module: composes G, D, an adversarial loss pair and the regularisers.
 
-Every GAN variant (minimax, non-saturating, LSGAN, WGAN, WGAN-GP, hinge) is this one module with
-a different `loss` config block. Manual optimisation: per iteration, `n_critic` discriminator
-steps, each on its own real batch, then one generator step.
+Manual optimisation: per iteration, `n_critic` discriminator steps, each on its own real batch,
+then one generator step. The EMA generator (see modules/ema.py) is updated after every applied
+G step with a ramped decay; its batch-norm statistics are recomputed for its own weights before
+it samples and before every checkpoint.
 """
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ from typing import Dict, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from dgm_scale.distributed.interface import step_interface
 from dgm_scale.losses import build_adversarial_loss, clip_weights, gradient_penalty
 from dgm_scale.losses.adversarial import wasserstein_estimate
-from dgm_scale.distributed.precision import loss_scale
-from dgm_scale.distributed.strategy import stepped_gradient_norm
-from dgm_scale.modules.base import GenerativeModule, build_optimizer
-from dgm_scale.modules.ema import make_ema_copy, update_ema
+from dgm_scale.modules.base import LatentModule
+from dgm_scale.modules.ema import make_ema_copy, ramped_decay, standing_statistics, update_ema
+from dgm_scale.modules.optim import build_optimizer
+from dgm_scale.modules.sampling import keyed_noise
 from dgm_scale.nets import build_discriminator, build_generator
+from dgm_scale.nets.custom import build_network, check_network
+
+#: the latent sequence the EMA generator's standing statistics are computed from
+STATISTICS_SEED = 2_718_281
 
 
 @contextmanager
@@ -33,7 +39,7 @@ def frozen(net: nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-class GANModule(GenerativeModule):
+class GANModule(LatentModule):
     def __init__(self, config: dict):
         super().__init__(config)
         cfg = self.cfg
@@ -41,15 +47,37 @@ class GANModule(GenerativeModule):
         self.n_critic = cfg.loss.n_critic
         self.optimizer_steps_per_iteration = self.n_critic + 1
         self.batches_per_iteration = self.n_critic
-        images = len(self.sample_shape) == 3
-        self.generator = build_generator(cfg.model.generator, self.latent_dim, self.sample_shape,
-                                         self.num_classes, out_activation="tanh" if images else None)
-        self.discriminator = build_discriminator(cfg.model.discriminator, self.sample_shape, self.num_classes)
+        self.generator = self._build_generator()
+        self.discriminator = self._build_discriminator()
         self.generator_ema = make_ema_copy(self.generator) if cfg.model.ema_decay > 0 else None
+        self._ema_statistics_fresh = False  # the EMA's batch-norm statistics match its weights
         self.adversarial = build_adversarial_loss(cfg.loss)
 
-    def sampling_network(self) -> nn.Module:
-        return self.generator_ema if self.generator_ema is not None else self.generator
+    # ------------------------------------------------------------------ networks
+    def _build_generator(self) -> nn.Module:
+        net, images = self.cfg.model.generator, len(self.sample_shape) == 3
+        generator = build_network(
+            "model.generator", net,
+            lambda: build_generator(net, self.latent_dim, self.sample_shape, self.num_classes,
+                                    out_activation="tanh" if images else None),
+            {"latent_dim": self.latent_dim, "num_classes": self.num_classes, "image_shape": self.sample_shape})
+        if net.target:
+            labels = torch.arange(2) % self.num_classes if self.num_classes else None
+            check_network("model.generator", net.target, generator,
+                          {"z": torch.zeros(2, self.latent_dim), "labels": labels}, [(2, *self.sample_shape)])
+        return generator
+
+    def _build_discriminator(self) -> nn.Module:
+        net = self.cfg.model.discriminator
+        discriminator = build_network(
+            "model.discriminator", net,
+            lambda: build_discriminator(net, self.sample_shape, self.num_classes),
+            {"num_classes": self.num_classes, "image_shape": self.sample_shape})
+        if net.target:
+            labels = torch.arange(2) % self.num_classes if self.num_classes else None
+            check_network("model.discriminator", net.target, discriminator,
+                          {"x": torch.zeros(2, *self.sample_shape), "labels": labels}, [(2, 1), (2,)])
+        return discriminator
 
     def configure_optimizers(self):
         return [build_optimizer(self.generator.parameters(), self.cfg.optim.g),
@@ -58,13 +86,56 @@ class GANModule(GenerativeModule):
     def networks(self) -> dict:
         return {"generator": self.generator, "discriminator": self.discriminator}
 
+    # ------------------------------------------------------------------ sampling
+    def sampler_variants(self) -> Dict[str, str]:
+        if self.generator_ema is None:
+            return {"": "generator"}
+        return {"": "EMA generator", "raw": "raw generator"}
+
+    def sampling_network(self, variant: str = "") -> nn.Module:
+        if variant not in self.sampler_variants():
+            raise ValueError(f"unknown sampler variant '{variant}'; this GAN has {sorted(self.sampler_variants())}")
+        if self.generator_ema is None or variant == "raw":
+            return self.generator
+        self.refresh_ema_statistics()
+        return self.generator_ema
+
+    @torch.no_grad()
+    def refresh_ema_statistics(self) -> None:
+        """Recompute the EMA generator's batch-norm statistics for its weights, unless fresh."""
+        if self.generator_ema is None or self._ema_statistics_fresh:
+            return
+        batch, count = self.cfg.data.batch_size, self.cfg.model.ema_bn_batches
+        batches = ((keyed_noise(STATISTICS_SEED, i * batch, batch, (self.latent_dim,)).to(self.device),
+                    self.default_labels(batch, start=i * batch)) for i in range(count))
+        standing_statistics(self.generator_ema, batches)
+        self._ema_statistics_fresh = True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._ema_statistics_fresh = False  # recomputed from the restored weights when needed
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The EMA generator is saved with statistics that match its weights (the state dict was
+        taken before this hook: its EMA batch-norm buffers are replaced by the fresh ones)."""
+        super().on_save_checkpoint(checkpoint)
+        if self.generator_ema is None:
+            return
+        self.refresh_ema_statistics()
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            for name, buffer in self.generator_ema.named_buffers():
+                if f"generator_ema.{name}" in state:
+                    state[f"generator_ema.{name}"] = buffer.detach().clone()
+
+    # ------------------------------------------------------------------ training
     def _critic(self, images: Tensor, labels: Optional[Tensor]) -> Tensor:
         """Discriminator logits [N] (float32) for images [N, *sample_shape].
 
         Losses are computed in float32 even under fp16 autocast: the gradient at an fp16 loss
         is the loss scale itself (65,536 at first), which fp16 cannot hold (max 65,504).
         """
-        return self.discriminator(images, labels).squeeze(1).float()
+        return self.discriminator(images, labels).reshape(-1).float()
 
     def discriminator_step(self, real_images: Tensor, labels: Optional[Tensor], opt,
                            with_logs: bool = True) -> Dict[str, Tensor]:
@@ -78,7 +149,7 @@ class GANModule(GenerativeModule):
         if self.cfg.loss.gp_weight > 0:
             mix = self.draw_noise(real_images.shape[0], uniform=True)
             penalty = gradient_penalty(self.discriminator, real_images, fake_images, labels, mix=mix,
-                                       grad_scale=loss_scale(self._trainer, opt))
+                                       grad_scale=step_interface(self._trainer).loss_scale(opt))
             total = total + self.cfg.loss.gp_weight * penalty
             logs["gradient_penalty"] = penalty.detach()
         opt.zero_grad(set_to_none=True)
@@ -95,7 +166,7 @@ class GANModule(GenerativeModule):
 
     def _stepped_norm(self, stepped: bool, opt, network: nn.Module) -> Tensor:
         """The stepped gradient's global norm; NaN for a skipped step (its gradient is gone)."""
-        return stepped_gradient_norm(self._trainer, opt, network) if stepped else torch.tensor(float("nan"))
+        return step_interface(self._trainer).gradient_norm(opt, network) if stepped else torch.tensor(float("nan"))
 
     def generator_step(self, num: int, labels: Optional[Tensor], opt, with_logs: bool = True) -> Dict[str, Tensor]:
         fake_images = self.generator(self.draw_noise(num, self.latent_dim), labels)
@@ -108,7 +179,12 @@ class GANModule(GenerativeModule):
         logs = {"g_loss": g_loss.detach(),
                 "g_grad_norm": self._stepped_norm(stepped, opt, self.generator)} if with_logs else {}
         if stepped and self.generator_ema is not None:  # a skipped step leaves G, so its average, as is
-            update_ema(self.generator_ema, self.generator, self.cfg.model.ema_decay)
+            model = self.cfg.model
+            decay = ramped_decay(model.ema_decay, model.ema_rampup, self.iteration + 1)
+            update_ema(self.generator_ema, self.generator, decay)
+            self._ema_statistics_fresh = False
+            if with_logs:
+                logs["ema_decay"] = torch.tensor(decay)
         return logs
 
     def training_step(self, batch, batch_idx: int) -> None:

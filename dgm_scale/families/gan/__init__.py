@@ -1,0 +1,114 @@
+"""The GAN family: a generator against a discriminator / critic under an adversarial loss.
+
+Every GAN variant (minimax, non-saturating, LSGAN, WGAN, WGAN-GP, hinge) is this one family with
+a different `loss` block; an exponential moving average of G (ramped, with batch-norm statistics
+of its own: modules/ema.py) is what `sample` and `eval/*` use, the raw G is scored as `eval_raw/*`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Tuple
+
+from dgm_scale.config.schema import NetConfig, OptimizerConfig
+from dgm_scale.core.checks import at_least, choice, require
+from dgm_scale.families.registry import Family
+
+
+@dataclass
+class GANModelConfig:
+    kind: str = "gan"
+    module: Optional[str] = None  # your own module class (a GANModule subclass): package.module:Class
+    latent_dim: int = 64
+    num_classes: int = 0  # > 0: class-conditional G (embedding) and D (projection)
+    generator: NetConfig = field(default_factory=NetConfig)
+    discriminator: NetConfig = field(default_factory=NetConfig)
+    # > 0 keeps an exponential moving average of G for sampling and evaluation. The decay is at
+    # most ema_decay (0.999: a half-life of ~693 iterations), and early on less: the half-life is
+    # at most ema_rampup x the iterations so far (StyleGAN2-ADA's ramp; 0 = the fixed decay).
+    ema_decay: float = 0.999
+    ema_rampup: float = 0.05
+    # batches of data.batch_size latents that recompute the EMA generator's batch-norm statistics
+    # for its own weights before it samples (modules/ema.py: standing statistics)
+    ema_bn_batches: int = 32
+
+
+@dataclass
+class GANLossConfig:
+    name: str = "nonsaturating"  # minimax | nonsaturating | lsgan | wasserstein | hinge
+    n_critic: int = 1  # discriminator steps per generator step
+    gp_weight: float = 0.0  # WGAN-GP gradient penalty lambda (0 = off)
+    clip_value: float = 0.0  # WGAN weight clipping bound c (0 = off)
+    lsgan_a: float = 0.0  # LSGAN target for fake images in D's loss
+    lsgan_b: float = 1.0  # LSGAN target for real images in D's loss
+    lsgan_c: float = 1.0  # LSGAN target G wants D to output on fakes
+
+
+@dataclass
+class GANOptimConfig:
+    g: OptimizerConfig = field(default_factory=OptimizerConfig)  # generator
+    d: OptimizerConfig = field(default_factory=OptimizerConfig)  # discriminator / critic
+
+
+def validate(cfg: Any) -> None:
+    from dgm_scale.data.config import modality_of
+    from dgm_scale.losses.adversarial import ADVERSARIAL_LOSSES
+    from dgm_scale.modules.optim import validate_optimizer
+    from dgm_scale.nets.config import validate_net
+
+    model, loss = cfg.model, cfg.loss
+    modality = modality_of(cfg.data.name)
+    for key in ("generator", "discriminator"):
+        validate_net(f"model.{key}", model[key], modality)
+    for key in ("g", "d"):
+        validate_optimizer(f"optim.{key}", cfg.optim[key])
+    choice("loss.name", loss.name, sorted(ADVERSARIAL_LOSSES))
+    at_least("loss.n_critic", loss.n_critic, 1)
+    at_least("loss.gp_weight", loss.gp_weight, 0)
+    at_least("loss.clip_value", loss.clip_value, 0)
+    # Batch norm couples the samples of a batch, so the per-sample gradient the penalty constrains
+    # is no longer the critic's gradient (Gulrajani et al. 2017, sec. 4): reject it outright.
+    require(not (loss.gp_weight > 0 and not model.discriminator.target and model.discriminator.norm == "batch"),
+            "config key 'model.discriminator.norm': batch norm is invalid in a WGAN-GP critic "
+            "(loss.gp_weight > 0); use layer, instance or none")
+    require(0.0 <= model.ema_decay < 1.0, f"config key 'model.ema_decay' must be in [0, 1), got {model.ema_decay}")
+    at_least("model.ema_rampup", model.ema_rampup, 0)
+    at_least("model.ema_bn_batches", model.ema_bn_batches, 1)
+    at_least("model.latent_dim", model.latent_dim, 1)
+    at_least("model.num_classes", model.num_classes, 0)
+
+
+def _net(setting: Callable[..., Any], key: str) -> str:
+    target = setting(f"model.{key}.target")
+    if target:
+        return str(target).rsplit("/", 1)[-1]
+    return f"{setting(f'model.{key}.arch')} (width {setting(f'model.{key}.width')})"
+
+
+def describe(setting: Callable[..., Any]) -> List[Tuple[str, str]]:
+    extras = [f"n_critic {setting('loss.n_critic')}" if (setting("loss.n_critic") or 1) > 1 else "",
+              f"gradient penalty {setting('loss.gp_weight')}" if setting("loss.gp_weight") else "",
+              f"clipping {setting('loss.clip_value')}" if setting("loss.clip_value") else ""]
+    ema = setting("model.ema_decay") or 0
+    classes = setting("model.num_classes") or 0
+    return [("model", f"GAN: G {_net(setting, 'generator')}, D {_net(setting, 'discriminator')}, "
+                      f"latent {setting('model.latent_dim')}" + (f", {classes} classes" if classes else "")),
+            ("loss", ", ".join([str(setting("loss.name"))] + [e for e in extras if e])),
+            ("EMA of G", f"decay up to {ema}, ramp-up {setting('model.ema_rampup', 0)}" if ema else "none"),
+            ("optimizer", f"G {setting('optim.g.name')} lr {setting('optim.g.lr')}, "
+                          f"D {setting('optim.d.name')} lr {setting('optim.d.lr')}")]
+
+
+def summary(setting: Callable[..., Any]) -> str:
+    return f"GAN, {setting('loss.name')} loss, G {_net(setting, 'generator')}, D {_net(setting, 'discriminator')}"
+
+
+FAMILY = Family(
+    name="gan",
+    description="a generator trained against a discriminator under an adversarial loss",
+    model=GANModelConfig, loss=GANLossConfig, optim=GANOptimConfig,
+    module="dgm_scale.families.gan.module:GANModule",
+    validate=validate, describe=describe, summary=summary,
+    modalities=("images", "points"),
+    chart_groups=(("critic_outputs", "Critic outputs: mean D(real), D(fake), Wasserstein estimate",
+                   lambda k: k in ("train/d_real", "train/d_fake", "train/wasserstein")),),
+)

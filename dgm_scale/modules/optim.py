@@ -1,0 +1,26 @@
+"""Optimizers from an OptimizerConfig block (`optim.g`, `optim.d`, or a family's single `optim`)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dgm_scale.core.checks import choice, require
+
+OPTIMIZERS = ("adam", "rmsprop")
+
+
+def validate_optimizer(key: str, opt: Any) -> None:
+    choice(f"{key}.name", opt.name, list(OPTIMIZERS))
+    require(opt.lr > 0, f"config key '{key}.lr' must be > 0, got {opt.lr}")
+    require(len(opt.betas) == 2, f"config key '{key}.betas' needs 2 values, got {list(opt.betas)}")
+
+
+def build_optimizer(params, opt_cfg: Any) -> torch.optim.Optimizer:
+    """Adam or RMSprop from an optimizer config block."""
+    if opt_cfg.name == "adam":
+        return torch.optim.Adam(params, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
+                                weight_decay=opt_cfg.weight_decay)
+    if opt_cfg.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=opt_cfg.lr, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
+    raise ValueError(f"unknown optimizer '{opt_cfg.name}'")

@@ -1,0 +1,82 @@
+"""Your own networks by import path: `model.<net>.target: package.module:Class` (or
+`path/to/file.py:Class`) with `model.<net>.kwargs: {...}`.
+
+The class is built as `Class(**kwargs, **provided)`, where `provided` are the inputs the family
+knows (e.g. `latent_dim`, `num_classes`, `image_shape`) that the constructor declares as
+parameters and `kwargs` does not set. Before training, `check_network` runs it once on a tiny
+batch of the declared inputs: a class that does not import, cannot be built, fails on the
+inputs, or returns the wrong shape stops with one line naming the config key, the class and
+the shapes.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dgm_scale.core.errors import ConfigError
+from dgm_scale.core.imports import import_object
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _accepted(cls: type, provided: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The provided inputs the constructor of `cls` takes by name and `kwargs` does not set."""
+    try:
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {name: value for name, value in provided.items() if name in parameters and name not in kwargs}
+
+
+def build_network(key: str, net: Any, builtin: Callable[[], nn.Module], provided: Mapping[str, Any]) -> nn.Module:
+    """`net.target` built with `net.kwargs` (+ accepted `provided` inputs), else `builtin()`.
+    `key`: the config key of this network, e.g. `model.generator`."""
+    target = getattr(net, "target", None)
+    if not target:
+        return builtin()
+    cls = import_object(target, f"{key}.target")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) and not callable(cls):
+        raise ConfigError(f"config key '{key}.target': '{target}' is not a class")
+    kwargs = dict(getattr(net, "kwargs", {}) or {})
+    try:
+        module = cls(**kwargs, **_accepted(cls, provided, kwargs))
+    except Exception as error:  # noqa: BLE001 - user code: report in one line
+        raise ConfigError(f"config key '{key}.kwargs': building {target}({', '.join(kwargs)}) failed: "
+                          f"{_reason(error)}") from None
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"config key '{key}.target': {target} made a {type(module).__name__}, not a torch nn.Module")
+    return module
+
+
+def _shape(value: Optional[Tensor]) -> str:
+    return "None" if value is None else str(list(value.shape))
+
+
+@torch.no_grad()
+def check_network(key: str, target: str, network: nn.Module, inputs: Mapping[str, Optional[Tensor]],
+                  expected: Sequence[Sequence[int]]) -> None:
+    """Run `network(*inputs.values())` once in eval mode (weights and statistics untouched) and
+    require an output shape in `expected`; else a ConfigError naming `key`, the class and shapes."""
+    described = ", ".join(f"{name} {_shape(value)}" for name, value in inputs.items())
+    wanted = " or ".join(str(list(shape)) for shape in expected)
+    was_training = network.training
+    network.eval()
+    try:
+        output = network(*inputs.values())
+    except Exception as error:  # noqa: BLE001
+        raise ConfigError(f"config key '{key}.target': {target} failed on inputs {described} (expected output "
+                          f"{wanted}): {_reason(error)}") from None
+    finally:
+        network.train(was_training)
+    if not isinstance(output, Tensor):
+        raise ConfigError(f"config key '{key}.target': {target} returned a {type(output).__name__} for inputs "
+                          f"{described}; expected a tensor of shape {wanted}")
+    if list(output.shape) not in [list(shape) for shape in expected]:
+        raise ConfigError(f"config key '{key}.target': {target} returned shape {_shape(output)} for inputs "
+                          f"{described}; expected {wanted}")

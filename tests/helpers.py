@@ -1,0 +1,152 @@
+"""Helpers shared by several test files (import them from here, never from another test file)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from wandb.proto import wandb_internal_pb2
+
+from dgm_scale.config.loader import family_of
+from dgm_scale.modules import load_module
+
+
+def adapt(config: str | Path | None, overrides: list[str]) -> list[str]:
+    """`overrides` written with the GAN's names (model.generator.*, model.discriminator.*,
+    optim.g.*) in the names of the family `config` trains (a VAE: model.decoder.*,
+    model.encoder.*, optim.*; its `renamed` map), so that one list of tiny settings serves
+    every family; keys the family dropped are left out."""
+    family = family_of(OmegaConf.load(config) if config is not None else {})
+    adapted = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        for old, new in family.renamed.items():
+            if key == old or key.startswith(old + "."):
+                key = None if new is None else new + key[len(old):]
+                break
+        if key is not None:
+            adapted.append(f"{key}={value}")
+    return adapted
+
+
+def adapt_args(args: list[str]) -> list[str]:
+    """[CONFIG, key=value, ...] with the overrides adapted to CONFIG's family (see adapt)."""
+    return [args[0], *adapt(args[0], list(args[1:]))]
+
+
+# ----------------------------------------------------------------------------- runs
+ROOT = Path(__file__).resolve().parents[1]
+
+
+TINY = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=8", "model.generator.width=4", "model.discriminator.width=4",
+        "model.latent_dim=8", "trainer.max_steps=3", "trainer.log_every=1", "trainer.progress_bar=false",
+        "trainer.accelerator=cpu", "run.sample_every=2", "run.checkpoint_every=2", "run.num_samples=4"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                           f"--master-port={free_port()}", "--rdzv-id=test", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+TINY_TRAIN = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=16", "model.generator.width=8", "model.discriminator.width=8",
+        "model.latent_dim=8", "trainer.max_steps=4", "trainer.log_every=1", "trainer.progress_bar=false",
+        "run.sample_every=2", "run.checkpoint_every=2", "run.num_samples=16"]
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The logged training rows, without the perf/* timings (which differ from run to run)."""
+    with open(run_dir / "metrics.csv") as handle:
+        return [{key: value for key, value in row.items() if not key.startswith("perf/")}
+                for row in csv.DictReader(handle) if row.get("train/iteration")]
+
+
+def assert_same_weights(first: Path, second: Path, atol: float = 0.0) -> None:
+    a, b = load_module(first).state_dict(), load_module(second).state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def stop_and_resume(run_train, tmp_path: Path, common: list[str]) -> tuple[Path, Path]:
+    """Train 6 iterations straight, and 3 + 3 with a resume; return both run directories."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_train(common + ["trainer.max_steps=6", f"run.dir={full}"])
+    run_train(common + ["trainer.max_steps=3", f"run.dir={part}"])
+    run_train(common + ["trainer.max_steps=6", f"run.dir={part}", "resume=auto"])
+    return full, part
+
+
+# ----------------------------------------------------------------------------- W&B offline files
+def read_records(path: Path) -> list:
+    """The records of a `.wandb` file: W&B's LevelDB-style log (a 7-byte header, 32 KiB blocks
+    of chunks with a 7-byte header each: crc32, length, type full/first/middle/last), each
+    record a wandb_internal_pb2.Record."""
+    data, block, header = path.read_bytes(), 32 * 1024, 7
+    assert data[:4] == b":W&B"
+    records, pending, offset = [], b"", header
+    while offset + header <= len(data):
+        if block - offset % block < header:  # too little room left: the block is padded
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset:offset + header])
+        chunk, offset = data[offset + header:offset + header + length], offset + header + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # full, or the last chunk of a record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def finished_records(offline_run: Path, timeout: float = 30.0) -> list:
+    """The run's records once its `exit` record is on disk: wandb.finish() can return before
+    W&B's service has flushed the file (seen: header only, complete 0.2 s later)."""
+    (path,) = offline_run.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def records_of(offline_run: Path, kind: str) -> list:
+    return [getattr(r, kind) for r in finished_records(offline_run) if r.WhichOneof("record_type") == kind]
+
+
+def item_key(item) -> str:
+    return item.key or "/".join(item.nested_key)  # W&B stores "train/d_loss" as a nested key
+
+
+def history_keys(offline_run: Path) -> set[str]:
+    return {item_key(item) for h in records_of(offline_run, "history") for item in h.item}
+
+
+def config_values(offline_run: Path) -> dict:
+    return {item_key(u): json.loads(u.value_json)
+            for c in records_of(offline_run, "config") for u in c.update}
+
+
+def wandb_logged_iterations(offline_run: Path) -> list[int]:
+    return [json.loads(item.value_json) for h in records_of(offline_run, "history") for item in h.item
+            if item_key(item) == "train/iteration"]
