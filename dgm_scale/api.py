@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dgm_scale.config import load_config
-from dgm_scale.evaluate import evaluate
+from dgm_scale.score import evaluate
 
 
 def train(config: Any = None, overrides: Sequence[str] | Mapping[str, Any] = ()):

@@ -92,7 +92,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from dgm_scale.core.imports import run_imports
-    from dgm_scale.evaluate import evaluate
+    from dgm_scale.score import evaluate
     from dgm_scale.metrics.report import format_table
 
     run_imports(args.imports, "--import")

@@ -51,6 +51,10 @@ TINY = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "da
         "trainer.accelerator=cpu", "run.sample_every=2", "run.checkpoint_every=2", "run.num_samples=4"]
 
 
+# TINY without the GAN's network keys: for families without a generator and discriminator
+TINY_RUN = [item for item in TINY if not item.startswith("model.")]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,6 +1,6 @@
 """Test helper: make one network's loss NaN at one iteration (optionally on one rank only).
 
-`install("generator:4")` (or "discriminator:4:1", "encoder-decoder:2") patches the modules so
+`install("generator:4")` (or "discriminator:4:1", "encoder-decoder:2", "autoregressive model:3") patches the modules so
 that the loss of that network's step in iteration 4 (1-based) is NaN - on rank 1 only when a
 rank is given. "generator-gradient:4" (or "discriminator-gradient:...") leaves the loss finite
 and makes the gradient of the network's first parameter NaN instead, in its backward.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from dgm_scale.families.autoregressive.module import AutoregressiveModule
 from dgm_scale.families.gan.module import GANModule
 from dgm_scale.families.vae.module import VAEModule
 
@@ -35,6 +36,14 @@ def install(spec: str, setattr: Callable = setattr) -> None:
                 terms["loss"] = terms["loss"] * float("nan")
             return terms
         setattr(VAEModule, "elbo", poisoned_elbo)
+        return
+    if network == "autoregressive model":
+        nll = AutoregressiveModule.nll_per_symbol
+
+        def poisoned_nll(self, *args, **kwargs):
+            value = nll(self, *args, **kwargs)
+            return value * float("nan") if self.rnn.training and _due(self, iteration, rank) else value
+        setattr(AutoregressiveModule, "nll_per_symbol", poisoned_nll)
         return
     network, _, quantity = network.partition("-")
     name, field = {"generator": ("generator_step", "g_loss"), "discriminator": ("discriminator_step", "d_loss")}[network]

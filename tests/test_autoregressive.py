@@ -11,17 +11,17 @@ import torch.nn.functional as F
 
 from dgm_scale.cli import main
 from dgm_scale.config import ConfigError, load_config
-from dgm_scale.core.errors import DataError
+from dgm_scale.core.errors import DataError, NonFiniteError
 from dgm_scale.data import DataModule
 from dgm_scale.data.text import TextWindows, read_corpus, split_bounds, unigram_bits_per_char
 from dgm_scale.families.autoregressive.module import image_to_symbols, symbols_to_image
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.nets.sequence import START
 from dgm_scale.train import train
-from helpers import ROOT, TINY, torchrun
+from helpers import ROOT, TINY_RUN, torchrun
+from nan_injection import install
 
-RUN_ONLY = [item for item in TINY if not item.startswith("model.")]
-AR_TINY = RUN_ONLY + ["model.width=16", "model.embed_dim=8", "model.layers=1"]
+AR_TINY = TINY_RUN + ["model.width=16", "model.embed_dim=8", "model.layers=1"]
 IMAGES = ["model.kind=autoregressive", *AR_TINY]
 TEXT = ["model.kind=autoregressive", "data.name=text", "data.path=builtin:pydoc", "data.seq_len=16", *AR_TINY]
 
@@ -160,3 +160,14 @@ def test_two_ranks_stay_identical(strategy, tmp_path):
     datamodule = DataModule(load_config(ROOT / "configs" / "char_rnn.yaml").data)
     datamodule.setup("fit")
     assert datamodule.num_classes == 0
+
+
+def test_bf16_training_and_the_nan_guard(tmp_path, monkeypatch):
+    result = train(load_config(overrides=TEXT + ["trainer.precision=bf16-mixed", "trainer.accelerator=cpu",
+                                                 f"run.dir={tmp_path / 'bf16'}"]))
+    assert result.iterations == 3 and all(torch.isfinite(p).all() for p in result.module.parameters())
+    install("autoregressive model:2", monkeypatch.setattr)
+    with pytest.raises(NonFiniteError, match="^non-finite loss in the autoregressive model step at iteration 2 "):
+        train(load_config(overrides=TEXT + [f"run.dir={tmp_path / 'nan'}"]))
+    result = train(load_config(overrides=TEXT + ["trainer.nonfinite=skip", f"run.dir={tmp_path / 'skip'}"]))
+    assert result.iterations == 3 and result.module.nonfinite_guard.skips == 1

@@ -16,11 +16,10 @@ from dgm_scale.families import family_names, get_family
 from dgm_scale.families.gan.module import GANModule
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.train import train
-from helpers import ROOT, TINY, free_port
+from helpers import ROOT, TINY, TINY_RUN, free_port
 
 CUSTOM = ROOT / "examples" / "custom_nets"
 TOY_FAMILY = ROOT / "tests" / "toy_family.py"
-RUN_ONLY = [item for item in TINY if not item.startswith("model.")]  # for families without G and D
 CUSTOM_TINY = TINY + ["model.generator.kwargs.width=8", "model.discriminator.kwargs.width=8"]
 
 
@@ -82,7 +81,7 @@ def test_data_modules_and_distributed_do_not_import_tracking():
 
 def test_a_family_defined_in_a_test_file_registers_and_trains(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    args = ["train", "--import", str(TOY_FAMILY), "model.kind=toy_gaussian", "optim.lr=0.05", *RUN_ONLY,
+    args = ["train", "--import", str(TOY_FAMILY), "model.kind=toy_gaussian", "optim.lr=0.05", *TINY_RUN,
             "eval.every=50", "eval.num_samples=200", "trainer.max_steps=100", "eval.at_end=true", f"run.dir={run_dir}"]
     assert main(args) == 0
     assert "toy_gaussian" in (run_dir / "config.yaml").read_text()
@@ -97,7 +96,7 @@ def test_a_family_defined_in_a_test_file_registers_and_trains(tmp_path, capsys):
 
 
 def test_a_family_named_by_its_path_needs_no_import(tmp_path):
-    cfg = load_config(overrides=[f"model.kind={TOY_FAMILY}:FAMILY", *RUN_ONLY, "trainer.max_steps=2",
+    cfg = load_config(overrides=[f"model.kind={TOY_FAMILY}:FAMILY", *TINY_RUN, "trainer.max_steps=2",
                                  f"run.dir={tmp_path / 'run'}"])
     assert train(cfg).module.family.name == "toy_gaussian"
 

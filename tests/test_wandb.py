@@ -82,6 +82,19 @@ def test_offline_run_records_metrics_images_config_and_resumes_the_same_run(tmp_
     assert wandb_logged_iterations(second) == [5, 6]  # the continuation logs only the new iterations
 
 
+def test_text_samples_and_bits_per_char_reach_wandb(tmp_path):
+    run = tmp_path / "run"
+    overrides = [item for item in OFFLINE if not item.startswith("model.")] + [
+        "model.kind=autoregressive", "data.name=text", "data.path=builtin:pydoc", "data.seq_len=16", "model.width=16",
+        "model.layers=1", "eval.at_end=true", f"run.dir={run}"]
+    train(load_config(None, overrides))
+    (offline,) = offline_runs(run)
+    keys = history_keys(offline)
+    assert {"train/bits_per_char", "eval/bits_per_char", "samples/_type"} <= keys
+    tables = list((offline / "files" / "media" / "table").glob("samples_*.table.json"))
+    assert len(tables) == 3 and '"sample"' in tables[0].read_text()  # iterations 2, 4 and the final samples
+
+
 def test_checkpoint_artifact_and_no_api_key_anywhere(tmp_path):
     # A separate process, so that everything it and W&B's service print is captured; a key is
     # set, but mode=offline, so nothing goes online.
