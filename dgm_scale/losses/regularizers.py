@@ -1,4 +1,4 @@
-"""Regularisers of the discriminator / critic: gradient penalty and weight clipping."""
+"""Regularisers of the discriminator / critic: gradient penalty, R1, LeCam and weight clipping."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -45,3 +45,25 @@ def clip_weights(module: nn.Module, clip_value: float) -> None:
     """WGAN weight clipping (Arjovsky et al. 2017): clamp every parameter to [-c, c], in place."""
     for param in module.parameters():
         param.clamp_(-clip_value, clip_value)
+
+
+def r1_penalty(critic: Callable[..., Tensor], real_images: Tensor, labels: Optional[Tensor] = None,
+               grad_scale: float = 1.0) -> Tensor:
+    """R1 (Mescheder et al. 2018): E[||grad_x D(x)||^2] on real images, unweighted (the caller
+    multiplies by gamma / 2, and by k when it is applied every k steps: lazy regularisation).
+
+    `critic` is what D computes on an image (with any augmentation inside it: the gradient is
+    taken w.r.t. the image before augmentation, as in StyleGAN2-ADA). `grad_scale`: the fp16 loss
+    scale of D's optimizer, as in `gradient_penalty`; the norms are taken in float32 (bf16 too).
+    """
+    inputs = real_images.detach().requires_grad_(True)
+    critic_out = critic(inputs, labels) if labels is not None else critic(inputs)
+    (scaled_grads,) = torch.autograd.grad(critic_out.float().sum() * grad_scale, inputs, create_graph=True)
+    return (scaled_grads.float() / grad_scale).square().flatten(1).sum(dim=1).mean()
+
+
+def lecam_penalty(real_logits: Tensor, fake_logits: Tensor, real_anchor: Tensor, fake_anchor: Tensor) -> Tensor:
+    """LeCam regulariser (Tseng et al. 2021): E[(D(real) - a_fake)^2] + E[(D(fake) - a_real)^2],
+    with a_real, a_fake moving averages of D's mean outputs on real and fake images (held by the
+    caller). Unweighted (the caller multiplies by lambda). Logits [N], anchors scalars."""
+    return (real_logits.float() - fake_anchor).square().mean() + (fake_logits.float() - real_anchor).square().mean()
