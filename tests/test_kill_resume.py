@@ -202,6 +202,23 @@ def test_autoregressive_text_model_killed_at_random_resumes_exactly(tmp_path):
     assert len({row["epoch"] for row in metrics_rows(reference)}) >= 3
 
 
+def test_gan_with_ada_and_diffaugment_killed_at_random_resumes_exactly(tmp_path):
+    """Augmentation noise is keyed to the iteration and ADA's p / r_t statistics are buffers: a
+    run killed at random and resumed equals the straight run, p included."""
+    args = [*GAN, *COMMON, "aug.policy=[translation,cutout]", "aug.ada=true", "aug.ada_kimg=1", "aug.ada_interval=2",
+            "aug.ada_p=0.3", "loss.lecam_weight=0.1"]
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    iteration, fraction = random_kill_point("ada", 2, 10)
+    proc = launch(args, victim)
+    join = kill_in_background(proc, victim, iteration, fraction)
+    train_here(args, reference)
+    join()
+    assert iteration <= checkpoint_iteration(victim) < MAX_STEPS
+    train_here([*args, "resume=auto"], victim)
+    assert_same_run(reference, victim)
+    assert "aug/p" in metrics_rows(reference)[0]
+
+
 def test_two_process_ddp_killed_at_random_resumes_exactly(tmp_path):
     """torchrun, 2 processes: the launcher and both workers are SIGKILLed together."""
     args = [*GAN, *COMMON, "trainer.devices=2"]

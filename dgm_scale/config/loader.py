@@ -179,7 +179,7 @@ def _translate_stored(data: dict, family: Family) -> dict:
             else:
                 data[new_section] = {**value, **data.get(new_section, {})} if isinstance(value, dict) else value
     schema = OmegaConf.to_container(OmegaConf.structured(config_class(family)))
-    for section in ("model", "loss", "optim"):
+    for section in ("model", "loss", "optim", *family.sections):
         if isinstance(data.get(section), dict):
             data[section] = {k: v for k, v in data[section].items() if k in schema[section]}
     return data

@@ -39,6 +39,9 @@ class DataConfig:
     val_fraction: float = 0.1  # held-out share of built-in datasets (used by the VAE's val ELBO)
     toy_samples: int = 50_000  # points drawn for the 2-D toy mixtures
     toy_std: float = 0.02  # standard deviation of each toy mixture component
+    # fraction of the training split kept (a fixed, seed-independent subset): limited-data runs;
+    # the held-out split and the evaluation's real data stay whole
+    subset: float = 1.0
     seq_len: int = 256  # text: characters (bytes) per training sequence
 
 
@@ -156,6 +159,6 @@ def config_class(family: "Family") -> type:
     """The dataclass of a whole config for `family`: its model / loss / optim sections and the
     shared ones."""
     sections = {"data": DataConfig, "model": family.model, "loss": family.loss, "optim": family.optim,
-                **{name: cls for name, cls in SHARED_SECTIONS.items() if name != "data"}}
+                **family.sections, **{name: cls for name, cls in SHARED_SECTIONS.items() if name != "data"}}
     return make_dataclass(f"{family.name.title()}Config",
                           [(name, cls, field(default_factory=cls)) for name, cls in sections.items()])

@@ -46,3 +46,6 @@ def validate_data(data: Any) -> None:
                 "config key 'data.steps_per_epoch' must be >= 1 with data.resampled=true")
     at_least("data.batch_size", data.batch_size, 1)
     require(0.0 <= data.val_fraction < 1.0, f"config key 'data.val_fraction' must be in [0, 1), got {data.val_fraction}")
+    require(0.0 < data.subset <= 1.0, f"config key 'data.subset' must be in (0, 1], got {data.subset}")
+    require(data.subset == 1.0 or data.name not in STREAM_DATASETS,
+            "config key 'data.subset': a subset of streamed shards is not offered; build a smaller shard set")

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .datasets import STREAM_DATASETS, TOY_DATASETS, DataError, build_dataset
+from .datasets import STREAM_DATASETS, TOY_DATASETS, DataError, build_dataset, kept_subset
 from .shards.manifest import read_manifest
 from .shards.urls import expand_urls
 from .position import DataPosition, ResumableDistributedSampler
@@ -56,7 +56,7 @@ class DataModule(L.LightningDataModule):
                 self._checked_specs = True
             return
         if self.train_set is None:
-            self.train_set = build_dataset(self.cfg, "train")
+            self.train_set = kept_subset(build_dataset(self.cfg, "train"), float(self.cfg.subset))
             self.val_set = build_dataset(self.cfg, "val")
 
     def _check_batch_size(self) -> None:

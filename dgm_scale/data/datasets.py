@@ -94,6 +94,33 @@ class ImageFolderDataset(Dataset):
         return to_model_range(x), torch.tensor(label, dtype=torch.int64)
 
 
+class KeptSubset(Dataset):
+    """The items `indices` of a dataset, as a dataset (its labels, classes and keyed items kept)."""
+
+    def __init__(self, dataset: Dataset, indices: Tensor):
+        self.dataset, self.indices = dataset, indices.tolist()
+        self.num_classes = getattr(dataset, "num_classes", 0)
+        self.keyed_items = getattr(dataset, "keyed_items", False)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key) -> Item:
+        index, epoch_key = item_key(key)
+        inner = self.indices[index]
+        return self.dataset[(inner, epoch_key) if self.keyed_items else inner]
+
+
+def kept_subset(dataset: Dataset, fraction: float) -> Dataset:
+    """`data.subset`: a fixed fraction of a training split (a seed-independent choice, so every
+    run of a study trains on the same images); the whole dataset for 1."""
+    if fraction >= 1.0:
+        return dataset
+    keep = max(1, round(len(dataset) * fraction))
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SPLIT_SEED + 1))[:keep]
+    return KeptSubset(dataset, chosen.sort().values)
+
+
 # ----------------------------------------------------------------------------- helpers
 def fixed_split(n: int, val_fraction: float, split: str) -> Tensor:
     """Sorted indices of `split` under a seed-independent permutation of range(n).

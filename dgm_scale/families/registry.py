@@ -48,6 +48,7 @@ class Family:
     a checkpoint's stored config is translated.
     `modalities`: what it models (images, points = the 2-D toys, text).
     `chart_groups`: extra (file stem, title, column predicate) groups for the report's curves.
+    `sections`: more config sections of its own, name -> dataclass (e.g. the GAN's `aug`).
     """
 
     name: str
@@ -62,6 +63,7 @@ class Family:
     renamed: Mapping[str, Optional[str]] = field(default_factory=dict)
     modalities: Tuple[str, ...] = ("images",)
     chart_groups: Tuple[Tuple[str, str, Callable[[str], bool]], ...] = ()
+    sections: Mapping[str, type] = field(default_factory=dict)
 
     def headline(self, setting: Callable[..., Any]) -> str:
         """The one-line description of a configured model (log line, report title row)."""

@@ -145,8 +145,9 @@ class GenerativeModule(L.LightningModule):
         """
         return (self.iteration + 1) % self.cfg.trainer.log_every == 0
 
-    def log_train(self, values: dict) -> None:
-        """This iteration's training values as `train/*` (+ `train/iteration`), one CSV row.
+    def log_train(self, values: dict, named: Optional[dict] = None) -> None:
+        """This iteration's training values as `train/*` (+ `train/iteration`), one CSV row;
+        `named` values are logged under their own names (e.g. `aug/p`).
 
         Straight to the loggers on rank 0 (values of rank 0's batch; gradient norms are global):
         `self.log(on_step=True)` here would make Lightning repeat them in every later row until
@@ -154,7 +155,9 @@ class GenerativeModule(L.LightningModule):
         """
         if self._trainer is None:
             return
-        metrics = {f"train/{key}": float(value) for key, value in values.items()}
+        metrics = {f"train/{key}": float(value.detach() if isinstance(value, Tensor) else value)
+                   for key, value in values.items()}
+        metrics.update(named or {})
         if self.cfg.trainer.nonfinite == "skip":  # only then: other runs keep their columns
             metrics["train/nonfinite_skips"] = float(self.nonfinite_guard.skips)
         log_now(self.trainer, {**metrics, "train/iteration": float(self.iteration), "epoch": self.current_epoch})

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 from torch import nn
 
-from dgm_scale.nets import dcgan, mlp, resnet
+from dgm_scale.nets import dcgan, mlp, resnet, stylegan2
 from dgm_scale.nets.layers import (
     NORMS,
     Discriminator,
@@ -38,8 +38,8 @@ __all__ = [
 ]
 
 # Registry: each architecture module provides generator_body, discriminator_body, init_weights.
-_ARCH_MODULES: dict[str, ModuleType] = {"mlp": mlp, "dcgan": dcgan, "resnet": resnet}
-ARCHS = tuple(_ARCH_MODULES)  # ("mlp", "dcgan", "resnet")
+_ARCH_MODULES: dict[str, ModuleType] = {"mlp": mlp, "dcgan": dcgan, "resnet": resnet, "stylegan2": stylegan2}
+ARCHS = tuple(_ARCH_MODULES)  # ("mlp", "dcgan", "resnet", "stylegan2")
 
 
 def _arch_module(net: "NetSpec") -> ModuleType:

@@ -19,6 +19,8 @@ def validate_net(key: str, net: Any, modality: str) -> None:
     choice(f"{key}.norm", net.norm, list(NORMS))
     require(not (net.arch == "mlp" and net.norm == "instance"),
             f"config key '{key}.norm': instance norm is not defined for the mlp arch")
+    require(not (net.arch == "stylegan2" and net.spectral_norm),
+            f"config key '{key}.spectral_norm': stylegan2 uses the equalised learning rate, not spectral norm")
     at_least(f"{key}.width", net.width, 1)
     at_least(f"{key}.depth", net.depth, 1)
     if modality == "points":

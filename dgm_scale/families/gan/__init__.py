@@ -41,6 +41,26 @@ class GANLossConfig:
     lsgan_a: float = 0.0  # LSGAN target for fake images in D's loss
     lsgan_b: float = 1.0  # LSGAN target for real images in D's loss
     lsgan_c: float = 1.0  # LSGAN target G wants D to output on fakes
+    # R1 (Mescheder et al. 2018): gamma / 2 * E||grad_x D(real)||^2 (0 = off), applied every
+    # r1_interval-th discriminator step with weight x r1_interval (lazy regularisation)
+    r1_gamma: float = 0.0
+    r1_interval: int = 1
+    # LeCam (Tseng et al. 2021): lambda * (E(D(real) - a_fake)^2 + E(D(fake) - a_real)^2), a_* the
+    # moving averages (decay lecam_decay) of D's mean outputs (0 = off)
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.99
+
+
+@dataclass
+class AugConfig:
+    """What D sees: DiffAugment's policies (always) and / or ADA's pipeline (probability p)."""
+    policy: List[str] = field(default_factory=list)  # DiffAugment: color, translation, cutout (combinable)
+    ada: bool = False  # adaptive discriminator augmentation
+    ada_ops: List[str] = field(default_factory=lambda: ["xflip", "rotate90", "translation", "color"])  # + cutout
+    ada_target: float = 0.6  # the r_t = E[sign(D(real))] that p is adjusted towards
+    ada_kimg: float = 100.0  # thousands of real images over which p can move by 1 (0 = p stays ada_p)
+    ada_interval: int = 4  # discriminator steps between adjustments
+    ada_p: float = 0.0  # p at the start
 
 
 @dataclass
@@ -67,14 +87,35 @@ def validate(cfg: Any) -> None:
     at_least("loss.clip_value", loss.clip_value, 0)
     # Batch norm couples the samples of a batch, so the per-sample gradient the penalty constrains
     # is no longer the critic's gradient (Gulrajani et al. 2017, sec. 4): reject it outright.
-    require(not (loss.gp_weight > 0 and not model.discriminator.target and model.discriminator.norm == "batch"),
+    uses_norm = not model.discriminator.target and model.discriminator.arch != "stylegan2"
+    require(not (loss.gp_weight > 0 and uses_norm and model.discriminator.norm == "batch"),
             "config key 'model.discriminator.norm': batch norm is invalid in a WGAN-GP critic "
             "(loss.gp_weight > 0); use layer, instance or none")
+    at_least("loss.r1_gamma", loss.r1_gamma, 0)
+    at_least("loss.r1_interval", loss.r1_interval, 1)
+    at_least("loss.lecam_weight", loss.lecam_weight, 0)
+    require(0.0 <= loss.lecam_decay < 1.0, f"config key 'loss.lecam_decay' must be in [0, 1), got {loss.lecam_decay}")
+    validate_aug(cfg.aug, modality)
     require(0.0 <= model.ema_decay < 1.0, f"config key 'model.ema_decay' must be in [0, 1), got {model.ema_decay}")
     at_least("model.ema_rampup", model.ema_rampup, 0)
     at_least("model.ema_bn_batches", model.ema_bn_batches, 1)
     at_least("model.latent_dim", model.latent_dim, 1)
     at_least("model.num_classes", model.num_classes, 0)
+
+
+def validate_aug(aug: Any, modality: str) -> None:
+    from dgm_scale.augment import ADA_OPS, POLICIES
+
+    unknown = [name for name in aug.policy if name not in POLICIES]
+    require(not unknown, f"config key 'aug.policy': unknown DiffAugment policy {unknown}; known: {', '.join(POLICIES)}")
+    unknown = [name for name in aug.ada_ops if name not in ADA_OPS]
+    require(not unknown, f"config key 'aug.ada_ops': unknown ADA op {unknown}; known: {', '.join(ADA_OPS)}")
+    require(0.0 <= aug.ada_p <= 1.0, f"config key 'aug.ada_p' must be in [0, 1], got {aug.ada_p}")
+    require(-1.0 <= aug.ada_target <= 1.0, f"config key 'aug.ada_target' must be in [-1, 1], got {aug.ada_target}")
+    at_least("aug.ada_kimg", aug.ada_kimg, 0)
+    at_least("aug.ada_interval", aug.ada_interval, 1)
+    require(modality == "images" or not (aug.policy or aug.ada),
+            "config key 'aug': augmentation is for images, not the 2-D toy data")
 
 
 def _net(setting: Callable[..., Any], key: str) -> str:
@@ -94,8 +135,19 @@ def describe(setting: Callable[..., Any]) -> List[Tuple[str, str]]:
                       f"latent {setting('model.latent_dim')}" + (f", {classes} classes" if classes else "")),
             ("loss", ", ".join([str(setting("loss.name"))] + [e for e in extras if e])),
             ("EMA of G", f"decay up to {ema}, ramp-up {setting('model.ema_rampup', 0)}" if ema else "none"),
+            ("regularisers", ", ".join(part for part in (
+                f"R1 gamma {setting('loss.r1_gamma')} every {setting('loss.r1_interval', 1)}" if setting("loss.r1_gamma") else "",
+                f"LeCam {setting('loss.lecam_weight')}" if setting("loss.lecam_weight") else "") if part) or "none"),
+            ("augmentation", _augmentation(setting)),
             ("optimizer", f"G {setting('optim.g.name')} lr {setting('optim.g.lr')}, "
                           f"D {setting('optim.d.name')} lr {setting('optim.d.lr')}")]
+
+
+def _augmentation(setting: Callable[..., Any]) -> str:
+    parts = [f"DiffAugment {'+'.join(setting('aug.policy'))}"] if setting("aug.policy") else []
+    if setting("aug.ada"):
+        parts.append(f"ADA ({', '.join(setting('aug.ada_ops') or [])}; target r_t {setting('aug.ada_target')})")
+    return ", ".join(parts) or "none"
 
 
 def summary(setting: Callable[..., Any]) -> str:
@@ -110,5 +162,8 @@ FAMILY = Family(
     validate=validate, describe=describe, summary=summary,
     modalities=("images", "points"),
     chart_groups=(("critic_outputs", "Critic outputs: mean D(real), D(fake), Wasserstein estimate",
-                   lambda k: k in ("train/d_real", "train/d_fake", "train/wasserstein")),),
+                   lambda k: k in ("train/d_real", "train/d_fake", "train/wasserstein")),
+                  ("augmentation", "ADA: augmentation probability p and r_t = E[sign(D(real))]",
+                   lambda k: k in ("aug/p", "aug/rt"))),
+    sections={"aug": AugConfig},
 )

@@ -1,7 +1,9 @@
 """The GAN Lightning module: composes G, D, an adversarial loss pair and the regularisers.
 
 Manual optimisation: per iteration, `n_critic` discriminator steps, each on its own real batch,
-then one generator step. The EMA generator (see modules/ema.py) is updated after every applied
+then one generator step. Every image D sees - real and fake, in D's and G's steps, and inside
+the gradient penalty / R1 - goes through the augmentation (`aug`: DiffAugment, ADA) with noise
+keyed to the iteration. The EMA generator (see modules/ema.py) is updated after every applied
 G step with a ramped decay; its batch-norm statistics are recomputed for its own weights before
 it samples and before every checkpoint.
 """
@@ -14,7 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from dgm_scale.distributed.interface import step_interface
+from dgm_scale.augment import AdaptiveProbability, Augmenter
 from dgm_scale.losses import build_adversarial_loss, clip_weights, gradient_penalty
+from dgm_scale.losses.regularizers import lecam_penalty, r1_penalty
 from dgm_scale.losses.adversarial import wasserstein_estimate
 from dgm_scale.modules.base import LatentModule
 from dgm_scale.modules.ema import make_ema_copy, ramped_decay, standing_statistics, update_ema
@@ -25,6 +29,28 @@ from dgm_scale.nets.custom import build_network, check_network
 
 #: the latent sequence the EMA generator's standing statistics are computed from
 STATISTICS_SEED = 2_718_281
+
+
+class LeCamAnchors(nn.Module):
+    """Moving averages of D's mean output on real and fake images (buffers: checkpointed)."""
+
+    def __init__(self, decay: float):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("real", torch.zeros(()))
+        self.register_buffer("fake", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, real_mean: Tensor, fake_mean: Tensor) -> None:
+        self.real.lerp_(real_mean.float(), 1.0 - self.decay)
+        self.fake.lerp_(fake_mean.float(), 1.0 - self.decay)
+
+
+def build_augmenter(aug) -> Optional[Augmenter]:
+    """The `aug` section's Augmenter (None when nothing is augmented)."""
+    ada = AdaptiveProbability(aug.ada_target, aug.ada_kimg * 1000.0, aug.ada_interval, aug.ada_p) if aug.ada else None
+    augmenter = Augmenter(aug.policy, aug.ada_ops, ada)
+    return augmenter if augmenter.enabled or ada is not None else None
 
 
 @contextmanager
@@ -52,6 +78,8 @@ class GANModule(LatentModule):
         self.generator_ema = make_ema_copy(self.generator) if cfg.model.ema_decay > 0 else None
         self._ema_statistics_fresh = False  # the EMA's batch-norm statistics match its weights
         self.adversarial = build_adversarial_loss(cfg.loss)
+        self.augmenter = build_augmenter(cfg.aug)
+        self.lecam = LeCamAnchors(cfg.loss.lecam_decay) if cfg.loss.lecam_weight > 0 else None
 
     # ------------------------------------------------------------------ networks
     def _build_generator(self) -> nn.Module:
@@ -129,33 +157,37 @@ class GANModule(LatentModule):
                     state[f"generator_ema.{name}"] = buffer.detach().clone()
 
     # ------------------------------------------------------------------ training
+    def seen(self, images: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """D's raw output on `images` as D sees them: augmented (see `aug`), noise keyed to the
+        iteration. The function the gradient penalty and R1 differentiate."""
+        if self.augmenter is not None and self.augmenter.uniforms > 0:
+            images = self.augmenter(images, self.draw_noise(images.shape[0], self.augmenter.uniforms, uniform=True))
+        return self.discriminator(images, labels)
+
     def _critic(self, images: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """Discriminator logits [N] (float32) for images [N, *sample_shape].
+        """Discriminator logits [N] (float32) for images [N, *sample_shape], augmented.
 
         Losses are computed in float32 even under fp16 autocast: the gradient at an fp16 loss
         is the loss scale itself (65,536 at first), which fp16 cannot hold (max 65,504).
         """
-        return self.discriminator(images, labels).reshape(-1).float()
+        return self.seen(images, labels).reshape(-1).float()
 
     def discriminator_step(self, real_images: Tensor, labels: Optional[Tensor], opt,
-                           with_logs: bool = True) -> Dict[str, Tensor]:
+                           with_logs: bool = True, step_index: int = 0) -> Dict[str, Tensor]:
+        """One D step; `step_index`: this step's number among all D steps of the run (lazy R1)."""
         with torch.no_grad():  # G gets no gradient from D's loss: skip its graph entirely
             fake_images = self.generator(self.draw_noise(real_images.shape[0], self.latent_dim), labels)
         real_logits = self._critic(real_images, labels)
         fake_logits = self._critic(fake_images, labels)
         d_loss = self.adversarial.d_loss(real_logits, fake_logits)
-        total, penalty = d_loss, None
-        logs = {}
-        if self.cfg.loss.gp_weight > 0:
-            mix = self.draw_noise(real_images.shape[0], uniform=True)
-            penalty = gradient_penalty(self.discriminator, real_images, fake_images, labels, mix=mix,
-                                       grad_scale=step_interface(self._trainer).loss_scale(opt))
-            total = total + self.cfg.loss.gp_weight * penalty
-            logs["gradient_penalty"] = penalty.detach()
+        total, logs = d_loss, {}
+        total, scaled = self._regularise(total, logs, real_images, fake_images, real_logits, fake_logits, labels,
+                                         opt, step_index)
+        if self.augmenter is not None:
+            self.augmenter.accumulate(real_logits)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(total, opt)
-        stepped = self.guarded_step(d_loss, opt, self.discriminator, "discriminator",
-                                    scaled_terms=() if penalty is None else (penalty,))
+        stepped = self.guarded_step(d_loss, opt, self.discriminator, "discriminator", scaled_terms=scaled)
         if with_logs:  # values of this rank's batch; the gradient norm is the global gradient's
             logs.update(d_loss=d_loss.detach(), d_real=real_logits.detach().mean(),
                         d_fake=fake_logits.detach().mean(), wasserstein=wasserstein_estimate(real_logits, fake_logits),
@@ -163,6 +195,35 @@ class GANModule(LatentModule):
         if stepped and self.cfg.loss.clip_value > 0:
             clip_weights(self.discriminator, self.cfg.loss.clip_value)
         return logs
+
+    def _regularise(self, total: Tensor, logs: dict, real_images: Tensor, fake_images: Tensor, real_logits: Tensor,
+                    fake_logits: Tensor, labels: Optional[Tensor], opt, step_index: int) -> tuple[Tensor, tuple]:
+        """D's loss plus the configured regularisers (gradient penalty, R1, LeCam); returns it and
+        the terms computed from loss-scaled gradients (the guard leaves those to an fp16 scaler)."""
+        loss, scaled = self.cfg.loss, []
+        grad_scale = step_interface(self._trainer).loss_scale(opt)
+        if loss.gp_weight > 0:
+            mix = self.draw_noise(real_images.shape[0], uniform=True)
+            penalty = gradient_penalty(self.seen, real_images, fake_images, labels, mix=mix, grad_scale=grad_scale)
+            total = total + loss.gp_weight * penalty
+            logs["gradient_penalty"] = penalty.detach()
+            scaled.append(penalty)
+        if loss.r1_gamma > 0 and step_index % loss.r1_interval == 0:
+            # Lazy regularisation: every r1_interval-th step, weighted by the interval, so that its
+            # expected weight per step is gamma / 2 (Karras et al. 2020, StyleGAN2 sec. 3.1).
+            r1 = r1_penalty(self.seen, real_images, labels, grad_scale=grad_scale)
+            total = total + loss.r1_gamma / 2 * loss.r1_interval * r1
+            logs["r1"] = r1.detach()
+            scaled.append(r1)
+        if self.lecam is not None:
+            lecam = lecam_penalty(real_logits, fake_logits, self.lecam.real, self.lecam.fake)
+            total = total + loss.lecam_weight * lecam
+            logs["lecam"] = lecam.detach()
+            strategy = self._trainer.strategy if self._trainer is not None else None
+            means = torch.stack([real_logits.detach().mean(), fake_logits.detach().mean()])
+            means = strategy.reduce(means, reduce_op="mean") if strategy is not None else means  # same on every rank
+            self.lecam.update(means[0], means[1])
+        return total, tuple(scaled)
 
     def _stepped_norm(self, stepped: bool, opt, network: nn.Module) -> Tensor:
         """The stepped gradient's global norm; NaN for a skipped step (its gradient is gone)."""
@@ -187,6 +248,14 @@ class GANModule(LatentModule):
                 logs["ema_decay"] = torch.tensor(decay)
         return logs
 
+    def _adjust_augmentation(self) -> None:
+        """ADA: every `aug.ada_interval` D steps, p follows r_t over all ranks' real batches."""
+        if self.augmenter is None:
+            return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        reduce_sum = (lambda t: strategy.reduce(t, reduce_op="sum")) if strategy is not None else (lambda t: t)
+        self.augmenter.adjust(reduce_sum)
+
     def training_step(self, batch, batch_idx: int) -> None:
         real_images, labels = batch[0], batch[1]  # (a shard stream adds its position info)
         labels = labels if self.num_classes > 0 else None
@@ -197,9 +266,12 @@ class GANModule(LatentModule):
         label_chunks = labels.chunk(self.n_critic) if labels is not None else [None] * self.n_critic
         for index, (real_chunk, label_chunk) in enumerate(zip(real_chunks, label_chunks)):
             last = index == self.n_critic - 1  # the logged D values are those of the last critic step
-            logs = self.discriminator_step(real_chunk, label_chunk, opt_d, with_logs=log_now and last)
+            logs = self.discriminator_step(real_chunk, label_chunk, opt_d, with_logs=log_now and last,
+                                           step_index=self.iteration * self.n_critic + index)
         logs.update(self.generator_step(real_chunks[-1].shape[0], label_chunks[-1], opt_g, with_logs=log_now))
+        self._adjust_augmentation()
         if not log_now:
             return
-        self.log_train(logs)
+        ada = self.augmenter.ada if self.augmenter is not None else None
+        self.log_train(logs, {"aug/p": float(ada.p), "aug/rt": float(ada.last_rt)} if ada is not None else None)
         self.log_dict({"d": logs["d_loss"], "g": logs["g_loss"]}, prog_bar=True, logger=False)
