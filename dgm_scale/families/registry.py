@@ -49,6 +49,7 @@ class Family:
     `modalities`: what it models (images, points = the 2-D toys, text).
     `chart_groups`: extra (file stem, title, column predicate) groups for the report's curves.
     `sections`: more config sections of its own, name -> dataclass (e.g. the GAN's `aug`).
+    `sampler_names`: what its samplers are called in the report ("" = the default one).
     """
 
     name: str
@@ -64,6 +65,7 @@ class Family:
     modalities: Tuple[str, ...] = ("images",)
     chart_groups: Tuple[Tuple[str, str, Callable[[str], bool]], ...] = ()
     sections: Mapping[str, type] = field(default_factory=dict)
+    sampler_names: Mapping[str, str] = field(default_factory=dict)
 
     def headline(self, setting: Callable[..., Any]) -> str:
         """The one-line description of a configured model (log line, report title row)."""

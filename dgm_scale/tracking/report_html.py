@@ -144,9 +144,6 @@ def facts_table(pairs: Iterable[Tuple[str, str]]) -> str:
     return f'<table class="facts">{rows}</table>'
 
 
-SAMPLER_NAMES = {"": "", "raw": "raw generator"}
-
-
 def metrics_table(run: RunData) -> str:
     """Latest evaluation (a column per sampler: a GAN's EMA and raw generators) next to the best
     one (checkpoints/best.json, the default sampler), one row per metric."""
@@ -157,12 +154,14 @@ def metrics_table(run: RunData) -> str:
     skip = {"iteration", "metric"}
     keys = [k for k in dict.fromkeys(list(latest) + list(best)) if k not in skip]
     variants = list(dict.fromkeys(key.rpartition("/")[0] for key in keys))
+    family = family_of_run(run)
+    sampler_names = dict(family.sampler_names) if family is not None else {}
     names = list(dict.fromkeys(key.rpartition("/")[2] for key in keys))
     best_head = (f"best by {esc(best.get('metric', '?'))} (iteration {fmt(best.get('iteration'))})"
                  if best else "best")
     latest_heads = "".join(
         f"<th>latest (iteration {fmt(latest.get('iteration'))})"
-        + (f"<br>{esc(SAMPLER_NAMES.get(v, v))}" if v or len(variants) > 1 else "") + "</th>" for v in variants)
+        + (f"<br>{esc(sampler_names.get(v, v))}" if len(variants) > 1 else "") + "</th>" for v in variants)
     head = f"<tr><th>metric</th>{latest_heads}<th>{best_head}</th><th>better</th><th>meaning</th></tr>"
     body = ""
     for name in names:

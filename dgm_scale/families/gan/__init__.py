@@ -166,4 +166,5 @@ FAMILY = Family(
                   ("augmentation", "ADA: augmentation probability p and r_t = E[sign(D(real))]",
                    lambda k: k in ("aug/p", "aug/rt"))),
     sections={"aug": AugConfig},
+    sampler_names={"": "EMA generator", "raw": "raw generator"},
 )
