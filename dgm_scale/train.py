@@ -23,6 +23,7 @@ from dgm_scale.metrics.evaluation import eval_settings, prepare_evaluation, scor
 from dgm_scale.distributed.sync_batchnorm import GlobalBatchNormSync
 from dgm_scale.modules import GenerativeModule, build_module
 from dgm_scale.resume import check_compatible, checkpoint_run_dir, resume_checkpoint
+from dgm_scale.runlock import RunLock
 from dgm_scale.tracking import (IterationProgress, MetricsResumePoint, PeriodicCheckpoint, PeriodicEvaluation,
                                 RunReport, SampleGrids, ThroughputMonitor, build_loggers)
 
@@ -174,6 +175,18 @@ def train(cfg) -> RunResult:
     # the other ranks' evaluators build theirs at train start, from rank 0's files.
     extractor = prepare_evaluation(cfg) if env.global_rank == 0 else None
     run_dir = make_run_dir(cfg, env)
+    lock = RunLock(run_dir, env.slurm_job) if env.global_rank == 0 else None
+    if lock is not None:  # one training per run directory (a second one stops here)
+        lock.acquire()
+    try:
+        return _fit(cfg, module, datamodule, run_dir, env, extractor, per_iteration_batch)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg, module: GenerativeModule, datamodule: DataModule, run_dir: Path, env: LaunchEnv, extractor,
+         per_iteration_batch: int) -> RunResult:
     trainer = build_trainer(cfg, module, run_dir, env, extractor)
     log.info("training %s (%s) on %s for %d iterations -> %s", cfg.run.name,
              module.family.headline(lambda key, default=None: OmegaConf.select(cfg, key, default=default)),

@@ -135,7 +135,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mappi
     parsed = [_parse_override(item) for item in _normalise_overrides(overrides)]
     raw = OmegaConf.merge(file_cfg, *[override for _, override in parsed])
     family = family_of(raw, imports)
-    _check_renamed(file_cfg, family, str(path))
+    if path is not None:
+        _check_renamed(file_cfg, family, str(path))
     for item, override in parsed:
         _check_renamed(override, family, f"override '{item}'")
     cfg = _merge(_schema(family), file_cfg, str(path))
