@@ -18,7 +18,7 @@ from dgm_scale.config import ConfigError, to_yaml
 from dgm_scale.data import DataModule, DataPosition, TOY_DATASETS, toy_centers
 from dgm_scale.distributed import LaunchEnv, build_strategy, launch_env, share_run_dir
 from dgm_scale.distributed.precision import build_precision_plugins
-from dgm_scale.distributed.preemption import RequeueOnSignal
+from dgm_scale.distributed.preemption import StopOnSignal
 from dgm_scale.metrics.evaluation import eval_settings, prepare_evaluation, scores_samples
 from dgm_scale.distributed.sync_batchnorm import GlobalBatchNormSync
 from dgm_scale.modules import GenerativeModule, build_module
@@ -104,8 +104,8 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
         ThroughputMonitor(cfg.trainer.log_every, images_per_iteration),
         MetricsResumePoint(),  # metrics.csv rows up to each checkpoint reach the disk with it
     ]
-    if env.slurm_job:  # SIGUSR1 -> checkpoint -> requeue, at an iteration boundary on every rank
-        callbacks.append(RequeueOnSignal(run_dir, env.slurm_job))
+    # SIGUSR1 / SIGTERM -> checkpoint -> stop (-> requeue under SLURM), at an iteration boundary
+    callbacks.append(StopOnSignal(run_dir, env.slurm_job, cfg.run.requeue_on, cfg.run.keep_checkpoints))
     callbacks += [
         SampleGrids(run_dir / "samples", cfg.run.sample_every, cfg.run.num_samples, reference=reference),
     ]
@@ -134,7 +134,7 @@ def build_trainer(cfg, module: GenerativeModule, run_dir: Path, env: Optional[La
     trainer_cfg = cfg.trainer
     precision_plugins = build_precision_plugins(trainer_cfg.precision, trainer_cfg.accelerator, trainer_cfg.strategy)
     sync_plugins = [GlobalBatchNormSync()] if trainer_cfg.sync_batchnorm else []
-    # Under SLURM, RequeueOnSignal handles SIGUSR1 instead of Lightning (see distributed/preemption.py).
+    # Under SLURM, StopOnSignal handles SIGUSR1 and SIGTERM instead of Lightning (see distributed/preemption.py).
     slurm_plugins = [SLURMEnvironment(auto_requeue=False)] if env.slurm_job and SLURMEnvironment.detect() else []
     return L.Trainer(
         accelerator=trainer_cfg.accelerator,
@@ -207,7 +207,7 @@ def _fit(cfg, module: GenerativeModule, datamodule: DataModule, run_dir: Path, e
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:  # stopped for a SLURM signal: requeue now that the loggers are closed
         for callback in trainer.callbacks:
-            if isinstance(callback, RequeueOnSignal):
+            if isinstance(callback, StopOnSignal):
                 callback.requeue()
     # Throughput of this process's share of the run (a resumed run starts past iteration 0).
     images = (module.iteration - module.start_iteration) * per_iteration_batch * trainer.world_size

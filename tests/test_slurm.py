@@ -1,6 +1,6 @@
-"""SLURM for real: a local cluster runs launch/slurm/train.sbatch with 2 ranks; USR1 makes the
-job checkpoint and requeue; the requeued job resumes from that checkpoint and finishes, and its
-W&B run (offline) continues the stopped job's."""
+"""SLURM for real: a local cluster runs launch/slurm/train.sbatch with 2 ranks; USR1 (or TERM,
+with run.requeue_on=[USR1,TERM]) makes the job checkpoint and requeue; the requeued job resumes
+from that checkpoint and finishes, and its W&B run (offline) continues the stopped job's."""
 import csv
 import os
 import re
@@ -55,7 +55,9 @@ def logged_iterations(run_dir: Path) -> list[int]:
         return [int(float(row["train/iteration"])) for row in csv.DictReader(handle) if row.get("train/iteration")]
 
 
-def test_sbatch_trains_two_ranks_checkpoints_on_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
+@pytest.mark.parametrize("signal_name, extra", [("USR1", []), ("TERM", ["run.requeue_on=[USR1,TERM]"])])
+def test_sbatch_trains_two_ranks_checkpoints_on_a_signal_requeues_and_resumes(slurm_cluster, tmp_path, signal_name,
+                                                                                extra):
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONPATH=str(ROOT),
                # W&B offline, its files under tmp_path. The environment may hold this test process's
@@ -67,15 +69,15 @@ def test_sbatch_trains_two_ranks_checkpoints_on_usr1_requeues_and_resumes(slurm_
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={output}",
          str(ROOT / "launch" / "slurm" / "train.sbatch"), "configs/nsgan.yaml", *TINY,
-         f"trainer.max_steps={ITERATIONS}", f"run.dir={run_dir}"],
+         f"trainer.max_steps={ITERATIONS}", f"run.dir={run_dir}", *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
     try:
         wait_for(lambda: len(logged_iterations(run_dir)) >= 30, 120, "the job to train 30 iterations")
-        subprocess.run(["scancel", "--signal=USR1", job], check=True)
+        subprocess.run(["scancel", f"--signal={signal_name}", job], check=True)
         wait_for(lambda: (run_dir / "hpc_ckpt_1.ckpt").exists() and job_field(job, "Restarts") == "1", 60,
-                 "the USR1 checkpoint and the requeue")
+                 f"the {signal_name} checkpoint and the requeue")
         # A requeued job waits `cred_expire` seconds before it may start again: start it now.
         wait_for(lambda: job_field(job, "JobState") == "PENDING", 60, "the requeued job to be pending")
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
@@ -97,10 +99,15 @@ def test_sbatch_trains_two_ranks_checkpoints_on_usr1_requeues_and_resumes(slurm_
     # The metrics of both parts are in one file, none missing.
     assert sorted(logged_iterations(run_dir)) == list(range(1, ITERATIONS + 1))  # each exactly once
     # W&B: both parts logged to the run's one W&B run id, the stopped part finished its run
-    # before the requeue, and between them they hold every iteration once.
+    # before the requeue, and between them they hold every iteration once. Under TERM, SLURM
+    # signals W&B's service process too: the stopped part loses W&B (and trains on without it).
     run_id = (run_dir / WANDB_RUN_ID_FILE).read_text().strip()
     parts = offline_runs(run_dir)
     assert len(parts) == 2 and all(f"-{run_id}" in part.name for part in parts)
     assert [[r.run_id for r in records_of(part, "run")] for part in parts] == [[run_id], [run_id]]
+    if signal_name == "TERM":
+        assert "training continues without W&B" in log or [e.exit_code for e in records_of(parts[0], "exit")] == [0]
+        assert wandb_logged_iterations(parts[1])[-1] == ITERATIONS
+        return
     assert [[e.exit_code for e in records_of(part, "exit")] for part in parts] == [[0], [0]]
     assert sorted(wandb_logged_iterations(parts[0]) + wandb_logged_iterations(parts[1])) == list(range(1, ITERATIONS + 1))

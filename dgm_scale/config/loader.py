@@ -213,6 +213,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("sample_every", "checkpoint_every", "num_samples"):
         if run[key] < 1:
             raise ConfigError(f"config key 'run.{key}' must be >= 1, got {run[key]}")
+    unknown = [name for name in run.requeue_on if name not in ("USR1", "TERM")]
+    if unknown:
+        raise ConfigError(f"config key 'run.requeue_on': {unknown} is not a subset of [USR1, TERM]")
     if run.keep_checkpoints < 0:
         raise ConfigError(f"config key 'run.keep_checkpoints' must be >= 0, got {run.keep_checkpoints}")
     if cfg.tracking.wandb.mode not in ("auto", "online", "offline", "disabled"):

@@ -108,6 +108,10 @@ class RunConfig:
     # Python modules or files imported before the config is read, in every process (e.g. your
     # own model family registering itself); `dgm-scale train --import X` appends here.
     imports: List[str] = field(default_factory=list)
+    # SIGUSR1 and SIGTERM checkpoint and stop a run at the next iteration; under SLURM, these
+    # signals also requeue the job (USR1: `#SBATCH --signal=USR1@120`; add TERM to requeue after
+    # scancel, preemption or the time limit's SIGTERM too)
+    requeue_on: List[str] = field(default_factory=lambda: ["USR1"])
 
 
 @dataclass

@@ -7,6 +7,7 @@ and a W&B service inherited from a parent process (see `drop_inherited_wandb_ser
 from __future__ import annotations
 
 import csv
+import logging
 import netrc
 import os
 import re
@@ -22,6 +23,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from dgm_scale.core.files import atomic_open, write_text_atomic
 from dgm_scale.core.lightning_internals import logger_step
+
+log = logging.getLogger(__name__)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -166,12 +169,44 @@ class RunWandbLogger(WandbLogger):
     - The W&B run is finished with the training; otherwise the next `train` in this process
       would silently log into it (WandbLogger reuses an open `wandb.run`).
     - With `log_checkpoints`, a successful end logs last.ckpt / best.ckpt as one model artifact.
+    - W&B failing (its service killed - SLURM's SIGTERM reaches every process of a job step,
+      W&B's own service among them -, a full disk, a network error) does not stop the training:
+      the first failure is logged as a warning, W&B is left out for the rest of this start, and
+      metrics.csv keeps everything.
     """
 
     def __init__(self, run_dir: Path, log_checkpoints: bool, **kwargs: Any) -> None:
         super().__init__(save_dir=str(run_dir), **kwargs)
         self._wandb_init.pop("anonymous")  # Lightning's default; wandb 0.31 warns that it does nothing
         self._run_dir, self._log_checkpoints = Path(run_dir), log_checkpoints
+        self._failed: Optional[str] = None
+
+    def _guarded(self, what: str, call, *args: Any, **kwargs: Any) -> Any:
+        if self._failed is not None:
+            return None
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any W&B failure: keep training without it
+            self._failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            log.warning("W&B failed in %s (%s); training continues without W&B, metrics.csv has every value",
+                        what, self._failed)
+            return None
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
+        self._guarded("log_metrics", super().log_metrics, metrics, step)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        self._guarded("log_hyperparams", super().log_hyperparams, params)
+
+    @rank_zero_only
+    def log_image(self, *args: Any, **kwargs: Any) -> None:
+        self._guarded("log_image", super().log_image, *args, **kwargs)
+
+    @rank_zero_only
+    def log_text(self, *args: Any, **kwargs: Any) -> None:
+        self._guarded("log_text", super().log_text, *args, **kwargs)
 
     @property
     @rank_zero_experiment
@@ -183,13 +218,16 @@ class RunWandbLogger(WandbLogger):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        super().finalize(status)
         if self._experiment is None:
             return
+        self._guarded("finalize", self._finish, status)
+        self._experiment = None  # a later use resumes the same run id instead of a finished run
+
+    def _finish(self, status: str) -> None:
+        super().finalize(status)
         if status == "success" and self._log_checkpoints:
             self.log_checkpoint_artifact()
         self._experiment.finish(exit_code=0 if status == "success" else 1)
-        self._experiment = None  # a later use resumes the same run id instead of a finished run
 
     def log_checkpoint_artifact(self) -> Optional[Any]:
         """last.ckpt and best.ckpt (those that exist) as a `model` artifact of this run."""
