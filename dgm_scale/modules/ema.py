@@ -54,13 +54,14 @@ def ramped_decay(decay: float, rampup: float, step: int) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
+def update_ema(ema: nn.Module, net: nn.Module, decay: float, copy_batchnorm: bool = False) -> None:
     """ema <- decay * ema + (1 - decay) * net for parameters. Buffers that are not batch-norm
     statistics (e.g. spectral norm's power-iteration vectors) are copied; batch-norm statistics
-    are left to `standing_statistics` (see the module docstring)."""
+    are left to `standing_statistics` (see the module docstring), or copied from `net` too with
+    `copy_batchnorm` (what this did before: kept for comparison, `model.ema_bn_batches=0`)."""
     for ema_param, param in zip(ema.parameters(), net.parameters()):
         ema_param.lerp_(param.detach(), 1.0 - decay)
-    skip = _batchnorm_buffer_ids(ema)
+    skip = set() if copy_batchnorm else _batchnorm_buffer_ids(ema)
     for ema_buffer, buffer in zip(ema.buffers(), net.buffers()):
         if id(ema_buffer) not in skip:
             ema_buffer.copy_(buffer)

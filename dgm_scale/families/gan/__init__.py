@@ -28,7 +28,8 @@ class GANModelConfig:
     ema_decay: float = 0.999
     ema_rampup: float = 0.05
     # batches of data.batch_size latents that recompute the EMA generator's batch-norm statistics
-    # for its own weights before it samples (modules/ema.py: standing statistics)
+    # for its own weights before it samples (modules/ema.py: standing statistics); 0 = copy the
+    # raw generator's statistics instead (the old behaviour, worse: kept for comparison)
     ema_bn_batches: int = 32
 
 
@@ -98,7 +99,7 @@ def validate(cfg: Any) -> None:
     validate_aug(cfg.aug, modality)
     require(0.0 <= model.ema_decay < 1.0, f"config key 'model.ema_decay' must be in [0, 1), got {model.ema_decay}")
     at_least("model.ema_rampup", model.ema_rampup, 0)
-    at_least("model.ema_bn_batches", model.ema_bn_batches, 1)
+    at_least("model.ema_bn_batches", model.ema_bn_batches, 0)
     at_least("model.latent_dim", model.latent_dim, 1)
     at_least("model.num_classes", model.num_classes, 0)
 

@@ -131,7 +131,7 @@ class GANModule(LatentModule):
     @torch.no_grad()
     def refresh_ema_statistics(self) -> None:
         """Recompute the EMA generator's batch-norm statistics for its weights, unless fresh."""
-        if self.generator_ema is None or self._ema_statistics_fresh:
+        if self.generator_ema is None or self._ema_statistics_fresh or self.cfg.model.ema_bn_batches == 0:
             return
         batch, count = self.cfg.data.batch_size, self.cfg.model.ema_bn_batches
         batches = ((keyed_noise(STATISTICS_SEED, i * batch, batch, (self.latent_dim,)).to(self.device),
@@ -242,7 +242,7 @@ class GANModule(LatentModule):
         if stepped and self.generator_ema is not None:  # a skipped step leaves G, so its average, as is
             model = self.cfg.model
             decay = ramped_decay(model.ema_decay, model.ema_rampup, self.iteration + 1)
-            update_ema(self.generator_ema, self.generator, decay)
+            update_ema(self.generator_ema, self.generator, decay, copy_batchnorm=model.ema_bn_batches == 0)
             self._ema_statistics_fresh = False
             if with_logs:
                 logs["ema_decay"] = torch.tensor(decay)
