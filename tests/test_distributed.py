@@ -173,3 +173,16 @@ def test_zero3_is_rejected_with_the_reason():
 
     with pytest.raises(ConfigError, match="trainer.deepspeed.zero_optimization.stage.*ZeRO-3"):
         load_config(overrides=["trainer.strategy=deepspeed", "trainer.deepspeed.zero_optimization.stage=3"])
+
+
+def test_deepspeed_under_bf16_autocast_keeps_ranks_identical(tmp_path):
+    """bf16-mixed under DeepSpeed: float32 weights and ZeRO partitions, bf16 autocast (DeepSpeed's
+    own bf16 mode, bf16 weights, failed with "expected scalar type BFloat16 but found Float")."""
+    pytest.importorskip("deepspeed")
+    proc = torchrun(["tests/ddp_worker.py", "configs/nsgan.yaml", str(tmp_path), *TINY, "trainer.devices=2",
+                     "trainer.strategy=deepspeed", "trainer.precision=bf16-mixed", f"run.dir={tmp_path / 'run'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name, tensor in rank0["params"].items():
+        assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all(), name
+        torch.testing.assert_close(tensor, rank1["params"][name], rtol=0, atol=0, msg=name)

@@ -97,6 +97,8 @@ def test_fp16_wgan_gp_tracks_fp32_on_cpu(tmp_path):
     torch.testing.assert_close(fp16[:, 1:], fp32[:, 1:], rtol=0.05, atol=1e-3)  # penalty, D gradient norm
     checkpoint = torch.load(runs["16-mixed"].checkpoint, weights_only=True)
     assert len(checkpoint["PerOptimizerScaledPrecision"]["scalers"]) == 2  # G's and D's
+    scales = _losses(tmp_path / "16-mixed", ("train/loss_scale_g", "train/loss_scale_d"))  # logged, each its own
+    assert (scales > 0).all() and scales.shape == (8, 2)
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])

@@ -29,8 +29,11 @@ ZERO_PARTITIONS = "zero_partitions"  # key of the per-rank ZeRO states in a chec
 
 
 def _precision_block(precision: str) -> Dict[str, Any]:
-    if precision.startswith("bf16"):
-        return {"bf16": {"enabled": True}}
+    """DeepSpeed's own precision for `trainer.precision`. bf16-mixed: none - the weights (and
+    ZeRO's partitions) stay float32 and Lightning's bf16 autocast computes, as without DeepSpeed
+    (DeepSpeed's bf16 mode turns the weights themselves into bf16, which our raw forwards then
+    feed float32 inputs: "expected scalar type BFloat16 but found Float", seen on CPU). 16-mixed:
+    DeepSpeed's fp16 with its loss scaler per engine (GPU only; the config check says so)."""
     if precision.startswith("16"):
         return {"fp16": {"enabled": True, "initial_scale_power": 16}}
     return {}

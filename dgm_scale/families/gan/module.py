@@ -272,6 +272,9 @@ class GANModule(LatentModule):
         self._adjust_augmentation()
         if not log_now:
             return
+        steps = step_interface(self._trainer)
+        if steps.owns_overflow:  # fp16: each network's loss scale (halved at every overflow)
+            logs.update(loss_scale_g=steps.loss_scale(opt_g), loss_scale_d=steps.loss_scale(opt_d))
         ada = self.augmenter.ada if self.augmenter is not None else None
         self.log_train(logs, {"aug/p": float(ada.p), "aug/rt": float(ada.last_rt)} if ada is not None else None)
         self.log_dict({"d": logs["d_loss"], "g": logs["g_loss"]}, prog_bar=True, logger=False)

@@ -1,0 +1,180 @@
+"""What only a GPU can show, in one run (called by gpu_check.sh; under 8 minutes on one GPU):
+
+1. DCGAN-64 bf16: our training loop vs the hand-written one (benchmarks/scaling.py), images/s;
+2. WGAN-GP under 16-mixed and bf16-mixed, 200 iterations: every logged value finite, and under
+   fp16 both networks' loss scales logged;
+3. DeepSpeed ZeRO-2 on CUDA for a GAN, bf16 autocast and DeepSpeed's own fp16: trains, finite;
+4. host synchronisations per training step (profiler: `aten::_local_scalar_dense`, the op every
+   `.item()` / `bool(tensor)` runs) and peak memory;
+5. torch.compile on CUDA: not offered yet (trainer.compile, issue 13 item 5): reported as such.
+
+`--dry-run` runs every step on the CPU with tiny models and few iterations (CI runs it), so that
+the script is known to work before a GPU is lent. Prints one table; exits 1 if a check failed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def settings(dry_run: bool) -> dict:
+    if dry_run:
+        return {"accelerator": "cpu", "resolution": 16, "iterations": 6, "throughput": ["--iterations", "6",
+                "--warmup", "2", "--trials", "1"], "tiny": ["model.generator.width=8", "model.discriminator.width=8",
+                                                            "data.batch_size=16"]}
+    return {"accelerator": "gpu", "resolution": 64, "iterations": 200, "throughput": ["--iterations", "200",
+            "--warmup", "20", "--trials", "3"], "tiny": []}
+
+
+def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def common(s: dict, run_dir: Path, iterations: int) -> list[str]:
+    return [f"trainer.accelerator={s['accelerator']}", f"trainer.max_steps={iterations}", "trainer.log_every=1",
+            "eval.every=0", "eval.at_end=false", "tracking.wandb.mode=disabled", "tracking.report=false",
+            "trainer.progress_bar=false", f"run.sample_every={iterations}", f"run.checkpoint_every={iterations}",
+            f"run.dir={run_dir}", *s["tiny"]]
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as handle:
+        return [row for row in csv.DictReader(handle) if row.get("train/iteration")]
+
+
+def finite_losses(rows: list[dict], keys: tuple[str, ...]) -> bool:
+    return bool(rows) and all(row.get(k) not in (None, "") and math.isfinite(float(row[k])) for row in rows for k in keys)
+
+
+def check_throughput(s: dict, scratch: Path) -> tuple[bool, str]:
+    proc = run(["benchmarks/scaling.py", *s["throughput"], "--no-distributed", f"data.resolution={s['resolution']}",
+                "data.channels=3", "trainer.precision=bf16-mixed", f"trainer.accelerator={s['accelerator']}",
+                f"run.root={scratch}", *s["tiny"]], timeout=900)
+    found = {name: re.search(rf"\| {re.escape(name)}\s*\|\s*([\d.]+)", proc.stdout)
+             for name in ("dgm_scale (Lightning)", "hand-written PyTorch loop", "ratio ours / reference")}
+    if proc.returncode != 0 or not all(found.values()):
+        return False, f"failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
+    ours, reference, ratio = (float(found[k].group(1)) for k in found)
+    batch = 16 if s["tiny"] else 64
+    return True, f"ours {ours * batch:.0f} images/s, hand-written {reference * batch:.0f}, ratio {ratio:.3f}"
+
+
+def check_precision(s: dict, scratch: Path, precision: str) -> tuple[bool, str]:
+    run_dir = scratch / f"wgan-gp-{precision}"
+    proc = run(["-m", "dgm_scale.cli", "train", "configs/wgan_gp.yaml", f"trainer.precision={precision}",
+                *common(s, run_dir, s["iterations"])])
+    if proc.returncode != 0:
+        return False, f"failed: {proc.stderr.strip().splitlines()[-1:]}"
+    rows = rows_of(run_dir)
+    keys = ("train/d_loss", "train/g_loss", "train/gradient_penalty")
+    scales = ("train/loss_scale_g", "train/loss_scale_d") if precision == "16-mixed" else ()
+    finite = finite_losses(rows[1:], keys)  # (fp16's first step may overflow at the initial scale: skipped)
+    logged = all(k in rows[-1] and rows[-1][k] for k in scales)
+    detail = f"{len(rows)} iterations, losses finite: {finite}"
+    if scales:
+        detail += f", loss scales G/D {rows[-1].get(scales[0])} / {rows[-1].get(scales[1])}"
+    return finite and logged, detail
+
+
+def check_deepspeed(s: dict, scratch: Path) -> tuple[bool, str]:
+    run_dir = scratch / "deepspeed"
+    proc = run(["-m", "dgm_scale.cli", "train", "configs/nsgan.yaml", "trainer.strategy=deepspeed",
+                "trainer.precision=bf16-mixed", *common(s, run_dir, min(50, s["iterations"]))])
+    if proc.returncode != 0:
+        return False, f"failed: {proc.stderr.strip().splitlines()[-1:]}"
+    rows = rows_of(run_dir)
+    return finite_losses(rows, ("train/d_loss", "train/g_loss")), f"ZeRO-2, bf16, {len(rows)} iterations"
+
+
+def check_deepspeed_fp16(s: dict, scratch: Path) -> tuple[bool, str]:
+    """DeepSpeed's own fp16 (an engine loss scaler per network): GPU only, so not in the dry run."""
+    if s["tiny"]:
+        return True, "skipped in the dry run (DeepSpeed fp16 needs a GPU)"
+    run_dir = scratch / "deepspeed-fp16"
+    proc = run(["-m", "dgm_scale.cli", "train", "configs/wgan_gp.yaml", "trainer.strategy=deepspeed",
+                "trainer.precision=16-mixed", *common(s, run_dir, s["iterations"])])
+    if proc.returncode != 0:
+        return False, f"failed: {proc.stderr.strip().splitlines()[-1:]}"
+    rows = rows_of(run_dir)
+    return finite_losses(rows[5:], ("train/d_loss", "train/g_loss")), f"ZeRO-2, fp16, {len(rows)} iterations"
+
+
+def check_syncs_and_memory(s: dict, scratch: Path) -> tuple[bool, str]:
+    """Host synchronisations per iteration, counted with the profiler in this process."""
+    import torch
+    from torch.profiler import profile
+
+    from dgm_scale.config import load_config
+    from dgm_scale.data import DataModule
+    from dgm_scale.modules import build_module
+    from dgm_scale.train import build_trainer, make_run_dir, quiet_lightning
+
+    quiet_lightning()
+    iterations = 5 if s["tiny"] else 20
+    cfg = load_config(None, [*common(s, scratch / "profile", iterations), "trainer.log_every=10"])
+    module = build_module(cfg)
+    datamodule = DataModule(cfg.data, batch_size=cfg.data.batch_size)
+    trainer = build_trainer(cfg, module, make_run_dir(cfg))
+    with profile() as prof:
+        trainer.fit(module, datamodule=datamodule)
+    syncs = sum(event.count for event in prof.key_averages() if event.key == "aten::_local_scalar_dense")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
+    return True, f"{syncs / iterations:.1f} host syncs per iteration (logging every 10), peak CUDA memory {peak:.0f} MiB"
+
+
+def check_compile(s: dict, scratch: Path) -> tuple[bool, str]:
+    return True, "not offered yet (trainer.compile: issue 13 item 5)"
+
+
+CHECKS: list[tuple[str, Callable]] = [
+    ("DCGAN bf16 throughput", check_throughput),
+    ("WGAN-GP 16-mixed", lambda s, d: check_precision(s, d, "16-mixed")),
+    ("WGAN-GP bf16-mixed", lambda s, d: check_precision(s, d, "bf16-mixed")),
+    ("DeepSpeed ZeRO-2 GAN, bf16", check_deepspeed),
+    ("DeepSpeed ZeRO-2 WGAN-GP, fp16", check_deepspeed_fp16),
+    ("host syncs, peak memory", check_syncs_and_memory),
+    ("torch.compile", check_compile),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="every step on the CPU, tiny (CI)")
+    args = parser.parse_args()
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; use --dry-run for the CPU rehearsal", file=sys.stderr)
+        return 2
+    s = settings(args.dry_run)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.dry_run else "CPU (dry run)"
+    print(f"gpu_check: torch {torch.__version__}, CUDA {torch.version.cuda}, device {device}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        for name, check in CHECKS:
+            start = time.perf_counter()
+            try:
+                ok, detail = check(s, Path(scratch))
+            except Exception as error:  # noqa: BLE001 - a failed check is reported, the rest still run
+                ok, detail = False, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            results.append((name, ok, detail, time.perf_counter() - start))
+    print(f"\n| check | ok | result | seconds |\n|---|---|---|---|")
+    for name, ok, detail, seconds in results:
+        print(f"| {name} | {'yes' if ok else 'NO'} | {detail} | {seconds:.0f} |")
+    return 0 if all(ok for _, ok, _, _ in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
