@@ -106,6 +106,39 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dgm_scale import sweep as sweeps
+
+    sweep = sweeps.read_sweep(args.file)
+    if args.point is not None:  # one array task: train this point (resume=auto: a requeue continues it)
+        cmd_train(argparse.Namespace(config_and_overrides=sweeps.point_args(sweep, args.point, args.root,
+                                                                            args.overrides), imports=[]))
+        return 0
+    sweeps.check_points(sweep, args.overrides)
+    for index, point in enumerate(sweep.points):
+        print(f"{index:3d}  {sweep.run_dir(index, args.root)}  {point}")
+    if args.submit:
+        import shlex
+
+        job = sweeps.submit(sweep, args.root, shlex.split(args.sbatch or ""), args.overrides)
+        print(f"submitted array job {job} ({len(sweep.points)} tasks); afterwards: "
+              f"dgm-scale compare {Path(args.root) / sweep.name}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dgm_scale.tracking.compare import compare, format_rows
+    from dgm_scale.tracking.report import NotARunDirectory
+
+    try:
+        rows, files = compare(args.runs, args.out or Path(args.runs[0]), args.metric)
+    except NotARunDirectory as error:
+        raise ConfigError(str(error)) from None
+    print(format_rows(rows))
+    print("wrote " + ", ".join(str(path) for path in files.values()))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from dgm_scale.tracking.report import NotARunDirectory, build_report
 
@@ -245,6 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "from a run directory (running, finished or crashed)")
     report_p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     report_p.set_defaults(func=cmd_report)
+    sweep_p = commands.add_parser("sweep", help="a grid of override sets: list / check them, train one point "
+                                                "(--point I, what each array task runs), or --submit a SLURM array")
+    sweep_p.add_argument("file", type=Path, metavar="SWEEP.yaml")
+    sweep_p.add_argument("overrides", nargs="*", metavar="key=value", help="added to every point")
+    sweep_p.add_argument("--root", default="runs", help="the sweep's folder goes below it (default runs)")
+    sweep_p.add_argument("--point", type=int, metavar="I", help="train point I")
+    sweep_p.add_argument("--submit", action="store_true", help="sbatch launch/slurm/sweep.sbatch as a job array")
+    sweep_p.add_argument("--sbatch", metavar="OPTIONS", help="more sbatch options, e.g. \"--time=4:00:00 --gpus=1\"")
+    sweep_p.set_defaults(func=cmd_sweep)
+    compare_p = commands.add_parser("compare", help="tabulate runs (a sweep's folder, or run directories): best "
+                                                    "metric, status, differing settings -> CSV, HTML, plot")
+    compare_p.add_argument("runs", nargs="+", type=Path, metavar="RUN_OR_SWEEP_DIR")
+    compare_p.add_argument("--out", type=Path, help="where compare.csv / .html / .png go (default: the first path)")
+    compare_p.add_argument("--metric", default="auto", help="auto (fid, else bits/dim or bits/char) or a metric name")
+    compare_p.set_defaults(func=cmd_compare)
     _add_shards_parser(commands)
     _add_evaluate_parsers(commands)
     return parser
@@ -259,6 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "config_and_overrides"):
         args.config_and_overrides = list(args.config_and_overrides) + extra
+    elif extra and hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     working_directory_importable()  # `model.generator.target: mynets:G` for mynets.py in the working directory

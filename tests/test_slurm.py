@@ -74,14 +74,14 @@ def test_sbatch_trains_two_ranks_checkpoints_on_a_signal_requeues_and_resumes(sl
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
     try:
-        wait_for(lambda: len(logged_iterations(run_dir)) >= 30, 120, "the job to train 30 iterations")
+        wait_for(lambda: len(logged_iterations(run_dir)) >= 30, 240, "the job to train 30 iterations")
         subprocess.run(["scancel", f"--signal={signal_name}", job], check=True)
-        wait_for(lambda: (run_dir / "hpc_ckpt_1.ckpt").exists() and job_field(job, "Restarts") == "1", 60,
+        wait_for(lambda: (run_dir / "hpc_ckpt_1.ckpt").exists() and job_field(job, "Restarts") == "1", 120,
                  f"the {signal_name} checkpoint and the requeue")
         # A requeued job waits `cred_expire` seconds before it may start again: start it now.
-        wait_for(lambda: job_field(job, "JobState") == "PENDING", 60, "the requeued job to be pending")
+        wait_for(lambda: job_field(job, "JobState") == "PENDING", 120, "the requeued job to be pending")
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-        wait_for(lambda: job_field(job, "JobState") == "COMPLETED", 240, "the resumed job to complete")
+        wait_for(lambda: job_field(job, "JobState") == "COMPLETED", 400, "the resumed job to complete")
     finally:
         subprocess.run(["scancel", job], capture_output=True)
     log = output.read_text()
@@ -111,3 +111,32 @@ def test_sbatch_trains_two_ranks_checkpoints_on_a_signal_requeues_and_resumes(sl
         return
     assert [[e.exit_code for e in records_of(part, "exit")] for part in parts] == [[0], [0]]
     assert sorted(wandb_logged_iterations(parts[0]) + wandb_logged_iterations(parts[1])) == list(range(1, ITERATIONS + 1))
+
+
+def test_a_four_point_sweep_runs_as_a_job_array_and_compares(slurm_cluster, tmp_path, capsys):
+    from dgm_scale.cli import main
+
+    sweep = tmp_path / "grid.yaml"
+    sweep.write_text("name: tiny\nconfig: configs/nsgan.yaml\n"
+                     f"overrides: [{', '.join(TINY)}, trainer.max_steps=12, eval.every=6, eval.num_samples=60,"
+                     " tracking.wandb.mode=disabled]\n"
+                     "grid:\n  optim.g.lr: [1.0e-4, 3.0e-4]\n  loss.name: [nonsaturating, hinge]\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    submitted = subprocess.run([sys.executable, "-m", "dgm_scale.cli", "sweep", str(sweep), "--submit",
+                                f"--root={tmp_path / 'runs'}", f"--sbatch=--cpus-per-task=1 --output={tmp_path}/%a.out"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    job = re.search(r"submitted array job (\d+)", submitted.stdout).group(1)
+    done = lambda: all((tmp_path / "runs" / "tiny" / d / "checkpoints" / "last.ckpt").is_file()  # noqa: E731
+                       for d in ("000-lr=0.0001,name=nonsaturating", "001-lr=0.0001,name=hinge",
+                                 "002-lr=0.0003,name=nonsaturating", "003-lr=0.0003,name=hinge"))
+    try:
+        wait_for(lambda: done() and not subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
+                                                       text=True).stdout.strip(), 300, "the 4 array tasks")
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    assert main(["compare", str(tmp_path / "runs" / "tiny")]) == 0
+    rows = (tmp_path / "runs" / "tiny" / "compare.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("run,status,iteration,best_fid,best_iteration,last_fid")
+    assert rows[0].endswith("loss.name,optim.g.lr") and all(",finished,12," in row for row in rows[1:])
+    assert (tmp_path / "runs" / "tiny" / "compare.html").is_file() and (tmp_path / "runs" / "tiny" / "compare.png").is_file()

@@ -144,3 +144,18 @@ def test_a_training_started_by_a_wandb_process_uses_its_own_service(tmp_path):
     assert [e.exit_code for e in records_of(resumed, "exit")] == [0]
     start = int(re.search(r"resumed from iteration (\d+)", proc.stdout).group(1))
     assert wandb_logged_iterations(resumed) == list(range(start + 1, start + 5))
+
+
+def test_a_wandb_sweep_agents_run_id_names_the_run(tmp_path, monkeypatch):
+    """`wandb agent` sets WANDB_SWEEP_ID and WANDB_RUN_ID and passes the parameters as key=value
+    arguments (`${args_no_hyphens}`): the run directory and the W&B run take the agent's id."""
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep42")
+    monkeypatch.setenv("WANDB_RUN_ID", "agentrun7")
+    monkeypatch.chdir(tmp_path)
+    result = train(load_config(str(ROOT / "configs" / "nsgan.yaml"),
+                               OFFLINE + ["optim.g.lr=0.0003", f"run.root={tmp_path / 'runs'}"]))
+    assert result.run_dir.name == "nsgan-agentrun7"
+    assert (result.run_dir / WANDB_RUN_ID_FILE).read_text().strip() == "agentrun7"
+    (offline,) = offline_runs(result.run_dir)
+    assert offline.name.endswith("agentrun7")
+    assert config_values(offline)["config"]["optim"]["g"]["lr"] == 0.0003

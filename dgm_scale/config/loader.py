@@ -65,11 +65,11 @@ def _parse_override(item: str) -> tuple[str, DictConfig]:
 def _normalise_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> list[str]:
     """Overrides as `key=value` strings (a dict from the Python API is written as such)."""
     if isinstance(overrides, Mapping):
-        return [f"{key}={_yaml_value(value)}" for key, value in overrides.items()]
+        return [f"{key}={yaml_value(value)}" for key, value in overrides.items()]
     return [str(item) for item in overrides]
 
 
-def _yaml_value(value: Any) -> str:
+def yaml_value(value: Any) -> str:
     if isinstance(value, str):
         return value
     return OmegaConf.to_yaml(OmegaConf.create({"v": value})).split(":", 1)[1].strip().replace("\n", " ")

@@ -1,8 +1,9 @@
 """The launcher contract, read in this one place: which process am I, and which run is this?
 
 torchrun sets RANK / TORCHELASTIC_RUN_ID, SLURM sets SLURM_PROCID / SLURM_JOB_ID /
-SLURM_RESTART_COUNT, and Lightning's own process launcher passes its environment to the processes it
-starts (we add DGM_SCALE_RUN_DIR there, so they join rank 0's run directory).
+SLURM_RESTART_COUNT, a W&B sweep agent WANDB_SWEEP_ID / WANDB_RUN_ID, and Lightning's own process
+launcher passes its environment to the processes it starts (we add DGM_SCALE_RUN_DIR there, so
+they join rank 0's run directory).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def launch_env() -> LaunchEnv:
     run_id = env.get("SLURM_JOB_ID") or env.get("TORCHELASTIC_RUN_ID")
     if run_id == "none":  # torchrun without an explicit --rdzv-id
         run_id = None
+    if run_id is None and env.get("WANDB_SWEEP_ID") and env.get("WANDB_RUN_ID"):
+        run_id = env["WANDB_RUN_ID"]  # a W&B sweep agent's run: runs/<name>-<its run id>
     requeued = int(env.get("SLURM_RESTART_COUNT") or 0) > 0
     world_size = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
     slurm_job = env.get("SLURM_JOB_ID")

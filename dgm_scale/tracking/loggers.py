@@ -128,11 +128,12 @@ def resolve_wandb_mode(mode: str) -> str:
 
 def stored_wandb_run_id(run_dir: Path) -> str:
     """The run directory's W&B run id: read from RUN/wandb_run_id, or made and stored on first
-    start (via a temporary file and a rename, so a crash never leaves an empty id)."""
+    start (via a temporary file and a rename, so a crash never leaves an empty id). A W&B sweep
+    agent's id (WANDB_RUN_ID, set by `wandb agent`) is the one a new run directory takes."""
     path = run_dir / WANDB_RUN_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    run_id = secrets.token_hex(6)  # W&B ids are short [a-z0-9] strings; 48 random bits
+    run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(6)  # W&B ids: short [a-z0-9] strings
     write_text_atomic(path, run_id + "\n")
     return run_id
 
