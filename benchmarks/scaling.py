@@ -2,7 +2,7 @@
 then ours on 1 vs 2 CPU processes (data parallel, same per-process batch), DDP vs DeepSpeed ZeRO-2.
 
     python benchmarks/scaling.py [--iterations 300] [--warmup 30] [--trials 5] [--no-distributed] \
-        [CONFIG] [key=value ...]
+        [--compile] [CONFIG] [key=value ...]
 
 Both sides build the same generator/discriminator (dgm_scale.nets), the same optimizers, the same
 loss functions and read the same DataLoader; ours runs through the Lightning Trainer with the
@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--trials", type=int, default=5, help="alternating pairs ours / reference")
     parser.add_argument("--no-distributed", action="store_true", help="only ours vs the hand-written loop")
+    parser.add_argument("--compile", action="store_true", help="also ours with trainer.compile=true vs eager "
+                        "(compilation happens in the warm-up, which should be long enough to hold it)")
     parser.add_argument("--ours-only", metavar="JSON", help=argparse.SUPPRESS)  # worker mode, see above
     parser.add_argument("config_and_overrides", nargs="*")
     args = parser.parse_args()
@@ -154,6 +156,11 @@ def main() -> None:
     print(f"| {'dgm_scale (Lightning)':<28} | {ours:>24.2f} |")
     print(f"| {'hand-written PyTorch loop':<28} | {reference:>24.2f} |")
     print(f"| {'ratio ours / reference':<28} | {ratio:>24.3f} |")
+    if args.compile:
+        compiled = [time_ours(load_config(path, overrides + ["trainer.compile=true"]), args.warmup)
+                    for _ in range(max(1, args.trials // 2))]
+        print(f"| {'dgm_scale, trainer.compile':<28} | {statistics.median(compiled):>24.2f} |")
+        print(f"| {'ratio compiled / eager':<28} | {statistics.median(compiled) / ours:>24.3f} |")
     if args.no_distributed:
         return
     two_processes = max(time_ours_two_processes(forwarded) for _ in range(2))

@@ -128,3 +128,20 @@ def test_bf16_mixed_precision_trains_on_cpu(variant, configs_dir, tmp_path):
 def test_trains_with_loader_worker_processes(tmp_path):
     cfg = load_config(overrides=TINY_TRAIN + ["data.num_workers=2", "data.hflip=true", f"run.dir={tmp_path / 'run'}"])
     assert train(cfg).iterations == 4
+
+
+def test_torch_compile_trains_like_eager_and_checkpoints_plain_keys(configs_dir, tmp_path):
+    """trainer.compile: compiled forwards (the gradient penalty eager: double backward), the same
+    losses as the eager run to float tolerance, and plain network keys in the checkpoint."""
+    runs = {}
+    for compile_ in (False, True):
+        cfg = load_config(configs_dir / "wgan_gp.yaml", TINY_TRAIN + ["trainer.max_steps=3", f"trainer.compile={compile_}",
+                                                                      f"run.dir={tmp_path / str(compile_)}"])
+        runs[compile_] = train(cfg)
+    eager, compiled = (read_metrics(runs[c].run_dir) for c in (False, True))
+    for key in ("train/d_loss", "train/g_loss", "train/gradient_penalty"):
+        for a, b in zip(eager, compiled, strict=True):
+            assert math.isclose(float(a[key]), float(b[key]), rel_tol=1e-3, abs_tol=1e-4), key
+    state = torch.load(runs[True].checkpoint, weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in key for key in state)
+    assert "_compiled_networks" in runs[True].module.__dict__

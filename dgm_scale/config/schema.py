@@ -90,6 +90,9 @@ class TrainerConfig:
     nonfinite: str = "stop"
     max_nonfinite_skips: int = 100
     progress_bar: bool = True
+    # torch.compile the networks' training forwards (the gradient penalty and R1, whose double
+    # backward torch.compile does not support, stay eager); checkpoints hold the plain modules
+    compile: bool = False
 
 
 @dataclass

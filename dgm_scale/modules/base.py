@@ -132,6 +132,17 @@ class GenerativeModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite_guard.skips = int(checkpoint.get("nonfinite_skips", 0))
 
+    def compiled(self, name: str) -> torch.nn.Module:
+        """Network attribute `name` for a training forward: `torch.compile`d under
+        `trainer.compile` (built on first use, kept outside the module's submodules, so that
+        state dicts and checkpoints hold the plain network's keys), else the network itself."""
+        if not self.cfg.trainer.compile:
+            return getattr(self, name)
+        cache = self.__dict__.setdefault("_compiled_networks", {})
+        if name not in cache:
+            cache[name] = torch.compile(getattr(self, name))
+        return cache[name]
+
     def networks(self) -> Dict[str, torch.nn.Module]:
         """The trained networks by name, e.g. {"generator": G, "discriminator": D}; under DeepSpeed
         each optimizer's engine holds the networks whose parameters it owns."""

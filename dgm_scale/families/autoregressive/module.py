@@ -65,7 +65,7 @@ class AutoregressiveModule(GenerativeModule):
     def nll_per_symbol(self, batch) -> Tensor:
         """Negative log-likelihood [N, T] in nats of every target symbol (float32)."""
         inputs, targets, labels = self.inputs_and_targets(batch)
-        logits, _ = self.rnn(inputs, labels)
+        logits, _ = self.compiled("rnn")(inputs, labels)
         return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
 
     @torch.no_grad()

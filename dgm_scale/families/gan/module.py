@@ -157,12 +157,16 @@ class GANModule(LatentModule):
                     state[f"generator_ema.{name}"] = buffer.detach().clone()
 
     # ------------------------------------------------------------------ training
-    def seen(self, images: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def seen(self, images: Tensor, labels: Optional[Tensor] = None, eager: bool = False) -> Tensor:
         """D's raw output on `images` as D sees them: augmented (see `aug`), noise keyed to the
-        iteration. The function the gradient penalty and R1 differentiate."""
+        iteration. `eager`: D without torch.compile (the gradient penalty and R1 differentiate
+        this function twice, which compiled graphs do not support)."""
         if self.augmenter is not None and self.augmenter.uniforms > 0:
             images = self.augmenter(images, self.draw_noise(images.shape[0], self.augmenter.uniforms, uniform=True))
-        return self.discriminator(images, labels)
+        return (self.discriminator if eager else self.compiled("discriminator"))(images, labels)
+
+    def seen_eagerly(self, images: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return self.seen(images, labels, eager=True)
 
     def _critic(self, images: Tensor, labels: Optional[Tensor]) -> Tensor:
         """Discriminator logits [N] (float32) for images [N, *sample_shape], augmented.
@@ -176,7 +180,7 @@ class GANModule(LatentModule):
                            with_logs: bool = True, step_index: int = 0) -> Dict[str, Tensor]:
         """One D step; `step_index`: this step's number among all D steps of the run (lazy R1)."""
         with torch.no_grad():  # G gets no gradient from D's loss: skip its graph entirely
-            fake_images = self.generator(self.draw_noise(real_images.shape[0], self.latent_dim), labels)
+            fake_images = self.compiled("generator")(self.draw_noise(real_images.shape[0], self.latent_dim), labels)
         real_logits = self._critic(real_images, labels)
         fake_logits = self._critic(fake_images, labels)
         d_loss = self.adversarial.d_loss(real_logits, fake_logits)
@@ -204,14 +208,14 @@ class GANModule(LatentModule):
         grad_scale = step_interface(self._trainer).loss_scale(opt)
         if loss.gp_weight > 0:
             mix = self.draw_noise(real_images.shape[0], uniform=True)
-            penalty = gradient_penalty(self.seen, real_images, fake_images, labels, mix=mix, grad_scale=grad_scale)
+            penalty = gradient_penalty(self.seen_eagerly, real_images, fake_images, labels, mix=mix, grad_scale=grad_scale)
             total = total + loss.gp_weight * penalty
             logs["gradient_penalty"] = penalty.detach()
             scaled.append(penalty)
         if loss.r1_gamma > 0 and step_index % loss.r1_interval == 0:
             # Lazy regularisation: every r1_interval-th step, weighted by the interval, so that its
             # expected weight per step is gamma / 2 (Karras et al. 2020, StyleGAN2 sec. 3.1).
-            r1 = r1_penalty(self.seen, real_images, labels, grad_scale=grad_scale)
+            r1 = r1_penalty(self.seen_eagerly, real_images, labels, grad_scale=grad_scale)
             total = total + loss.r1_gamma / 2 * loss.r1_interval * r1
             logs["r1"] = r1.detach()
             scaled.append(r1)
@@ -230,7 +234,7 @@ class GANModule(LatentModule):
         return step_interface(self._trainer).gradient_norm(opt, network) if stepped else torch.tensor(float("nan"))
 
     def generator_step(self, num: int, labels: Optional[Tensor], opt, with_logs: bool = True) -> Dict[str, Tensor]:
-        fake_images = self.generator(self.draw_noise(num, self.latent_dim), labels)
+        fake_images = self.compiled("generator")(self.draw_noise(num, self.latent_dim), labels)
         with frozen(self.discriminator):
             fake_logits = self._critic(fake_images, labels)
         g_loss = self.adversarial.g_loss(fake_logits)

@@ -67,7 +67,7 @@ class VAEModule(LatentModule):
     def encode(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         """Images [N, *sample_shape] -> posterior mean and log-variance, each [N, latent_dim]."""
         # float32 from here on: the ELBO's sums over pixels overflow fp16 (and see GANModule._critic)
-        mu, logvar = self.encoder(images).float().chunk(2, dim=1)
+        mu, logvar = self.compiled("encoder")(images).float().chunk(2, dim=1)
         # Bounded log-variance: exp() of an early outlier would otherwise overflow the KL.
         return mu, logvar.clamp(-20.0, 10.0)
 
@@ -84,7 +84,7 @@ class VAEModule(LatentModule):
         noise = torch.randn_like(mu) if noise is None else noise
         z = mu + noise * (0.5 * logvar).exp()
         loss = self.cfg.loss
-        return elbo_terms(self.decoder(z).float(), images, mu, logvar, likelihood or loss.likelihood, loss.beta,
+        return elbo_terms(self.compiled("decoder")(z).float(), images, mu, logvar, likelihood or loss.likelihood, loss.beta,
                           self.decoder_std())
 
     def configure_optimizers(self):
