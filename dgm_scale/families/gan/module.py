@@ -9,6 +9,7 @@ it samples and before every checkpoint.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional
 
@@ -26,6 +27,8 @@ from dgm_scale.modules.optim import build_optimizer
 from dgm_scale.modules.sampling import keyed_noise
 from dgm_scale.nets import build_discriminator, build_generator
 from dgm_scale.nets.custom import build_network, check_network
+
+log = logging.getLogger(__name__)
 
 #: the latent sequence the EMA generator's standing statistics are computed from
 STATISTICS_SEED = 2_718_281
@@ -251,6 +254,13 @@ class GANModule(LatentModule):
             if with_logs:
                 logs["ema_decay"] = torch.tensor(decay)
         return logs
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        loss = self.cfg.loss
+        if self.cfg.trainer.compile and (loss.gp_weight > 0 or loss.r1_gamma > 0) and self.trainer.is_global_zero:
+            log.info("trainer.compile: the gradient penalty / R1 run D eagerly (torch.compile does not "
+                     "support their double backward); the other forwards are compiled")
 
     def _adjust_augmentation(self) -> None:
         """ADA: every `aug.ada_interval` D steps, p follows r_t over all ranks' real batches."""
