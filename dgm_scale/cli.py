@@ -139,6 +139,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint_to_plain(args: argparse.Namespace) -> int:
+    from dgm_scale.distributed.zero_checkpoint import to_plain
+
+    if not args.src.is_file():
+        raise ConfigError(f"checkpoint '{args.src}' does not exist")
+    try:
+        out = to_plain(args.src, args.out)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from None
+    print(f"wrote {out} (every ZeRO partition embedded: it needs no zero/ folder beside it)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from dgm_scale.tracking.report import NotARunDirectory, build_report
 
@@ -293,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare_p.add_argument("--out", type=Path, help="where compare.csv / .html / .png go (default: the first path)")
     compare_p.add_argument("--metric", default="auto", help="auto (fid, else bits/dim or bits/char) or a metric name")
     compare_p.set_defaults(func=cmd_compare)
+    checkpoint_p = commands.add_parser("checkpoint", help="checkpoint tools")
+    checkpoint_sub = checkpoint_p.add_subparsers(dest="checkpoint_command", required=True)
+    plain = checkpoint_sub.add_parser("to-plain", help="fold a sharded DeepSpeed checkpoint's per-rank ZeRO files "
+                                                       "into one self-contained file")
+    plain.add_argument("src", type=Path, metavar="SHARDED.ckpt")
+    plain.add_argument("out", type=Path, metavar="OUT.ckpt")
+    plain.set_defaults(func=cmd_checkpoint_to_plain)
     _add_shards_parser(commands)
     _add_evaluate_parsers(commands)
     return parser

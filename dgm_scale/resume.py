@@ -64,6 +64,20 @@ def _flatten(tree: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]
             yield f"{prefix}{key}", value
 
 
+def _check_zero_world_size(checkpoint: dict, checkpoint_path: Path, cfg) -> None:
+    """DeepSpeed ZeRO-1/2 partitions resume only on as many processes as wrote them."""
+    from dgm_scale.distributed.zero_checkpoint import ZERO_PARTITIONS, ZERO_SHARDS
+
+    states = [state for state in checkpoint.get("optimizer_states", []) if isinstance(state, dict)]
+    written = next((int(s[ZERO_SHARDS]["world_size"]) if ZERO_SHARDS in s and s[ZERO_SHARDS] else len(s[ZERO_PARTITIONS])
+                    for s in states if ZERO_SHARDS in s or ZERO_PARTITIONS in s), None)
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
+    if written is not None and written != world:
+        raise ConfigError(f"config key 'trainer.devices': the checkpoint '{checkpoint_path}' holds the DeepSpeed ZeRO "
+                          f"partitions of {written} processes; resume it with {written} (trainer.devices x "
+                          f"trainer.num_nodes), not {world}, or start a new run from its weights")
+
+
 def check_compatible(checkpoint_path: Path, cfg) -> None:
     """Raise a ConfigError naming the first MUST_MATCH key the checkpoint's config differs in."""
     try:
@@ -73,6 +87,7 @@ def check_compatible(checkpoint_path: Path, cfg) -> None:
         raise ConfigError(f"config key 'run.resume': '{checkpoint_path}' is not a dgm_scale checkpoint: "
                           f"{str(exc).splitlines()[0]}") from None
     current = dict(_flatten(to_dict(cfg)))
+    _check_zero_world_size(checkpoint, checkpoint_path, cfg)
     # DeepSpeed keeps its optimizer state as ZeRO partitions, the other strategies as plain state.
     was_deepspeed, is_deepspeed = stored.get("trainer.strategy") == "deepspeed", cfg.trainer.strategy == "deepspeed"
     if was_deepspeed != is_deepspeed:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 
 from helpers import ROOT, TINY, TINY_RUN, adapt_args, assert_same_weights, free_port, metrics_rows
@@ -230,3 +231,36 @@ def test_two_process_ddp_killed_at_random_resumes_exactly(tmp_path):
     finish(launch([*args, "resume=auto"], victim, nproc=2), victim)
     finish(runs[0], reference)
     assert_same_run(reference, victim)
+
+
+def test_deepspeed_killed_while_writing_a_sharded_checkpoint_resumes_exactly(tmp_path, capsys):
+    """2 processes, DeepSpeed ZeRO-2: each rank writes its own partition files; killed while rank 0
+    writes the checkpoint that names them (save 6 = last.ckpt of iteration 3), the previous
+    checkpoint and its shards stay whole, and the resumed run equals the uninterrupted one.
+    Resuming on another number of processes is refused with the way out."""
+    pytest.importorskip("deepspeed")
+    from dgm_scale.cli import main
+    from dgm_scale.distributed.zero_checkpoint import shards_of, to_plain
+
+    args = [*GAN, *COMMON, "trainer.devices=2", "trainer.strategy=deepspeed", "run.keep_checkpoints=2"]
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    killed = launch(args, victim, nproc=2, driver="tests/kill_in_save.py", env={"DGM_TEST_KILL_AT_SAVE": "6"})
+    finish(launch(args, reference, nproc=2), reference)
+    assert killed.wait(timeout=180) != 0
+    assert checkpoint_iteration(victim) == 2  # last.ckpt of iteration 2, whole
+    named = shards_of(victim / "checkpoints" / "last.ckpt")
+    assert named["world_size"] == 2
+    assert sorted(p.name for p in (victim / "checkpoints" / named["dir"]).iterdir()) == [
+        "rank00000-opt0.pt", "rank00000-opt1.pt", "rank00001-opt0.pt", "rank00001-opt1.pt"]
+    assert main(["train", *args[:1], *args[1:-3], "trainer.strategy=deepspeed", "trainer.devices=1",
+                 f"run.dir={victim}", "resume=auto"]) == 2
+    assert "holds the DeepSpeed ZeRO partitions of 2 processes; resume it with 2" in capsys.readouterr().err
+    finish(launch([*args, "resume=auto"], victim, nproc=2), victim)
+    assert_same_run(reference, victim)
+    # only the shard folders that existing checkpoints name are left
+    checkpoints = reference / "checkpoints"
+    named = {shards_of(path)["dir"] for path in checkpoints.glob("*.ckpt")}
+    assert {f"zero/{p.name}" for p in (checkpoints / "zero").iterdir()} == named and len(named) == 3  # last + 2 iter
+    plain = to_plain(checkpoints / "last.ckpt", tmp_path / "plain.ckpt")
+    states = torch.load(plain, weights_only=True)["optimizer_states"]
+    assert [len(state["zero_partitions"]) for state in states] == [2, 2]

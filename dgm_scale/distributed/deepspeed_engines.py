@@ -14,18 +14,20 @@ does the gradient reduction itself, so the all-reduce there is skipped.
 from __future__ import annotations
 
 import io
+import secrets
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 from torch.optim import Optimizer
 
 from dgm_scale.distributed.interface import StepInterface
+from dgm_scale.distributed.zero_checkpoint import (SHARD_FOLDER, ZERO_PARTITIONS, ZERO_SHARDS, prune_shards,
+                                                  read_shard, write_shard)
 from dgm_scale.distributed.strategy import GradientAllReduceDDP
 
-ZERO_PARTITIONS = "zero_partitions"  # key of the per-rank ZeRO states in a checkpoint's optimizer state
 
 
 def _precision_block(precision: str) -> Dict[str, Any]:
@@ -53,6 +55,7 @@ class MultiEngineDeepSpeed(GradientAllReduceDDP):
             **deepspeed_config,
         }
         self._engines: Dict[int, Any] = {}  # id(optimizer) -> engine
+        self._shard_dirs: set = set()  # checkpoint folders this run wrote ZeRO shards into
 
     def setup(self, trainer) -> None:
         super().setup(trainer)  # process group, identical replicas, Lightning's optimizers
@@ -92,34 +95,62 @@ class MultiEngineDeepSpeed(GradientAllReduceDDP):
         return DeepSpeedSteps(self)
 
     def optimizer_state(self, optimizer: Optimizer) -> Dict[str, Any]:
-        """Every rank's ZeRO partition of this optimizer's state, gathered for rank 0's checkpoint.
+        """A placeholder: `save_checkpoint` writes this rank's ZeRO partition to a file of its own
+        and names the files in the checkpoint (see distributed/zero_checkpoint.py)."""
+        return {ZERO_SHARDS: None}
 
-        ZeRO-1/2 split the optimizer state (fp32 master weights, Adam moments, loss scaler) over
-        the ranks, so rank 0's piece alone cannot resume a run. Lightning calls this on every
-        rank; rank 0 writes what it returns. Each partition is serialised to bytes: its state
-        holds DeepSpeed objects (the loss scaler), and the outer checkpoint must stay loadable
-        with `torch.load(weights_only=True)` (it is, by `load_module` and `check_compatible`).
-        """
-        engine_optimizer = self._engine_of(optimizer).optimizer
-        buffer = io.BytesIO()
-        torch.save(engine_optimizer.state_dict(), buffer)
-        partitions: List[Optional[bytes]] = [None] * self.world_size
-        dist.all_gather_object(partitions, buffer.getvalue())
-        return {ZERO_PARTITIONS: [torch.frombuffer(bytearray(part), dtype=torch.uint8) for part in partitions]}
+    def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """Every rank writes its partitions (in parallel), then rank 0 the checkpoint naming them."""
+        if "optimizer_states" in checkpoint:
+            directory = Path(filepath).parent
+            folder = f"{SHARD_FOLDER}/{self.broadcast(secrets.token_hex(8), src=0)}"
+            for index, optimizer in enumerate(self.optimizers):
+                write_shard(self._engine_of(optimizer).optimizer.state_dict(), directory, folder, self.global_rank, index)
+            self.barrier("zero-shards-written")
+            checkpoint["optimizer_states"] = [{ZERO_SHARDS: {"dir": folder, "world_size": self.world_size}}
+                                              for _ in self.optimizers]
+            if self.is_global_zero:
+                prune_shards(directory, keep=[folder])
+                self._shard_dirs.add(directory)
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def teardown(self) -> None:
+        """Rank 0 deletes the shard folders no checkpoint names any more (e.g. those of iter_*
+        checkpoints pruned after the last save)."""
+        if self.is_global_zero:
+            for directory in self._shard_dirs:
+                prune_shards(directory)
+        super().teardown()
+
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        self._checkpoint_dir = Path(checkpoint_path).parent  # where its shard files are
+        return super().load_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def _partitions(self, state: Mapping[str, Any], index: int) -> List[Optional[Dict[str, Any]]]:
+        """What each engine's load_state_dict takes: a list by rank, this rank's entry filled
+        (ZeRO-1/2 checkpoints are rigid: a rank reads only its own partition)."""
+        if ZERO_PARTITIONS in state:  # the older format: every partition embedded
+            return [torch.load(io.BytesIO(part.numpy().tobytes()), map_location="cpu", weights_only=False)
+                    for part in state[ZERO_PARTITIONS]]
+        info = state[ZERO_SHARDS]
+        if int(info["world_size"]) != self.world_size:
+            raise ValueError(f"this DeepSpeed checkpoint holds the ZeRO partitions of {info['world_size']} "
+                             f"processes; resume it with {info['world_size']}, not {self.world_size}")
+        partitions: List[Optional[Dict[str, Any]]] = [None] * self.world_size
+        partitions[self.global_rank] = read_shard(self._checkpoint_dir, info["dir"], self.global_rank, index)
+        return partitions
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        """Give each engine's ZeRO optimizer all saved partitions; it takes its own (or, when the
-        world size changed, re-partitions them: DeepSpeed's elastic checkpoint path)."""
+        """Give each engine's ZeRO optimizer its saved partition (fp32 master weights included)."""
         states = checkpoint["optimizer_states"]
-        if len(states) != len(self.optimizers) or any(ZERO_PARTITIONS not in state for state in states):
+        if len(states) != len(self.optimizers) or any(
+                not isinstance(state, dict) or not (ZERO_SHARDS in state or ZERO_PARTITIONS in state) for state in states):
             raise ValueError("this checkpoint holds no DeepSpeed optimizer state (it was written "
                              "under another strategy): resume it with the strategy that wrote it")
-        for optimizer, state in zip(self.optimizers, states):
-            partitions = [torch.load(io.BytesIO(part.numpy().tobytes()), map_location="cpu", weights_only=False)
-                          for part in state[ZERO_PARTITIONS]]
+        for index, (optimizer, state) in enumerate(zip(self.optimizers, states)):
             # fp32 master weights from the checkpoint too, not re-derived from bf16/fp16 weights.
             self._engine_of(optimizer).optimizer.load_state_dict(
-                partitions, load_optimizer_states=True, load_from_fp32_weights=True)
+                self._partitions(state, index), load_optimizer_states=True, load_from_fp32_weights=True)
 
 
 class DeepSpeedSteps(StepInterface):
