@@ -171,16 +171,23 @@ def test_gan_killed_while_saving_then_at_random_resumes_exactly(tmp_path):
     assert_same_run(reference, victim)
 
 
-def test_vae_killed_at_random_resumes_exactly(tmp_path):
+def kill_at_random_and_resume(args: list[str], tmp_path: Path, case: str) -> Path:
+    """Train `args` once straight (here) and once killed at a seeded random point (a subprocess),
+    resume the killed one, and require the same run; returns the reference run directory."""
     reference, victim = tmp_path / "reference", tmp_path / "victim"
-    iteration, fraction = random_kill_point("vae", 2, 10)
-    proc = launch(adapt_args([*VAE, *COMMON]), victim)
+    iteration, fraction = random_kill_point(case, 2, 10)
+    proc = launch(args, victim)
     join = kill_in_background(proc, victim, iteration, fraction)
-    train_here(adapt_args([*VAE, *COMMON]), reference)
+    train_here(args, reference)
     join()
     assert iteration <= checkpoint_iteration(victim) < MAX_STEPS
-    train_here(adapt_args([*VAE, *COMMON, "resume=auto"]), victim)
+    train_here([*args, "resume=auto"], victim)
     assert_same_run(reference, victim)
+    return reference
+
+
+def test_vae_killed_at_random_resumes_exactly(tmp_path):
+    kill_at_random_and_resume(adapt_args([*VAE, *COMMON]), tmp_path, "vae")
 
 
 def test_autoregressive_text_model_killed_at_random_resumes_exactly(tmp_path):
@@ -191,15 +198,7 @@ def test_autoregressive_text_model_killed_at_random_resumes_exactly(tmp_path):
     args = [str(ROOT / "configs" / "char_rnn.yaml"), *TINY_RUN, f"trainer.max_steps={MAX_STEPS}", "run.checkpoint_every=1",
             "run.sample_every=100", "run.keep_checkpoints=3", f"data.path={text}", "data.seq_len=16",
             "data.batch_size=32", "model.width=16", "model.embed_dim=8"]
-    reference, victim = tmp_path / "reference", tmp_path / "victim"
-    iteration, fraction = random_kill_point("autoregressive", 2, 10)
-    proc = launch(args, victim)
-    join = kill_in_background(proc, victim, iteration, fraction)
-    train_here(args, reference)
-    join()
-    assert iteration <= checkpoint_iteration(victim) < MAX_STEPS
-    train_here([*args, "resume=auto"], victim)
-    assert_same_run(reference, victim)
+    reference = kill_at_random_and_resume(args, tmp_path, "autoregressive")
     assert len({row["epoch"] for row in metrics_rows(reference)}) >= 3
 
 
@@ -208,15 +207,7 @@ def test_gan_with_ada_and_diffaugment_killed_at_random_resumes_exactly(tmp_path)
     run killed at random and resumed equals the straight run, p included."""
     args = [*GAN, *COMMON, "aug.policy=[translation,cutout]", "aug.ada=true", "aug.ada_kimg=1", "aug.ada_interval=2",
             "aug.ada_p=0.3", "loss.lecam_weight=0.1"]
-    reference, victim = tmp_path / "reference", tmp_path / "victim"
-    iteration, fraction = random_kill_point("ada", 2, 10)
-    proc = launch(args, victim)
-    join = kill_in_background(proc, victim, iteration, fraction)
-    train_here(args, reference)
-    join()
-    assert iteration <= checkpoint_iteration(victim) < MAX_STEPS
-    train_here([*args, "resume=auto"], victim)
-    assert_same_run(reference, victim)
+    reference = kill_at_random_and_resume(args, tmp_path, "ada")
     assert "aug/p" in metrics_rows(reference)[0]
 
 
