@@ -140,3 +140,35 @@ def test_a_four_point_sweep_runs_as_a_job_array_and_compares(slurm_cluster, tmp_
     assert len(rows) == 5 and rows[0].startswith("run,status,iteration,best_fid,best_iteration,last_fid")
     assert rows[0].endswith("loss.name,optim.g.lr") and all(",finished,12," in row for row in rows[1:])
     assert (tmp_path / "runs" / "tiny" / "compare.html").is_file() and (tmp_path / "runs" / "tiny" / "compare.png").is_file()
+
+
+def test_a_job_at_its_time_limit_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path):
+    """A 1-minute job: at its time limit SLURM sends SIGTERM (SIGKILL after KillWait); with
+    run.requeue_on=[USR1,TERM] it checkpoints, requeues itself, and its second part finishes."""
+    run_dir, output = tmp_path / "run", tmp_path / "job.out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    steps = 100_000  # more than a minute's worth: the first part ends at the limit
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--time=1", "--signal=USR1@0", "--ntasks-per-node=2", "--cpus-per-task=1",
+         f"--output={output}", str(ROOT / "launch" / "slurm" / "train.sbatch"), "configs/nsgan.yaml", *TINY,
+         "tracking.wandb.mode=disabled", f"trainer.max_steps={steps}", "run.requeue_on=[USR1,TERM]",
+         f"run.dir={run_dir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    try:
+        wait_for(lambda: (run_dir / "hpc_ckpt_1.ckpt").exists() and job_field(job, "Restarts") == "1", 240,
+                 "the time limit's checkpoint and the requeue")
+        stopped_at = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] // 2
+        # the second part: the rest of the run, with room for it
+        wait_for(lambda: job_field(job, "JobState") == "PENDING", 120, "the requeued job to be pending")
+        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30", "StartTime=now"], check=True)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        wait_for(lambda: len(logged_iterations(run_dir)) > stopped_at + 5, 240, "the second part to train")
+        subprocess.run(["scancel", "--signal=USR1", job], check=True)  # end the test's second part early
+        wait_for(lambda: (run_dir / "hpc_ckpt_2.ckpt").exists(), 120, "the second part's checkpoint")
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    log = output.read_text()
+    assert "signal 15: saved" in log, log[-3000:]  # the time limit's SIGTERM, caught
+    iterations = logged_iterations(run_dir)
+    assert 30 <= stopped_at and sorted(iterations) == list(range(1, len(iterations) + 1))  # each once, no gap
