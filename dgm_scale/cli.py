@@ -74,6 +74,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if not 0 <= args.label < max(module.num_classes, 1) or module.num_classes == 0:
             raise ConfigError(f"--class {args.label}: the model has {module.num_classes} classes")
         labels = torch.full((args.num,), args.label, dtype=torch.long)
+    if args.out_dir is not None:  # one file per sample, or one .npz (see dump.py); torchrun splits the work
+        return _dump(args, module, labels)
     try:
         samples = module.sample(args.num, seed=args.seed, labels=labels, variant=args.variant,
                                 **sampling_options(args))
@@ -85,6 +87,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         out = save_png_atomic(samples_to_image(samples), args.out or Path("samples.png"))
     print(f"wrote {args.num} samples to {out}")
+    return 0
+
+
+def _dump(args: argparse.Namespace, module, labels) -> int:
+    import torch
+
+    from dgm_scale.dump import dump_samples
+    from dgm_scale.score import init_distributed_from_env
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    init_distributed_from_env()
+    if torch.cuda.is_available():
+        module.to(torch.device("cuda", torch.cuda.current_device()))
+    try:
+        out = dump_samples(module, args.num, args.seed, args.out_dir, args.format, args.batch_size, labels,
+                           variant=args.variant, **sampling_options(args))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"wrote {args.num} samples to {out}")
     return 0
 
 
@@ -276,9 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     show_p.set_defaults(func=cmd_show_config)
     sample_p = commands.add_parser("sample", help="generate samples from a checkpoint: an image grid or text")
     sample_p.add_argument("checkpoint", type=Path)
-    sample_p.add_argument("--num", type=int, default=64)
+    # (--num-samples too: under torchrun, its own parser mistakes `--num` for its `--numa-binding`)
+    sample_p.add_argument("--num", "--num-samples", dest="num", type=int, default=64)
     sample_p.add_argument("--seed", type=int, default=0)
     sample_p.add_argument("--out", type=Path, help="PNG grid (images) or text file (default samples.png / .txt)")
+    sample_p.add_argument("--out-dir", type=Path, help="instead of a grid: one file per sample (DIR/000000.png, "
+                                                       "text: .txt) or DIR/samples.npz; torchrun splits the work")
+    sample_p.add_argument("--format", default="png", choices=("png", "npz"), help="with --out-dir (default png)")
+    sample_p.add_argument("--batch-size", type=int, default=256, help="with --out-dir: samples per batch")
     sample_p.add_argument("--variant", default="", help="another sampler of the model, e.g. raw (a GAN's raw "
                                                         "generator; default: the EMA generator)")
     sample_p.add_argument("--class", dest="label", type=int, metavar="K", help="class K (conditional models)")
