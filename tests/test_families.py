@@ -165,13 +165,14 @@ def test_old_vae_names_fail_with_what_to_rename(old, new):
 
 
 def test_a_checkpoint_config_from_before_the_families_loads():
-    """VAE checkpoints written before the families stored the GAN's names (and every GAN key)."""
+    """VAE checkpoints written before the families stored the GAN's names and every GAN key and
+    section (here the GAN family's `aug`): they translate and drop what the VAE lacks."""
     current = to_dict(load_config(overrides=["model.generator.width=8", "optim.g.lr=0.001"]))
     old = {**current, "model": {**current["model"], "kind": "vae"},
            "loss": {**current["loss"], "likelihood": "gaussian", "beta": 2.0, "gaussian_std": 0.1}}
     cfg = config_from_dict(old)
     assert (cfg.model.kind, cfg.model.decoder.width, cfg.optim.lr, cfg.loss.beta) == ("vae", 8, 0.001, 2.0)
-    assert "generator" not in cfg.model and "name" not in cfg.loss
+    assert "generator" not in cfg.model and "name" not in cfg.loss and "aug" not in cfg
 
 
 def test_a_family_rejects_data_it_does_not_model():

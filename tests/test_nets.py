@@ -31,7 +31,7 @@ def _seed():
 
 
 def test_public_constants():
-    assert ARCHS == ("mlp", "dcgan", "resnet")
+    assert ARCHS == ("mlp", "dcgan", "resnet", "stylegan2")
     assert NORMS == ("none", "batch", "layer", "instance")
 
 

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dgm_scale.config.schema import config_class
 from dgm_scale.core.errors import ConfigError
 from dgm_scale.core.imports import absolute_spec, run_imports
-from dgm_scale.families.registry import Family, get_family
+from dgm_scale.families.registry import Family, family_names, get_family
 
 DEFAULT_KIND = "gan"
 
@@ -180,6 +180,10 @@ def _translate_stored(data: dict, family: Family) -> dict:
             else:
                 data[new_section] = {**value, **data.get(new_section, {})} if isinstance(value, dict) else value
     schema = OmegaConf.to_container(OmegaConf.structured(config_class(family)))
+    for other in family_names():
+        for section in get_family(other).sections:
+            if section not in schema:
+                data.pop(section, None)
     for section in ("model", "loss", "optim", *family.sections):
         if isinstance(data.get(section), dict):
             data[section] = {k: v for k, v in data[section].items() if k in schema[section]}
