@@ -175,6 +175,23 @@ def cmd_checkpoint_to_plain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fid(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from dgm_scale.metrics.report import format_table
+    from dgm_scale.score import fid
+
+    results = fid(args.a, args.b, num_a=args.num_a, num_b=args.num_b, resolution=args.resolution,
+                  channels=args.channels, extractor=args.extractor, metrics=args.metrics, seed=args.seed,
+                  batch_size=args.batch_size, cache_dir=args.cache_dir, inception_weights=args.inception_weights,
+                  device=args.device)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(json.dumps(results, sort_keys=True) if args.json else format_table(results))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from dgm_scale.tracking.report import NotARunDirectory, build_report
 
@@ -266,6 +283,24 @@ def _add_evaluate_parsers(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", type=Path, help="JSON report (default: CKPT with suffix .eval.json)")
     _add_import_option(ev)
     ev.set_defaults(func=cmd_evaluate)
+    fid_p = commands.add_parser("fid", help="FID / KID / P-R / NDB of data source B against data source A "
+                                            "(folders, .npz, shards, builtin:NAME; torchrun splits the work)")
+    fid_p.add_argument("a", metavar="A", help="the reference data")
+    fid_p.add_argument("b", metavar="B", help="the compared data, e.g. a `sample --out-dir` dump")
+    fid_p.add_argument("--metrics", help="comma-separated: fid,kid,is,pr,dc,ndb (default: fid,kid,pr,ndb + is)")
+    fid_p.add_argument("--extractor", default="auto", help="auto (digits for builtin:digits, else inception), "
+                                                           "inception:PATH_OR_URL, classifier:PATH, digits")
+    fid_p.add_argument("--num-a", type=int, default=0, help="a seeded subset of A (default: all)")
+    fid_p.add_argument("--num-b", type=int, default=0, help="a seeded subset of B (default: all)")
+    fid_p.add_argument("--resolution", type=int, help="images are resized to it (default: A's first image)")
+    fid_p.add_argument("--channels", type=int, choices=(1, 3), help="default: A's first image")
+    fid_p.add_argument("--seed", type=int, default=0)
+    fid_p.add_argument("--batch-size", type=int, default=250, help="per process")
+    fid_p.add_argument("--cache-dir", default="~/.cache/dgm_scale")
+    fid_p.add_argument("--inception-weights", metavar="PATH_OR_URL")
+    fid_p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    fid_p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    fid_p.set_defaults(func=cmd_fid)
     tc = commands.add_parser("train-classifier", help="train a domain classifier on labelled data "
                                                       "(an FID feature extractor: eval.extractor=classifier:OUT)")
     tc.add_argument("src", metavar="SRC", help="labelled data: image folder with class folders, .npz with labels, "

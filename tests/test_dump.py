@@ -7,7 +7,7 @@ from dgm_scale.cli import main
 from dgm_scale.config import load_config
 from dgm_scale.modules import load_module
 from dgm_scale.train import train
-from helpers import ROOT, TINY, TINY_RUN, torchrun
+from helpers import TINY, TINY_RUN, torchrun
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dgm_scale.data.transforms import from_8bit, to_8bit
 from dgm_scale.metrics.cache import load_cached, save_cached
 from dgm_scale.metrics.extractors import Extracted, FeatureExtractor, build_extractor
 from dgm_scale.metrics.gather import all_gather_features
@@ -88,7 +89,10 @@ def generated_batches(module, num: int, seed: int, batch_size: int, rank: int = 
     start, end = rank_share(num, rank, world)
     for lo in range(start, end, batch_size):
         hi = min(lo + batch_size, end)
-        yield module.sample_batch(hi - lo, seed, lo, variant=variant)
+        samples = module.sample_batch(hi - lo, seed, lo, variant=variant)
+        # Images are scored as the 8-bit images they are saved as (`sample --out-dir`): so a dump
+        # of them scored with `dgm-scale fid` gives the numbers evaluation gives.
+        yield from_8bit(to_8bit(samples)).to(samples.device) if samples.dim() == 4 else samples
 
 
 def _gather(extracted: Extracted) -> Extracted:
@@ -158,9 +162,16 @@ class Evaluator:
         """Metrics of `module`'s sampler `variant` (every rank calls this; all get rank 0's results)."""
         s = self.settings
         rank, world = _distributed()
+        return self.score(generated_batches(module, s.num_samples, s.seed, s.batch_size, rank, world, variant))
+
+    @torch.no_grad()
+    def score(self, batches: Iterable[Tensor]) -> dict[str, float]:
+        """Metrics of this rank's share of the compared samples (model-space batches) against the
+        real data (every rank calls this; all get rank 0's results)."""
+        s = self.settings
+        rank, _ = _distributed()
         start = time.perf_counter()
         real = self.real_features()
-        batches = generated_batches(module, s.num_samples, s.seed, s.batch_size, rank, world, variant)
         fake = _gather(extract_all(self.extractor, batches, self.sample_shape, self.device))
         results = None
         if rank == 0:

@@ -4,7 +4,7 @@ SRC may be
 - an image folder (recursive; top-level sub-folders are the classes, as for data.name=folder;
   images directly in the root with no class folders -> unlabelled);
 - a `.npy` file: uint8 array (N, H, W) or (N, H, W, C), C in (1, 3); unlabelled;
-- a `.npz` file: the images under `x` or `images` (same rules), optional integer labels
+- a `.npz` file: the images under `x`, `images` or `samples` (same rules), optional integer labels
   (N,) >= 0 under `y` or `labels`;
 - `builtin:NAME`, an image dataset of the registry (`builtin:digits`), built with the
   DataConfig defaults unless --resolution / --channels say otherwise;
@@ -31,7 +31,7 @@ from .tario import TarError
 from .layout import LABEL_EXT, READ_IMAGE_EXTS, SHARD_RE, iter_tar_samples
 from .manifest import MANIFEST_NAME, read_manifest
 
-NPZ_IMAGE_KEYS = ("x", "images")
+NPZ_IMAGE_KEYS = ("x", "images", "samples")  # samples: `dgm-scale sample --format npz`
 NPZ_LABEL_KEYS = ("y", "labels")
 BUILTIN_PREFIX = "builtin:"
 
