@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def run_one(point: dict, out: Path, steps: int, threads: int) -> dict:
     start = time.perf_counter()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     log = run_dir.with_suffix(".log")
+    if run_dir.exists():  # a run stopped before it was recorded: start it again from scratch
+        shutil.rmtree(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
         code = subprocess.run(command(point, out, steps), cwd=ROOT, env=env, stdout=handle, stderr=handle).returncode

@@ -6,21 +6,14 @@ The Python API (imported on first use, so that `import dgm_scale.data` stays lig
 """
 from __future__ import annotations
 
-from typing import Any
+from dgm_scale.core.imports import lazy_attributes
 
 __version__ = "0.1.0"
 
 _API = {"load_config": "dgm_scale.api", "train": "dgm_scale.api", "load_module": "dgm_scale.api",
         "evaluate": "dgm_scale.api", "register_family": "dgm_scale.families.registry",
         "Family": "dgm_scale.families.registry"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        import importlib
-
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'dgm_scale' has no attribute '{name}'")
+__getattr__ = lazy_attributes(__name__, _API)
 
 
 def __dir__() -> list[str]:

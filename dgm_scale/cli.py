@@ -322,6 +322,9 @@ def _add_import_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dgm_scale.export.cli import add_export_parser
+    from dgm_scale.serve import add_serve_parser
+
     parser = argparse.ArgumentParser(prog="dgm-scale", description="Train and sample deep generative models.")
     commands = parser.add_subparsers(dest="command", required=True)
     train_p = commands.add_parser("train", help="train a model: dgm-scale train [CONFIG.yaml] [key=value ...]")
@@ -350,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample_p.add_argument("--length", type=int, help="autoregressive text: characters per sample")
     _add_import_option(sample_p)
     sample_p.set_defaults(func=cmd_sample)
+    add_export_parser(commands)
+    add_serve_parser(commands)
     report_p = commands.add_parser("report", help="(re)build RUN_DIR/report.html and RUN_DIR/plots/*.png "
                                                   "from a run directory (running, finished or crashed)")
     report_p.add_argument("run_dir", type=Path, metavar="RUN_DIR")

@@ -39,7 +39,8 @@ def as_array(samples: torch.Tensor, modality: str) -> np.ndarray:
     return samples.float().cpu().numpy()
 
 
-def _png(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray) -> bytes:
+    """One uint8 image [H, W, C] (C = 1 or 3) as PNG file bytes."""
     buffer = io.BytesIO()
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -64,7 +65,7 @@ def dump_samples(module, num: int, seed: int, out_dir: Path, fmt: str = "png", b
         if fmt == "png":
             suffix = "txt" if module.modality == "text" else "png"
             for offset, row in enumerate(array):
-                data = row.tobytes() if suffix == "txt" else _png(row)  # text: the sampled bytes as they are
+                data = row.tobytes() if suffix == "txt" else png_bytes(row)  # text: the sampled bytes as they are
                 write_bytes_atomic(out_dir / f"{lo + offset:06d}.{suffix}", data)
         else:
             parts.append((lo, array))
@@ -80,6 +81,16 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
+def npz_bytes(samples: np.ndarray, labels: Optional[np.ndarray] = None) -> bytes:
+    """The .npz file's bytes: `samples`, and `labels` (int64) for conditional models."""
+    arrays = {"samples": samples}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels).astype(np.int64)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
 def _write_npz(out_dir: Path, parts, part_labels, rank: int, world: int) -> Path:
     """Each rank's batches reach rank 0 (gathered as objects: the arrays are what is written
     anyway), which writes the file in sample order, atomically."""
@@ -92,11 +103,7 @@ def _write_npz(out_dir: Path, parts, part_labels, rank: int, world: int) -> Path
     path = out_dir / "samples.npz"
     if rank == 0:
         ordered = sorted((item for rank_items in gathered for item in rank_items), key=lambda item: item[0])
-        arrays = {"samples": np.concatenate([array for _, array, _ in ordered])}
-        if ordered and ordered[0][2] is not None:
-            arrays["labels"] = np.concatenate([labels for _, _, labels in ordered]).astype(np.int64)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        write_bytes_atomic(path, buffer.getvalue())
+        labels = None if not ordered or ordered[0][2] is None else np.concatenate([lab for _, _, lab in ordered])
+        write_bytes_atomic(path, npz_bytes(np.concatenate([array for _, array, _ in ordered]), labels))
     _barrier(world)
     return path

@@ -1,3 +1,6 @@
+import os
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -32,3 +35,22 @@ def _quiet():
 @pytest.fixture
 def configs_dir() -> Path:
     return CONFIGS
+
+
+def find_chromium():
+    return next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(name)), None)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Chromium's path (the page tests screenshot with it); installed from Debian (as root, like
+    the local SLURM cluster) if missing."""
+    if find_chromium() is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+        if subprocess.run(install, capture_output=True, timeout=900).returncode != 0:
+            subprocess.run(["apt-get", "update"], capture_output=True, timeout=300)
+            subprocess.run(install, capture_output=True, timeout=900)
+    if find_chromium() is None:
+        pytest.skip("no chromium on PATH and none installable here (Debian: apt-get install chromium)")
+    return find_chromium()

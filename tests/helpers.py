@@ -154,3 +154,55 @@ def config_values(offline_run: Path) -> dict:
 def wandb_logged_iterations(offline_run: Path) -> list[int]:
     return [json.loads(item.value_json) for h in records_of(offline_run, "history") for item in h.item
             if item_key(item) == "train/iteration"]
+
+
+# ----------------------------------------------------------------------------- plain environments
+def _distribution_closure(names: tuple[str, ...]) -> set[str]:
+    """The installed distributions `names` need (their requirements, recursively; extras left out)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        seen.add(name)
+        for spec in dist.requires or []:
+            requirement = Requirement(spec)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return seen
+
+
+def plain_site(folder: Path, packages: tuple[str, ...] = ("torch",)) -> Path:
+    """A folder holding links to exactly the installed `packages` and what they require, nothing
+    else (no dgm_scale, no lightning): a fresh virtual environment with only those installed, for
+    `python -S` with PYTHONPATH set to it (see run_plain)."""
+    from importlib import metadata
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in _distribution_closure(packages):
+        dist = metadata.distribution(name)
+        for top in {Path(str(entry)).parts[0] for entry in dist.files or []}:
+            source = Path(dist.locate_file(top))
+            if top.endswith(".dist-info") or top in ("..", "__pycache__") or not source.exists():
+                continue
+            target = folder / top
+            if not target.exists():
+                target.symlink_to(source)
+    return folder
+
+
+def run_plain(code: str, site: Path, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`code` in an interpreter that sees only the standard library and `site` (-S: no
+    site-packages, no .pth files; -c in a folder without dgm_scale)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -3,9 +3,7 @@
 import csv
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -199,24 +197,6 @@ def test_report_off_writes_nothing(tmp_path):
                                                    "eval.every=0", "eval.at_end=false"])
     train(cfg)
     assert not (tmp_path / "run" / "report.html").exists() and not (tmp_path / "run" / "plots").exists()
-
-
-def find_chromium():
-    return next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(name)), None)
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    """Chromium's path; installed from Debian (as root, like the local SLURM cluster) if missing."""
-    if find_chromium() is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-        if subprocess.run(install, capture_output=True, timeout=900).returncode != 0:
-            subprocess.run(["apt-get", "update"], capture_output=True, timeout=300)
-            subprocess.run(install, capture_output=True, timeout=900)
-    if find_chromium() is None:
-        pytest.skip("no chromium on PATH and none installable here (Debian: apt-get install chromium)")
-    return find_chromium()
 
 
 def test_report_renders_in_headless_chromium(tmp_path, chromium):

@@ -93,3 +93,14 @@ def working_directory_importable() -> None:
     """Put the working directory on sys.path (console scripts do not; `python -m` does)."""
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
+
+
+def lazy_attributes(package: str, names: dict[str, str]):
+    """A module `__getattr__` that imports `names[name]` (a module path) on first use of `name`:
+    a package's public names without the cost of importing torch with it."""
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            return getattr(importlib.import_module(names[name]), name)
+        raise AttributeError(f"module '{package}' has no attribute '{name}'")
+
+    return __getattr__

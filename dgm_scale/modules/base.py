@@ -3,7 +3,8 @@ the one sampling contract (`sample_batch`) that sample grids, `dgm-scale sample`
 the report use, whatever the family."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import copy
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import lightning as L
 import torch
@@ -207,6 +208,21 @@ class GenerativeModule(L.LightningModule):
             parts.append(self.sample_batch(hi - lo, seed, lo, part_labels, variant, **options).cpu())
         return torch.cat(parts)
 
+    # ------------------------------------------------------------------ the export contract
+    def export_network(self, variant: str = "") -> torch.nn.Module:
+        """A self-contained copy of the sampler of `variant` (eval mode, no reference to this
+        module): `forward(*export_inputs(...).values())` -> samples in [-1, 1], the samples
+        `sample_batch` makes from the same inputs. What `dgm-scale export` traces."""
+        raise NotImplementedError(f"the {self.family.name} family does not export its sampler")
+
+    #: the `dgm-scale export` formats whose tracing suits the sampler (see export_network)
+    export_formats: Tuple[str, ...] = ("torchscript", "onnx", "exported")
+
+    def export_inputs(self, num: int, seed: int = 0, start: int = 0) -> Dict[str, Tensor]:
+        """The exported network's inputs for samples start .. start + num - 1 of sequence `seed`
+        (CPU), by name in call order: what `sample_batch` draws for those samples."""
+        raise NotImplementedError(f"the {self.family.name} family does not export its sampler")
+
     #: whether `heldout_nll` scores this model (evaluations then read the held-out split)
     has_likelihood: bool = False
 
@@ -249,9 +265,38 @@ class LatentModule(GenerativeModule):
         """The latents of samples start .. start + num - 1 of sequence `seed` (CPU)."""
         return keyed_noise(seed, start, num, (self.latent_dim,))
 
+    #: maps the sampling network's output to samples (the VAE: its decoder's mean image)
+    output_map: Optional[Callable[[Tensor], Tensor]] = None
+
+    def export_network(self, variant: str = "") -> torch.nn.Module:
+        return LatentSampler(copy.deepcopy(self.sampling_network(variant)).cpu().eval(), self.output_map)
+
+    def export_inputs(self, num: int, seed: int = 0, start: int = 0) -> Dict[str, Tensor]:
+        inputs = {"latents": self.latents(num, seed, start)}
+        if self.num_classes:
+            inputs["labels"] = self.default_labels(num, start).cpu()
+        return inputs
+
     def sample_batch(self, num: int, seed: int = 0, start: int = 0, labels: Optional[Tensor] = None,
                      variant: str = "", **options: Any) -> Tensor:
         if options:
             raise ValueError(f"unknown sampling option(s) for the {self.family.name} family: {sorted(options)}")
         labels = self.default_labels(num, start) if labels is None else labels
         return self.generate(self.latents(num, seed, start), labels, variant)
+
+
+class LatentSampler(torch.nn.Module):
+    """latents [N, latent_dim] (+ labels [N] int64) -> samples [N, *sample_shape] in [-1, 1]:
+    a latent family's sampling network on its own, the network `dgm-scale export` traces."""
+
+    def __init__(self, network: torch.nn.Module, output_map: Optional[Callable[[Tensor], Tensor]] = None):
+        super().__init__()
+        self.network = network
+        self.output_map = output_map
+
+    def forward(self, latents: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        # Unconditional: the latents alone, the call a user's decoder was checked with.
+        samples = self.network(latents) if labels is None else self.network(latents, labels)
+        if self.output_map is not None:
+            samples = self.output_map(samples)
+        return samples.clamp(-1.0, 1.0)

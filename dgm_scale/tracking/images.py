@@ -10,18 +10,25 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 
-def image_grid(images: Tensor, nrow: Optional[int] = None, padding: int = 2, scale: int = 1) -> Image.Image:
-    """Tile images [N, C, H, W] in [-1, 1] into one PIL image (nrow columns, square by default)."""
-    num, channels, height, width = images.shape
+def tile(pixels: np.ndarray, nrow: Optional[int] = None, padding: int = 2) -> np.ndarray:
+    """Tile uint8 images [N, H, W, C] into one uint8 image [H', W', C] (nrow columns, square by
+    default; black padding)."""
+    num, height, width, channels = pixels.shape
     nrow = nrow or math.ceil(math.sqrt(num))
     ncol = math.ceil(num / nrow)
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     canvas = np.zeros((ncol * (height + padding) + padding, nrow * (width + padding) + padding, channels), np.uint8)
     for index in range(num):
         top = padding + (index // nrow) * (height + padding)
         left = padding + (index % nrow) * (width + padding)
-        canvas[top:top + height, left:left + width] = pixels[index].transpose(1, 2, 0)
-    grid = Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
+        canvas[top:top + height, left:left + width] = pixels[index]
+    return canvas
+
+
+def image_grid(images: Tensor, nrow: Optional[int] = None, padding: int = 2, scale: int = 1) -> Image.Image:
+    """Tile images [N, C, H, W] in [-1, 1] into one PIL image (nrow columns, square by default)."""
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    canvas = tile(pixels.transpose(0, 2, 3, 1), nrow, padding)
+    grid = Image.fromarray(canvas[..., 0] if canvas.shape[-1] == 1 else canvas)
     if scale > 1:
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     return grid

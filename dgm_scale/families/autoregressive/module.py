@@ -2,12 +2,13 @@
 step-by-step sampling with keyed noise."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from dgm_scale.data.transforms import from_8bit, to_8bit
 from dgm_scale.modules.base import GenerativeModule
@@ -133,20 +134,56 @@ class AutoregressiveModule(GenerativeModule):
         return torch.cat([context, drawn], dim=1)
 
     def _draw(self, context: Tensor, labels: Optional[Tensor], uniforms: Tensor, temperature: float) -> Tensor:
-        """Symbols [N, steps] continuing `context` [N, P], one step at a time."""
-        logits, state = self.rnn(context, labels)
-        offset = context.shape[1]
-        drawn = []
-        for step in range(uniforms.shape[1]):
-            probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
-            cdf = probs.cumsum(dim=-1)
-            symbol = torch.searchsorted(cdf, (uniforms[:, step:step + 1] * cdf[:, -1:]).contiguous())
-            symbol = symbol.clamp_(max=SYMBOLS - 1)
-            drawn.append(symbol)
-            if step + 1 < uniforms.shape[1]:
-                logits, state = self.rnn(symbol, labels, state, offset=offset)
-                offset += 1
-        return torch.cat(drawn, dim=1)
+        return draw_symbols(self.rnn, context, labels, uniforms, temperature)
+
+    # The sampler's loop is unrolled into one step per symbol: TorchScript traces that in seconds,
+    # torch.export and the ONNX exporter (built on it) did not finish in minutes for 256 steps.
+    export_formats = ("torchscript",)
+
+    def export_network(self, variant: str = "") -> nn.Module:
+        if self.modality != "images" or variant:
+            raise NotImplementedError("the autoregressive family exports image models (text sampling takes "
+                                      "prompts of any length)")
+        return ImageSampler(copy.deepcopy(self.rnn).cpu().eval(), float(self.cfg.model.temperature),
+                            self.sample_shape)
+
+    def export_inputs(self, num: int, seed: int = 0, start: int = 0) -> Dict[str, Tensor]:
+        inputs = {"uniforms": keyed_noise(seed, start, num, (self.sequence_length,), uniform=True)}
+        if self.num_classes:
+            inputs["labels"] = self.default_labels(num, start).cpu()
+        return inputs
 
     def sampler_variants(self) -> Dict[str, str]:
         return {"": f"samples at temperature {self.cfg.model.temperature}"}
+
+
+def draw_symbols(rnn: SequenceRNN, context: Tensor, labels: Optional[Tensor], uniforms: Tensor,
+                 temperature: float) -> Tensor:
+    """Symbols [N, steps] continuing `context` [N, P], one step at a time: step t's symbol is where
+    uniforms[:, t] falls in the CDF of the softmax at `temperature` (the count of CDF entries
+    below it: searchsorted's answer, written with ops every export format has)."""
+    logits, state = rnn(context, labels)
+    offset = context.shape[1]
+    drawn = []
+    for step in range(uniforms.shape[1]):
+        cdf = torch.softmax(logits[:, -1].float() / temperature, dim=-1).cumsum(dim=-1)
+        below = cdf < uniforms[:, step:step + 1] * cdf[:, -1:]
+        symbol = below.sum(dim=-1, keepdim=True).clamp(max=SYMBOLS - 1)
+        drawn.append(symbol)
+        if step + 1 < uniforms.shape[1]:
+            logits, state = rnn(symbol, labels, state, offset=offset)
+            offset += 1
+    return torch.cat(drawn, dim=1)
+
+
+class ImageSampler(nn.Module):
+    """uniforms [N, C*H*W] in [0, 1) (+ labels [N]) -> images [N, C, H, W] in [-1, 1]: an image
+    model's sampler on its own, the network `dgm-scale export` traces (its loop unrolled)."""
+
+    def __init__(self, rnn: SequenceRNN, temperature: float, shape: Tuple[int, int, int]):
+        super().__init__()
+        self.rnn, self.temperature, self.shape = rnn, temperature, tuple(shape)
+
+    def forward(self, uniforms: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        context = torch.full_like(uniforms[:, :1], START, dtype=torch.long)
+        return symbols_to_image(draw_symbols(self.rnn, context, labels, uniforms, self.temperature), self.shape)

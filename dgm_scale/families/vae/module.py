@@ -1,6 +1,7 @@
 """The VAE Lightning module: convolutional (or MLP, or your own) encoder/decoder trained on the ELBO."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Optional, Tuple
 
@@ -50,6 +51,7 @@ class VAEModule(LatentModule):
         if cfg.model.decoder.target:
             check_network("model.decoder", cfg.model.decoder.target, self.decoder,
                           {"z": torch.zeros(2, latent)}, [(2, *shape)])
+        self.output_map = functools.partial(decoder_mean, likelihood=cfg.loss.likelihood)
         learned = cfg.loss.likelihood == "discretized_gaussian"
         self.scale = DecoderScale(shape[0], cfg.loss.gaussian_std) if learned else None
 
@@ -62,7 +64,7 @@ class VAEModule(LatentModule):
 
     def decode(self, z: Tensor, labels: Optional[Tensor] = None, variant: str = "") -> Tensor:
         """Latents [N, latent_dim] -> mean images [N, *sample_shape]."""
-        return decoder_mean(self.decoder(z), self.cfg.loss.likelihood)
+        return self.output_map(self.decoder(z))
 
     def encode(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         """Images [N, *sample_shape] -> posterior mean and log-variance, each [N, latent_dim]."""

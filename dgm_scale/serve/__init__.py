@@ -1,0 +1,82 @@
+"""`dgm-scale serve CKPT [--host H] [--port P] [--device D]`: a small local web page with live
+samples of a trained image model: seed, class and truncation / temperature controls, a latent
+interpolation strip, and a batch download.
+
+Built on the standard library's `http.server.ThreadingHTTPServer`, not a web framework: nothing
+to install, and the page is a handful of GET endpoints. It binds to 127.0.0.1 unless `--host`
+says otherwise (the server has no authentication: expose it only on a network you trust).
+
+Endpoints (GET; query parameters; every error is a 4xx with a one-line text body naming the
+parameter, and the server keeps serving; a failure inside the model is a one-line 500):
+
+- `/`: the page (self-contained HTML; `/?seed=3&class=2` opens it at that seed and class).
+- `/api/meta`: JSON: name, family, modality, num_classes, sample_shape, latent_dim (null without
+  a latent space), iteration, options ({name: {default, max}}) and caps.
+- `/api/grid.png?seed=S&num=N&class=K&truncation=T|temperature=T`: a PNG grid (square, 2 px black
+  padding, native resolution) of samples 0 .. N-1 of seed S: those of `dgm-scale sample --seed S`.
+- `/api/batch?seed=&num=&class=&truncation=|temperature=&format=npz|png`: the same samples to
+  download: npz (default) with `samples` uint8 [N, H, W, C] and, for conditional models,
+  `labels` [N] (the keys `dgm-scale sample --format npz` writes); png: the grid.
+- `/api/interpolate.png?seed_a=&seed_b=&steps=&class=&truncation=`: one row of `steps` frames
+  from sample 0 of seed_a to sample 0 of seed_b (spherical interpolation of the latents; latent
+  families only).
+
+Parameters and caps: seed, seed_a, seed_b in 0 .. 2^31-1 (default 0; seed_b 1); num in 1 .. 256
+(default 16; batch 64); steps in 2 .. 32 (default 8); class in 0 .. num_classes-1, conditional
+models only (default: sample i has class i % num_classes; the strip: class 0); truncation
+(GAN, VAE: latents z * psi, psi in (0, 1], default 1) or temperature (autoregressive: (0, 10],
+default the model's); format npz | png. Unknown or repeated parameters are refused.
+
+The server asks a "source" for samples (sources.py): `open_source(path)` gives a checkpoint's,
+and `serve(source, host, port)` takes any object with the source interface.
+"""
+from __future__ import annotations
+
+import argparse
+
+from dgm_scale.core.imports import lazy_attributes
+
+# The server and sources import torch: loaded on first use, so that the CLI's parser stays light.
+_LAZY = {name: f"{__name__}.{module}" for name, module in (
+    ("serve", "server"), ("make_server", "server"), ("url_of", "server"), ("CAPS", "server"),
+    ("open_source", "sources"), ("CheckpointSource", "sources"), ("ModuleSource", "sources"),
+    ("BadRequest", "sources"))}
+__getattr__ = lazy_attributes(__name__, _LAZY)
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `dgm-scale serve` on the CLI's subcommands."""
+    parser = commands.add_parser("serve", help="a local web page with live samples of an image model: seed, class, "
+                                               "truncation / temperature, latent interpolation, npz download")
+    parser.add_argument("checkpoint", metavar="CKPT", help="a dgm_scale checkpoint (.ckpt)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only; the page has no login)")
+    parser.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
+    parser.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    parser.set_defaults(func=cmd_serve)
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dgm_scale.core.errors import ConfigError
+    from dgm_scale.serve.server import serve
+    from dgm_scale.serve.sources import open_source
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: must be 0 .. 65535")
+    serve(open_source(args.checkpoint, args.device), args.host, args.port)
+    return 0
+
+
+__all__ = [
+    "CAPS",
+    "BadRequest",
+    "CheckpointSource",
+    "ModuleSource",
+    "add_serve_parser",
+    "cmd_serve",
+    "make_server",
+    "open_source",
+    "serve",
+    "url_of",
+]

@@ -1,0 +1,263 @@
+"""`dgm-scale serve`: the endpoints answer the model's own samples, refuse bad parameters with a
+one-line 4xx and keep serving, the command prints its URL and stops cleanly on Ctrl-C, and the
+page renders its grid in headless Chromium (another seed, another grid)."""
+import argparse
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, TINY, TINY_RUN
+from PIL import Image
+
+from dgm_scale.config import ConfigError, load_config
+from dgm_scale.data.transforms import to_8bit
+from dgm_scale.modules import build_module, load_module
+from dgm_scale.serve import (
+    ModuleSource,
+    add_serve_parser,
+    make_server,
+    open_source,
+    serve,
+    url_of,
+)
+from dgm_scale.train import train
+
+AR_IMAGES = ["model.kind=autoregressive", *TINY_RUN, "model.width=8", "model.embed_dim=8", "model.layers=1"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny conditional GAN (10 classes, 8x8 grey digits)."""
+    run_dir = tmp_path_factory.mktemp("serve") / "run"
+    return train(load_config(overrides=TINY + ["model.num_classes=10", f"run.dir={run_dir}"])).checkpoint
+
+
+@contextmanager
+def running(source):
+    server = make_server(source, "127.0.0.1", 0)  # port 0: a free port, no race with other tests
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield url_of(server)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def gan(checkpoint):
+    with running(open_source(checkpoint, "cpu")) as url:
+        yield url
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read()
+
+
+def png(body: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(body)) as image:
+        assert image.format == "PNG"
+        return np.asarray(image)
+
+
+def cells(grid: np.ndarray, num: int, nrow: int, size: int = 8, padding: int = 2) -> np.ndarray:
+    """The images [num, size, size] tiled in a grey grid (2 px padding, nrow columns)."""
+    step = size + padding
+    return np.stack([grid[padding + (i // nrow) * step:][:size, padding + (i % nrow) * step:][:, :size]
+                     for i in range(num)])
+
+
+def pixels(samples: torch.Tensor) -> np.ndarray:
+    """Model-range grey images [N, 1, H, W] -> the uint8 [N, H, W] they are served as."""
+    return to_8bit(samples)[:, 0].to(torch.uint8).numpy()
+
+
+def test_meta_describes_the_model(gan):
+    status, kind, body = get(gan + "api/meta")
+    assert status == 200 and kind == "application/json"
+    meta = json.loads(body)
+    assert {key: meta[key] for key in ("family", "modality", "num_classes", "sample_shape", "latent_dim")} == \
+        {"family": "gan", "modality": "images", "num_classes": 10, "sample_shape": [1, 8, 8], "latent_dim": 8}
+    assert meta["options"] == {"truncation": {"default": 1.0, "max": 1.0}}
+    assert meta["caps"] == {"num": 256, "steps": 32, "seed": 2**31 - 1} and meta["iteration"] == 3
+
+
+def test_grid_and_batch_are_the_model_samples(gan, checkpoint):
+    module = load_module(checkpoint)
+    status, kind, body = get(gan + "api/grid.png?seed=3&num=10")
+    grid = png(body)
+    assert status == 200 and kind == "image/png" and grid.shape == (3 * 10 + 2, 4 * 10 + 2)  # 4 columns, 3 rows
+    assert get(gan + "api/grid.png?seed=3&num=10")[2] == body
+    assert get(gan + "api/grid.png?seed=4&num=10")[2] != body
+    # sample i has class i % 10 unless a class is given: those of `dgm-scale sample --seed 3`
+    np.testing.assert_array_equal(cells(grid, 10, 4), pixels(module.sample_batch(10, seed=3)))
+    seven = torch.full((5,), 7)
+    class_grid = png(get(gan + "api/grid.png?seed=3&num=5&class=7")[2])
+    np.testing.assert_array_equal(cells(class_grid, 5, 3), pixels(module.sample_batch(5, 3, 0, seven)))
+    archive = np.load(io.BytesIO(get(gan + "api/batch?seed=3&num=5&class=7&format=npz")[2]))
+    assert archive["samples"].shape == (5, 8, 8, 1) and archive["samples"].dtype == np.uint8
+    np.testing.assert_array_equal(archive["samples"][..., 0], cells(class_grid, 5, 3))
+    assert archive["labels"].tolist() == [7] * 5
+    assert np.load(io.BytesIO(get(gan + "api/batch?seed=3&num=12")[2]))["labels"].tolist() == [i % 10 for i in range(12)]
+    assert get(gan + "api/batch?seed=3&num=5&class=7&format=png")[2] == get(gan + "api/grid.png?seed=3&num=5&class=7")[2]
+    # truncation psi: the latents scaled toward the mean
+    truncated = np.load(io.BytesIO(get(gan + "api/batch?seed=3&num=5&class=7&truncation=0.5")[2]))["samples"]
+    expected = pixels(module.generate(module.latents(5, 3) * 0.5, seven))
+    np.testing.assert_array_equal(truncated[..., 0], expected)
+    assert not np.array_equal(truncated, archive["samples"])
+
+
+def test_interpolation_runs_from_one_seed_to_the_other(gan, checkpoint):
+    module = load_module(checkpoint)
+    status, _, body = get(gan + "api/interpolate.png?seed_a=3&seed_b=4&steps=5&class=2")
+    strip = png(body)
+    assert status == 200 and strip.shape == (12, 5 * 10 + 2)
+    frames = cells(strip, 5, 5).astype(int)
+    two = torch.tensor([2])
+    first, last = pixels(module.sample_batch(1, 3, 0, two))[0], pixels(module.sample_batch(1, 4, 0, two))[0]
+    assert np.abs(frames[0] - first).max() <= 1 and np.abs(frames[-1] - last).max() <= 1  # batch-size rounding
+    assert not np.array_equal(frames[2], frames[0]) and not np.array_equal(frames[2], frames[-1])
+    same = cells(png(get(gan + "api/interpolate.png?seed_a=3&seed_b=3&steps=3&class=2")[2]), 3, 3)
+    assert (same == same[0]).all()  # one latent: no direction to turn in, every frame is it
+
+
+BAD = [  # (request, the parameter the one-line answer names, status)
+    ("api/grid.png?num=-1", "num", 400), ("api/grid.png?num=100000", "num", 400), ("api/batch?num=257", "num", 400),
+    ("api/grid.png?class=99", "class", 400), ("api/grid.png?class=-1", "class", 400),
+    ("api/grid.png?seed=abc", "seed", 400), ("api/grid.png?seed=", "seed", 400), ("api/grid.png?seed=-3", "seed", 400),
+    ("api/grid.png?seed=1&seed=2", "seed", 400), ("api/grid.png?colour=red", "colour", 400),
+    ("api/grid.png?truncation=0", "truncation", 400), ("api/grid.png?truncation=1.5", "truncation", 400),
+    ("api/grid.png?truncation=nan", "truncation", 400), ("api/grid.png?temperature=0.5", "temperature", 400),
+    ("api/batch?format=gif", "format", 400), ("api/interpolate.png?steps=1", "steps", 400),
+    ("api/interpolate.png?steps=33", "steps", 400), ("api/interpolate.png?seed_b=x", "seed_b", 400),
+    ("api/meta?x=1", "x", 400), ("api/grid.png?junk", "junk", 400), ("api/nothing", "api/nothing", 404),
+]
+
+
+def test_bad_parameters_get_a_one_line_4xx_and_the_server_keeps_serving(gan):
+    for request, name, status in BAD:
+        code, kind, body = get(gan + request)
+        text = body.decode()
+        assert code == status and kind.startswith("text/plain"), (request, code, text)
+        assert text.count("\n") == 1 and name in text, (request, text)
+    assert get(gan + "api/grid.png?seed=5&num=4")[0] == 200
+
+
+class Broken:
+    """A source whose model fails: a 500 with one line, and the server goes on."""
+
+    meta: ClassVar[dict] = {"name": "broken", "family": "gan", "modality": "images", "num_classes": 0, "sample_shape": [1, 8, 8],
+            "latent_dim": 8, "options": {}, "iteration": 0}
+
+    def images(self, seed, num, label=None, **options):
+        if seed == 1:
+            raise RuntimeError("CUDA out of memory\nmore lines")
+        return np.full((num, 8, 8, 1), 128, np.uint8)
+
+
+def test_a_failing_model_answers_500_in_one_line():
+    with running(Broken()) as url:
+        code, _, body = get(url + "api/grid.png?seed=1")
+        assert code == 500 and body == b"internal error: RuntimeError: CUDA out of memory\n"
+        assert get(url + "api/grid.png?class=0")[2] == b"class: this model is unconditional (it has no classes)\n"
+        assert get(url + "api/grid.png?seed=2")[0] == 200
+
+
+def test_an_autoregressive_model_takes_a_temperature_and_has_no_interpolation():
+    module = build_module(load_config(overrides=AR_IMAGES))  # untrained: sampling is what is tested
+    with running(ModuleSource(module)) as url:
+        meta = json.loads(get(url + "api/meta")[2])
+        assert meta["latent_dim"] is None and list(meta["options"]) == ["temperature"]
+        grid = png(get(url + "api/grid.png?seed=2&num=4&temperature=0.5")[2])
+        np.testing.assert_array_equal(cells(grid, 4, 2), pixels(module.sample_batch(4, 2, temperature=0.5)))
+        for request, reason in [("api/interpolate.png", "interpolation needs a latent space"),
+                                ("api/grid.png?class=1", "class: this model is unconditional"),
+                                ("api/grid.png?truncation=0.5", "unknown parameter 'truncation'"),
+                                ("api/grid.png?temperature=11", "temperature: 11 is outside (0, 10]")]:
+            code, _, body = get(url + request)
+            assert code == 400 and body.decode().startswith(reason), (request, body)
+    text = build_module(load_config(overrides=["model.kind=autoregressive", "data.name=text", "data.seq_len=16",
+                                               "data.path=builtin:pydoc", *AR_IMAGES[1:]]))
+    with pytest.raises(ConfigError, match="^serve shows images; this model makes text"):
+        ModuleSource(text)
+
+
+def test_sources_that_cannot_open_and_a_taken_port_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_source(tmp_path / "missing.ckpt")
+    (tmp_path / "generator.onnx").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="exported generator .* not supported yet"):
+        open_source(tmp_path / "generator.onnx")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ConfigError, match=f"--port {taken.getsockname()[1]}: cannot listen there"):
+            serve(Broken(), "127.0.0.1", taken.getsockname()[1])
+
+
+# `dgm-scale serve` as the CLI runs it (cli.py registers it with add_serve_parser)
+CLI = ("import argparse, sys; from dgm_scale.serve import add_serve_parser; parser = argparse.ArgumentParser(); "
+       "add_serve_parser(parser.add_subparsers()); args = parser.parse_args(sys.argv[1:]); sys.exit(args.func(args))")
+
+
+def test_the_command_prints_its_url_and_stops_on_ctrl_c(checkpoint):
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", str(checkpoint)])
+    assert (args.host, args.port, args.device) == ("127.0.0.1", 8000, None)
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", str(checkpoint), "--port", "0", "--device", "cpu"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"serving {checkpoint.name} at http://127.0.0.1:") and line.endswith("(Ctrl-C stops)\n")
+        url = line.split(" at ")[1].split()[0]
+        assert get(url + "api/grid.png?num=2")[0] == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr.read() == ""
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def screenshot(chromium: str, url: str, path) -> np.ndarray:
+    subprocess.run([chromium, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars",
+                    "--virtual-time-budget=5000", f"--screenshot={path}", "--window-size=900,1000", url],
+                   check=True, capture_output=True, timeout=120)
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_the_page_renders_the_grid_and_follows_the_seed(gan, chromium, tmp_path):
+    one = screenshot(chromium, gan + "?seed=1", tmp_path / "one.png")
+    two = screenshot(chromium, gan + "?seed=2", tmp_path / "two.png")
+    assert one.shape == (1000, 900, 3)
+    # the grid: the 42 x 42 px image shown 12 times enlarged (504 px), pixels as they are; its top
+    # padding is the first row of the page that is black for 500 px (the strip's is 492 px wide)
+    black = (one == 0).all(axis=2)
+    top = np.nonzero(black.sum(axis=1) >= 500)[0].min()
+    left = np.nonzero(black[top])[0].min()
+    region = (slice(top, top + 504), slice(left, left + 504))
+    assert len(np.unique(one[region][..., 0])) > 20  # many grey levels: samples, not a blank box
+    assert np.array_equal(one[region][:24, :24], np.zeros((24, 24, 3)))  # the padding corner, enlarged
+    assert (one[region] != two[region]).any(axis=2).mean() > 0.2
+    # an API error is shown on the page as its one-line text
+    dom = subprocess.run([chromium, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=5000",
+                          "--dump-dom", gan + "?num=999"], check=True, capture_output=True, text=True, timeout=120)
+    assert '<div id="grid-error" class="error">error: num: 999 is outside 1 .. 256</div>' in dom.stdout
