@@ -113,10 +113,10 @@ def study(out: Path, steps: int, seeds: list[int], workers: int, only: str = "")
 
 
 def table(out: Path) -> str:
-    """Markdown: one row per (dataset, model, regulariser), FID median [min-max] per augmentation,
+    """Markdown: one row per (dataset, model, regulariser), FID median / mean ± sd [min-max] per augmentation,
     and the change of the best augmentation's median against none."""
     records = list(done(out).values())
-    lines = ["| data | model | R1 | none | DiffAugment | ADA | best vs none | late D(real) / D(fake) (none) | ADA p / r_t |",
+    lines = ["| data | model | R1 | none: median / mean ± sd [range] | DiffAugment | ADA | best vs none (medians) | late D(real) / D(fake) (none) | ADA p / r_t |",
              "|---|---|---|---|---|---|---|---|---|"]
     for dataset, model, reg in itertools.product(DATASETS, MODELS, REGULARISERS):
         cells, medians = [], {}
@@ -124,7 +124,8 @@ def table(out: Path) -> str:
             fids = sorted(r["fid"] for r in records if (r["dataset"], r["model"], r["reg"], r["aug"]) == (dataset, model, reg, aug))
             if fids:
                 medians[aug] = statistics.median(fids)
-                cells.append(f"{medians[aug]:.1f} [{fids[0]:.1f}-{fids[-1]:.1f}] (n={len(fids)})")
+                spread = f" ± {statistics.stdev(fids):.1f}" if len(fids) > 1 else ""
+                cells.append(f"{medians[aug]:.1f} / {statistics.mean(fids):.1f}{spread} [{fids[0]:.1f}-{fids[-1]:.1f}] (n={len(fids)})")
             else:
                 cells.append("-")
         if not medians:

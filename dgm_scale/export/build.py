@@ -193,7 +193,8 @@ def _sidecar(module, fmt: str, precision: str, dynamic: bool, batch_size: int, v
         "sample_shape": list(module.sample_shape), "dynamic_batch": dynamic, "batch_size": batch_size,
         "quantized_engine": QUANTIZED_ENGINE if precision == "int8" else None,
         "check": {"max_abs_diff_file_vs_network": error, "max_abs_diff_vs_fp32": drift},
-        "checkpoint": str(checkpoint), "config": module.hparams["config"],
+        "checkpoint": str(checkpoint), "iteration": int(getattr(module, "checkpoint_iteration", 0)),
+        "config": module.hparams["config"],
         "torch_version": torch.__version__, "dgm_scale_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

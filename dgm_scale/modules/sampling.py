@@ -7,7 +7,7 @@ more than the samples themselves, and the result does not depend on the device.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch import Tensor
@@ -30,3 +30,27 @@ def keyed_noise(seed: int, start: int, num: int, shape: Sequence[int], uniform: 
               for block in range(first, last + 1)]
     offset = start - first * BLOCK
     return torch.cat(blocks)[offset:offset + num]
+
+
+#: the noise input of each kind of sampler, by name -> drawn from U[0, 1) (else N(0, 1))
+NOISE_INPUTS = {"latents": False, "uniforms": True}
+
+
+def class_labels(num: int, start: int, num_classes: int) -> Tensor:
+    """The default classes (start + i) % num_classes of samples start .. start + num - 1 (CPU)."""
+    return torch.arange(start, start + num) % num_classes
+
+
+def sampler_inputs(seed: int, start: int, num: int, noise: str, shape: Sequence[int],
+                   num_classes: int = 0) -> Dict[str, Tensor]:
+    """The inputs of samples start .. start + num - 1 of sequence `seed` for a sampler fed noise
+    `noise` (a NOISE_INPUTS name) of `shape` per sample and, when num_classes > 0, `labels`
+    (class_labels), by name in call order (CPU): the rule both families' `export_inputs` follow
+    (latent families: "latents" [latent_dim]; autoregressive: "uniforms" [C * H * W]), restated
+    here for samplers known only by their export's sidecar (`dgm-scale serve EXPORT`)."""
+    if noise not in NOISE_INPUTS:
+        raise ValueError(f"unknown sampler noise '{noise}': expected one of {sorted(NOISE_INPUTS)}")
+    inputs = {noise: keyed_noise(seed, start, num, shape, uniform=NOISE_INPUTS[noise])}
+    if num_classes:
+        inputs["labels"] = class_labels(num, start, num_classes)
+    return inputs

@@ -1,5 +1,7 @@
-"""`dgm-scale serve CKPT [--host H] [--port P] [--device D]`: a small local web page with live
-samples of a trained image model: seed, class and truncation / temperature controls, a latent
+"""`dgm-scale serve CKPT_OR_EXPORT [--host H] [--port P] [--device D]`: a small local web page
+with live samples of a trained image model, from its checkpoint or from a sampler `dgm-scale
+export` wrote (the file beside its FILE.json sidecar; run on the CPU, the same samples as the
+checkpoint it came from): seed, class and truncation / temperature controls, a latent
 interpolation strip, and a batch download.
 
 Built on the standard library's `http.server.ThreadingHTTPServer`, not a web framework: nothing
@@ -25,10 +27,12 @@ Parameters and caps: seed, seed_a, seed_b in 0 .. 2^31-1 (default 0; seed_b 1); 
 (default 16; batch 64); steps in 2 .. 32 (default 8); class in 0 .. num_classes-1, conditional
 models only (default: sample i has class i % num_classes; the strip: class 0); truncation
 (GAN, VAE: latents z * psi, psi in (0, 1], default 1) or temperature (autoregressive: (0, 10],
-default the model's); format npz | png. Unknown or repeated parameters are refused.
+default the model's; an autoregressive export's was fixed when it was exported: none); format
+npz | png. Unknown or repeated parameters are refused.
 
-The server asks a "source" for samples (sources.py): `open_source(path)` gives a checkpoint's,
-and `serve(source, host, port)` takes any object with the source interface.
+The server asks a "source" for samples (sources.py): `open_source(path)` gives an export's (a
+file with a sidecar) or a checkpoint's, and `serve(source, host, port)` takes any object with
+the source interface.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from dgm_scale.core.imports import lazy_attributes
 _LAZY = {name: f"{__name__}.{module}" for name, module in (
     ("serve", "server"), ("make_server", "server"), ("url_of", "server"), ("CAPS", "server"),
     ("open_source", "sources"), ("CheckpointSource", "sources"), ("ModuleSource", "sources"),
-    ("BadRequest", "sources"))}
+    ("ExportSource", "sources"), ("SampleSource", "sources"), ("BadRequest", "sources"))}
 __getattr__ = lazy_attributes(__name__, _LAZY)
 
 
@@ -48,7 +52,9 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     """Register `dgm-scale serve` on the CLI's subcommands."""
     parser = commands.add_parser("serve", help="a local web page with live samples of an image model: seed, class, "
                                                "truncation / temperature, latent interpolation, npz download")
-    parser.add_argument("checkpoint", metavar="CKPT", help="a dgm_scale checkpoint (.ckpt)")
+    parser.add_argument("checkpoint", metavar="CKPT_OR_EXPORT",
+                        help="a dgm_scale checkpoint (.ckpt) or an exported sampler (dgm-scale export's "
+                             ".pt / .pt2 / .onnx with its FILE.json sidecar beside it; run on the CPU)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; the page has no login)")
     parser.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
@@ -72,7 +78,9 @@ __all__ = [
     "CAPS",
     "BadRequest",
     "CheckpointSource",
+    "ExportSource",
     "ModuleSource",
+    "SampleSource",
     "add_serve_parser",
     "cmd_serve",
     "make_server",

@@ -12,8 +12,11 @@
   space.
 
 Sources raise `BadRequest` for a request they cannot serve (a one-line reason), ConfigError when
-they cannot be opened. `ModuleSource` serves a GenerativeModule in memory, `CheckpointSource` a
-checkpoint file; `open_source(path)` picks the source for a path.
+they cannot be opened. `SampleSource` holds what every source shares (meta, labels, option
+checks, truncation, interpolation) and asks its subclass for latents and samples: `ModuleSource`
+serves a GenerativeModule in memory, `CheckpointSource` a checkpoint file, `ExportSource` an
+exported sampler (`dgm-scale export`: the file and its FILE.json sidecar); `open_source(path)`
+picks the source for a path.
 """
 from __future__ import annotations
 
@@ -24,11 +27,12 @@ import torch
 
 from dgm_scale.core.errors import ConfigError
 from dgm_scale.dump import as_array
+from dgm_scale.modules.sampling import class_labels, sampler_inputs
 
 #: the largest temperature offered (autoregressive families): beyond it the samples are noise
 MAX_TEMPERATURE = 10.0
-#: suffixes of exported generator files (not served yet; see open_source)
-EXPORT_SUFFIXES = (".pt", ".pt2", ".onnx")
+#: the option of latent families: psi in (0, 1] scaling every latent toward the mean
+TRUNCATION = {"truncation": {"default": 1.0, "max": 1.0}}
 
 
 class BadRequest(ValueError):
@@ -58,47 +62,47 @@ def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
     return points.float()
 
 
-class ModuleSource:
-    """Samples of a GenerativeModule (images only). Latent families (GAN, VAE) take `truncation`
-    psi in (0, 1]: every latent z ~ N(0, I) is scaled toward the mean, z * psi (psi = 1: the
-    model's own samples; smaller: more typical, less varied samples). Autoregressive families take
-    `temperature` in (0, MAX_TEMPERATURE] (the softmax's; default the model's)."""
+class SampleSource:
+    """What every source shares: `meta`, the labels of a request, the option check, truncation
+    and interpolation of latents. A subclass gives `_latents(seed, num)` (latent families) and
+    `_decode(latents, labels)` -> samples [N, C, H, W] in [-1, 1], and overrides `_sample` when
+    its samples are not decoded latents (autoregressive families)."""
 
-    def __init__(self, module, name: str = "model"):
-        if module.modality != "images":
-            raise ConfigError(f"serve shows images; this model makes {module.modality} "
-                              f"(dgm-scale sample writes them)")
-        self.module = module  # its sampling methods put the networks in eval mode themselves
-        latent = hasattr(module, "latent_dim")
-        if latent:
-            options = {"truncation": {"default": 1.0, "max": 1.0}}
-        else:
-            options = {"temperature": {"default": float(module.cfg.model.temperature), "max": MAX_TEMPERATURE}}
-        self.meta = {"name": name, "family": module.family.name, "modality": module.modality,
-                     "num_classes": int(module.num_classes), "sample_shape": list(module.sample_shape),
-                     "latent_dim": int(module.latent_dim) if latent else None, "options": options,
-                     "iteration": int(getattr(module, "checkpoint_iteration", 0))}
+    def __init__(self, name: str, family: str, modality: str, num_classes: int, sample_shape,
+                 latent_dim: int | None, options: dict, iteration: int = 0):
+        if modality != "images":
+            raise ConfigError(f"serve shows images; this model makes {modality} (dgm-scale sample writes them)")
+        self.meta = {"name": name, "family": family, "modality": modality, "num_classes": int(num_classes),
+                     "sample_shape": [int(size) for size in sample_shape],
+                     "latent_dim": None if latent_dim is None else int(latent_dim), "options": options,
+                     "iteration": int(iteration)}
 
     def _labels(self, num: int, label: int | None) -> torch.Tensor | None:
+        classes = self.meta["num_classes"]
+        if label is not None and not classes:
+            raise BadRequest("class: this model is unconditional (it has no classes)")
         if label is None:
-            return self.module.default_labels(num)
-        return torch.full((num,), int(label), dtype=torch.long, device=self.module.device)
+            return class_labels(num, 0, classes) if classes else None
+        return torch.full((num,), int(label), dtype=torch.long)
 
     def _check(self, options: dict) -> None:
         unknown = sorted(set(options) - set(self.meta["options"]))
         if unknown:
             raise BadRequest(f"{unknown[0]}: the {self.meta['family']} model takes {sorted(self.meta['options'])}")
 
+    def _latents(self, seed: int, num: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self, latents: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _sample(self, seed: int, num: int, labels: torch.Tensor | None, **options) -> torch.Tensor:
+        return self._decode(self._latents(seed, num) * options.get("truncation", 1.0), labels)
+
     @torch.no_grad()
     def images(self, seed: int, num: int, label: int | None = None, **options) -> np.ndarray:
         self._check(options)
-        labels = self._labels(num, label)
-        truncation = options.pop("truncation", 1.0)
-        if truncation == 1.0:  # the model's own samples, by its sampling contract
-            samples = self.module.sample_batch(num, seed, 0, labels, **options)
-        else:
-            samples = self.module.generate(self.module.latents(num, seed, 0) * truncation, labels)
-        return as_array(samples, "images")
+        return as_array(self._sample(seed, num, self._labels(num, label), **options), "images")
 
     @torch.no_grad()
     def interpolate(self, seed_a: int, seed_b: int, steps: int, label: int | None = None,
@@ -106,10 +110,38 @@ class ModuleSource:
         self._check(options)
         if self.meta["latent_dim"] is None:
             raise BadRequest(f"interpolation needs a latent space; this {self.meta['family']} model has none")
-        latents = slerp(self.module.latents(1, seed_a, 0)[0], self.module.latents(1, seed_b, 0)[0], steps)
+        latents = slerp(self._latents(seed_a, 1)[0], self._latents(seed_b, 1)[0], steps)
         labels = self._labels(steps, 0 if label is None and self.meta["num_classes"] else label)
-        samples = self.module.generate(latents * options.get("truncation", 1.0), labels)
-        return as_array(samples, "images")
+        return as_array(self._decode(latents * options.get("truncation", 1.0), labels), "images")
+
+
+class ModuleSource(SampleSource):
+    """Samples of a GenerativeModule (images only). Latent families (GAN, VAE) take `truncation`
+    psi in (0, 1]: every latent z ~ N(0, I) is scaled toward the mean, z * psi (psi = 1: the
+    model's own samples; smaller: more typical, less varied samples). Autoregressive families take
+    `temperature` in (0, MAX_TEMPERATURE] (the softmax's; default the model's)."""
+
+    def __init__(self, module, name: str = "model"):
+        self.module = module  # its sampling methods put the networks in eval mode themselves
+        latent_dim = getattr(module, "latent_dim", None)
+        if latent_dim is not None:
+            options = TRUNCATION
+        else:
+            options = {"temperature": {"default": float(module.cfg.model.temperature), "max": MAX_TEMPERATURE}}
+        super().__init__(name, module.family.name, module.modality, module.num_classes, module.sample_shape,
+                         latent_dim, options, getattr(module, "checkpoint_iteration", 0))
+
+    def _latents(self, seed: int, num: int) -> torch.Tensor:
+        return self.module.latents(num, seed, 0)
+
+    def _decode(self, latents: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.module.generate(latents, labels)
+
+    def _sample(self, seed: int, num: int, labels: torch.Tensor | None, **options) -> torch.Tensor:
+        if options.get("truncation", 1.0) != 1.0:
+            return super()._sample(seed, num, labels, **options)
+        options.pop("truncation", None)  # psi = 1: the model's own samples, by its sampling contract
+        return self.module.sample_batch(num, seed, 0, labels, **options)
 
 
 class CheckpointSource(ModuleSource):
@@ -127,16 +159,76 @@ class CheckpointSource(ModuleSource):
         super().__init__(module, name=Path(path).name)
 
 
-def open_source(path: str | Path, device: str | None = None) -> ModuleSource:
-    """The source for `path`: a dgm_scale checkpoint. Exported generators (.pt, .pt2, .onnx) are
-    not served yet: a clear ConfigError says so."""
-    path = Path(path)
-    if path.suffix in EXPORT_SUFFIXES:
+class ExportSource(SampleSource):
+    """An exported sampler (`dgm-scale export`: FILE and its sidecar FILE.json), run on the CPU.
+    Its inputs are drawn as the module's `export_inputs` draws them (`sampler_inputs`), so it
+    shows the samples of the checkpoint it came from. Latent families take `truncation`; an
+    autoregressive export's temperature was fixed when it was exported: no option. A fixed-batch
+    export runs in chunks of its batch size (the last one padded, then cut)."""
+
+    def __init__(self, path: str | Path, device: str | None = None):
+        from dgm_scale.export.runtime import load_export
+
+        if device not in (None, "cpu"):
+            raise ConfigError(f"--device {device}: exported samplers are served on the CPU")
         try:
-            return CheckpointSource(path, device)
+            self.sampler = load_export(path)
         except ConfigError:
-            if not path.is_file():
-                raise
-            raise ConfigError(f"'{path}' is not a dgm_scale checkpoint; serving an exported generator "
-                              f"({', '.join(EXPORT_SUFFIXES)}) is not supported yet: serve its .ckpt") from None
-    return CheckpointSource(path, device)
+            raise
+        except Exception as error:  # a damaged file: torch / onnxruntime cannot load it
+            raise ConfigError(f"export '{path}' does not load: {type(error).__name__}: "
+                              f"{(str(error).splitlines() or [''])[0]}") from None
+        side = self.sampler.meta
+        noise = side["inputs"][0]
+        self.noise, self.noise_shape = noise["name"], noise["shape"][1:]
+        latent = self.noise == "latents"
+        super().__init__(Path(path).name, side["family"], side["modality"], side["num_classes"],
+                         side["sample_shape"], side["latent_dim"] if latent else None,
+                         TRUNCATION if latent else {}, side.get("iteration", 0))
+
+    def _inputs(self, seed: int, num: int) -> dict:
+        return sampler_inputs(seed, 0, num, self.noise, self.noise_shape, self.meta["num_classes"])
+
+    def _latents(self, seed: int, num: int) -> torch.Tensor:
+        return self._inputs(seed, num)["latents"]
+
+    def _decode(self, latents: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self._run({"latents": latents} if labels is None else {"latents": latents, "labels": labels})
+
+    def _sample(self, seed: int, num: int, labels: torch.Tensor | None, **options) -> torch.Tensor:
+        inputs = self._inputs(seed, num)
+        if labels is not None:
+            inputs["labels"] = labels
+        if "truncation" in options:
+            inputs["latents"] = inputs["latents"] * options["truncation"]
+        return self._run(inputs)
+
+    def _run(self, inputs: dict) -> torch.Tensor:
+        """The sampler on `inputs` of any batch size: a fixed-batch export in chunks of its size."""
+        num = len(next(iter(inputs.values())))
+        size = num if self.sampler.meta["dynamic_batch"] else int(self.sampler.meta["batch_size"])
+        parts = []
+        for low in range(0, num, size):
+            chunk = {name: value[low:low + size] for name, value in inputs.items()}
+            short = size - len(next(iter(chunk.values())))
+            padded = {name: torch.cat([value, value[-1:].expand(short, *value.shape[1:])])
+                      for name, value in chunk.items()}
+            parts.append(self.sampler(**padded)[:size - short])
+        return torch.cat(parts)
+
+
+def open_source(path: str | Path, device: str | None = None) -> SampleSource:
+    """The source for `path`: an exported sampler when its sidecar FILE.json exists (ExportSource),
+    else a dgm_scale checkpoint (CheckpointSource); anything else is a one-line ConfigError."""
+    from dgm_scale.export.runtime import sidecar_path
+
+    path = Path(path)
+    if path.is_file() and sidecar_path(path).is_file():
+        return ExportSource(path, device)
+    try:
+        return CheckpointSource(path, device)
+    except ConfigError as error:
+        if not path.is_file() or "not a dgm_scale checkpoint" not in str(error):
+            raise
+        raise ConfigError(f"'{path}' is neither a dgm_scale checkpoint nor an export (no sidecar "
+                          f"'{sidecar_path(path).name}' beside it)") from None
