@@ -1,6 +1,7 @@
 """`dgm-scale serve`: the endpoints answer the model's own samples, refuse bad parameters with a
-one-line 4xx and keep serving, the command prints its URL and stops cleanly on Ctrl-C, and the
-page renders its grid in headless Chromium (another seed, another grid)."""
+one-line 4xx and keep serving, an exported sampler shows the samples of its checkpoint, the
+command prints its URL and stops cleanly on Ctrl-C, and the page renders its grid in headless
+Chromium (another seed, another grid)."""
 import argparse
 import io
 import json
@@ -22,8 +23,11 @@ from PIL import Image
 
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.data.transforms import to_8bit
+from dgm_scale.export import export_module
 from dgm_scale.modules import build_module, load_module
+from dgm_scale.modules.sampling import sampler_inputs
 from dgm_scale.serve import (
+    ExportSource,
     ModuleSource,
     add_serve_parser,
     make_server,
@@ -202,13 +206,82 @@ def test_sources_that_cannot_open_and_a_taken_port_are_one_line_errors(tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         open_source(tmp_path / "missing.ckpt")
     (tmp_path / "generator.onnx").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="exported generator .* not supported yet"):
+    with pytest.raises(ConfigError, match=r"^'\S*generator.onnx' is neither a dgm_scale checkpoint nor an export "
+                                          r"\(no sidecar 'generator.onnx.json' beside it\)$"):
+        open_source(tmp_path / "generator.onnx")
+    (tmp_path / "generator.onnx.json").write_text(json.dumps({"format": "onnx", "precision": "fp32", "inputs": []}))
+    with pytest.raises(ConfigError, match=r"^export '\S*generator.onnx' does not load: "):
         open_source(tmp_path / "generator.onnx")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(ConfigError, match=f"--port {taken.getsockname()[1]}: cannot listen there"):
             serve(Broken(), "127.0.0.1", taken.getsockname()[1])
+
+
+@pytest.fixture(scope="module", params=["dynamic", "fixed"])
+def exported(request, checkpoint, tmp_path_factory):
+    """The checkpoint's GAN exported with a dynamic batch (TorchScript) or for batches of 5 only
+    (torch.export), served."""
+    out = tmp_path_factory.mktemp("export")
+    if request.param == "dynamic":
+        path = out / "g.pt"
+        export_module(load_module(checkpoint), path, "torchscript", dynamic_batch=True)
+    else:
+        path = out / "g.pt2"
+        export_module(load_module(checkpoint), path, "exported", batch_size=5)
+    with running(open_source(path)) as url:
+        yield path, url
+
+
+def served(url: str, request: str) -> np.ndarray:
+    status, _, body = get(url + request)
+    assert status == 200, (request, body)
+    return png(body) if ".png" in request else np.load(io.BytesIO(body))["samples"]
+
+
+def test_an_export_serves_the_samples_of_its_checkpoint(exported, gan):
+    path, url = exported
+    meta = json.loads(get(url + "api/meta")[2])
+    assert {key: meta[key] for key in ("name", "family", "num_classes", "latent_dim", "options", "iteration")} == \
+        {"name": path.name, "family": "gan", "num_classes": 10, "latent_dim": 8,
+         "options": {"truncation": {"default": 1.0, "max": 1.0}}, "iteration": 3}
+    # 12 samples: a fixed batch of 5 runs 5 + 5 + 2 (padded); labels i % 10, one class, truncated
+    for request in ["api/grid.png?seed=3&num=12", "api/batch?seed=3&num=12&format=npz",
+                    "api/batch?seed=3&num=7&class=7&truncation=0.5&format=npz", "api/grid.png?seed=9&num=1",
+                    "api/interpolate.png?seed_a=3&seed_b=4&steps=6&class=2&truncation=0.8"]:
+        mine, theirs = served(url, request).astype(int), served(gan, request).astype(int)
+        assert mine.shape == theirs.shape and np.abs(mine - theirs).max() <= 1, request  # rounding
+    labels = np.load(io.BytesIO(get(url + "api/batch?seed=3&num=12")[2]))["labels"]
+    assert labels.tolist() == [i % 10 for i in range(12)]
+    assert get(url + "api/grid.png?temperature=0.5")[0] == 400
+
+
+def test_the_export_inputs_rule_is_the_families(checkpoint):
+    gan = load_module(checkpoint)
+    ar = build_module(load_config(overrides=[*AR_IMAGES, "model.num_classes=3"]))
+    for module, noise, shape in [(gan, "latents", [8]), (ar, "uniforms", [64])]:
+        expected = module.export_inputs(7, seed=5, start=1020)  # across a keyed_noise block
+        got = sampler_inputs(5, 1020, 7, noise, shape, module.num_classes)
+        assert list(got) == list(expected) == [noise, "labels"]
+        for name in got:
+            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+def test_an_autoregressive_export_has_its_fixed_temperature_and_no_interpolation(tmp_path):
+    module = build_module(load_config(overrides=[*AR_IMAGES, "model.temperature=0.7"]))
+    export_module(module, tmp_path / "ar.pt", "torchscript", batch_size=3)  # a fixed batch of 3
+    source = open_source(tmp_path / "ar.pt", "cpu")
+    assert isinstance(source, ExportSource)
+    assert (source.meta["family"], source.meta["latent_dim"], source.meta["options"]) == ("autoregressive", None, {})
+    np.testing.assert_array_equal(source.images(2, 4)[..., 0], pixels(module.sample_batch(4, 2)))
+    with running(source) as url:
+        for request, reason in [("api/interpolate.png", "interpolation needs a latent space"),
+                                ("api/grid.png?temperature=0.5", "unknown parameter 'temperature'")]:
+            code, _, body = get(url + request)
+            assert code == 400 and body.decode().startswith(reason), (request, body)
+    with pytest.raises(ConfigError, match="^--device cuda: exported samplers are served on the CPU$"):
+        open_source(tmp_path / "ar.pt", "cuda")
 
 
 # `dgm-scale serve` as the CLI runs it (cli.py registers it with add_serve_parser)

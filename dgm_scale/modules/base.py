@@ -15,7 +15,7 @@ from dgm_scale.config import config_from_dict, to_dict
 from dgm_scale.core.logs import log_now
 from dgm_scale.families.registry import get_family
 from dgm_scale.modules.guards import NonFiniteGuard
-from dgm_scale.modules.sampling import keyed_noise
+from dgm_scale.modules.sampling import class_labels, keyed_noise, sampler_inputs
 from dgm_scale.nets import count_parameters
 
 
@@ -37,7 +37,8 @@ class GenerativeModule(L.LightningModule):
 
     A family's module implements `training_step`, `configure_optimizers`, `networks()` and
     `sample_batch()`; optionally `sampler_variants()` (e.g. a GAN's EMA and raw generators) and
-    `heldout_nll()` (families with a likelihood: the evaluation's bits per dim / char).
+    `heldout_nll()` (families with a likelihood: the evaluation's bits per dim / char) and
+    `encode_features()` (features of real data: `dgm-scale encode` / `probe`).
     """
 
     #: optimizer.step() calls per training iteration; Lightning's global_step counts those calls.
@@ -180,7 +181,7 @@ class GenerativeModule(L.LightningModule):
         of a longer sequence, for conditional models; None otherwise."""
         if self.num_classes == 0:
             return None
-        return torch.arange(start, start + num, device=self.device) % self.num_classes
+        return class_labels(num, start, self.num_classes).to(self.device)
 
     def sampler_variants(self) -> Dict[str, str]:
         """The samplers `sample_batch(variant=...)` offers, name -> what it is; "" is the default
@@ -222,6 +223,14 @@ class GenerativeModule(L.LightningModule):
         """The exported network's inputs for samples start .. start + num - 1 of sequence `seed`
         (CPU), by name in call order: what `sample_batch` draws for those samples."""
         raise NotImplementedError(f"the {self.family.name} family does not export its sampler")
+
+    # ------------------------------------------------------------------ the encoding contract
+    def encode_features(self, images: Tensor, labels: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """What the model makes of real images [N, C, H, W] in [-1, 1] (+ labels [N], needed by
+        class-conditional models): name -> float32 [N, D] on this module's device, row i from
+        image i alone (called in eval mode under no_grad). The first entry is the model's
+        representation, the one `dgm-scale probe` measures; `dgm-scale encode` writes them all."""
+        raise NotImplementedError(f"the {self.family.name} family does not encode data")
 
     #: whether `heldout_nll` scores this model (evaluations then read the held-out split)
     has_likelihood: bool = False
@@ -272,10 +281,7 @@ class LatentModule(GenerativeModule):
         return LatentSampler(copy.deepcopy(self.sampling_network(variant)).cpu().eval(), self.output_map)
 
     def export_inputs(self, num: int, seed: int = 0, start: int = 0) -> Dict[str, Tensor]:
-        inputs = {"latents": self.latents(num, seed, start)}
-        if self.num_classes:
-            inputs["labels"] = self.default_labels(num, start).cpu()
-        return inputs
+        return sampler_inputs(seed, start, num, "latents", (self.latent_dim,), self.num_classes)
 
     def sample_batch(self, num: int, seed: int = 0, start: int = 0, labels: Optional[Tensor] = None,
                      variant: str = "", **options: Any) -> Tensor:

@@ -7,7 +7,7 @@ more than the samples themselves, and the result does not depend on the device.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -42,12 +42,12 @@ def class_labels(num: int, start: int, num_classes: int) -> Tensor:
 
 
 def sampler_inputs(seed: int, start: int, num: int, noise: str, shape: Sequence[int],
-                   num_classes: int = 0) -> Dict[str, Tensor]:
+                   num_classes: int = 0) -> dict[str, Tensor]:
     """The inputs of samples start .. start + num - 1 of sequence `seed` for a sampler fed noise
     `noise` (a NOISE_INPUTS name) of `shape` per sample and, when num_classes > 0, `labels`
-    (class_labels), by name in call order (CPU): the rule both families' `export_inputs` follow
-    (latent families: "latents" [latent_dim]; autoregressive: "uniforms" [C * H * W]), restated
-    here for samplers known only by their export's sidecar (`dgm-scale serve EXPORT`)."""
+    (class_labels), by name in call order (CPU): the families' `export_inputs` (latent families:
+    "latents" [latent_dim]; autoregressive: "uniforms" [C * H * W]), and `dgm-scale serve EXPORT`
+    for samplers known only by their export's sidecar."""
     if noise not in NOISE_INPUTS:
         raise ValueError(f"unknown sampler noise '{noise}': expected one of {sorted(NOISE_INPUTS)}")
     inputs = {noise: keyed_noise(seed, start, num, shape, uniform=NOISE_INPUTS[noise])}

@@ -8,10 +8,11 @@ encoder and the WGAN critic), built from a `NetConfig` (arch, width, depth, norm
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import ModuleType
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 from dgm_scale.nets import dcgan, mlp, resnet, stylegan2
 from dgm_scale.nets.layers import (
@@ -35,6 +36,7 @@ __all__ = [
     "build_generator",
     "build_discriminator",
     "count_parameters",
+    "discriminator_features",
 ]
 
 # Registry: each architecture module provides generator_body, discriminator_body, init_weights.
@@ -112,3 +114,32 @@ def build_discriminator(
 def count_parameters(module: nn.Module) -> int:
     """Total number of parameter elements (trainable or not)."""
     return sum(p.numel() for p in module.parameters())
+
+
+@contextmanager
+def _each_sample_alone(body: nn.Module) -> Iterator[None]:
+    """Minibatch-std layers (stylegan2) see each sample as its own group while inside: their
+    extra feature is then a constant, and a sample's features do not depend on its batch."""
+    layers = [m for m in body.modules() if isinstance(m, stylegan2.MinibatchStd)]
+    groups = [layer.group for layer in layers]
+    for layer in layers:
+        layer.group = 1
+    try:
+        yield
+    finally:
+        for layer, group in zip(layers, groups):
+            layer.group = group
+
+
+def discriminator_features(discriminator: nn.Module, x: Tensor) -> Tensor:
+    """The penultimate features h [N, F] of x [N, *in_shape]: the discriminator's `body` output,
+    flattened (what its head maps to scores). Call it in eval mode (batch norm then uses its
+    running statistics), so that row i depends on x[i] only. NotImplementedError for a
+    discriminator without a `body` sub-network (a custom one may add it)."""
+    body = getattr(discriminator, "body", None)
+    if not isinstance(body, nn.Module):
+        raise NotImplementedError(
+            f"the discriminator ({type(discriminator).__name__}) has no `body` sub-network giving its "
+            "penultimate features (x [N, C, H, W] -> [N, F], then a head to the scores); add one")
+    with _each_sample_alone(body):
+        return body(x).flatten(1)

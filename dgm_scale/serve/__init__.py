@@ -58,7 +58,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; the page has no login)")
     parser.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
-    parser.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--device", help="cpu | cuda (default: cuda when available; exports: cpu)")
     parser.set_defaults(func=cmd_serve)
     return parser
 

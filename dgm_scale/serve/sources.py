@@ -175,7 +175,7 @@ class ExportSource(SampleSource):
             self.sampler = load_export(path)
         except ConfigError:
             raise
-        except Exception as error:  # a damaged file: torch / onnxruntime cannot load it
+        except Exception as error:  # noqa: BLE001 - a damaged file: torch / onnxruntime cannot load it
             raise ConfigError(f"export '{path}' does not load: {type(error).__name__}: "
                               f"{(str(error).splitlines() or [''])[0]}") from None
         side = self.sampler.meta

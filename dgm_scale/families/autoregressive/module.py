@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from dgm_scale.data.transforms import from_8bit, to_8bit
 from dgm_scale.modules.base import GenerativeModule
 from dgm_scale.modules.optim import build_optimizer
-from dgm_scale.modules.sampling import keyed_noise
+from dgm_scale.modules.sampling import keyed_noise, sampler_inputs
 from dgm_scale.nets.sequence import START, SYMBOLS, SequenceRNN
 
 #: the context of a text sample without a prompt (training windows start anywhere in the text)
@@ -68,6 +68,17 @@ class AutoregressiveModule(GenerativeModule):
         inputs, targets, labels = self.inputs_and_targets(batch)
         logits, _ = self.compiled("rnn")(inputs, labels)
         return F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+
+    def encode_features(self, images: Tensor, labels: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """`hidden`: the top recurrent layer's state [N, width] after reading the start symbol and
+        all C*H*W symbols of each image (the last symbol's position is the last one learned)."""
+        if self.modality != "images":
+            raise NotImplementedError("the autoregressive family encodes images; this model reads text")
+        symbols = image_to_symbols(images.to(self.device))
+        inputs = torch.cat([torch.full_like(symbols[:, :1], START), symbols], dim=1)
+        _, state = self.rnn(inputs, labels.to(self.device) if self.num_classes > 0 and labels is not None else None)
+        hidden = state[0] if isinstance(state, tuple) else state  # LSTM: (h, c); GRU: h - each [layers, N, width]
+        return {"hidden": hidden[-1].float()}
 
     @torch.no_grad()
     def heldout_nll(self, batch, seed: int = 0) -> Optional[Tuple[Tensor, int]]:
@@ -148,10 +159,7 @@ class AutoregressiveModule(GenerativeModule):
                             self.sample_shape)
 
     def export_inputs(self, num: int, seed: int = 0, start: int = 0) -> Dict[str, Tensor]:
-        inputs = {"uniforms": keyed_noise(seed, start, num, (self.sequence_length,), uniform=True)}
-        if self.num_classes:
-            inputs["labels"] = self.default_labels(num, start).cpu()
-        return inputs
+        return sampler_inputs(seed, start, num, "uniforms", (self.sequence_length,), self.num_classes)
 
     def sampler_variants(self) -> Dict[str, str]:
         return {"": f"samples at temperature {self.cfg.model.temperature}"}

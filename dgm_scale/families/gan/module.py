@@ -25,7 +25,7 @@ from dgm_scale.modules.base import LatentModule
 from dgm_scale.modules.ema import make_ema_copy, ramped_decay, standing_statistics, update_ema
 from dgm_scale.modules.optim import build_optimizer
 from dgm_scale.modules.sampling import keyed_noise
-from dgm_scale.nets import build_discriminator, build_generator
+from dgm_scale.nets import build_discriminator, build_generator, discriminator_features
 from dgm_scale.nets.custom import build_network, check_network
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,11 @@ class GANModule(LatentModule):
 
     def networks(self) -> dict:
         return {"generator": self.generator, "discriminator": self.discriminator}
+
+    def encode_features(self, images: Tensor, labels: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """`features`: the discriminator's penultimate layer [N, F], not augmented (see
+        nets.discriminator_features; a stylegan2 D's minibatch-std layer sees each image alone)."""
+        return {"features": discriminator_features(self.discriminator, images.to(self.device)).float()}
 
     # ------------------------------------------------------------------ sampling
     def sampler_variants(self) -> Dict[str, str]:

@@ -73,6 +73,11 @@ class VAEModule(LatentModule):
         # Bounded log-variance: exp() of an early outlier would otherwise overflow the KL.
         return mu, logvar.clamp(-20.0, 10.0)
 
+    def encode_features(self, images: Tensor, labels: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """The posterior q(z | x): `mu` (the representation) and `logvar`, each [N, latent_dim]."""
+        mu, logvar = self.encode(images.to(self.device))
+        return {"mu": mu, "logvar": logvar}
+
     def decoder_std(self) -> float | Tensor:
         return self.scale() if self.scale is not None else self.cfg.loss.gaussian_std
 
