@@ -170,7 +170,7 @@ def main() -> int:
             except Exception as error:  # noqa: BLE001 - a failed check is reported, the rest still run
                 ok, detail = False, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             results.append((name, ok, detail, time.perf_counter() - start))
-    print(f"\n| check | ok | result | seconds |\n|---|---|---|---|")
+    print("\n| check | ok | result | seconds |\n|---|---|---|---|")
     for name, ok, detail, seconds in results:
         print(f"| {name} | {'yes' if ok else 'NO'} | {detail} | {seconds:.0f} |")
     return 0 if all(ok for _, ok, _, _ in results) else 1

@@ -323,6 +323,7 @@ def _add_import_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from dgm_scale.export.cli import add_export_parser
+    from dgm_scale.represent.cli import add_encode_parser, add_probe_parser
     from dgm_scale.serve import add_serve_parser
 
     parser = argparse.ArgumentParser(prog="dgm-scale", description="Train and sample deep generative models.")
@@ -354,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_option(sample_p)
     sample_p.set_defaults(func=cmd_sample)
     add_export_parser(commands)
+    add_encode_parser(commands)
+    add_probe_parser(commands)
     add_serve_parser(commands)
     report_p = commands.add_parser("report", help="(re)build RUN_DIR/report.html and RUN_DIR/plots/*.png "
                                                   "from a run directory (running, finished or crashed)")

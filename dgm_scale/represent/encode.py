@@ -23,9 +23,10 @@ DataError naming it.
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +34,9 @@ import torch
 from dgm_scale.core.errors import ConfigError, DataError
 
 #: a sample the encoder could not use: (index in the source's order, name, reason)
-Skip = Tuple[int, str, str]
+Skip = tuple[int, str, str]
+#: how the reason of a damaged shard's entry starts (its remaining samples are skipped)
+DAMAGED_SHARD = "damaged shard, the rest of it is skipped: "
 
 
 @dataclass
@@ -41,14 +44,14 @@ class Encoded:
     """Encoded rows in source order: features name -> float32 [N, D], labels int64 [N] or None,
     keys str [N] or None, pixels float32 [N, C*H*W] in [-1, 1] (only when asked for)."""
 
-    features: Dict[str, np.ndarray]
-    labels: Optional[np.ndarray] = None
-    keys: Optional[np.ndarray] = None
-    class_names: Optional[List[str]] = None
-    pixels: Optional[np.ndarray] = None
-    skipped: List[Skip] = field(default_factory=list)
+    features: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    keys: np.ndarray | None = None
+    class_names: list[str] | None = None
+    pixels: np.ndarray | None = None
+    skipped: list[Skip] = field(default_factory=list)
 
-    def arrays(self) -> Dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, np.ndarray]:
         """What the .npz holds (see the module docstring)."""
         arrays = dict(self.features)
         optional = {"labels": self.labels, "keys": self.keys,
@@ -57,14 +60,14 @@ class Encoded:
         return arrays
 
 
-def distributed() -> Tuple[int, int]:
+def distributed() -> tuple[int, int]:
     """(rank, world size) of the process group, (0, 1) without one."""
     dist = torch.distributed
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 # ----------------------------------------------------------------------------- reading
-def _key(raw, src: str, shard: Optional[Path]) -> Optional[str]:
+def _key(raw, src: str, shard: Path | None) -> str | None:
     """A sample's name: a folder file's path relative to SRC, a shard sample's key, else None."""
     if shard is not None:
         return raw.origin[len(str(shard)) + 1:]
@@ -76,7 +79,7 @@ def _key(raw, src: str, shard: Optional[Path]) -> Optional[str]:
     return None
 
 
-def read_source(source, src: str, strict: bool) -> Iterator[Tuple[Optional[object], Optional[str], Optional[str]]]:
+def read_source(source, src: str, strict: bool) -> Iterator[tuple[object | None, str | None, str | None]]:
     """(RawSample, key, None) per sample in order, or (None, name, reason) where a damaged shard
     ends early (its other shards are still read; with `strict` a DataError instead)."""
     from dgm_scale.data.shards.sources import open_source
@@ -92,10 +95,10 @@ def read_source(source, src: str, strict: bool) -> Iterator[Tuple[Optional[objec
         except DataError as error:
             if strict:
                 raise DataError(f"{error} (--strict)") from None
-            yield None, str(shard), f"the rest of the shard is skipped: {error}"
+            yield None, str(shard), f"{DAMAGED_SHARD}{error}"
 
 
-def decode(raw, channels: int, resolution: int) -> Tuple[Optional[np.ndarray], Optional[str]]:
+def decode(raw, channels: int, resolution: int) -> tuple[np.ndarray | None, str | None]:
     """(uint8 image [R, R] or [R, R, 3], None), or (None, reason) when it cannot be decoded."""
     from dgm_scale.data.shards.samples import DECODE_ERRORS
     from dgm_scale.metrics.real_data import raw_to_image
@@ -103,7 +106,8 @@ def decode(raw, channels: int, resolution: int) -> Tuple[Optional[np.ndarray], O
     try:
         return raw_to_image(raw, channels, resolution), None
     except DECODE_ERRORS as error:
-        return None, f"cannot decode: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return None, f"cannot decode: {re.sub(r' <_io.[A-Za-z]+ object at 0x[0-9a-f]+>', '', text)}"  # PIL's buffer
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -111,15 +115,15 @@ def decode(raw, channels: int, resolution: int) -> Tuple[Optional[np.ndarray], O
 class Part:
     """One encoded global batch: source indices [b], features {name: [b, D]}, labels, keys, pixels."""
 
-    indices: List[int]
-    features: Dict[str, np.ndarray]
-    labels: List[Optional[int]]
-    keys: List[Optional[str]]
-    pixels: Optional[np.ndarray]
+    indices: list[int]
+    features: dict[str, np.ndarray]
+    labels: list[int | None]
+    keys: list[str | None]
+    pixels: np.ndarray | None
 
 
 @torch.no_grad()
-def encode_batch(module, images: List[np.ndarray], labels: List[Optional[int]], keep_pixels: bool) -> tuple:
+def encode_batch(module, images: list[np.ndarray], labels: list[int | None], keep_pixels: bool) -> tuple:
     """uint8 images -> ({name: float32 [b, D]}, pixels float32 [b, C*H*W] or None)."""
     from dgm_scale.metrics.real_data import to_model_space
 
@@ -142,8 +146,8 @@ def encode_rank(module, src: str, batch_size: int, strict: bool, keep_pixels: bo
 
     channels, resolution = module.sample_shape[0], module.sample_shape[-1]
     source = open_source(src, resolution=resolution, channels=channels)
-    parts: List[Part] = []
-    skipped: List[Skip] = []
+    parts: list[Part] = []
+    skipped: list[Skip] = []
     pending: list = []  # (index, image, label, key) of the current global batch
 
     def flush() -> None:
@@ -163,7 +167,7 @@ def encode_rank(module, src: str, batch_size: int, strict: bool, keep_pixels: bo
             continue
         image, reason = decode(raw, channels, resolution)
         if image is None:
-            skipped.append((index, key or raw.origin, reason))
+            skipped.append((index, raw.origin, reason))
             if strict:
                 break
             continue
@@ -172,19 +176,19 @@ def encode_rank(module, src: str, batch_size: int, strict: bool, keep_pixels: bo
     return parts, skipped, source
 
 
-def gather(parts: List[Part], skipped: List[Skip], rank: int, world: int):
+def gather(parts: list[Part], skipped: list[Skip], rank: int, world: int):
     """Every rank's skips on every rank; every rank's parts on rank 0 (None elsewhere)."""
     if world == 1:
         return parts, skipped
     all_skipped: list = [None] * world
     torch.distributed.all_gather_object(all_skipped, skipped)
-    all_parts: Optional[list] = [None] * world if rank == 0 else None
+    all_parts: list | None = [None] * world if rank == 0 else None
     torch.distributed.gather_object(parts, all_parts, dst=0)
     merged = [part for rank_parts in all_parts for part in rank_parts] if rank == 0 else None
     return merged, [skip for rank_skips in all_skipped for skip in rank_skips]
 
 
-def assemble(parts: List[Part], skipped: List[Skip], class_names, keep_pixels: bool) -> Encoded:
+def assemble(parts: list[Part], skipped: list[Skip], class_names, keep_pixels: bool) -> Encoded:
     """Parts in source order -> one Encoded (labels / keys only when every row has one)."""
     parts = sorted(parts, key=lambda part: part.indices[0])
     if not parts:
@@ -202,7 +206,7 @@ def assemble(parts: List[Part], skipped: List[Skip], class_names, keep_pixels: b
 
 
 def encode_source(module, src: str, batch_size: int = 256, strict: bool = False,
-                  keep_pixels: bool = False) -> Optional[Encoded]:
+                  keep_pixels: bool = False) -> Encoded | None:
     """Encode every readable sample of `src` with `module` (see the module docstring); every
     process of a torchrun launch calls it. Returns the Encoded rows on rank 0, None elsewhere."""
     if batch_size < 1:
@@ -232,16 +236,20 @@ def npz_bytes(encoded: Encoded) -> bytes:
     return buffer.getvalue()
 
 
-def skipped_line(skipped: List[Skip], limit: int = 10) -> Optional[str]:
+def skipped_line(skipped: list[Skip], limit: int = 10) -> str | None:
     """'skipped 1 unreadable sample: NAME (reason)' (the first `limit` named), None if none."""
     if not skipped:
         return None
+    shards = sum(reason.startswith(DAMAGED_SHARD) for _, _, reason in skipped)
+    samples = len(skipped) - shards
+    counts = ([f"{samples} unreadable sample{'s' if samples > 1 else ''}"] if samples else []) + \
+        ([f"the rest of {shards} damaged shard{'s' if shards > 1 else ''}"] if shards else [])
     named = ", ".join(f"{name} ({reason})" for _, name, reason in skipped[:limit])
     more = f", and {len(skipped) - limit} more" if len(skipped) > limit else ""
-    return f"skipped {len(skipped)} unreadable sample{'s' if len(skipped) > 1 else ''}: {named}{more}"
+    return f"skipped {' and '.join(counts)}: {named}{more}"
 
 
-def model_device(device: Optional[str] = None) -> torch.device:
+def model_device(device: str | None = None) -> torch.device:
     """`device`, else this process's GPU (under torchrun: its local one), else the CPU."""
     if device is not None:
         return torch.device(device)
@@ -249,18 +257,23 @@ def model_device(device: Optional[str] = None) -> torch.device:
 
 
 def encode_checkpoint(checkpoint: str | Path, src: str, out: str | Path, batch_size: int = 256,
-                      strict: bool = False, device: Optional[str] = None) -> Optional[Encoded]:
+                      strict: bool = False, device: str | None = None) -> Encoded | None:
     """Encode `src` with the model of `checkpoint` and write `out` (.npz, atomically, by rank 0).
     Under torchrun every process calls it and they split the work; returns the rows on rank 0."""
     from dgm_scale.core.files import write_bytes_atomic
     from dgm_scale.modules import load_module
     from dgm_scale.score import init_distributed_from_env
 
+    joined = torch.distributed.is_available() and not torch.distributed.is_initialized()
     init_distributed_from_env()
-    module = load_module(checkpoint).to(model_device(device))
-    encoded = encode_source(module, src, batch_size, strict)
-    if encoded is not None:
-        write_bytes_atomic(out, npz_bytes(encoded))
-    if distributed()[1] > 1:
-        torch.distributed.barrier()
+    try:
+        module = load_module(checkpoint).to(model_device(device))
+        encoded = encode_source(module, src, batch_size, strict)
+        if encoded is not None:
+            write_bytes_atomic(out, npz_bytes(encoded))
+        if distributed()[1] > 1:
+            torch.distributed.barrier()
+    finally:  # a group this call joined is left before the process exits (gloo aborted otherwise, seen)
+        if joined and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return encoded
