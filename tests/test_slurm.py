@@ -48,6 +48,27 @@ def wait_for(condition, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def start_requeued_now(job: str, *settings: str) -> None:
+    """Start a requeued job now instead of after `cred_expire`. Wait for it to pend, then two more
+    seconds: slurmd revokes the old credential on a 1-second clock, and a start within the same
+    second fails the job with "Job credential revoked"."""
+    wait_for(lambda: job_field(job, "JobState") == "PENDING", 120, "the requeued job to be pending")
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", *settings, "StartTime=now"], check=True)
+
+
+def wait_for_state(job: str, state: str, timeout: float) -> None:
+    """Wait for the job to reach `state`; fail at once if it ends in another final state."""
+    final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+    def reached() -> bool:
+        current = job_field(job, "JobState")
+        assert current == state or current not in final, f"job {job} ended {current}, not {state}"
+        return current == state
+
+    wait_for(reached, timeout, f"the job to be {state}")
+
+
 def logged_iterations(run_dir: Path) -> list[int]:
     if not (run_dir / "metrics.csv").exists():
         return []
@@ -78,10 +99,8 @@ def test_sbatch_trains_two_ranks_checkpoints_on_a_signal_requeues_and_resumes(sl
         subprocess.run(["scancel", f"--signal={signal_name}", job], check=True)
         wait_for(lambda: (run_dir / "hpc_ckpt_1.ckpt").exists() and job_field(job, "Restarts") == "1", 120,
                  f"the {signal_name} checkpoint and the requeue")
-        # A requeued job waits `cred_expire` seconds before it may start again: start it now.
-        wait_for(lambda: job_field(job, "JobState") == "PENDING", 120, "the requeued job to be pending")
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-        wait_for(lambda: job_field(job, "JobState") == "COMPLETED", 400, "the resumed job to complete")
+        start_requeued_now(job)
+        wait_for_state(job, "COMPLETED", 400)
     finally:
         subprocess.run(["scancel", job], capture_output=True)
     log = output.read_text()
@@ -160,10 +179,7 @@ def test_a_job_at_its_time_limit_checkpoints_requeues_and_finishes(slurm_cluster
                  "the time limit's checkpoint and the requeue")
         stopped_at = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] // 2
         # the second part: the rest of the run, with room for it
-        wait_for(lambda: job_field(job, "JobState") == "PENDING", 120, "the requeued job to be pending")
-        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30", "StartTime=now"], check=True)
-        if job_field(job, "JobState") == "PENDING":  # a second nudge; the job may already run (then it fails)
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        start_requeued_now(job, "TimeLimit=30")
         wait_for(lambda: len(logged_iterations(run_dir)) > stopped_at + 5, 240, "the second part to train")
         subprocess.run(["scancel", "--signal=USR1", job], check=True)  # end the test's second part early
         wait_for(lambda: (run_dir / "hpc_ckpt_2.ckpt").exists(), 120, "the second part's checkpoint")
