@@ -25,7 +25,9 @@ def test_mode_coverage_counts_modes_and_quality():
 
 
 def test_mlp_gan_recovers_the_ring_of_eight_gaussians(configs_dir, tmp_path):
-    cfg = load_config(configs_dir / "ring8.yaml", [f"run.dir={tmp_path / 'run'}", "trainer.progress_bar=false"])
+    # half the config's 2000 steps: seeds 0-2 all reach 8/8 modes, > 80% high quality, at 1000
+    cfg = load_config(configs_dir / "ring8.yaml", [f"run.dir={tmp_path / 'run'}", "trainer.progress_bar=false",
+                                                   "trainer.max_steps=1000"])
     start = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - start

@@ -1,4 +1,5 @@
 """The README's Python API block and the examples/ scripts run as written (shortened by overrides)."""
+import os
 import re
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from helpers import ROOT
 def run_python(args: list[str], cwd, timeout: int = 300) -> str:
     proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                               "HOME": str(cwd), "WANDB_MODE": "disabled"})
+                               "HOME": os.environ.get("HOME", str(cwd)), "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
