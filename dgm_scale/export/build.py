@@ -85,7 +85,8 @@ def _write(network: nn.Module, example: tuple[Tensor, ...], names: list[str], fm
             torch.jit.save(torch.jit.trace(network, example, check_trace=False), str(path))
         elif fmt == "exported":
             program = torch.export.export(network, example, dynamic_shapes=_dynamic_shapes(names, dynamic))
-            torch.export.save(program, str(path))
+            with open(path, "wb") as handle:  # a file object: a path not ending in .pt2 (the
+                torch.export.save(program, handle)  # temporary name) makes torch warn it is no package
         else:
             _write_onnx(network, example, names, path, dynamic)
 

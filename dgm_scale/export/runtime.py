@@ -46,7 +46,8 @@ def load_runner(path: str | Path, fmt: str, precision: str) -> Callable[..., Ten
             torch.backends.quantized.engine = QUANTIZED_ENGINE
         module = torch.jit.load(path, map_location="cpu")
     elif fmt == "exported":
-        module = torch.export.load(path).module()
+        with open(path, "rb") as handle:  # any file name (see build._write)
+            module = torch.export.load(handle).module()
     elif fmt == "onnx":
         return _onnx_runner(path)
     else:
