@@ -76,7 +76,9 @@ def logged_iterations(run_dir: Path) -> list[int]:
         return [int(float(row["train/iteration"])) for row in csv.DictReader(handle) if row.get("train/iteration")]
 
 
-@pytest.mark.parametrize("signal_name, extra", [("USR1", []), ("TERM", ["run.requeue_on=[USR1,TERM]"])])
+# TERM with requeue: also the time-limit test below (its time limit and its scancel --signal=TERM)
+@pytest.mark.parametrize("signal_name, extra", [("USR1", []), pytest.param("TERM", ["run.requeue_on=[USR1,TERM]"],
+                                                                          marks=pytest.mark.slow)])
 def test_sbatch_trains_two_ranks_checkpoints_on_a_signal_requeues_and_resumes(slurm_cluster, tmp_path, signal_name,
                                                                                 extra):
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
@@ -163,7 +165,8 @@ def test_a_four_point_sweep_runs_as_a_job_array_and_compares(slurm_cluster, tmp_
 
 def test_a_job_at_its_time_limit_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path):
     """A 1-minute job: at its time limit SLURM sends SIGTERM (SIGKILL after KillWait); with
-    run.requeue_on=[USR1,TERM] it checkpoints, requeues itself, and its second part finishes."""
+    run.requeue_on=[USR1,TERM] it checkpoints, requeues itself, and its second part continues
+    every iteration once, until `scancel --signal=TERM` makes it checkpoint again."""
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONPATH=str(ROOT))
     steps = 100_000  # more than a minute's worth: the first part ends at the limit
@@ -181,11 +184,12 @@ def test_a_job_at_its_time_limit_checkpoints_requeues_and_finishes(slurm_cluster
         # the second part: the rest of the run, with room for it
         start_requeued_now(job, "TimeLimit=30")
         wait_for(lambda: len(logged_iterations(run_dir)) > stopped_at + 5, 240, "the second part to train")
-        subprocess.run(["scancel", "--signal=USR1", job], check=True)  # end the test's second part early
+        subprocess.run(["scancel", "--signal=TERM", job], check=True)  # end the second part early: scancel's TERM
         wait_for(lambda: (run_dir / "hpc_ckpt_2.ckpt").exists(), 120, "the second part's checkpoint")
     finally:
         subprocess.run(["scancel", job], capture_output=True)
     log = output.read_text()
     assert "signal 15: saved" in log, log[-3000:]  # the time limit's SIGTERM, caught
+    assert re.search(r"signal .*: saved \S*hpc_ckpt_2\.ckpt", log), log[-3000:]  # and scancel's
     iterations = logged_iterations(run_dir)
     assert 30 <= stopped_at and sorted(iterations) == list(range(1, len(iterations) + 1))  # each once, no gap
