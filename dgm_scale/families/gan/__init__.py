@@ -143,15 +143,24 @@ def describe(setting: Callable[..., Any]) -> List[Tuple[str, str]]:
     extras = [f"n_critic {setting('loss.n_critic')}" if (setting("loss.n_critic") or 1) > 1 else "",
               f"gradient penalty {setting('loss.gp_weight')}" if setting("loss.gp_weight") else "",
               f"clipping {setting('loss.clip_value')}" if setting("loss.clip_value") else ""]
-    ema = setting("model.ema_decay") or 0
     classes = setting("model.num_classes") or 0
+    ema, augmentation, optimizer = adversarial_rows(setting)
     return [("model", f"GAN: G {net_label(setting, 'generator')}, D {net_label(setting, 'discriminator')}, "
                       f"latent {setting('model.latent_dim')}" + (f", {classes} classes" if classes else "")),
             ("loss", ", ".join([str(setting("loss.name"))] + [e for e in extras if e])),
-            ("EMA of G", f"decay up to {ema}, ramp-up {setting('model.ema_rampup', 0)}" if ema else "none"),
+            ema,
             ("regularisers", ", ".join(part for part in (
                 f"R1 gamma {setting('loss.r1_gamma')} every {setting('loss.r1_interval', 1)}" if setting("loss.r1_gamma") else "",
                 f"LeCam {setting('loss.lecam_weight')}" if setting("loss.lecam_weight") else "") if part) or "none"),
+            augmentation,
+            optimizer]
+
+
+def adversarial_rows(setting: Callable[..., Any]) -> List[Tuple[str, str]]:
+    """The report rows every generator-against-discriminator family has: G's EMA, the
+    augmentation and the two optimizers."""
+    ema = setting("model.ema_decay") or 0
+    return [("EMA of G", f"decay up to {ema}, ramp-up {setting('model.ema_rampup', 0)}" if ema else "none"),
             ("augmentation", augmentation_label(setting)),
             ("optimizer", f"G {setting('optim.g.name')} lr {setting('optim.g.lr')}, "
                           f"D {setting('optim.d.name')} lr {setting('optim.d.lr')}")]

@@ -77,7 +77,7 @@ class AdversarialModule(LatentModule):
     semi-supervised GAN): G and D built from the config (D with `discriminator_outputs` scores
     per image), G's EMA with standing statistics, augmentation of everything D sees, and the
     iteration of `loss.n_critic` D steps then one G step. A subclass gives `discriminator_step`
-    and `generator_step`, each of which calls `guarded_step` (and the G step `step_ema`)."""
+    and `generator_step` (which ends in `step_generator`: G's guarded step and its EMA)."""
 
     #: D's scores per image (the GAN: one real-vs-fake logit)
     discriminator_outputs: int = 1
@@ -196,6 +196,16 @@ class AdversarialModule(LatentModule):
     def _stepped_norm(self, stepped: bool, opt, network: nn.Module) -> Tensor:
         """The stepped gradient's global norm; NaN for a skipped step (its gradient is gone)."""
         return step_interface(self._trainer).gradient_norm(opt, network) if stepped else torch.tensor(float("nan"))
+
+    def step_generator(self, g_loss: Tensor, opt, with_logs: bool) -> Dict[str, Tensor]:
+        """G's backward and (guarded) step on `g_loss`, then its EMA; G's logs when `with_logs`."""
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss, opt)
+        stepped = self.guarded_step(g_loss, opt, self.generator, "generator")
+        logs = {"g_loss": g_loss.detach(),
+                "g_grad_norm": self._stepped_norm(stepped, opt, self.generator)} if with_logs else {}
+        self.step_ema(stepped, logs, with_logs)
+        return logs
 
     def step_ema(self, stepped: bool, logs: Dict[str, Tensor], with_logs: bool) -> None:
         """After a G step: G's moving average takes the new weights (a skipped step leaves G, so
@@ -332,13 +342,7 @@ class GANModule(AdversarialModule):
         with frozen(self.discriminator):
             fake_logits = self._critic(fake_images, labels)
         g_loss = self.adversarial.g_loss(fake_logits)
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(g_loss, opt)
-        stepped = self.guarded_step(g_loss, opt, self.generator, "generator")
-        logs = {"g_loss": g_loss.detach(),
-                "g_grad_norm": self._stepped_norm(stepped, opt, self.generator)} if with_logs else {}
-        self.step_ema(stepped, logs, with_logs)
-        return logs
+        return self.step_generator(g_loss, opt, with_logs)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
