@@ -17,7 +17,7 @@ def test_strategy_choice():
     assert isinstance(build_strategy(load_config(overrides=["trainer.strategy=ddp"]).trainer, seed=0), GradientAllReduceDDP)
 
 
-@pytest.mark.parametrize("variant", ["gan", "nsgan", "lsgan", "wgan", "wgan_gp", "hinge", "vae"])
+@pytest.mark.parametrize("variant", ["gan", "nsgan", "lsgan", "wgan", "wgan_gp", "hinge", "vae", "ssgan"])
 def test_every_variant_keeps_ranks_identical(variant, tmp_path):
     proc = torchrun(["tests/ddp_worker.py", f"configs/{variant}.yaml", str(tmp_path), *adapt(f"configs/{variant}.yaml", TINY),
                      "trainer.devices=2", f"run.dir={tmp_path / 'run'}"])
