@@ -25,8 +25,9 @@ def init_distributed_from_env() -> None:
 
 
 def heldout_batches(module) -> Optional[Any]:
-    """The run's held-out split (the same one training evaluates on), for families with a likelihood."""
-    if not module.has_likelihood:
+    """The run's held-out split (the same one training evaluates on), for families scored on it
+    (a likelihood, held-out scores such as a classifier's accuracy)."""
+    if not module.uses_heldout:
         return None
     from dgm_scale.data import DataModule
 

@@ -166,9 +166,9 @@ def train(cfg) -> RunResult:
     per_iteration_batch = cfg.data.batch_size * module.batches_per_iteration
     datamodule = DataModule(cfg.data, batch_size=per_iteration_batch, seed=cfg.run.seed)
     datamodule.setup("fit")  # bad paths and empty data fail here, before a run directory exists
-    wanted_classes = module.num_classes
+    key, wanted_classes = module.label_classes()
     if wanted_classes > 0 and wanted_classes != datamodule.num_classes:
-        raise ConfigError(f"config key 'model.num_classes': {wanted_classes} does not match the "
+        raise ConfigError(f"config key '{key}': {wanted_classes} does not match the "
                           f"{datamodule.num_classes} classes of dataset '{cfg.data.name}'")
     env = launch_env()
     # Rank 0 builds the extractor now (a bad eval setup fails before the run directory exists);

@@ -19,7 +19,7 @@ def test_strategy_choice():
 
 # gan / lsgan / hinge differ from nsgan only in the (pure, unit-tested) loss: `-m slow` runs them
 @pytest.mark.parametrize("variant", [*(pytest.param(v, marks=pytest.mark.slow) for v in ("gan", "lsgan", "hinge")),
-                                     "nsgan", "wgan", "wgan_gp", "vae"])
+                                     "nsgan", "wgan", "wgan_gp", "vae", "ssgan"])
 def test_every_variant_keeps_ranks_identical(variant, tmp_path):
     proc = torchrun(["tests/ddp_worker.py", f"configs/{variant}.yaml", str(tmp_path), *adapt(f"configs/{variant}.yaml", TINY),
                      "trainer.devices=2", f"run.dir={tmp_path / 'run'}"])

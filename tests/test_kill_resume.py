@@ -190,6 +190,13 @@ def test_vae_killed_at_random_resumes_exactly(tmp_path):
     kill_at_random_and_resume(adapt_args([*VAE, *COMMON]), tmp_path, "vae")
 
 
+def test_ssgan_killed_at_random_resumes_exactly(tmp_path):
+    """The semi-supervised GAN: 10 labels per class (a choice keyed to the seed), feature matching."""
+    args = ["configs/ssgan.yaml", *COMMON, "data.batch_size=256"]
+    reference = kill_at_random_and_resume(args, tmp_path, "ssgan")
+    assert "train/d_supervised" in metrics_rows(reference)[0]
+
+
 def test_autoregressive_text_model_killed_at_random_resumes_exactly(tmp_path):
     """A byte-level LSTM on a small text file (epochs of 5 iterations, each starting its
     windows at an offset keyed to the epoch): killed at random, resumed, equal to the straight run."""

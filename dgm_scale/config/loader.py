@@ -212,6 +212,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'model.kind': the {family.name} family does not model {modality} "
                           f"(data.name={cfg.data.name}); it models {', '.join(family.modalities)}")
     family.validate(cfg)
+    if getattr(cfg.model, "num_classes", 0) > 0 and cfg.data.labels_per_class is not None:
+        raise ConfigError("config key 'data.labels_per_class': a class-conditional model (model.num_classes > 0) "
+                          "trains on every label; unset one of them")
     validate_trainer(cfg.trainer)
     run = cfg.run
     for key in ("sample_every", "checkpoint_every", "num_samples"):

@@ -43,6 +43,10 @@ class DataConfig:
     # the held-out split and the evaluation's real data stay whole
     subset: float = 1.0
     seq_len: int = 256  # text: characters (bytes) per training sequence
+    # semi-supervised training: K labelled samples per class of the training split keep their
+    # label, every other one is labelled -1 (hidden); a choice keyed to run.seed (data/labels.py).
+    # unset = every label (0 is an error: say how many)
+    labels_per_class: Optional[int] = None
 
 
 @dataclass

@@ -49,3 +49,18 @@ def validate_data(data: Any) -> None:
     require(0.0 < data.subset <= 1.0, f"config key 'data.subset' must be in (0, 1], got {data.subset}")
     require(data.subset == 1.0 or data.name not in STREAM_DATASETS,
             "config key 'data.subset': a subset of streamed shards is not offered; build a smaller shard set")
+    validate_labels_per_class(data, modality)
+
+
+def validate_labels_per_class(data: Any, modality: str) -> None:
+    """`data.labels_per_class`: unset, or >= 1 on map-style data that has labels (whether every
+    class has that many is checked when the training split is built: data/labels.py)."""
+    from .datasets import STREAM_DATASETS
+
+    per_class = data.labels_per_class
+    if per_class is None:
+        return
+    require(per_class >= 1, f"config key 'data.labels_per_class' must be >= 1 (unset = every label), got {per_class}")
+    require(modality != "text", "config key 'data.labels_per_class': text data has no labels")
+    require(data.name not in STREAM_DATASETS, "config key 'data.labels_per_class': not offered for streamed shards "
+                                              f"(data.name={data.name}): choosing K per class needs every label before training")

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .datasets import STREAM_DATASETS, TOY_DATASETS, DataError, build_dataset, kept_subset
+from .labels import hide_labels
 from .shards.manifest import read_manifest
 from .shards.urls import expand_urls
 from .position import DataPosition, ResumableDistributedSampler
@@ -56,7 +57,8 @@ class DataModule(L.LightningDataModule):
                 self._checked_specs = True
             return
         if self.train_set is None:
-            self.train_set = kept_subset(build_dataset(self.cfg, "train"), float(self.cfg.subset))
+            train_set = kept_subset(build_dataset(self.cfg, "train"), float(self.cfg.subset))
+            self.train_set = hide_labels(train_set, self.cfg.labels_per_class, self.seed, self.cfg.name)
             self.val_set = build_dataset(self.cfg, "val")
 
     def _check_batch_size(self) -> None:

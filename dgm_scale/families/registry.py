@@ -25,6 +25,7 @@ BUILTIN: Dict[str, str] = {
     "gan": "dgm_scale.families.gan",
     "vae": "dgm_scale.families.vae",
     "autoregressive": "dgm_scale.families.autoregressive",
+    "ssgan": "dgm_scale.families.ssgan",
 }
 
 

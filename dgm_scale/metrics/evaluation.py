@@ -228,16 +228,42 @@ def heldout_likelihood(module, batches: Iterable) -> dict[str, float]:
     return {name: float(totals[0] / totals[1] / math.log(2.0))}
 
 
+@torch.no_grad()
+def heldout_averages(module, batches: Iterable) -> dict[str, float]:
+    """The module's `heldout_scores` (e.g. a classifier's test_accuracy) averaged over the
+    held-out samples of `batches`: per name, the sum over all samples / their number (every
+    rank passes the same batches and scores every W-th, then the sums are all-reduced: every
+    rank returns the same numbers, whatever the world size); {} for a model without them."""
+    names = list(module.heldout_score_names)
+    if not names:
+        return {}
+    rank, world = _distributed()
+    totals = torch.zeros(len(names), 2, dtype=torch.float64)
+    for index, batch in enumerate(batches):
+        if index % world != rank:
+            continue
+        for name, (total, count) in module.heldout_scores(batch).items():
+            totals[names.index(name)] += torch.tensor([float(total), float(count)], dtype=torch.float64)
+    if world > 1:
+        totals = totals.to(module.device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    return {name: float(totals[i, 0] / totals[i, 1]) for i, name in enumerate(names) if totals[i, 1] > 0}
+
+
 def evaluate_module(module, evaluator: Optional["Evaluator"], heldout: Optional[Iterable] = None) -> dict[str, float]:
     """Everything an evaluation reports: the sample metrics of each of the module's samplers
-    (the default one unprefixed, e.g. fid; another as `raw/fid`) and the held-out likelihood."""
+    (the default one unprefixed, e.g. fid; another as `raw/fid`), the held-out likelihood and
+    the held-out scores."""
     results: dict[str, float] = {}
     if evaluator is not None:
         for variant in module.sampler_variants():
             prefix = f"{variant}/" if variant else ""
             results.update({prefix + name: value for name, value in evaluator.evaluate(module, variant).items()})
     if heldout is not None:
-        results.update(heldout_likelihood(module, heldout))
+        if module.has_likelihood:
+            results.update(heldout_likelihood(module, heldout))
+        results.update(heldout_averages(module, heldout))
     return results
 
 

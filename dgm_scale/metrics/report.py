@@ -19,6 +19,7 @@ DESCRIPTIONS = {
     "ndb_js": ("JS divergence of bin histograms", "lower"),
     "bits_per_dim": ("held-out negative log-likelihood, bits per dimension (VAE: an upper bound)", "lower"),
     "bits_per_char": ("held-out negative log-likelihood, bits per character", "lower"),
+    "test_accuracy": ("held-out accuracy of the classifier", "higher"),
     "eval_seconds": ("seconds", ""),
 }
 

@@ -4,6 +4,7 @@ the report use, whatever the family."""
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import lightning as L
@@ -37,7 +38,8 @@ class GenerativeModule(L.LightningModule):
 
     A family's module implements `training_step`, `configure_optimizers`, `networks()` and
     `sample_batch()`; optionally `sampler_variants()` (e.g. a GAN's EMA and raw generators) and
-    `heldout_nll()` (families with a likelihood: the evaluation's bits per dim / char) and
+    `heldout_nll()` (families with a likelihood: the evaluation's bits per dim / char),
+    `heldout_scores()` (other averages over the held-out split, e.g. a classifier's accuracy) and
     `encode_features()` (features of real data: `dgm-scale encode` / `probe`).
     """
 
@@ -135,14 +137,16 @@ class GenerativeModule(L.LightningModule):
         self.nonfinite_guard.skips = int(checkpoint.get("nonfinite_skips", 0))
 
     def compiled(self, name: str) -> torch.nn.Module:
-        """Network attribute `name` for a training forward: `torch.compile`d under
-        `trainer.compile` (built on first use, kept outside the module's submodules, so that
-        state dicts and checkpoints hold the plain network's keys), else the network itself."""
+        """Network attribute `name` (dotted for a part: `discriminator.body`) for a training
+        forward: `torch.compile`d under `trainer.compile` (built on first use, kept outside the
+        module's submodules, so that state dicts and checkpoints hold the plain network's keys),
+        else the network itself."""
+        network = operator.attrgetter(name)(self)
         if not self.cfg.trainer.compile:
-            return getattr(self, name)
+            return network
         cache = self.__dict__.setdefault("_compiled_networks", {})
         if name not in cache:
-            cache[name] = torch.compile(getattr(self, name))
+            cache[name] = torch.compile(network)
         return cache[name]
 
     def networks(self) -> Dict[str, torch.nn.Module]:
@@ -234,6 +238,25 @@ class GenerativeModule(L.LightningModule):
 
     #: whether `heldout_nll` scores this model (evaluations then read the held-out split)
     has_likelihood: bool = False
+    #: the names of the `heldout_scores` this model reports (evaluations then read the held-out split)
+    heldout_score_names: Tuple[str, ...] = ()
+
+    @property
+    def uses_heldout(self) -> bool:
+        """Whether evaluations score this model on the held-out split."""
+        return self.has_likelihood or bool(self.heldout_score_names)
+
+    def heldout_scores(self, batch) -> Dict[str, Tuple[Tensor, int]]:
+        """Scores that are averages over held-out samples, for models that predict something of
+        them (a semi-supervised classifier's accuracy): name (one of `heldout_score_names`) ->
+        (the sum over the batch, the number of samples it counts). The evaluation sums both over
+        the held-out split and all ranks and reports sum / count as `eval/<name>`."""
+        return {}
+
+    def label_classes(self) -> Tuple[str, int]:
+        """(config key, K): the training data must have K label classes (K = 0: no demand);
+        a class-conditional model needs its `model.num_classes`."""
+        return "model.num_classes", self.num_classes
 
     def heldout_nll(self, batch, seed: int = 0) -> Optional[Tuple[Tensor, int]]:
         """(total negative log-likelihood in nats over the batch, number of dimensions scored),

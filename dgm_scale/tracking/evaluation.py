@@ -2,11 +2,12 @@
 
 Every rank takes part (each generates and scores its share, see metrics/evaluation.py): the
 sample metrics of each of the family's samplers (a GAN with an EMA: `eval/*` for the EMA
-generator, `eval_raw/*` for the raw one) and, for families with a likelihood, the held-out bits
-per dim / char. Rank 0 logs them, appends a line to `RUN/eval/metrics.jsonl`, and - when
-`eval.best_metric` (of the default sampler) improved - every rank joins in writing
-`checkpoints/best.ckpt` (a collective under DDP / DeepSpeed), with `best.json` beside it naming
-the iteration and the metrics. The best value so far is saved in checkpoints, so a resumed run
+generator, `eval_raw/*` for the raw one) and, for families scored on the held-out split, the
+held-out bits per dim / char or their held-out scores (a classifier's `eval/test_accuracy`).
+Rank 0 logs them, appends a line to `RUN/eval/metrics.jsonl`, and - when `eval.best_metric`
+(of the default sampler) improved - every rank joins in writing `checkpoints/best.ckpt` (a
+collective under DDP / DeepSpeed), with `best.json` beside it naming the iteration and the
+metrics. The best value so far is saved in checkpoints, so a resumed run
 keeps comparing against it.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ class PeriodicEvaluation(L.Callback):
 
         iteration = pl_module.iteration
         datamodule = getattr(trainer, "datamodule", None)
-        heldout = datamodule.val_dataloader() if pl_module.has_likelihood and datamodule is not None else None
+        heldout = datamodule.val_dataloader() if pl_module.uses_heldout and datamodule is not None else None
         results = evaluate_module(pl_module, self.evaluator, heldout)
         self.last_evaluated = iteration
         log_now(trainer, {logged_name(name): value for name, value in results.items()})

@@ -15,11 +15,11 @@ from dgm_scale.families.registry import Family
 
 
 @dataclass
-class GANModelConfig:
+class AdversarialModelConfig:
+    """The `model` section of a family of a generator against a discriminator (the GAN, the SSGAN)."""
     kind: str = "gan"
-    module: Optional[str] = None  # your own module class (a GANModule subclass): package.module:Class
+    module: Optional[str] = None  # your own module class (a subclass of the family's): package.module:Class
     latent_dim: int = 64
-    num_classes: int = 0  # > 0: class-conditional G (embedding) and D (projection)
     generator: NetConfig = field(default_factory=NetConfig)
     discriminator: NetConfig = field(default_factory=NetConfig)
     # > 0 keeps an exponential moving average of G for sampling and evaluation. The decay is at
@@ -31,6 +31,11 @@ class GANModelConfig:
     # for its own weights before it samples (modules/ema.py: standing statistics); 0 = copy the
     # raw generator's statistics instead (the old behaviour, worse: kept for comparison)
     ema_bn_batches: int = 32
+
+
+@dataclass
+class GANModelConfig(AdversarialModelConfig):
+    num_classes: int = 0  # > 0: class-conditional G (embedding) and D (projection)
 
 
 @dataclass
@@ -71,19 +76,11 @@ class GANOptimConfig:
 
 
 def validate(cfg: Any) -> None:
-    from dgm_scale.data.config import modality_of
     from dgm_scale.losses.adversarial import ADVERSARIAL_LOSSES
-    from dgm_scale.modules.optim import validate_optimizer
-    from dgm_scale.nets.config import validate_net
 
     model, loss = cfg.model, cfg.loss
-    modality = modality_of(cfg.data.name)
-    for key in ("generator", "discriminator"):
-        validate_net(f"model.{key}", model[key], modality)
-    for key in ("g", "d"):
-        validate_optimizer(f"optim.{key}", cfg.optim[key])
+    validate_adversarial(cfg)
     choice("loss.name", loss.name, sorted(ADVERSARIAL_LOSSES))
-    at_least("loss.n_critic", loss.n_critic, 1)
     at_least("loss.gp_weight", loss.gp_weight, 0)
     at_least("loss.clip_value", loss.clip_value, 0)
     # Batch norm couples the samples of a batch, so the per-sample gradient the penalty constrains
@@ -96,12 +93,28 @@ def validate(cfg: Any) -> None:
     at_least("loss.r1_interval", loss.r1_interval, 1)
     at_least("loss.lecam_weight", loss.lecam_weight, 0)
     require(0.0 <= loss.lecam_decay < 1.0, f"config key 'loss.lecam_decay' must be in [0, 1), got {loss.lecam_decay}")
+    at_least("model.num_classes", model.num_classes, 0)
+
+
+def validate_adversarial(cfg: Any) -> None:
+    """What every generator-against-discriminator family checks: both networks and optimizers,
+    `loss.n_critic`, the augmentation, the EMA and the latent size."""
+    from dgm_scale.data.config import modality_of
+    from dgm_scale.modules.optim import validate_optimizer
+    from dgm_scale.nets.config import validate_net
+
+    model = cfg.model
+    modality = modality_of(cfg.data.name)
+    for key in ("generator", "discriminator"):
+        validate_net(f"model.{key}", model[key], modality)
+    for key in ("g", "d"):
+        validate_optimizer(f"optim.{key}", cfg.optim[key])
+    at_least("loss.n_critic", cfg.loss.n_critic, 1)
     validate_aug(cfg.aug, modality)
     require(0.0 <= model.ema_decay < 1.0, f"config key 'model.ema_decay' must be in [0, 1), got {model.ema_decay}")
     at_least("model.ema_rampup", model.ema_rampup, 0)
     at_least("model.ema_bn_batches", model.ema_bn_batches, 0)
     at_least("model.latent_dim", model.latent_dim, 1)
-    at_least("model.num_classes", model.num_classes, 0)
 
 
 def validate_aug(aug: Any, modality: str) -> None:
@@ -119,7 +132,7 @@ def validate_aug(aug: Any, modality: str) -> None:
             "config key 'aug': augmentation is for images, not the 2-D toy data")
 
 
-def _net(setting: Callable[..., Any], key: str) -> str:
+def net_label(setting: Callable[..., Any], key: str) -> str:
     target = setting(f"model.{key}.target")
     if target:
         return str(target).rsplit("/", 1)[-1]
@@ -130,21 +143,30 @@ def describe(setting: Callable[..., Any]) -> List[Tuple[str, str]]:
     extras = [f"n_critic {setting('loss.n_critic')}" if (setting("loss.n_critic") or 1) > 1 else "",
               f"gradient penalty {setting('loss.gp_weight')}" if setting("loss.gp_weight") else "",
               f"clipping {setting('loss.clip_value')}" if setting("loss.clip_value") else ""]
-    ema = setting("model.ema_decay") or 0
     classes = setting("model.num_classes") or 0
-    return [("model", f"GAN: G {_net(setting, 'generator')}, D {_net(setting, 'discriminator')}, "
+    ema, augmentation, optimizer = adversarial_rows(setting)
+    return [("model", f"GAN: G {net_label(setting, 'generator')}, D {net_label(setting, 'discriminator')}, "
                       f"latent {setting('model.latent_dim')}" + (f", {classes} classes" if classes else "")),
             ("loss", ", ".join([str(setting("loss.name"))] + [e for e in extras if e])),
-            ("EMA of G", f"decay up to {ema}, ramp-up {setting('model.ema_rampup', 0)}" if ema else "none"),
+            ema,
             ("regularisers", ", ".join(part for part in (
                 f"R1 gamma {setting('loss.r1_gamma')} every {setting('loss.r1_interval', 1)}" if setting("loss.r1_gamma") else "",
                 f"LeCam {setting('loss.lecam_weight')}" if setting("loss.lecam_weight") else "") if part) or "none"),
-            ("augmentation", _augmentation(setting)),
+            augmentation,
+            optimizer]
+
+
+def adversarial_rows(setting: Callable[..., Any]) -> List[Tuple[str, str]]:
+    """The report rows every generator-against-discriminator family has: G's EMA, the
+    augmentation and the two optimizers."""
+    ema = setting("model.ema_decay") or 0
+    return [("EMA of G", f"decay up to {ema}, ramp-up {setting('model.ema_rampup', 0)}" if ema else "none"),
+            ("augmentation", augmentation_label(setting)),
             ("optimizer", f"G {setting('optim.g.name')} lr {setting('optim.g.lr')}, "
                           f"D {setting('optim.d.name')} lr {setting('optim.d.lr')}")]
 
 
-def _augmentation(setting: Callable[..., Any]) -> str:
+def augmentation_label(setting: Callable[..., Any]) -> str:
     parts = [f"DiffAugment {'+'.join(setting('aug.policy'))}"] if setting("aug.policy") else []
     if setting("aug.ada"):
         parts.append(f"ADA ({', '.join(setting('aug.ada_ops') or [])}; target r_t {setting('aug.ada_target')})")
@@ -152,7 +174,7 @@ def _augmentation(setting: Callable[..., Any]) -> str:
 
 
 def summary(setting: Callable[..., Any]) -> str:
-    return f"GAN, {setting('loss.name')} loss, G {_net(setting, 'generator')}, D {_net(setting, 'discriminator')}"
+    return f"GAN, {setting('loss.name')} loss, G {net_label(setting, 'generator')}, D {net_label(setting, 'discriminator')}"
 
 
 FAMILY = Family(

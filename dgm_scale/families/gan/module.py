@@ -1,5 +1,9 @@
 """The GAN Lightning module: composes G, D, an adversarial loss pair and the regularisers.
 
+`AdversarialModule` is what it shares with the other generator-against-discriminator family
+(families/ssgan): the networks, G's EMA, augmentation and the iteration; `GANModule` adds the
+adversarial loss pair and the regularisers.
+
 Manual optimisation: per iteration, `n_critic` discriminator steps, each on its own real batch,
 then one generator step. Every image D sees - real and fake, in D's and G's steps, and inside
 the gradient penalty / R1 - goes through the augmentation (`aug`: DiffAugment, ADA) with noise
@@ -68,7 +72,16 @@ def frozen(net: nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
-class GANModule(LatentModule):
+class AdversarialModule(LatentModule):
+    """What every family of a generator against a discriminator shares (the GAN, the
+    semi-supervised GAN): G and D built from the config (D with `discriminator_outputs` scores
+    per image), G's EMA with standing statistics, augmentation of everything D sees, and the
+    iteration of `loss.n_critic` D steps then one G step. A subclass gives `discriminator_step`
+    and `generator_step` (which ends in `step_generator`: G's guarded step and its EMA)."""
+
+    #: D's scores per image (the GAN: one real-vs-fake logit)
+    discriminator_outputs: int = 1
+
     def __init__(self, config: dict):
         super().__init__(config)
         cfg = self.cfg
@@ -80,9 +93,7 @@ class GANModule(LatentModule):
         self.discriminator = self._build_discriminator()
         self.generator_ema = make_ema_copy(self.generator) if cfg.model.ema_decay > 0 else None
         self._ema_statistics_fresh = False  # the EMA's batch-norm statistics match its weights
-        self.adversarial = build_adversarial_loss(cfg.loss)
         self.augmenter = build_augmenter(cfg.aug)
-        self.lecam = LeCamAnchors(cfg.loss.lecam_decay) if cfg.loss.lecam_weight > 0 else None
 
     # ------------------------------------------------------------------ networks
     def _build_generator(self) -> nn.Module:
@@ -99,15 +110,17 @@ class GANModule(LatentModule):
         return generator
 
     def _build_discriminator(self) -> nn.Module:
-        net = self.cfg.model.discriminator
+        net, outputs = self.cfg.model.discriminator, self.discriminator_outputs
+        provided = {"num_classes": self.num_classes, "image_shape": self.sample_shape}
         discriminator = build_network(
             "model.discriminator", net,
-            lambda: build_discriminator(net, self.sample_shape, self.num_classes),
-            {"num_classes": self.num_classes, "image_shape": self.sample_shape})
+            lambda: build_discriminator(net, self.sample_shape, self.num_classes, out_features=outputs),
+            provided if outputs == 1 else {**provided, "out_features": outputs})
         if net.target:
             labels = torch.arange(2) % self.num_classes if self.num_classes else None
             check_network("model.discriminator", net.target, discriminator,
-                          {"x": torch.zeros(2, *self.sample_shape), "labels": labels}, [(2, 1), (2,)])
+                          {"x": torch.zeros(2, *self.sample_shape), "labels": labels},
+                          [(2, 1), (2,)] if outputs == 1 else [(2, outputs)])
         return discriminator
 
     def configure_optimizers(self):
@@ -165,16 +178,102 @@ class GANModule(LatentModule):
                     state[f"generator_ema.{name}"] = buffer.detach().clone()
 
     # ------------------------------------------------------------------ training
-    def seen(self, images: Tensor, labels: Optional[Tensor] = None, eager: bool = False) -> Tensor:
-        """D's raw output on `images` as D sees them: augmented (see `aug`), noise keyed to the
-        iteration. `eager`: D without torch.compile (the gradient penalty and R1 differentiate
-        this function twice, which compiled graphs do not support)."""
+    def augmented(self, images: Tensor) -> Tensor:
+        """`images` as D sees them: augmented (see `aug`), noise keyed to the iteration."""
         if self.augmenter is not None and self.augmenter.uniforms > 0:
             images = self.augmenter(images, self.draw_noise(images.shape[0], self.augmenter.uniforms, uniform=True))
-        return (self.discriminator if eager else self.compiled("discriminator"))(images, labels)
+        return images
+
+    def seen(self, images: Tensor, labels: Optional[Tensor] = None, eager: bool = False) -> Tensor:
+        """D's raw output on `images` as D sees them (`augmented`). `eager`: D without
+        torch.compile (the gradient penalty and R1 differentiate this function twice, which
+        compiled graphs do not support)."""
+        return (self.discriminator if eager else self.compiled("discriminator"))(self.augmented(images), labels)
 
     def seen_eagerly(self, images: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         return self.seen(images, labels, eager=True)
+
+    def _stepped_norm(self, stepped: bool, opt, network: nn.Module) -> Tensor:
+        """The stepped gradient's global norm; NaN for a skipped step (its gradient is gone)."""
+        return step_interface(self._trainer).gradient_norm(opt, network) if stepped else torch.tensor(float("nan"))
+
+    def step_generator(self, g_loss: Tensor, opt, with_logs: bool) -> Dict[str, Tensor]:
+        """G's backward and (guarded) step on `g_loss`, then its EMA; G's logs when `with_logs`."""
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss, opt)
+        stepped = self.guarded_step(g_loss, opt, self.generator, "generator")
+        logs = {"g_loss": g_loss.detach(),
+                "g_grad_norm": self._stepped_norm(stepped, opt, self.generator)} if with_logs else {}
+        self.step_ema(stepped, logs, with_logs)
+        return logs
+
+    def step_ema(self, stepped: bool, logs: Dict[str, Tensor], with_logs: bool) -> None:
+        """After a G step: G's moving average takes the new weights (a skipped step leaves G, so
+        its average, as is)."""
+        if not stepped or self.generator_ema is None:
+            return
+        model = self.cfg.model
+        decay = ramped_decay(model.ema_decay, model.ema_rampup, self.iteration + 1)
+        update_ema(self.generator_ema, self.generator, decay, copy_batchnorm=model.ema_bn_batches == 0)
+        self._ema_statistics_fresh = False
+        if with_logs:
+            logs["ema_decay"] = torch.tensor(decay)
+
+    def _adjust_augmentation(self) -> None:
+        """ADA: every `aug.ada_interval` D steps, p follows r_t over all ranks' real batches."""
+        if self.augmenter is None:
+            return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        reduce_sum = (lambda t: strategy.reduce(t, reduce_op="sum")) if strategy is not None else (lambda t: t)
+        self.augmenter.adjust(reduce_sum)
+
+    def step_labels(self, labels: Tensor) -> Optional[Tensor]:
+        """The labels the D and G steps take (the GAN: only a class-conditional one's)."""
+        return labels if self.num_classes > 0 else None
+
+    def discriminator_step(self, real_images: Tensor, labels: Optional[Tensor], opt,
+                           with_logs: bool = True, step_index: int = 0) -> Dict[str, Tensor]:
+        """One D step on a real batch; returns its logs (`d_loss` among them) when `with_logs`;
+        `step_index`: this step's number among all D steps of the run."""
+        raise NotImplementedError
+
+    def generator_step(self, real_images: Tensor, labels: Optional[Tensor], opt,
+                       with_logs: bool = True) -> Dict[str, Tensor]:
+        """One G step (as many samples as `real_images`, the last D step's real batch); returns
+        its logs (`g_loss` among them) when `with_logs`."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        real_images, labels = batch[0], self.step_labels(batch[1])  # (a shard stream adds its position info)
+        opt_g, opt_d = self.optimizers()
+        log_now = self.logging_due()
+        # The loader hands over n_critic batches at once: one fresh real batch per critic step.
+        real_chunks = real_images.chunk(self.n_critic)
+        label_chunks = labels.chunk(self.n_critic) if labels is not None else [None] * self.n_critic
+        for index, (real_chunk, label_chunk) in enumerate(zip(real_chunks, label_chunks)):
+            last = index == self.n_critic - 1  # the logged D values are those of the last critic step
+            logs = self.discriminator_step(real_chunk, label_chunk, opt_d, with_logs=log_now and last,
+                                           step_index=self.iteration * self.n_critic + index)
+        logs.update(self.generator_step(real_chunks[-1], label_chunks[-1], opt_g, with_logs=log_now))
+        self._adjust_augmentation()
+        if not log_now:
+            return
+        steps = step_interface(self._trainer)
+        if steps.owns_overflow:  # fp16: each network's loss scale (halved at every overflow)
+            logs.update(loss_scale_g=steps.loss_scale(opt_g), loss_scale_d=steps.loss_scale(opt_d))
+        ada = self.augmenter.ada if self.augmenter is not None else None
+        self.log_train(logs, {"aug/p": float(ada.p), "aug/rt": float(ada.last_rt)} if ada is not None else None)
+        self.log_dict({"d": logs["d_loss"], "g": logs["g_loss"]}, prog_bar=True, logger=False)
+
+
+class GANModule(AdversarialModule):
+    """The GAN: D's one logit under the adversarial loss pair `loss.name`, with the configured
+    regularisers (gradient penalty, weight clipping, R1, LeCam)."""
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.adversarial = build_adversarial_loss(self.cfg.loss)
+        self.lecam = LeCamAnchors(self.cfg.loss.lecam_decay) if self.cfg.loss.lecam_weight > 0 else None
 
     def _critic(self, images: Tensor, labels: Optional[Tensor]) -> Tensor:
         """Discriminator logits [N] (float32) for images [N, *sample_shape], augmented.
@@ -237,28 +336,13 @@ class GANModule(LatentModule):
             self.lecam.update(means[0], means[1])
         return total, tuple(scaled)
 
-    def _stepped_norm(self, stepped: bool, opt, network: nn.Module) -> Tensor:
-        """The stepped gradient's global norm; NaN for a skipped step (its gradient is gone)."""
-        return step_interface(self._trainer).gradient_norm(opt, network) if stepped else torch.tensor(float("nan"))
-
-    def generator_step(self, num: int, labels: Optional[Tensor], opt, with_logs: bool = True) -> Dict[str, Tensor]:
-        fake_images = self.compiled("generator")(self.draw_noise(num, self.latent_dim), labels)
+    def generator_step(self, real_images: Tensor, labels: Optional[Tensor], opt,
+                       with_logs: bool = True) -> Dict[str, Tensor]:
+        fake_images = self.compiled("generator")(self.draw_noise(real_images.shape[0], self.latent_dim), labels)
         with frozen(self.discriminator):
             fake_logits = self._critic(fake_images, labels)
         g_loss = self.adversarial.g_loss(fake_logits)
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(g_loss, opt)
-        stepped = self.guarded_step(g_loss, opt, self.generator, "generator")
-        logs = {"g_loss": g_loss.detach(),
-                "g_grad_norm": self._stepped_norm(stepped, opt, self.generator)} if with_logs else {}
-        if stepped and self.generator_ema is not None:  # a skipped step leaves G, so its average, as is
-            model = self.cfg.model
-            decay = ramped_decay(model.ema_decay, model.ema_rampup, self.iteration + 1)
-            update_ema(self.generator_ema, self.generator, decay, copy_batchnorm=model.ema_bn_batches == 0)
-            self._ema_statistics_fresh = False
-            if with_logs:
-                logs["ema_decay"] = torch.tensor(decay)
-        return logs
+        return self.step_generator(g_loss, opt, with_logs)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -266,34 +350,3 @@ class GANModule(LatentModule):
         if self.cfg.trainer.compile and (loss.gp_weight > 0 or loss.r1_gamma > 0) and self.trainer.is_global_zero:
             log.info("trainer.compile: the gradient penalty / R1 run D eagerly (torch.compile does not "
                      "support their double backward); the other forwards are compiled")
-
-    def _adjust_augmentation(self) -> None:
-        """ADA: every `aug.ada_interval` D steps, p follows r_t over all ranks' real batches."""
-        if self.augmenter is None:
-            return
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        reduce_sum = (lambda t: strategy.reduce(t, reduce_op="sum")) if strategy is not None else (lambda t: t)
-        self.augmenter.adjust(reduce_sum)
-
-    def training_step(self, batch, batch_idx: int) -> None:
-        real_images, labels = batch[0], batch[1]  # (a shard stream adds its position info)
-        labels = labels if self.num_classes > 0 else None
-        opt_g, opt_d = self.optimizers()
-        log_now = self.logging_due()
-        # The loader hands over n_critic batches at once: one fresh real batch per critic step.
-        real_chunks = real_images.chunk(self.n_critic)
-        label_chunks = labels.chunk(self.n_critic) if labels is not None else [None] * self.n_critic
-        for index, (real_chunk, label_chunk) in enumerate(zip(real_chunks, label_chunks)):
-            last = index == self.n_critic - 1  # the logged D values are those of the last critic step
-            logs = self.discriminator_step(real_chunk, label_chunk, opt_d, with_logs=log_now and last,
-                                           step_index=self.iteration * self.n_critic + index)
-        logs.update(self.generator_step(real_chunks[-1].shape[0], label_chunks[-1], opt_g, with_logs=log_now))
-        self._adjust_augmentation()
-        if not log_now:
-            return
-        steps = step_interface(self._trainer)
-        if steps.owns_overflow:  # fp16: each network's loss scale (halved at every overflow)
-            logs.update(loss_scale_g=steps.loss_scale(opt_g), loss_scale_d=steps.loss_scale(opt_d))
-        ada = self.augmenter.ada if self.augmenter is not None else None
-        self.log_train(logs, {"aug/p": float(ada.p), "aug/rt": float(ada.last_rt)} if ada is not None else None)
-        self.log_dict({"d": logs["d_loss"], "g": logs["g_loss"]}, prog_bar=True, logger=False)
