@@ -123,6 +123,7 @@ class Evaluator:
         if rank == 0:
             _barrier()
         self._real: Optional[Tensor] = None
+        self._real_ready = False  # on every rank: real_features() has run (the features are on rank 0)
 
     def metric_names(self) -> list[str]:
         if self.settings.metrics:
@@ -137,14 +138,18 @@ class Evaluator:
                 "extractor": self.extractor.key()}
 
     def real_features(self) -> Optional[Tensor]:
-        """All real features [num_real, D] on rank 0 (None elsewhere); cached on disk and in memory."""
-        if self._real is not None:
+        """All real features [num_real, D] on rank 0 (None elsewhere); cached on disk and in memory.
+        Every rank knows whether they are in memory (`_real_ready`): the ranks whose `_real` is
+        None must not re-enter the collectives below while rank 0 goes on (a second sampler of
+        the same evaluation, e.g. a GAN's raw generator, hung 2-process runs)."""
+        if self._real_ready:
             return self._real
         rank, world = _distributed()
         key = self.key_parts()
         cached = load_cached(key, self.cache_dir) if rank == 0 else None
         if _broadcast(cached is not None):
             self._real = cached if rank == 0 else None
+            self._real_ready = True
             return self._real
         s = self.settings
         batches = real_batches(s.real, self.sample_shape, s.num_real or s.num_samples, s.seed, rank, world,
@@ -155,6 +160,7 @@ class Evaluator:
             path = save_cached(key, features, self.cache_dir)
             log.info("cached %d real features of %s -> %s", len(features), s.real, path)
             self._real = features
+        self._real_ready = True
         return self._real
 
     @torch.no_grad()
