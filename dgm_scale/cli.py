@@ -273,7 +273,7 @@ def _add_evaluate_parsers(commands: argparse._SubParsersAction) -> None:
                                                   "(default: the run's training data)")
     ev.add_argument("--num-samples", type=int, metavar="N", help="generated samples (default: the run's eval.num_samples)")
     ev.add_argument("--num-real", type=int, metavar="M", help="real samples (0 = as many as N, at most all)")
-    ev.add_argument("--metrics", help="comma-separated: fid,kid,is,pr,dc,ndb (default: fid,kid,pr,ndb + is)")
+    ev.add_argument("--metrics", help="comma-separated: fid,kid,is,pr,dc,ndb,probe (default: fid,kid,pr,ndb + is)")
     ev.add_argument("--extractor", help="auto | inception | inception:PATH_OR_URL | classifier:PATH | digits | identity")
     ev.add_argument("--inception-weights", metavar="PATH_OR_URL")
     ev.add_argument("--cache-dir", help="feature statistics, weights and classifiers (default ~/.cache/dgm_scale)")

@@ -43,6 +43,8 @@ def evaluate(checkpoint: str | Path, out: Optional[str | Path] = None, device: O
     num_real, seed, batch_size, cache_dir, inception_weights, metrics (a list or "fid,kid").
     Rank 0 writes the JSON report to `out` (default: CHECKPOINT.eval.json)."""
     from dgm_scale.metrics.evaluation import Evaluator, eval_settings, evaluate_module, scores_samples
+    from dgm_scale.metrics.probe_metric import ProbeEvaluator
+    from dgm_scale.metrics.registry import known_metrics
     from dgm_scale.metrics.report import write_report
     from dgm_scale.modules import load_module
 
@@ -61,14 +63,18 @@ def evaluate(checkpoint: str | Path, out: Optional[str | Path] = None, device: O
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if target.type == "cuda" and torch.distributed.is_initialized():
         target = torch.device("cuda", torch.cuda.current_device())
-    evaluator, eval_config = None, None
+    evaluator, eval_config, probe = None, None, None
     if scores_samples(cfg):
         eval_config = eval_settings(cfg)
+        unknown = [name for name in eval_config.metrics if name not in known_metrics()]
+        if unknown:
+            raise ConfigError(f"--metrics: unknown metric(s) {unknown}; known: {known_metrics()}")
         try:
-            evaluator = Evaluator(eval_config, module.sample_shape, target)
+            evaluator = Evaluator(eval_config, module.sample_shape, target) if eval_config.has_sample_metrics else None
         except ValueError as error:  # a bad extractor spec / weights file / option: one line, named
             raise ConfigError(str(error)) from None
-    results = evaluate_module(module.to(target), evaluator, heldout_batches(module))
+        probe = ProbeEvaluator(eval_config, module.sample_shape) if eval_config.has_probe else None
+    results = evaluate_module(module.to(target), evaluator, heldout_batches(module), probe)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         path = Path(out) if out is not None else Path(checkpoint).with_suffix(".eval.json")
         write_report(path, results, eval_config, Path(checkpoint), module.checkpoint_iteration,
@@ -116,6 +122,7 @@ def fid(a: str, b: str, *, num_a: int = 0, num_b: int = 0, resolution: Optional[
     from dgm_scale.metrics.evaluation import EvalSettings, Evaluator
     from dgm_scale.metrics.extractors import resolve_extractor_spec
     from dgm_scale.metrics.real_data import real_batches
+    from dgm_scale.metrics.registry import MODEL_METRICS
 
     init_distributed_from_env()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
@@ -124,6 +131,9 @@ def fid(a: str, b: str, *, num_a: int = 0, num_b: int = 0, resolution: Optional[
     shape = (channels or guessed[0], resolution or guessed[1], resolution or guessed[1])
     spec = resolve_extractor_spec(extractor, "digits" if "builtin:digits" in (a, b) else "folder")
     names = [n.strip() for n in metrics.split(",")] if isinstance(metrics, str) else list(metrics or [])
+    if set(names) & set(MODEL_METRICS):
+        raise ConfigError(f"--metrics {','.join(names)}: {sorted(set(names) & set(MODEL_METRICS))} score a model, "
+                          "not two data sources (dgm-scale evaluate CKPT --metrics probe, or dgm-scale probe)")
     num_b = num_b or source_size(b)
     settings = EvalSettings(real=a, extractor=spec, metrics=names, num_samples=num_b, num_real=num_a or source_size(a),
                             seed=seed, batch_size=batch_size, cache_dir=cache_dir, inception_weights=inception_weights)

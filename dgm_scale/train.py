@@ -173,7 +173,7 @@ def train(cfg) -> RunResult:
     env = launch_env()
     # Rank 0 builds the extractor now (a bad eval setup fails before the run directory exists);
     # the other ranks' evaluators build theirs at train start, from rank 0's files.
-    extractor = prepare_evaluation(cfg) if env.global_rank == 0 else None
+    extractor = prepare_evaluation(cfg, module) if env.global_rank == 0 else None
     run_dir = make_run_dir(cfg, env)
     lock = RunLock(run_dir, env.slurm_job) if env.global_rank == 0 else None
     if lock is not None:  # one training per run directory (a second one stops here)

@@ -44,6 +44,7 @@ def adapt_args(args: list[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- runs
 ROOT = Path(__file__).resolve().parents[1]
+TOY_FAMILY = ROOT / "tests" / "toy_family.py"  # a family defined outside the package (no encode_features)
 
 
 TINY = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=8", "model.generator.width=4", "model.discriminator.width=4",

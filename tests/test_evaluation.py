@@ -18,6 +18,7 @@ from dgm_scale.data.datasets import DataError
 from dgm_scale.metrics import evaluation as evaluation_module
 from dgm_scale.metrics.evaluation import EvalSettings, Evaluator, evaluate_module, generated_batches
 from dgm_scale.metrics.extractors import build_extractor
+from dgm_scale.metrics.probe_metric import ProbeEvaluator
 from dgm_scale.metrics.real_data import rank_share, real_batches
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.train import train
@@ -121,6 +122,15 @@ def test_real_features_are_cached_on_disk(tmp_path, monkeypatch):
         Evaluator(settings, (2,), torch.device("cpu")).real_features()
 
 
+class PixelEncoder(torch.nn.Module):
+    """A 'model' whose features of an image are its pixels: the probe metric's plumbing alone."""
+
+    device = torch.device("cpu")
+
+    def encode_features(self, images, labels=None):
+        return {"pixels": images.flatten(1)}
+
+
 def _evaluate_worker(rank: int, world: int, init_file: str, checkpoint: str, out: str, num: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -130,6 +140,9 @@ def _evaluate_worker(rank: int, world: int, init_file: str, checkpoint: str, out
                                 batch_size=37, options={"kid_subset_size": 100, "kid_subsets": 10})
         # both samplers (the EMA and the raw generator), as a training evaluation scores them
         results = evaluate_module(module, Evaluator(settings, module.sample_shape, torch.device("cpu")))
+        probe = EvalSettings(real="builtin:digits", extractor="digits", metrics=["probe"], batch_size=37,
+                             options={"probe_samples": num, "probe_seeds": 2})  # uneven shares of digits
+        results.update(ProbeEvaluator(probe, (1, 8, 8)).evaluate(PixelEncoder()))
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -146,7 +159,8 @@ def test_two_processes_equal_one_process_with_uneven_shares(tmp_path):
     one = torch.load(tmp_path / "one.0")
     two = [torch.load(tmp_path / f"two.{rank}") for rank in range(2)]
     assert two[0] == two[1]  # every rank gets rank 0's numbers
-    for name in ("fid", "kid_mean", "precision", "recall", "ndb", "raw/fid"):
+    for name in ("fid", "kid_mean", "precision", "recall", "ndb", "raw/fid", "probe_kmeans_accuracy", "probe_nmi",
+                 "probe_linear_accuracy", "probe_linear_accuracy_std"):
         assert two[0][name] == pytest.approx(one[name], rel=1e-9, abs=1e-12), name
 
 

@@ -16,10 +16,9 @@ from dgm_scale.families import family_names, get_family
 from dgm_scale.families.gan.module import GANModule
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.train import train
-from helpers import ROOT, TINY, TINY_RUN, free_port
+from helpers import ROOT, TINY, TINY_RUN, TOY_FAMILY, free_port
 
 CUSTOM = ROOT / "examples" / "custom_nets"
-TOY_FAMILY = ROOT / "tests" / "toy_family.py"
 CUSTOM_TINY = TINY + ["model.generator.kwargs.width=8", "model.discriminator.kwargs.width=8"]
 
 

@@ -14,9 +14,10 @@ from PIL import Image
 from dgm_scale.cli import main
 from dgm_scale.config import load_config, to_yaml
 from dgm_scale.tracking import report as report_module
-from dgm_scale.tracking.plots import GRID, Series, format_tick, line_chart, nice_ticks
+from dgm_scale.metrics.probe_metric import Projection
+from dgm_scale.tracking.plots import GRID, PALETTE, Series, format_tick, line_chart, nice_ticks, scatter_chart
 from dgm_scale.families import get_family
-from dgm_scale.tracking.report import build_report, load_run, training_groups
+from dgm_scale.tracking.report import build_report, load_run, save_projection, training_groups
 from dgm_scale.train import train
 
 HOSTILE_NAME = "<script>alert('x')</script>&run"
@@ -137,12 +138,29 @@ def test_report_html_shows_the_run_escaped_with_existing_images(tmp_path):
     assert "263,553" in html and "398,018" in html  # parameters and their total
     sources = re.findall(r'<img src="([^"]+)"', html)
     assert "samples/latest.png" in sources and "plots/losses.png" in sources and "plots/eval_fid.png" in sources
+    assert "plots/projection.png" not in sources and "samples/interpolation.png" not in sources  # none made
     for source in sources:
         with Image.open(run_dir / source) as image:
             image.load()
     with Image.open(run_dir / "plots" / "losses.png") as image:
         assert image.size == (560, 320)
     assert not list(run_dir.rglob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_the_projection_lands_on_its_points_and_the_report_shows_it_with_the_strip(tmp_path):
+    run_dir = write_synthetic_run(tmp_path / "run")
+    points, labels = np.array([[0.0, 0.0], [1.0, 2.0], [2.0, 1.0], [0.5, 1.5]]), np.array([3, 7, 7, 3])
+    save_projection(run_dir, Projection(points.astype(np.float32), labels, "mu"), 100)
+    Image.new("L", (82, 12), 200).save(run_dir / "samples" / "interpolation.png")
+    html = build_report(run_dir).read_text()
+    sources = re.findall(r'<img src="([^"]+)"', html)
+    assert "plots/projection.png" in sources and "samples/interpolation.png" in sources
+    assert "PCA of the model&#x27;s mu: 4 held-out images by class (iteration 100)" in html
+    chart = scatter_chart(points, labels, "t")
+    assert chart.colors == [PALETTE[0], PALETTE[1]]  # classes 3 and 7, in order
+    for (x, y), label in zip(points, labels):
+        column, row = chart.to_pixel(x, y)
+        assert chart.image.getpixel((round(column), round(row))) == PALETTE[[3, 7].index(label)]
 
 
 def test_loss_plot_follows_the_data(tmp_path):

@@ -1,7 +1,10 @@
 """`dgm-scale encode` (features of real data as an .npz, torchrun splitting the work, bad samples
-skipped or --strict) and `dgm-scale probe` (clustering and few-label linear probes, checked
-against independent truths)."""
+skipped or --strict), `dgm-scale probe` (clustering and few-label linear probes, checked
+against independent truths), and the same probe as the evaluation metric `probe` with the
+report's projection and latent interpolation strip."""
+import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +13,9 @@ from PIL import Image
 
 from dgm_scale.cli import main
 from dgm_scale.config import load_config
+from dgm_scale.metrics.evaluation import EvalSettings
+from dgm_scale.metrics.probe_metric import ProbeEvaluator
+from dgm_scale.serve.sources import ModuleSource
 from dgm_scale.config.schema import NetConfig
 from dgm_scale.core.errors import ConfigError
 from dgm_scale.data.shards.sources import open_source
@@ -19,19 +25,21 @@ from dgm_scale.nets import build_discriminator, discriminator_features
 from dgm_scale.nets.stylegan2 import MinibatchStd
 from dgm_scale.represent.probe import cluster_accuracy, kmeans_scores, linear_probe, representations
 from dgm_scale.train import train
-from helpers import TINY, TINY_RUN, adapt, torchrun
+from helpers import TINY, TINY_RUN, TOY_FAMILY, adapt, torchrun
 
 VAE = "configs/vae.yaml"
+#: the probe metric at the end of the tiny runs (300 digits: 210 train, 90 test rows)
+PROBE_AT_END = ["eval.at_end=true", "eval.metrics=[probe]", "eval.options.probe_samples=300"]
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """Tiny trained models at 8x8 grey: a VAE, a GAN, an autoregressive model."""
+    """Tiny trained models at 8x8 grey, probed at the end: a VAE, a GAN, an autoregressive model."""
     root = tmp_path_factory.mktemp("represent")
-    vae = train(load_config(VAE, adapt(VAE, TINY) + [f"run.dir={root / 'vae'}"])).checkpoint
-    gan = train(load_config(overrides=TINY + [f"run.dir={root / 'gan'}"])).checkpoint
+    vae = train(load_config(VAE, adapt(VAE, TINY) + PROBE_AT_END + [f"run.dir={root / 'vae'}"])).checkpoint
+    gan = train(load_config(overrides=TINY + PROBE_AT_END + [f"run.dir={root / 'gan'}"])).checkpoint
     ar = train(load_config(overrides=["model.kind=autoregressive", "model.width=8", "model.layers=1",
-                                      *TINY_RUN, f"run.dir={root / 'ar'}"]))
+                                      *TINY_RUN, *PROBE_AT_END, f"run.dir={root / 'ar'}"]))
     return {"vae": vae, "gan": gan, "autoregressive": ar.checkpoint}
 
 
@@ -175,6 +183,15 @@ def test_probe_prints_and_writes_a_table(checkpoints, tmp_path, capsys):
     probe = rows["raw pixels"]["linear_probe"]["5"]
     assert len(probe["runs"]) == 2 and probe["min"] <= probe["mean"] <= probe["max"]
     assert 0 < rows["raw pixels"]["kmeans_accuracy"] <= 1 and 0 <= rows["model: mu"]["nmi"] <= 1
+    # The evaluation metric on all of the source (probe_samples >= its 1797 images), with the
+    # same seed, split and label draws, gives the command's `model:` row.
+    settings = EvalSettings(real="builtin:digits", extractor="digits", metrics=["probe"], seed=0, batch_size=256,
+                            options={"probe_samples": 5000, "probe_labels_per_class": 5, "probe_seeds": 2})
+    metric = ProbeEvaluator(settings, (1, 8, 8)).evaluate(load_module(checkpoints["vae"]))
+    model = rows["model: mu"]
+    assert metric["probe_kmeans_accuracy"] == model["kmeans_accuracy"] and metric["probe_nmi"] == model["nmi"]
+    assert metric["probe_linear_accuracy"] == model["linear_probe"]["5"]["mean"]
+    assert metric["probe_linear_accuracy_std"] == model["linear_probe"]["5"]["std"]
 
 
 @pytest.mark.parametrize("options,message", [
@@ -191,3 +208,74 @@ def test_probe_bad_input_is_one_line(checkpoints, tmp_path, capsys, options, mes
     assert main(["probe", str(checkpoints["vae"]), *data, *options]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.replace("UNLABELLED", str(unlabelled)) in err[0]
+
+
+# ----------------------------------------------------------------------------- probe: the evaluation metric
+class LabelEncoder(torch.nn.Module):
+    """A 'model' whose features are its labels, one-hot (perfect), or pure noise."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, perfect: bool):
+        super().__init__()
+        self.perfect = perfect
+
+    def encode_features(self, images, labels=None):
+        if self.perfect:
+            return {"onehot": torch.nn.functional.one_hot(labels, 10).float()}
+        return {"noise": torch.randn(len(images), 16, generator=torch.Generator().manual_seed(int(labels.sum())))}
+
+
+def test_the_probe_metric_scores_perfect_features_perfectly_and_noise_at_chance():
+    settings = EvalSettings(real="builtin:digits", extractor="digits", metrics=["probe"], batch_size=100,
+                            options={"probe_samples": 400, "probe_seeds": 2})
+    probe = ProbeEvaluator(settings, (1, 8, 8))
+    perfect = probe.evaluate(LabelEncoder(perfect=True))
+    assert perfect["probe_kmeans_accuracy"] == 1.0 and perfect["probe_nmi"] == pytest.approx(1.0)
+    assert perfect["probe_linear_accuracy"] == 1.0 and perfect["probe_linear_accuracy_std"] == 0.0
+    projection = probe.projection  # the 30% test rows (stratified: every class)
+    assert projection.feature == "onehot" and projection.points.shape == (120, 2)
+    assert set(projection.labels.tolist()) == set(range(10))
+    noise = probe.evaluate(LabelEncoder(perfect=False))
+    assert noise["probe_linear_accuracy"] < 0.3 and noise["probe_nmi"] < 0.3  # chance: 0.1
+
+
+@pytest.mark.parametrize("family", ["vae", "gan", "autoregressive"])
+def test_training_logs_the_probe_and_the_report_shows_projection_and_strip(checkpoints, family):
+    run = checkpoints[family].parent.parent
+    (record,) = [json.loads(line) for line in (run / "eval" / "metrics.jsonl").read_text().splitlines()]
+    names = {"probe_kmeans_accuracy", "probe_nmi", "probe_linear_accuracy", "probe_linear_accuracy_std"}
+    assert names <= set(record) and all(0 <= record[name] <= 1 for name in names)
+    with open(run / "metrics.csv", newline="") as handle:
+        assert {f"eval/{name}" for name in names} <= set(next(csv.reader(handle)))
+    html = (run / "report.html").read_text()
+    sources = set(re.findall(r'<img src="([^"]+)"', html))
+    assert {"plots/projection.png", "plots/eval_probe.png"} <= sources  # every family here encodes
+    assert all((run / source).is_file() for source in sources)
+    latent = family != "autoregressive"  # no latent space, no strip
+    assert ("samples/interpolation.png" in sources) == latent == (run / "samples" / "interpolation.png").exists()
+    if latent:  # the strip is the one `dgm-scale serve` draws first: seed 0 -> 1 in 8 steps
+        served = ModuleSource(load_module(checkpoints[family])).interpolate(0, 1, 8)[..., 0].astype(int)
+        with Image.open(run / "samples" / "interpolation.png") as image:
+            strip = np.asarray(image.convert("L")).astype(int)
+        scale = 64 // 8  # 8-pixel images, enlarged as the sample grid is
+        frames = [strip[2 * scale:10 * scale:scale, (2 + 10 * i) * scale:(10 + 10 * i) * scale:scale] for i in range(8)]
+        assert np.abs(np.stack(frames) - served).max() <= 1
+
+
+@pytest.mark.parametrize("base,extra,message", [
+    (["--import", str(TOY_FAMILY), "model.kind=toy_gaussian", *TINY_RUN], [],
+     "config key 'eval.metrics': 'probe' needs the model's features of real images: the toy_gaussian family "
+     "does not encode data"),
+    (TINY, ["eval.options.probe_labels_per_class=80"], "eval.options.probe_labels_per_class 80: class"),
+    (TINY, ["eval.options.probe_labels_per_class=0"], "config key 'eval.options.probe_labels_per_class' must be >= 1"),
+    (TINY, ["eval.metrics=[probe,fidd]"], "config key 'eval.metrics': unknown metric(s) ['fidd']"),
+    (["model.kind=autoregressive", "data.name=text", "data.path=builtin:pydoc", *TINY_RUN], [],
+     "config key 'eval.metrics': 'probe' encodes labelled images; 'text' holds text"),
+])
+def test_a_bad_probe_setup_stops_before_training_in_one_line(tmp_path, capsys, base, extra, message):
+    run = tmp_path / "run"
+    assert main(["train", *base, *PROBE_AT_END, *extra, f"run.dir={run}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not run.exists()

@@ -54,15 +54,21 @@ def test_disabled_mode_creates_no_wandb_files(tmp_path):
 
 def test_offline_run_records_metrics_images_config_and_resumes_the_same_run(tmp_path):
     run = tmp_path / "run"
-    train(load_config("configs/nsgan.yaml", OFFLINE + [f"run.dir={run}"]))
+    probe = ["eval.at_end=true", "eval.metrics=[probe]", "eval.options.probe_samples=200"]
+    train(load_config("configs/nsgan.yaml", OFFLINE + probe + [f"run.dir={run}"]))
     (first,) = offline_runs(run)
     run_id = (run / WANDB_RUN_ID_FILE).read_text().strip()
     assert first.name.endswith(run_id) and (run / "wandb" / "latest-run").exists()
     keys = history_keys(first)
     assert {"train/d_loss", "train/g_loss", "perf/images_per_s", "perf/step_time_s", "trainer/global_step"} <= keys
     assert "samples/_type" in keys  # the sample grids, as W&B images
-    images = sorted((first / "files" / "media" / "images").glob("samples_*.png"))
+    media = first / "files" / "media" / "images"
+    images = sorted(media.glob("samples_*.png"))
     assert len(images) == 3  # iterations 2 and 4 (run.sample_every=2) and the final grid
+    # the probe metric, its projection and the latent interpolation strip (with every sample grid)
+    assert {"eval/probe_kmeans_accuracy", "eval/probe_nmi", "eval/probe_linear_accuracy", "projection/_type",
+            "interpolation/_type"} <= keys
+    assert len(list(media.glob("projection_*.png"))) == 1 and len(list(media.glob("interpolation_*.png"))) == 3
     config = config_values(first)
     assert config["config"]["model"]["kind"] == "gan" and config["config"]["trainer"]["max_steps"] == 4
     assert config["params/generator"] > 0 and config["batch/global"] == 16
@@ -72,7 +78,7 @@ def test_offline_run_records_metrics_images_config_and_resumes_the_same_run(tmp_
     environment = records_of(first, "environment")
     assert environment and environment[0].os and environment[0].python.startswith("CPython")
 
-    train(load_config("configs/nsgan.yaml", OFFLINE + [f"run.dir={run}", "resume=auto", "trainer.max_steps=6"]))
+    train(load_config("configs/nsgan.yaml", OFFLINE + probe + [f"run.dir={run}", "resume=auto", "trainer.max_steps=6"]))
     assert (run / WANDB_RUN_ID_FILE).read_text().strip() == run_id
     runs = offline_runs(run)
     # (W&B names a part started in the same second as the previous one "...-ID-1")

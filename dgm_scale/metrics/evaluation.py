@@ -23,9 +23,9 @@ from torch import Tensor
 from dgm_scale.data.transforms import from_8bit, to_8bit
 from dgm_scale.metrics.cache import load_cached, save_cached
 from dgm_scale.metrics.extractors import Extracted, FeatureExtractor, build_extractor
-from dgm_scale.metrics.gather import all_gather_features
+from dgm_scale.metrics.gather import all_gather_features, broadcast_object, rank_and_world
 from dgm_scale.metrics.real_data import rank_share, real_batches, source_fingerprint
-from dgm_scale.metrics.registry import METRICS, compute_metrics, resolve_options
+from dgm_scale.metrics.registry import METRICS, compute_metrics, known_metrics, resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +43,20 @@ class EvalSettings:
     cache_dir: str = "~/.cache/dgm_scale"
     inception_weights: Optional[str] = None  # path or URL; None = the reference URL
 
+    @property
+    def has_sample_metrics(self) -> bool:
+        """Whether generated samples are scored (the defaults, or a named sample metric)."""
+        return not self.metrics or any(name in METRICS for name in self.metrics)
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    @property
+    def has_probe(self) -> bool:
+        """Whether the model's features are probed (probe_metric.py)."""
+        return "probe" in self.metrics
 
 
 def _barrier() -> None:
-    if _distributed()[1] > 1:
+    if rank_and_world()[1] > 1:
         dist.barrier()
-
-
-def _broadcast(value: Any) -> Any:
-    """rank 0's value on every rank (any picklable object)."""
-    if _distributed()[1] == 1:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def extract_all(extractor: FeatureExtractor, batches: Iterable[Tensor], sample_shape: tuple[int, ...],
@@ -108,11 +103,11 @@ class Evaluator:
         """`extractor`: one already built from `settings` (by `prepare_evaluation`), else built here."""
         self.settings, self.sample_shape, self.device = settings, tuple(sample_shape), device
         resolve_options(settings.options)  # unknown option keys fail now, not after training
-        unknown = [name for name in settings.metrics if name not in METRICS]
+        unknown = [name for name in settings.metrics if name not in known_metrics()]
         if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}")
+            raise ValueError(f"unknown metric(s) {unknown}; known: {known_metrics()}")
         self.cache_dir = Path(settings.cache_dir).expanduser()
-        rank, _ = _distributed()
+        rank, _ = rank_and_world()
         # Rank 0 downloads / trains the extractor first, the others then read its file.
         if rank != 0:
             _barrier()
@@ -126,8 +121,9 @@ class Evaluator:
         self._real_ready = False  # on every rank: real_features() has run (the features are on rank 0)
 
     def metric_names(self) -> list[str]:
+        """The sample metrics it computes (a model metric such as probe is scored elsewhere)."""
         if self.settings.metrics:
-            return list(self.settings.metrics)
+            return [name for name in self.settings.metrics if name in METRICS]
         names = [name for name in ("fid", "kid", "pr", "ndb") if name in METRICS]
         return names + (["is"] if self.extractor.has_logits else [])
 
@@ -144,10 +140,10 @@ class Evaluator:
         the same evaluation, e.g. a GAN's raw generator, hung 2-process runs)."""
         if self._real_ready:
             return self._real
-        rank, world = _distributed()
+        rank, world = rank_and_world()
         key = self.key_parts()
         cached = load_cached(key, self.cache_dir) if rank == 0 else None
-        if _broadcast(cached is not None):
+        if broadcast_object(cached is not None):
             self._real = cached if rank == 0 else None
             self._real_ready = True
             return self._real
@@ -167,7 +163,7 @@ class Evaluator:
     def evaluate(self, module, variant: str = "") -> dict[str, float]:
         """Metrics of `module`'s sampler `variant` (every rank calls this; all get rank 0's results)."""
         s = self.settings
-        rank, world = _distributed()
+        rank, world = rank_and_world()
         return self.score(generated_batches(module, s.num_samples, s.seed, s.batch_size, rank, world, variant))
 
     @torch.no_grad()
@@ -175,7 +171,7 @@ class Evaluator:
         """Metrics of this rank's share of the compared samples (model-space batches) against the
         real data (every rank calls this; all get rank 0's results)."""
         s = self.settings
-        rank, _ = _distributed()
+        rank, _ = rank_and_world()
         start = time.perf_counter()
         real = self.real_features()
         fake = _gather(extract_all(self.extractor, batches, self.sample_shape, self.device))
@@ -185,7 +181,7 @@ class Evaluator:
             fake_features = fake.features.cpu().double()
             results = compute_metrics(self.metric_names(), real.double(), fake_features, logits, s.options)
             results["eval_seconds"] = time.perf_counter() - start
-        return _broadcast(results)
+        return broadcast_object(results)
 
 
 def eval_settings(cfg) -> EvalSettings:
@@ -215,7 +211,7 @@ def heldout_likelihood(module, batches: Iterable) -> dict[str, float]:
     dim (images) or per character (text), over `batches` (every rank passes the same, in the
     same order, and scores every W-th, so the result does not depend on the world size);
     {} for families without a likelihood."""
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     totals = torch.zeros(2, dtype=torch.float64)
     for index, batch in enumerate(batches):
         if index % world != rank:
@@ -243,7 +239,7 @@ def heldout_averages(module, batches: Iterable) -> dict[str, float]:
     names = list(module.heldout_score_names)
     if not names:
         return {}
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     totals = torch.zeros(len(names), 2, dtype=torch.float64)
     for index, batch in enumerate(batches):
         if index % world != rank:
@@ -257,12 +253,14 @@ def heldout_averages(module, batches: Iterable) -> dict[str, float]:
     return {name: float(totals[i, 0] / totals[i, 1]) for i, name in enumerate(names) if totals[i, 1] > 0}
 
 
-def evaluate_module(module, evaluator: Optional["Evaluator"], heldout: Optional[Iterable] = None) -> dict[str, float]:
+def evaluate_module(module, evaluator: Optional["Evaluator"], heldout: Optional[Iterable] = None,
+                    probe=None) -> dict[str, float]:
     """Everything an evaluation reports: the sample metrics of each of the module's samplers
-    (the default one unprefixed, e.g. fid; another as `raw/fid`), the held-out likelihood and
-    the held-out scores."""
+    (the default one unprefixed, e.g. fid; another as `raw/fid`), the held-out likelihood, the
+    held-out scores and, with a `probe` (probe_metric.ProbeEvaluator), the model's probe_*
+    (once: not per sampler)."""
     results: dict[str, float] = {}
-    if evaluator is not None:
+    if evaluator is not None and evaluator.metric_names():
         for variant in module.sampler_variants():
             prefix = f"{variant}/" if variant else ""
             results.update({prefix + name: value for name, value in evaluator.evaluate(module, variant).items()})
@@ -270,21 +268,29 @@ def evaluate_module(module, evaluator: Optional["Evaluator"], heldout: Optional[
         if module.has_likelihood:
             results.update(heldout_likelihood(module, heldout))
         results.update(heldout_averages(module, heldout))
+    if probe is not None:
+        results.update(probe.evaluate(module))
     return results
 
 
-def prepare_evaluation(cfg) -> Optional[FeatureExtractor]:
+def prepare_evaluation(cfg, module=None) -> Optional[FeatureExtractor]:
     """Before training: fetch / build the extractor the run's evaluations will use (download the
     Inception weights, train the digits classifier), so that a bad eval setup stops the run before
-    its directory exists; the run's Evaluator then takes it as it is. None without evaluations
-    or sample metrics. ConfigError names the config key at fault (a bad real-data source fails
-    as a DataError)."""
+    its directory exists; the run's Evaluator then takes it as it is. With the `probe` metric, check
+    that `module` (the run's model) encodes and the real data has the labels it needs. None without
+    evaluations or sample metrics. ConfigError names the config key at fault (a bad real-data
+    source fails as a DataError)."""
     from dgm_scale.config import ConfigError
+    from dgm_scale.metrics.probe_metric import ProbeEvaluator
     from dgm_scale.modules.base import sample_shape
 
     if (cfg.eval.every == 0 and not cfg.eval.at_end) or not scores_samples(cfg):
         return None
     settings = eval_settings(cfg)
+    if settings.has_probe and module is not None:
+        ProbeEvaluator(settings, sample_shape(cfg.data)).check(module)
+    if not settings.has_sample_metrics:
+        return None
     try:
         return build_extractor(settings.extractor, sample_shape(cfg.data), Path(settings.cache_dir).expanduser(),
                                settings.inception_weights)

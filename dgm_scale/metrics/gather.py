@@ -1,4 +1,5 @@
-"""Exact, one-shot gathering of per-rank feature rows, for uneven shares.
+"""Exact, one-shot gathering of per-rank feature rows, for uneven shares (and the two other
+collectives evaluations use: this process's rank, rank 0's value on every rank).
 
 Every rank calls `all_gather_features` once, whatever its row count (zero included), so no rank
 waits on a collective another rank skipped: first the row counts are all-gathered, then the rows,
@@ -7,9 +8,27 @@ rank 0's rows, then rank 1's, ..., identical on every rank and bit-exact (no red
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast_object(value: Any) -> Any:
+    """rank 0's value on every rank (any picklable object)."""
+    if rank_and_world()[1] == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def all_gather_features(local: Tensor) -> Tensor:

@@ -102,13 +102,9 @@ def _toy_batches(src: str, num: int, seed: int, exact: bool, rank: int, world: i
         yield points[chosen[lo:min(lo + batch_size, end)]]
 
 
-def real_batches(src: str, sample_shape: tuple[int, ...], num: int, seed: int = 0, rank: int = 0,
-                 world: int = 1, batch_size: int = 256, exact: bool = True) -> Iterator[Tensor]:
-    """This rank's share of `num` real samples (all of a smaller source unless `exact`), as
-    model-space batches [B, *sample_shape]; DataError names the source or sample at fault."""
-    if src.startswith(BUILTIN) and src[len(BUILTIN):] in TOY_DATASETS:
-        yield from _toy_batches(src, num, seed, exact, rank, world, batch_size)
-        return
+def _share(src: str, sample_shape: tuple[int, ...], num: int, seed: int, rank: int, world: int,
+           exact: bool) -> Iterator[tuple[np.ndarray, object]]:
+    """(uint8 image, RawSample) of this rank's share of the seeded subset of `num` images, in order."""
     from dgm_scale.data.shards.sources import open_source
 
     if len(sample_shape) != 3:
@@ -121,16 +117,42 @@ def real_batches(src: str, sample_shape: tuple[int, ...], num: int, seed: int = 
     chosen = _chosen_indices(total, num, seed, exact)
     start, end = rank_share(len(chosen), rank, world)
     wanted = set(chosen[start:end].tolist())
-    batch: list[np.ndarray] = []
     for index, raw in enumerate(source.samples()):
         if index not in wanted:
             continue
         try:
-            batch.append(raw_to_image(raw, channels, resolution))
+            yield raw_to_image(raw, channels, resolution), raw
         except (OSError, ValueError) as error:
             raise DataError(f"real data: cannot decode '{raw.origin}': {error}") from None
+
+
+def real_batches(src: str, sample_shape: tuple[int, ...], num: int, seed: int = 0, rank: int = 0,
+                 world: int = 1, batch_size: int = 256, exact: bool = True) -> Iterator[Tensor]:
+    """This rank's share of `num` real samples (all of a smaller source unless `exact`), as
+    model-space batches [B, *sample_shape]; DataError names the source or sample at fault."""
+    if src.startswith(BUILTIN) and src[len(BUILTIN):] in TOY_DATASETS:
+        yield from _toy_batches(src, num, seed, exact, rank, world, batch_size)
+        return
+    batch: list[np.ndarray] = []
+    for image, _ in _share(src, sample_shape, num, seed, rank, world, exact):
+        batch.append(image)
         if len(batch) == batch_size:
             yield to_model_space(batch)
             batch = []
     if batch:
         yield to_model_space(batch)
+
+
+def labelled_real_images(src: str, sample_shape: tuple[int, ...], num: int, seed: int = 0, rank: int = 0,
+                         world: int = 1) -> tuple[list[np.ndarray], np.ndarray]:
+    """This rank's share of the seeded subset of `num` labelled images of `src` (all of a smaller
+    source), chosen and dealt as real_batches does: uint8 images and int64 labels [n]; DataError
+    naming the sample when one has no label."""
+    images, labels = [], []
+    for image, raw in _share(src, sample_shape, num, seed, rank, world, exact=False):
+        if raw.label is None:
+            raise DataError(f"real data '{src}': sample '{raw.origin}' has no label (class folders, an npz's "
+                            "y / labels, shard .cls and builtin datasets have them)")
+        images.append(image)
+        labels.append(int(raw.label))
+    return images, np.array(labels, dtype=np.int64)

@@ -6,6 +6,10 @@ Options are one flat dict; `OPTION_DEFAULTS` lists every key (torch-fidelity's d
 Features are [N, D]; fake_logits [M, C] (only "is" reads them; the others accept None).
 "ndb" (mode collapse: bins of real-feature k-means whose fake share differs) gives ndb, ndb_fraction
 and ndb_js.
+
+`MODEL_METRICS` are scored on the model rather than on its samples (once per evaluation, not per
+sampler): "probe" (metrics/probe_metric.py: k-means accuracy, NMI and a few-label linear probe of
+the model's features of labelled real images) with its probe_* options.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "kid_subsets": 100, "kid_subset_size": 1000, "kid_degree": 3, "kid_gamma": None, "kid_coef0": 1.0,
     "seed": 2020, "is_splits": 10, "is_shuffle_seed": None, "pr_k": 3, "dc_k": 5, "batch_size": 1024,
     "ndb_bins": 20, "ndb_alpha": 0.05,
+    # probe: labelled real images read (a seeded subset), labels per class of the linear probe,
+    # its label draws, the test share of the split
+    "probe_samples": 1000, "probe_labels_per_class": 10, "probe_seeds": 3, "probe_test_fraction": 0.3,
 }
 
 
@@ -70,6 +77,14 @@ def _ndb(real: Any, fake: Any, fake_logits: Any, options: Mapping[str, Any]) -> 
 
 
 METRICS: dict[str, MetricFn] = {"fid": _fid, "kid": _kid, "is": _is, "pr": _pr, "dc": _dc, "ndb": _ndb}
+
+#: metrics of the model itself (its features of real data), not of its samples
+MODEL_METRICS = ("probe",)
+
+
+def known_metrics() -> list[str]:
+    """Every name `eval.metrics` takes."""
+    return sorted([*METRICS, *MODEL_METRICS])
 
 
 def resolve_options(options: Mapping[str, Any] | None = None) -> dict[str, Any]:

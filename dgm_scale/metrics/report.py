@@ -21,6 +21,13 @@ DESCRIPTIONS = {
     "bits_per_char": ("held-out negative log-likelihood, bits per character", "lower"),
     "test_accuracy": ("held-out accuracy of the classifier", "higher"),
     "eval_seconds": ("seconds", ""),
+    "probe_kmeans_accuracy": ("k-means accuracy of the model's features of labelled real images (Hungarian)",
+                              "higher"),
+    "probe_nmi": ("normalised mutual information of those k-means clusters and the classes", "higher"),
+    "probe_linear_accuracy": ("linear-probe test accuracy from probe_labels_per_class labels per class "
+                              "(mean over probe_seeds draws)", "higher"),
+    "probe_linear_accuracy_std": ("linear-probe accuracy std over the label draws", ""),
+    "probe_seconds": ("seconds of the probe", ""),
 }
 
 

@@ -16,7 +16,7 @@ from dgm_scale.config import config_from_dict, to_dict
 from dgm_scale.core.logs import log_now
 from dgm_scale.families.registry import get_family
 from dgm_scale.modules.guards import NonFiniteGuard
-from dgm_scale.modules.sampling import class_labels, keyed_noise, sampler_inputs
+from dgm_scale.modules.sampling import class_labels, interpolation_inputs, keyed_noise, sampler_inputs
 from dgm_scale.nets import count_parameters
 
 
@@ -213,6 +213,14 @@ class GenerativeModule(L.LightningModule):
             parts.append(self.sample_batch(hi - lo, seed, lo, part_labels, variant, **options).cpu())
         return torch.cat(parts)
 
+    def interpolate(self, seed_a: int, seed_b: int, steps: int, label: Optional[int] = None,
+                    variant: str = "") -> Optional[Tensor]:
+        """Samples [steps, *sample_shape] along a path in latent space from sample 0 of sequence
+        seed_a to sample 0 of seed_b (class `label`, default 0, on conditional models): the
+        strip `dgm-scale serve` draws (sampling.interpolation_inputs). None for a family without
+        a latent space (the report and W&B then show no strip)."""
+        return None
+
     # ------------------------------------------------------------------ the export contract
     def export_network(self, variant: str = "") -> torch.nn.Module:
         """A self-contained copy of the sampler of `variant` (eval mode, no reference to this
@@ -296,6 +304,11 @@ class LatentModule(GenerativeModule):
     def latents(self, num: int, seed: int, start: int = 0) -> Tensor:
         """The latents of samples start .. start + num - 1 of sequence `seed` (CPU)."""
         return keyed_noise(seed, start, num, (self.latent_dim,))
+
+    def interpolate(self, seed_a: int, seed_b: int, steps: int, label: Optional[int] = None,
+                    variant: str = "") -> Tensor:
+        inputs = interpolation_inputs(seed_a, seed_b, steps, self.latent_dim, self.num_classes, label)
+        return self.generate(inputs["latents"], inputs.get("labels"), variant)
 
     #: maps the sampling network's output to samples (the VAE: its decoder's mean image)
     output_map: Optional[Callable[[Tensor], Tensor]] = None

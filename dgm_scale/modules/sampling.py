@@ -4,6 +4,9 @@ batch or rank draws it.
 The sequence is cut into blocks of BLOCK samples; block b's noise comes from a CPU generator
 seeded with (seed, b), so drawing samples [start, start + num) costs at most two partial blocks
 more than the samples themselves, and the result does not depend on the device.
+
+Also the one latent interpolation rule (`interpolation_inputs`): `dgm-scale serve`'s strip, the
+run report's and W&B's (`LatentModule.interpolate`) are the same images.
 """
 from __future__ import annotations
 
@@ -53,4 +56,39 @@ def sampler_inputs(seed: int, start: int, num: int, noise: str, shape: Sequence[
     inputs = {noise: keyed_noise(seed, start, num, shape, uniform=NOISE_INPUTS[noise])}
     if num_classes:
         inputs["labels"] = class_labels(num, start, num_classes)
+    return inputs
+
+
+#: the interpolation strip the serve page shows first and the run report draws: (seed A, seed B, steps)
+STRIP = (0, 1, 8)
+
+
+def slerp(a: Tensor, b: Tensor, steps: int) -> Tensor:
+    """`steps` points [steps, D] on the great circle from a [D] to b [D], norms interpolated
+    linearly (a Gaussian latent's norm stays typical, which linear interpolation shrinks in
+    between); the ends are a and b exactly. Linear interpolation when a and b are parallel."""
+    t = torch.linspace(0, 1, steps, dtype=torch.float64)[:, None]
+    a64, b64 = a.double(), b.double()
+    cos = torch.dot(a64, b64) / (a64.norm() * b64.norm()).clamp_min(1e-12)
+    omega = torch.arccos(cos.clamp(-1, 1))
+    if torch.sin(omega) < 1e-6:
+        points = (1 - t) * a64 + t * b64
+    else:
+        unit_a, unit_b = a64 / a64.norm(), b64 / b64.norm()
+        direction = (torch.sin((1 - t) * omega) * unit_a + torch.sin(t * omega) * unit_b) / torch.sin(omega)
+        points = direction * ((1 - t) * a64.norm() + t * b64.norm())
+    points[0], points[-1] = a64, b64
+    return points.float()
+
+
+def interpolation_inputs(seed_a: int, seed_b: int, steps: int, latent_dim: int, num_classes: int = 0,
+                         label: int | None = None) -> dict[str, Tensor]:
+    """The inputs of a latent interpolation strip (CPU): `latents` [steps, latent_dim] on the
+    great circle (slerp) from the latent of sample 0 of sequence seed_a to that of seed_b (the
+    latents every latent sampler draws: keyed_noise), and, when num_classes > 0, `labels` [steps]:
+    class `label` (default 0) throughout."""
+    first, last = (keyed_noise(seed, 0, 1, (latent_dim,))[0] for seed in (seed_a, seed_b))
+    inputs = {"latents": slerp(first, last, steps)}
+    if num_classes:
+        inputs["labels"] = torch.full((steps,), 0 if label is None else int(label), dtype=torch.long)
     return inputs

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from dgm_scale.core.errors import ConfigError, DataError
+from dgm_scale.metrics.gather import rank_and_world
 
 #: a sample the encoder could not use: (index in the source's order, name, reason)
 Skip = tuple[int, str, str]
@@ -58,12 +59,6 @@ class Encoded:
                     "class_names": None if self.class_names is None else np.array(self.class_names, dtype=str)}
         arrays.update({name: value for name, value in optional.items() if value is not None})
         return arrays
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size) of the process group, (0, 1) without one."""
-    dist = torch.distributed
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -122,20 +117,14 @@ class Part:
     pixels: np.ndarray | None
 
 
-@torch.no_grad()
 def encode_batch(module, images: list[np.ndarray], labels: list[int | None], keep_pixels: bool) -> tuple:
     """uint8 images -> ({name: float32 [b, D]}, pixels float32 [b, C*H*W] or None)."""
+    from dgm_scale.metrics.probe_metric import encode_images
     from dgm_scale.metrics.real_data import to_model_space
 
     x = to_model_space(images)
     y = torch.tensor(labels, dtype=torch.long) if all(label is not None for label in labels) else None
-    try:
-        features = module.encode_features(x.to(module.device), y)
-    except NotImplementedError as error:  # a family or custom network without features: its reason
-        raise ConfigError(str(error)) from None
-    except ValueError as error:  # e.g. a class-conditional model given unlabelled data
-        raise ConfigError(f"encoding failed: {str(error).splitlines()[0]}") from None
-    arrays = {name: value.detach().float().cpu().numpy() for name, value in features.items()}
+    arrays = {name: value.numpy() for name, value in encode_images(module, x, y).items()}
     return arrays, (x.flatten(1).numpy() if keep_pixels else None)
 
 
@@ -213,13 +202,8 @@ def encode_source(module, src: str, batch_size: int = 256, strict: bool = False,
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     if module.modality != "images":
         raise ConfigError(f"encode reads images; this model's data is {module.modality}")
-    rank, world = distributed()
-    was_training = module.training
-    module.eval()
-    try:
-        parts, skipped, source = encode_rank(module, src, batch_size, strict, keep_pixels, rank, world)
-    finally:
-        module.train(was_training)
+    rank, world = rank_and_world()
+    parts, skipped, source = encode_rank(module, src, batch_size, strict, keep_pixels, rank, world)
     parts, skipped = gather(parts, skipped, rank, world)
     if strict and skipped:
         _, name, reason = min(skipped)
@@ -271,7 +255,7 @@ def encode_checkpoint(checkpoint: str | Path, src: str, out: str | Path, batch_s
         encoded = encode_source(module, src, batch_size, strict)
         if encoded is not None:
             write_bytes_atomic(out, npz_bytes(encoded))
-        if distributed()[1] > 1:
+        if rank_and_world()[1] > 1:
             torch.distributed.barrier()
     finally:  # a group this call joined is left before the process exits (gloo aborted otherwise, seen)
         if joined and torch.distributed.is_initialized():

@@ -27,7 +27,7 @@ import torch
 
 from dgm_scale.core.errors import ConfigError
 from dgm_scale.dump import as_array
-from dgm_scale.modules.sampling import class_labels, sampler_inputs
+from dgm_scale.modules.sampling import class_labels, interpolation_inputs, sampler_inputs
 
 #: the largest temperature offered (autoregressive families): beyond it the samples are noise
 MAX_TEMPERATURE = 10.0
@@ -42,24 +42,6 @@ class BadRequest(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
-    """`steps` points [steps, D] on the great circle from a [D] to b [D], norms interpolated
-    linearly (a Gaussian latent's norm stays typical, which linear interpolation shrinks in
-    between); the ends are a and b exactly. Linear interpolation when a and b are parallel."""
-    t = torch.linspace(0, 1, steps, dtype=torch.float64)[:, None]
-    a64, b64 = a.double(), b.double()
-    cos = torch.dot(a64, b64) / (a64.norm() * b64.norm()).clamp_min(1e-12)
-    omega = torch.arccos(cos.clamp(-1, 1))
-    if torch.sin(omega) < 1e-6:
-        points = (1 - t) * a64 + t * b64
-    else:
-        unit_a, unit_b = a64 / a64.norm(), b64 / b64.norm()
-        direction = (torch.sin((1 - t) * omega) * unit_a + torch.sin(t * omega) * unit_b) / torch.sin(omega)
-        points = direction * ((1 - t) * a64.norm() + t * b64.norm())
-    points[0], points[-1] = a64, b64
-    return points.float()
 
 
 class SampleSource:
@@ -110,9 +92,10 @@ class SampleSource:
         self._check(options)
         if self.meta["latent_dim"] is None:
             raise BadRequest(f"interpolation needs a latent space; this {self.meta['family']} model has none")
-        latents = slerp(self._latents(seed_a, 1)[0], self._latents(seed_b, 1)[0], steps)
-        labels = self._labels(steps, 0 if label is None and self.meta["num_classes"] else label)
-        return as_array(self._decode(latents * options.get("truncation", 1.0), labels), "images")
+        self._labels(1, label)  # a class the model does not have: BadRequest
+        inputs = interpolation_inputs(seed_a, seed_b, steps, self.meta["latent_dim"], self.meta["num_classes"], label)
+        latents = inputs["latents"] * options.get("truncation", 1.0)
+        return as_array(self._decode(latents, inputs.get("labels")), "images")
 
 
 class ModuleSource(SampleSource):

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from dgm_scale.core.checkpoints import save_checkpoint_atomic
 from dgm_scale.core.files import save_png_atomic, write_text_atomic
 from dgm_scale.core.logs import log_media_now
-from dgm_scale.tracking.images import samples_to_image, samples_to_text
+from dgm_scale.modules.sampling import STRIP
+from dgm_scale.tracking.images import image_grid, samples_to_image, samples_to_text
 
 ITERATION_CHECKPOINT = re.compile(r"iter_(\d+)\.ckpt")
 TEXT_SAMPLES = 8  # text samples written per sample "grid"
@@ -21,7 +22,9 @@ TEXT_SAMPLES = 8  # text samples written per sample "grid"
 
 class SampleGrids(L.Callback):
     """Every `every` iterations (and at the end) save samples of the same seed: an image grid
-    (scatter plot for 2-D points) as samples/NAME.png, or text samples as samples/NAME.txt."""
+    (scatter plot for 2-D points) as samples/NAME.png, or text samples as samples/NAME.txt; for
+    image models with a latent space also the interpolation strip `dgm-scale serve` draws first
+    (sampling.STRIP) as samples/interpolation.png (the newest only)."""
 
     def __init__(self, out_dir: str | Path, every: int, num_samples: int, seed: int = 1234, reference=None):
         self.out_dir, self.every, self.num_samples, self.seed = Path(out_dir), every, num_samples, seed
@@ -40,7 +43,19 @@ class SampleGrids(L.Callback):
         save_png_atomic(image, self.out_dir / "latest.png")
         path = save_png_atomic(image, self.out_dir / f"{name}.png")
         log_media_now(trainer, "samples", image=image, caption=caption)
+        if pl_module.modality == "images":
+            self.save_strip(trainer, pl_module, caption)
         return path
+
+    def save_strip(self, trainer, pl_module, caption: str) -> None:
+        """samples/interpolation.png (and W&B's `interpolation`), when the model has a latent space."""
+        seed_a, seed_b, steps = STRIP
+        frames = pl_module.interpolate(seed_a, seed_b, steps)
+        if frames is None:
+            return
+        strip = image_grid(frames, nrow=steps, scale=max(1, 64 // frames.shape[-1]))
+        save_png_atomic(strip, self.out_dir / "interpolation.png")
+        log_media_now(trainer, "interpolation", image=strip, caption=f"seed {seed_a} -> {seed_b}, {caption}")
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         if pl_module.iteration % self.every == 0 and trainer.is_global_zero:

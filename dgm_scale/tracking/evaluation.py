@@ -2,12 +2,14 @@
 
 Every rank takes part (each generates and scores its share, see metrics/evaluation.py): the
 sample metrics of each of the family's samplers (a GAN with an EMA: `eval/*` for the EMA
-generator, `eval_raw/*` for the raw one) and, for families scored on the held-out split, the
-held-out bits per dim / char or their held-out scores (a classifier's `eval/test_accuracy`).
-Rank 0 logs them, appends a line to `RUN/eval/metrics.jsonl`, and - when `eval.best_metric`
-(of the default sampler) improved - every rank joins in writing `checkpoints/best.ckpt` (a
-collective under DDP / DeepSpeed), with `best.json` beside it naming the iteration and the
-metrics. The best value so far is saved in checkpoints, so a resumed run
+generator, `eval_raw/*` for the raw one), for families scored on the held-out split the
+held-out bits per dim / char or their held-out scores (a classifier's `eval/test_accuracy`),
+and with `probe` in eval.metrics the model's `eval/probe_*` (see metrics/probe_metric.py; rank 0
+also writes its 2-D projection to `RUN/eval/projection.npz`, drawn by the report and sent to W&B
+as the image `projection`). Rank 0 logs them, appends a line to `RUN/eval/metrics.jsonl`, and -
+when `eval.best_metric` (of the default sampler) improved - every rank joins in writing
+`checkpoints/best.ckpt` (a collective under DDP / DeepSpeed), with `best.json` beside it naming
+the iteration and the metrics. The best value so far is saved in checkpoints, so a resumed run
 keeps comparing against it.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import lightning as L
 
 from dgm_scale.core.checkpoints import save_checkpoint_atomic
 from dgm_scale.core.files import write_json_atomic
-from dgm_scale.core.logs import log_now
+from dgm_scale.core.logs import log_media_now, log_now
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +56,24 @@ class PeriodicEvaluation(L.Callback):
         self.settings, self.run_dir, self.prepared_extractor = settings, Path(run_dir), extractor
         self.every, self.final_iteration, self.best_metric = every, final_iteration, best_metric
         self.evaluator = None  # built at train start, when the device and process group exist
+        self.probe = None  # likewise, with `probe` in eval.metrics
         self.best: Optional[float] = None
         self.best_iteration: Optional[int] = None
         self.last_evaluated: Optional[int] = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         from dgm_scale.metrics.evaluation import Evaluator
+        from dgm_scale.metrics.probe_metric import ProbeEvaluator
 
         wanted = self.every > 0 or self.final_iteration is not None
-        if self.evaluator is None and self.settings is not None and wanted:
+        if self.settings is None or not wanted:
+            return
+        if self.evaluator is None and self.settings.has_sample_metrics:
             self.evaluator = Evaluator(self.settings, pl_module.sample_shape, pl_module.device,
                                        extractor=self.prepared_extractor)
             self.prepared_extractor = None  # the evaluator holds it now
+        if self.probe is None and self.settings.has_probe:
+            self.probe = ProbeEvaluator(self.settings, pl_module.sample_shape)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, *args) -> None:
         if self.every > 0 and pl_module.iteration % self.every == 0:
@@ -82,9 +90,11 @@ class PeriodicEvaluation(L.Callback):
         iteration = pl_module.iteration
         datamodule = getattr(trainer, "datamodule", None)
         heldout = datamodule.val_dataloader() if pl_module.uses_heldout and datamodule is not None else None
-        results = evaluate_module(pl_module, self.evaluator, heldout)
+        results = evaluate_module(pl_module, self.evaluator, heldout, self.probe)
         self.last_evaluated = iteration
         log_now(trainer, {logged_name(name): value for name, value in results.items()})
+        if trainer.is_global_zero and self.probe is not None:
+            self.save_projection(trainer, iteration)
         if trainer.is_global_zero:
             with open(self.run_dir / "eval" / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps({"iteration": iteration, **results}) + "\n")
@@ -99,6 +109,14 @@ class PeriodicEvaluation(L.Callback):
                 write_json_atomic(self.run_dir / "checkpoints" / "best.json",
                                   {"iteration": iteration, "metric": metric, **results})
         return results
+
+    def save_projection(self, trainer: L.Trainer, iteration: int) -> None:
+        """RUN/eval/projection.npz (the report draws it) and the picture for W&B (rank 0)."""
+        from dgm_scale.tracking.report import projection_image, read_projection, save_projection
+
+        save_projection(self.run_dir, self.probe.projection, iteration)
+        log_media_now(trainer, "projection", image=projection_image(read_projection(self.run_dir)),
+                      caption=f"iteration {iteration}")
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if trainer.is_global_zero:

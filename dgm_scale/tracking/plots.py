@@ -1,5 +1,6 @@
-"""Line charts drawn with PIL only (no matplotlib): axes, 1-2-5 ticks with readable numbers,
-a legend and a title. Used by the run report (tracking/report.py) for loss and metric curves.
+"""Line charts and labelled scatter charts drawn with PIL only (no matplotlib): axes, 1-2-5 ticks
+with readable numbers, a legend and a title. Used by the run report (tracking/report.py) for loss
+and metric curves and the 2-D projection of a model's features.
 
 A chart keeps its data-to-pixel mapping (`Chart.to_pixel`), so tests can check that a point
 lands where it should.
@@ -186,4 +187,32 @@ def line_chart(series: Sequence[Series], title: str, x_label: str = "iteration",
         if len(points) <= MARKER_LIMIT:
             for column, row in points:
                 draw.ellipse((column - 3, row - 3, column + 3, row + 3), fill=color)
+    return chart
+
+
+def scatter_chart(points: np.ndarray, labels: np.ndarray, title: str, x_label: str = "", y_label: str = "",
+                  size: Tuple[int, int] = (560, 460), radius: int = 2) -> Chart:
+    """Points [N, 2] as dots coloured by their integer labels [N] (PALETTE, cycling beyond ten
+    classes), with a legend of the labels; the same axes as line_chart. Needs one point."""
+    if len(points) == 0:
+        raise ValueError(f"chart '{title}': no points to draw")
+    classes = sorted(set(np.asarray(labels).tolist()))
+    colors = {cls: PALETTE[i % len(PALETTE)] for i, cls in enumerate(classes)}
+    x_range, y_range = axis_range(points[:, 0], pad=0.04), axis_range(points[:, 1], pad=0.04)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    width, height = size
+    draw.text((12, 8), title, fill=TEXT, font=font(15))
+    legend_bottom = _draw_legend(draw, [str(cls) for cls in classes], [colors[c] for c in classes], 12, 32,
+                                 width - 12)
+    text_height = _text_size(draw, "0")[1]
+    box = (18 + _y_label_width(draw, y_range), legend_bottom + 6 + (text_height + 4 if y_label else 0),
+           width - 16, height - 2 * text_height - 22)
+    _draw_axes(draw, box, x_range, y_range, x_label)
+    if y_label:
+        draw.text((box[0], legend_bottom + 4), y_label, fill=TEXT, font=font())
+    chart = Chart(image, box, x_range, y_range, [colors[c] for c in classes])
+    for (x, y), label in zip(np.asarray(points, dtype=float).tolist(), np.asarray(labels).tolist()):
+        column, row = chart.to_pixel(x, y)
+        draw.ellipse((column - radius, row - radius, column + radius, row + radius), fill=colors[label])
     return chart

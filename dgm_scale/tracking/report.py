@@ -1,14 +1,15 @@
 """A local report of a run, for people without W&B: RUN/plots/*.png and RUN/report.html.
 
 `build_report(run_dir)` reads only the run directory (config.yaml, metrics.csv, hparams.yaml,
-eval/metrics.jsonl, checkpoints/best.json, samples/), so it works for a running, finished or
-crashed run alike (`dgm-scale report RUN`). During training, `RunReport` refreshes it on rank 0
+eval/metrics.jsonl, eval/projection.npz, checkpoints/best.json, samples/), so it works for a
+running, finished or crashed run alike (`dgm-scale report RUN`). During training, `RunReport` refreshes it on rank 0
 at every evaluation and at the end, adding the metric rows the CSV logger still holds in memory.
 Every file is written to a temporary name and renamed, so a browser never sees half a file.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -21,9 +22,9 @@ import lightning as L
 import numpy as np
 import yaml
 
-from dgm_scale.core.files import save_png_atomic, write_text_atomic
+from dgm_scale.core.files import save_png_atomic, write_bytes_atomic, write_text_atomic
 from dgm_scale.metrics.report import DESCRIPTIONS
-from dgm_scale.tracking.plots import Series, line_chart
+from dgm_scale.tracking.plots import Series, line_chart, scatter_chart
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class RunData:
     evaluations: List[dict]  # eval/metrics.jsonl, in order
     best: Optional[dict]  # checkpoints/best.json
     params: Dict[str, int] = field(default_factory=dict)  # hparams.yaml params/<network>
+    projection: Optional[dict] = None  # eval/projection.npz (the probe metric's newest)
 
     def setting(self, dotted: str, default=None):
         """A config value by dotted key (config.yaml of another version may lack it)."""
@@ -119,7 +121,42 @@ def load_run(run_dir: str | Path, unsaved_rows: Iterable[dict] = ()) -> RunData:
     rows = read_metrics_csv(run_dir / "metrics.csv")
     rows += [{key: to_float(value) for key, value in row.items()} for row in unsaved_rows]
     return RunData(run_dir, config_text, read_yaml(config_path), rows,
-                   read_jsonl(run_dir / "eval" / "metrics.jsonl"), best, params)
+                   read_jsonl(run_dir / "eval" / "metrics.jsonl"), best, params, read_projection(run_dir))
+
+
+# ----------------------------------------------------------------------------- the projection
+PROJECTION = "eval/projection.npz"
+PROJECTION_PNG = "plots/projection.png"
+
+
+def save_projection(run_dir: str | Path, projection, iteration: int) -> Path:
+    """RUN/eval/projection.npz (plain arrays): `points` [M, 2], `labels` [M], `feature`, `iteration`
+    of a probe evaluation's projection (metrics.probe_metric.Projection)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, points=projection.points, labels=projection.labels, feature=np.array(projection.feature),
+             iteration=np.array(iteration))
+    return write_bytes_atomic(Path(run_dir) / PROJECTION, buffer.getvalue())
+
+
+def read_projection(run_dir: Path) -> Optional[dict]:
+    """eval/projection.npz as {points, labels, feature, iteration}; None when missing or unreadable."""
+    try:
+        with np.load(run_dir / PROJECTION, allow_pickle=False) as npz:
+            return {"points": npz["points"], "labels": npz["labels"], "feature": str(npz["feature"]),
+                    "iteration": int(npz["iteration"])}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def projection_title(projection: dict) -> str:
+    return (f"PCA of the model's {projection['feature']}: {len(projection['labels'])} held-out images "
+            f"by class (iteration {projection['iteration']:,})")
+
+
+def projection_image(projection: dict):
+    """The projection drawn: held-out images' features on two principal components, by class."""
+    return scatter_chart(projection["points"], projection["labels"], projection_title(projection),
+                         "principal component 1", "principal component 2").image
 
 
 def iterations(rows: Sequence[Row]) -> np.ndarray:
@@ -154,7 +191,12 @@ COMMON_GROUPS: List[Tuple[str, str, Callable[[str], bool]]] = [
     ("data_skipped", "Skipped data (damaged shards / images)", lambda k: k.startswith("data/skipped")),
 ]
 NOT_PLOTTED = {"step", "epoch", "train/iteration", "train/loss"}  # train/loss is -ELBO, drawn as elbo
-EVAL_NOT_PLOTTED = {"iteration", "eval_seconds"}
+EVAL_NOT_PLOTTED = {"iteration", "eval_seconds", "probe_seconds"}
+# Evaluation metrics drawn together (file stem, title, which names); every other gets its own chart.
+EVAL_GROUPS: List[Tuple[str, str, Callable[[str], bool]]] = [
+    ("eval_probe", "eval/probe_*: how well the model's features separate the classes (higher is better)",
+     lambda name: name.startswith("probe_")),
+]
 
 
 def legend_order(key: str) -> Tuple[int, str]:
@@ -192,33 +234,43 @@ def training_groups(rows: Sequence[Row], family=None) -> List[Tuple[str, str, Li
 
 
 def evaluation_groups(evaluations: Sequence[dict]) -> List[Tuple[str, str, List[Series]]]:
-    """One chart per evaluation metric (standard deviations stay in the table); the metric of
-    every sampler on the same chart (a GAN's `eval/fid` of the EMA generator and `eval_raw/fid`)."""
+    """One chart per evaluation metric, or per EVAL_GROUPS group (standard deviations stay in the
+    table); the metric of every sampler on the same chart (a GAN's `eval/fid` of the EMA
+    generator and `eval_raw/fid`)."""
     keys = [key for key in dict.fromkeys(k for record in evaluations for k in record)
             if key.rpartition("/")[2] not in EVAL_NOT_PLOTTED and not key.endswith("_std")]
     names = list(dict.fromkeys(key.rpartition("/")[2] for key in keys))
     x = np.array([to_float(record.get("iteration")) for record in evaluations], dtype=float)
-    groups = []
-    for name in names:
-        series = []
-        for key in (key for key in keys if key.rpartition("/")[2] == name):
-            variant = key.rpartition("/")[0]
-            y = np.array([to_float(record.get(key)) for record in evaluations], dtype=float)
-            series.append(Series(f"eval_{variant}/{name}" if variant else f"eval/{name}", x, y))
+    grouped = [(stem, title, [name for name in names if wanted(name)]) for stem, title, wanted in EVAL_GROUPS]
+    taken = {name for _, _, chosen in grouped for name in chosen}
+    charts = []
+    for name in (name for name in names if name not in taken):
         label, better = DESCRIPTIONS.get(name, ("", ""))
         title = f"eval/{name}" + (f": {label}" if label else "") + (f"; {better} is better" if better else "")
+        charts.append((f"eval_{name}", title, [name]))
+    groups = []
+    for stem, title, chosen in charts + grouped:
+        series = []
+        for key in (key for key in keys if key.rpartition("/")[2] in chosen):
+            variant, _, name = key.rpartition("/")
+            y = np.array([to_float(record.get(key)) for record in evaluations], dtype=float)
+            series.append(Series(f"eval_{variant}/{name}" if variant else f"eval/{name}", x, y))
         if any(len(s.finite()[0]) for s in series):
-            groups.append((f"eval_{name}", title, series))
+            groups.append((stem, title, series))
     return groups
 
 
 def write_plots(run: RunData) -> List[Plot]:
-    """Draw every chart into RUN/plots/<stem>.png; returns them in report order."""
+    """Draw every chart into RUN/plots/<stem>.png; returns them in report order (the curves;
+    then plots/projection.png when the run has a projection)."""
     plots = []
     for stem, title, series in training_groups(run.rows, family_of_run(run)) + evaluation_groups(run.evaluations):
         path = run.run_dir / "plots" / f"{stem}.png"
         save_png_atomic(line_chart(series, title).image, path)
         plots.append(Plot(path.relative_to(run.run_dir).as_posix(), title))
+    if run.projection is not None and len(run.projection["labels"]):
+        save_png_atomic(projection_image(run.projection), run.run_dir / PROJECTION_PNG)
+        plots.append(Plot(PROJECTION_PNG, projection_title(run.projection)))
     return plots
 
 

@@ -16,7 +16,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
 from dgm_scale.metrics.report import DESCRIPTIONS
-from dgm_scale.tracking.report import Plot, RunData, family_of_run, iterations
+from dgm_scale.modules.sampling import STRIP
+from dgm_scale.tracking.report import PROJECTION_PNG, Plot, RunData, family_of_run, iterations
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1e1e1e; margin: 0;
@@ -37,6 +38,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .muted { color: #777; }
 .top { display: grid; grid-template-columns: minmax(0, 1fr) auto; gap: 14px; align-items: start; }
 .samples img { max-width: 420px; width: 100%; display: block; }
+.samples img.strip { margin-top: 10px; }
+.projection { margin: 12px 0 0; max-width: 560px; } .projection img { width: 100%; display: block; }
 .plots { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 12px; }
 .plots figure { margin: 0; background: #fff; border: 1px solid #dde0e4; border-radius: 6px; padding: 6px; }
 .plots img { width: 100%; display: block; }
@@ -200,8 +203,29 @@ def samples_figure(run: RunData) -> str:
     if suffix == "txt":
         return (f'<figure class="samples" style="margin:0"><pre class="text-samples">{esc(text.read_text())}</pre>'
                 f"<figcaption>samples/latest.txt: {esc(caption)}, fixed seed</figcaption></figure>")
-    return (f'<figure class="samples" style="margin:0"><img src="samples/latest.png" alt="latest samples">'
-            f"<figcaption>samples/latest.png: {esc(caption)}, fixed seed</figcaption></figure>")
+    figure = (f'<figure class="samples" style="margin:0"><img src="samples/latest.png" alt="latest samples">'
+              f"<figcaption>samples/latest.png: {esc(caption)}, fixed seed</figcaption></figure>")
+    return figure + strip_figure(run)
+
+
+def strip_figure(run: RunData) -> str:
+    """The latent interpolation strip (samples/interpolation.png), for models with a latent space."""
+    if not (run.run_dir / "samples" / "interpolation.png").is_file():
+        return ""
+    seed_a, seed_b, steps = STRIP
+    return ('<figure class="samples" style="margin:0"><img src="samples/interpolation.png" class="strip" '
+            'alt="latent interpolation strip"><figcaption>samples/interpolation.png: latent interpolation '
+            f"from seed {seed_a} to seed {seed_b} in {steps} steps (the strip dgm-scale serve shows first)"
+            "</figcaption></figure>")
+
+
+def projection_figure(plots: Sequence[Plot]) -> str:
+    """The probe metric's 2-D projection of held-out images' features (plots/projection.png)."""
+    found = [plot for plot in plots if plot.path == PROJECTION_PNG]
+    if not found:
+        return ""
+    return (f'<figure class="projection"><img src="{src(found[0].path)}" alt="{esc(found[0].title)}">'
+            f"<figcaption>{esc(found[0].path)}: {esc(found[0].title)} (eval.metrics: probe)</figcaption></figure>")
 
 
 def plots_section(plots: Sequence[Plot]) -> str:
@@ -224,9 +248,9 @@ def render_report(run: RunData, plots: Sequence[Plot], status: Optional[str] = N
 {status_section(run, status)}
 <div class="top"><div class="card"><h2 style="margin-top:0">Run</h2>{facts_table(describe_model(run))}</div>
 <div class="card">{samples_figure(run)}</div></div>
-<div class="card"><h2 style="margin-top:0">Evaluation</h2>{metrics_table(run)}</div>
+<div class="card"><h2 style="margin-top:0">Evaluation</h2>{metrics_table(run)}{projection_figure(plots)}</div>
 {history_table(run.evaluations)}
-<h2>Curves</h2>{plots_section(plots)}
+<h2>Curves</h2>{plots_section([plot for plot in plots if plot.path != PROJECTION_PNG])}
 <h2>Config</h2><details><summary>config.yaml (the resolved config; repeat the run with
 dgm-scale train {esc(Path(run.run_dir, "config.yaml"))})</summary><pre>{esc(run.config_text)}</pre></details>
 <footer>Written by dgm-scale at {now}; rebuild with <code>dgm-scale report {esc(run.run_dir)}</code>.</footer>
