@@ -45,8 +45,10 @@ def _torchrun_train(out: Path):
     return run
 
 
-# DDP resume is also covered, killed at random, in test_kill_resume.py: here under `-m slow`
-@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "deepspeed"])
+# Both are also covered, killed, in test_kill_resume.py (DDP at random, DeepSpeed while writing its
+# sharded checkpoint): here under `-m slow`
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_two_process_resume_gives_the_same_next_steps(strategy, tmp_path):
     """2 CPU processes, WGAN-GP: stop at iteration 3, resume; the losses of iterations 4-6 and
     the final weights equal the uninterrupted run's (DeepSpeed: its ZeRO-2 partitions of both

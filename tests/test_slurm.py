@@ -2,6 +2,7 @@
 with run.requeue_on=[USR1,TERM]) makes the job checkpoint and requeue; the requeued job resumes
 from that checkpoint and finishes, and its W&B run (offline) continues the stopped job's."""
 import csv
+import getpass
 import os
 import re
 import subprocess
@@ -20,7 +21,7 @@ CLUSTER = ROOT / "launch" / "slurm" / "local_cluster.sh"
 TINY = ["tracking.wandb.mode=offline", "eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=8", "model.generator.width=4", "model.discriminator.width=4",
         "model.latent_dim=8", "trainer.log_every=1", "trainer.progress_bar=false", "trainer.accelerator=cpu",
         "run.sample_every=100", "run.checkpoint_every=100", "run.num_samples=4"]
-ITERATIONS = 600
+ITERATIONS = 200  # enough to stop after 30 and resume; each one costs both parts time
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,11 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip(f"no local SLURM cluster here: {started.stderr.strip()}")
     assert started.returncode == 0, started.stderr
     yield
+    # Stopping the daemons leaves a job's processes running (slurmstepd is not their child):
+    # cancel every job and wait for them to go, or they train on beside the rest of the suite.
+    subprocess.run(["scancel", "--user", getpass.getuser()], capture_output=True)
+    wait_for(lambda: not subprocess.run(["squeue", "--noheader"], capture_output=True, text=True).stdout.strip(),
+             120, "the cancelled jobs to end")
     subprocess.run(["bash", str(CLUSTER), "stop", str(state)], timeout=60)
 
 
@@ -76,7 +82,8 @@ def logged_iterations(run_dir: Path) -> list[int]:
         return [int(float(row["train/iteration"])) for row in csv.DictReader(handle) if row.get("train/iteration")]
 
 
-# TERM with requeue: also the time-limit test below (its time limit and its scancel --signal=TERM)
+# TERM with requeue: under `-m slow`, with the time-limit test below (its time limit and its
+# scancel --signal=TERM); tests/test_signals.py checks SIGTERM's checkpoint and exact resume.
 @pytest.mark.parametrize("signal_name, extra", [("USR1", []), pytest.param("TERM", ["run.requeue_on=[USR1,TERM]"],
                                                                           marks=pytest.mark.slow)])
 def test_sbatch_trains_two_ranks_checkpoints_on_a_signal_requeues_and_resumes(slurm_cluster, tmp_path, signal_name,
@@ -163,6 +170,9 @@ def test_a_four_point_sweep_runs_as_a_job_array_and_compares(slurm_cluster, tmp_
     assert (tmp_path / "runs" / "tiny" / "compare.html").is_file() and (tmp_path / "runs" / "tiny" / "compare.png").is_file()
 
 
+# A minute of the time limit, then the requeued part: the longest test; signal handling and
+# requeue stay covered by the USR1 test above and tests/test_signals.py.
+@pytest.mark.slow
 def test_a_job_at_its_time_limit_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path):
     """A 1-minute job: at its time limit SLURM sends SIGTERM (SIGKILL after KillWait); with
     run.requeue_on=[USR1,TERM] it checkpoints, requeues itself, and its second part continues
