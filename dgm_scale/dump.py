@@ -21,13 +21,9 @@ from tqdm.auto import tqdm
 from dgm_scale.core.errors import ConfigError
 from dgm_scale.core.files import write_bytes_atomic
 from dgm_scale.data.transforms import to_8bit
+from dgm_scale.metrics.gather import rank_and_world
 
 FORMATS = ("png", "npz")
-
-
-def _distributed() -> tuple[int, int]:
-    dist = torch.distributed
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def as_array(samples: torch.Tensor, modality: str) -> np.ndarray:
@@ -54,7 +50,7 @@ def dump_samples(module, num: int, seed: int, out_dir: Path, fmt: str = "png", b
         raise ConfigError(f"--format '{fmt}' is not one of {', '.join(FORMATS)}")
     if fmt == "png" and module.modality == "points":
         raise ConfigError("--format png is for images and text; 2-D points are written with --format npz")
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     out_dir.mkdir(parents=True, exist_ok=True)
     batches = list(range(0, num, batch_size))[rank::world]
     parts, part_labels = [], []

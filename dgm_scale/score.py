@@ -121,12 +121,12 @@ def fid(a: str, b: str, *, num_a: int = 0, num_b: int = 0, resolution: Optional[
     `num_a` / `num_b` samples; 0 = all). Under torchrun the processes split the work."""
     from dgm_scale.metrics.evaluation import EvalSettings, Evaluator
     from dgm_scale.metrics.extractors import resolve_extractor_spec
+    from dgm_scale.metrics.gather import rank_and_world
     from dgm_scale.metrics.real_data import real_batches
     from dgm_scale.metrics.registry import MODEL_METRICS
 
     init_distributed_from_env()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     guessed = first_image_shape(a)
     shape = (channels or guessed[0], resolution or guessed[1], resolution or guessed[1])
     spec = resolve_extractor_spec(extractor, "digits" if "builtin:digits" in (a, b) else "folder")

@@ -14,7 +14,8 @@ from PIL import Image
 from dgm_scale.cli import main
 from dgm_scale.config import load_config
 from dgm_scale.metrics.evaluation import EvalSettings
-from dgm_scale.metrics.probe_metric import ProbeEvaluator
+from dgm_scale.metrics.probe_metric import ProbeEvaluator, probe_scores
+from dgm_scale.tracking.report import projection_title, read_projection, save_projection
 from dgm_scale.serve.sources import ModuleSource
 from dgm_scale.config.schema import NetConfig
 from dgm_scale.core.errors import ConfigError
@@ -240,6 +241,20 @@ def test_the_probe_metric_scores_perfect_features_perfectly_and_noise_at_chance(
     assert noise["probe_linear_accuracy"] < 0.3 and noise["probe_nmi"] < 0.3  # chance: 0.1
 
 
+def test_a_tsne_projection_keeps_the_classes_apart_and_the_report_names_it(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 20)
+    features = np.eye(10)[labels] * 3 + rng.normal(0, 0.3, (200, 10))  # ten tight clusters
+    scores, projection = probe_scores(features, labels, 5, 2, 0, 0.3, "onehot", method="tsne")
+    assert projection.method == "tsne" and projection.points.shape == (60, 2) and scores["probe_nmi"] > 0.95
+    distances = np.linalg.norm(projection.points[:, None] - projection.points[None], axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    assert (projection.labels[distances.argmin(1)] == projection.labels).all()  # each point's 2-D neighbour
+    save_projection(tmp_path, projection, 7)
+    assert read_projection(tmp_path)["method"] == "tsne"
+    assert projection_title(read_projection(tmp_path)).startswith("t-SNE of the model's onehot: 60 held-out")
+
+
 @pytest.mark.parametrize("family", ["vae", "gan", "autoregressive"])
 def test_training_logs_the_probe_and_the_report_shows_projection_and_strip(checkpoints, family):
     run = checkpoints[family].parent.parent
@@ -270,6 +285,7 @@ def test_training_logs_the_probe_and_the_report_shows_projection_and_strip(check
     (TINY, ["eval.options.probe_labels_per_class=80"], "eval.options.probe_labels_per_class 80: class"),
     (TINY, ["eval.options.probe_labels_per_class=0"], "config key 'eval.options.probe_labels_per_class' must be >= 1"),
     (TINY, ["eval.metrics=[probe,fidd]"], "config key 'eval.metrics': unknown metric(s) ['fidd']"),
+    (TINY, ["eval.options.probe_projection=umap"], "config key 'eval.options.probe_projection'"),
     (["model.kind=autoregressive", "data.name=text", "data.path=builtin:pydoc", *TINY_RUN], [],
      "config key 'eval.metrics': 'probe' encodes labelled images; 'text' holds text"),
 ])

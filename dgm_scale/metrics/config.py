@@ -36,6 +36,7 @@ def validate_probe(options: Any, modality: str, data_name: str) -> None:
     """The `probe` metric's data and options (whether the model has features: see
     probe_metric.ProbeEvaluator.check, which needs the model)."""
     from dgm_scale.metrics.registry import resolve_options
+    from dgm_scale.metrics.representation import PROJECTIONS
 
     require(modality == "images", f"config key 'eval.metrics': 'probe' encodes labelled images; "
                                   f"'{data_name}' holds {modality}")
@@ -45,6 +46,7 @@ def validate_probe(options: Any, modality: str, data_name: str) -> None:
         require(isinstance(value, int) and not isinstance(value, bool),
                 f"config key 'eval.options.{key}' must be an integer, got {value!r}")
         at_least(f"eval.options.{key}", value, 2 if key == "probe_samples" else 1)
+    choice("eval.options.probe_projection", resolved["probe_projection"], sorted(PROJECTIONS))
     fraction = resolved["probe_test_fraction"]
     require(isinstance(fraction, (int, float)) and 0 < fraction < 1,
             f"config key 'eval.options.probe_test_fraction' must be in (0, 1), got {fraction!r}")

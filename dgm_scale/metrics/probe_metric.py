@@ -16,7 +16,8 @@ order (the rows one process would have), and rank 0 computes, then broadcasts to
 - probe_linear_accuracy (+ _std): logistic regression on `probe_labels_per_class` labels per
   class of the train rows, mean over `probe_seeds` label draws;
 - probe_seconds.
-Rank 0 also keeps the test rows' 2-D PCA with their labels (`projection`) for the report / W&B.
+Rank 0 also keeps the test rows' 2-D projection (`probe_projection`: pca, or tsne) with their
+labels (`projection`) for the report / W&B.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from dgm_scale.core.errors import ConfigError
 from dgm_scale.metrics.gather import all_gather_features, broadcast_object, rank_and_world
 from dgm_scale.metrics.real_data import labelled_real_images, to_model_space
 from dgm_scale.metrics.registry import resolve_options
-from dgm_scale.metrics.representation import draw_labelled, kmeans_scores, linear_probe, pca_2d, seeded_split
+from dgm_scale.metrics.representation import draw_labelled, kmeans_scores, linear_probe, project_2d, seeded_split
 
 #: the options' names in error messages
 PER_CLASS, TEST_FRACTION = "eval.options.probe_labels_per_class", "eval.options.probe_test_fraction"
@@ -70,23 +71,25 @@ def encode_images(module, images: Tensor, labels: Optional[Tensor], context: str
 
 @dataclass
 class Projection:
-    """What the report draws: the test rows' features on their first two principal components."""
+    """What the report draws: the test rows' features in 2-D."""
 
     points: np.ndarray  # float [M, 2]
     labels: np.ndarray  # int64 [M]
     feature: str  # the representation's name (mu, features, hidden)
+    method: str = "pca"  # how: a key of representation.PROJECTIONS
 
 
 def probe_scores(x: np.ndarray, labels: np.ndarray, per_class: int, seeds: int, seed: int,
-                 test_fraction: float, feature: str = "") -> tuple[dict[str, float], Projection]:
+                 test_fraction: float, feature: str = "", method: str = "pca") -> tuple[dict[str, float], Projection]:
     """The metric's values on features x [N, D] (named `feature`) of labelled rows, and the test
-    rows' projection."""
+    rows' projection by `method`."""
     train, test = seeded_split(labels, test_fraction, seed, option=TEST_FRACTION)
     accuracy, nmi = kmeans_scores(x[test], labels[test], seed)
     probe = linear_probe(x[train], labels[train], x[test], labels[test], per_class, seeds, seed, option=PER_CLASS)
     results = {"probe_kmeans_accuracy": accuracy, "probe_nmi": nmi, "probe_linear_accuracy": probe["mean"],
                "probe_linear_accuracy_std": probe["std"]}
-    return results, Projection(pca_2d(x[test], seed).astype(np.float32), labels[test], feature)
+    points = project_2d(x[test], method, seed).astype(np.float32)
+    return results, Projection(points, labels[test], feature, method)
 
 
 class ProbeEvaluator:
@@ -98,6 +101,7 @@ class ProbeEvaluator:
         self.src, self.seed, self.batch_size = settings.real, int(settings.seed), int(settings.batch_size)
         self.num, self.per_class = int(options["probe_samples"]), int(options["probe_labels_per_class"])
         self.seeds, self.test_fraction = int(options["probe_seeds"]), float(options["probe_test_fraction"])
+        self.method = str(options["probe_projection"])
         self.sample_shape = tuple(sample_shape)
         self._share: Optional[tuple[list[np.ndarray], np.ndarray]] = None
         self.projection: Optional[Projection] = None  # rank 0, after an evaluation
@@ -140,6 +144,6 @@ class ProbeEvaluator:
         results = None
         if rank_and_world()[0] == 0:
             results, self.projection = probe_scores(features.cpu().numpy(), labels.cpu().numpy(), self.per_class,
-                                                    self.seeds, self.seed, self.test_fraction, name)
+                                                    self.seeds, self.seed, self.test_fraction, name, self.method)
             results["probe_seconds"] = time.perf_counter() - start
         return broadcast_object(results)

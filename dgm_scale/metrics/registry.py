@@ -30,8 +30,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "seed": 2020, "is_splits": 10, "is_shuffle_seed": None, "pr_k": 3, "dc_k": 5, "batch_size": 1024,
     "ndb_bins": 20, "ndb_alpha": 0.05,
     # probe: labelled real images read (a seeded subset), labels per class of the linear probe,
-    # its label draws, the test share of the split
+    # its label draws, the test share of the split, the report's 2-D projection (pca | tsne)
     "probe_samples": 1000, "probe_labels_per_class": 10, "probe_seeds": 3, "probe_test_fraction": 0.3,
+    "probe_projection": "pca",
 }
 
 

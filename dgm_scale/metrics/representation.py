@@ -6,7 +6,8 @@
 - a linear probe: logistic regression on standardised features (the scaler is fitted on all
   train rows, which needs no labels) trained on K labelled rows per class drawn from the train
   rows; its test accuracy over `seeds` draws: mean, std, min, max;
-- a seeded stratified train / test split, and a 2-D PCA of features for pictures.
+- a seeded stratified train / test split, and a 2-D projection of features for pictures (PCA,
+  or t-SNE: scikit-learn's, already a dependency).
 Pure numpy / scikit-learn: no torch, no model. Errors name the option at fault (`option`):
 the command's `--labels-per-class`, the evaluation's `eval.options.probe_labels_per_class`.
 """
@@ -103,3 +104,25 @@ def pca_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
     if x.shape[1] < 2:
         return np.concatenate([x - x.mean(0), np.zeros_like(x)], axis=1)
     return PCA(n_components=2, svd_solver="full", random_state=seed).fit_transform(x)
+
+
+#: the 2-D projections `project_2d` makes, with what their axes are called
+PROJECTIONS = {"pca": ("PCA", "principal component"), "tsne": ("t-SNE", "t-SNE dimension")}
+
+
+def tsne_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """x [N, D] embedded in 2-D by t-SNE (PCA initialisation, seeded; perplexity 30, lowered for
+    small N, which t-SNE needs below N / 3): neighbourhoods kept, distances between far groups
+    not meaningful. One sample: [[0, 0]]."""
+    from sklearn.manifold import TSNE
+
+    x = x.astype(np.float64)
+    if len(x) < 2:
+        return np.zeros((len(x), 2))
+    perplexity = min(30.0, max(1.0, (len(x) - 1) / 3.0))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+
+
+def project_2d(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """x [N, D] -> [N, 2] by `method`, a key of PROJECTIONS."""
+    return tsne_2d(x, seed) if method == "tsne" else pca_2d(x, seed)

@@ -24,6 +24,7 @@ import yaml
 
 from dgm_scale.core.files import save_png_atomic, write_bytes_atomic, write_text_atomic
 from dgm_scale.metrics.report import DESCRIPTIONS
+from dgm_scale.metrics.representation import PROJECTIONS
 from dgm_scale.tracking.plots import Series, line_chart, scatter_chart
 
 log = logging.getLogger(__name__)
@@ -130,33 +131,37 @@ PROJECTION_PNG = "plots/projection.png"
 
 
 def save_projection(run_dir: str | Path, projection, iteration: int) -> Path:
-    """RUN/eval/projection.npz (plain arrays): `points` [M, 2], `labels` [M], `feature`, `iteration`
-    of a probe evaluation's projection (metrics.probe_metric.Projection)."""
+    """RUN/eval/projection.npz (plain arrays): `points` [M, 2], `labels` [M], `feature`, `method`,
+    `iteration` of a probe evaluation's projection (metrics.probe_metric.Projection)."""
     buffer = io.BytesIO()
     np.savez(buffer, points=projection.points, labels=projection.labels, feature=np.array(projection.feature),
-             iteration=np.array(iteration))
+             method=np.array(projection.method), iteration=np.array(iteration))
     return write_bytes_atomic(Path(run_dir) / PROJECTION, buffer.getvalue())
 
 
 def read_projection(run_dir: Path) -> Optional[dict]:
-    """eval/projection.npz as {points, labels, feature, iteration}; None when missing or unreadable."""
+    """eval/projection.npz as {points, labels, feature, method, iteration}; None when missing or
+    unreadable."""
     try:
         with np.load(run_dir / PROJECTION, allow_pickle=False) as npz:
+            method = str(npz["method"]) if "method" in npz.files else "pca"
             return {"points": npz["points"], "labels": npz["labels"], "feature": str(npz["feature"]),
-                    "iteration": int(npz["iteration"])}
+                    "method": method if method in PROJECTIONS else "pca", "iteration": int(npz["iteration"])}
     except (OSError, ValueError, KeyError):
         return None
 
 
 def projection_title(projection: dict) -> str:
-    return (f"PCA of the model's {projection['feature']}: {len(projection['labels'])} held-out images "
+    name = PROJECTIONS[projection["method"]][0]
+    return (f"{name} of the model's {projection['feature']}: {len(projection['labels'])} held-out images "
             f"by class (iteration {projection['iteration']:,})")
 
 
 def projection_image(projection: dict):
-    """The projection drawn: held-out images' features on two principal components, by class."""
+    """The projection drawn: held-out images' features in 2-D (PCA or t-SNE), by class."""
+    axis = PROJECTIONS[projection["method"]][1]
     return scatter_chart(projection["points"], projection["labels"], projection_title(projection),
-                         "principal component 1", "principal component 2").image
+                         f"{axis} 1", f"{axis} 2").image
 
 
 def iterations(rows: Sequence[Row]) -> np.ndarray:
