@@ -160,7 +160,7 @@ def test_two_processes_equal_one_process_with_uneven_shares(tmp_path):
     two = [torch.load(tmp_path / f"two.{rank}") for rank in range(2)]
     assert two[0] == two[1]  # every rank gets rank 0's numbers
     for name in ("fid", "kid_mean", "precision", "recall", "ndb", "raw/fid", "probe_kmeans_accuracy", "probe_nmi",
-                 "probe_linear_accuracy", "probe_linear_accuracy_std"):
+                 "probe_linear_accuracy", "probe_linear_accuracy_std", "probe_pixels_linear_accuracy"):
         assert two[0][name] == pytest.approx(one[name], rel=1e-9, abs=1e-12), name
 
 

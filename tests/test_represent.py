@@ -193,6 +193,10 @@ def test_probe_prints_and_writes_a_table(checkpoints, tmp_path, capsys):
     assert metric["probe_kmeans_accuracy"] == model["kmeans_accuracy"] and metric["probe_nmi"] == model["nmi"]
     assert metric["probe_linear_accuracy"] == model["linear_probe"]["5"]["mean"]
     assert metric["probe_linear_accuracy_std"] == model["linear_probe"]["5"]["std"]
+    pixels = rows["raw pixels"]  # and the baseline it logs beside them, the command's first row
+    assert metric["probe_pixels_kmeans_accuracy"] == pixels["kmeans_accuracy"]
+    assert metric["probe_pixels_nmi"] == pixels["nmi"]
+    assert metric["probe_pixels_linear_accuracy"] == pixels["linear_probe"]["5"]["mean"]
 
 
 @pytest.mark.parametrize("options,message", [

@@ -15,7 +15,9 @@ order (the rows one process would have), and rank 0 computes, then broadcasts to
 - probe_kmeans_accuracy, probe_nmi: k-means on the test rows (metrics/representation.py);
 - probe_linear_accuracy (+ _std): logistic regression on `probe_labels_per_class` labels per
   class of the train rows, mean over `probe_seeds` label draws;
-- probe_seconds.
+- probe_seconds;
+- probe_pixels_*: the first three on the raw pixels of the same rows (computed at the first
+  evaluation, then repeated): the flat line the model's curves are read against.
 Rank 0 also keeps the test rows' 2-D projection (`probe_projection`: pca, or tsne) with their
 labels (`projection`) for the report / W&B.
 """
@@ -104,6 +106,8 @@ class ProbeEvaluator:
         self.method = str(options["probe_projection"])
         self.sample_shape = tuple(sample_shape)
         self._share: Optional[tuple[list[np.ndarray], np.ndarray]] = None
+        self._pixels_scored = False  # every rank: the pixel baseline was computed (on rank 0)
+        self._pixel_scores: dict[str, float] = {}
         self.projection: Optional[Projection] = None  # rank 0, after an evaluation
 
     def share(self) -> tuple[list[np.ndarray], np.ndarray]:
@@ -135,15 +139,31 @@ class ProbeEvaluator:
         features = torch.cat(parts)[:len(images)]
         return name, features.to(module.device), torch.from_numpy(labels).to(module.device)
 
+    def pixel_scores(self, labels: np.ndarray | None, device: torch.device) -> dict[str, float]:
+        """The baseline (probe_pixels_*) on rank 0, from rows gathered as the features are, so
+        `labels` (rank 0's gathered labels, None elsewhere) fit them; every rank calls it."""
+        if not self._pixels_scored:
+            images, _ = self.share()
+            pixels = to_model_space(images).flatten(1) if images else torch.zeros(0, int(np.prod(self.sample_shape)))
+            rows = all_gather_features(pixels.to(device).contiguous())
+            self._pixels_scored = True
+            if labels is not None:
+                scores, _ = probe_scores(rows.cpu().numpy(), labels, self.per_class, self.seeds, self.seed,
+                                         self.test_fraction)
+                self._pixel_scores = {name.replace("probe_", "probe_pixels_", 1): value
+                                      for name, value in scores.items() if not name.endswith("_std")}
+        return self._pixel_scores
+
     @torch.no_grad()
     def evaluate(self, module) -> dict[str, float]:
         """The metric's values (every rank calls this; all get rank 0's numbers)."""
         start = time.perf_counter()
         name, features, labels = self.encode(module)
         features, labels = all_gather_features(features.contiguous()), all_gather_features(labels.contiguous())
-        results = None
-        if rank_and_world()[0] == 0:
-            results, self.projection = probe_scores(features.cpu().numpy(), labels.cpu().numpy(), self.per_class,
+        results, labels = None, labels.cpu().numpy() if rank_and_world()[0] == 0 else None
+        baseline = self.pixel_scores(labels, module.device)
+        if labels is not None:
+            results, self.projection = probe_scores(features.cpu().numpy(), labels, self.per_class,
                                                     self.seeds, self.seed, self.test_fraction, name, self.method)
-            results["probe_seconds"] = time.perf_counter() - start
+            results.update(baseline, probe_seconds=time.perf_counter() - start)
         return broadcast_object(results)

@@ -27,6 +27,10 @@ DESCRIPTIONS = {
     "probe_linear_accuracy": ("linear-probe test accuracy from probe_labels_per_class labels per class "
                               "(mean over probe_seeds draws)", "higher"),
     "probe_linear_accuracy_std": ("linear-probe accuracy std over the label draws", ""),
+    "probe_pixels_kmeans_accuracy": ("the same k-means accuracy on the raw pixels of those images (the baseline)",
+                                     "higher"),
+    "probe_pixels_nmi": ("the same NMI on the raw pixels (the baseline)", "higher"),
+    "probe_pixels_linear_accuracy": ("the same linear probe on the raw pixels (the baseline)", "higher"),
     "probe_seconds": ("seconds of the probe", ""),
 }
 
