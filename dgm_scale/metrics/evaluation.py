@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -205,51 +205,61 @@ def scores_samples(cfg) -> bool:
     return modality_of(cfg.data.name) != "text"
 
 
-@torch.no_grad()
-def heldout_likelihood(module, batches: Iterable) -> dict[str, float]:
-    """The held-out negative log-likelihood of a family that has one (`heldout_nll`): bits per
-    dim (images) or per character (text), over `batches` (every rank passes the same, in the
-    same order, and scores every W-th, so the result does not depend on the world size);
-    {} for families without a likelihood."""
+def _summed_over_ranks(module, batches: Iterable, rows: int,
+                       score: Callable[[Any, int], Optional[Tensor]]) -> Optional[Tensor]:
+    """The sum of score(batch, index) -> float64 [rows, 2] (a total, the count it is over) over
+    `batches`: every rank passes the same batches in the same order and scores every W-th, then
+    the sums are all-reduced, so the result does not depend on the world size. None as soon as
+    `score` gives None (a model without such a score)."""
     rank, world = rank_and_world()
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(rows, 2, dtype=torch.float64)
     for index, batch in enumerate(batches):
         if index % world != rank:
             continue
-        scored = module.heldout_nll(batch, seed=index)
+        scored = score(batch, index)
         if scored is None:
-            return {}
-        totals += torch.tensor([float(scored[0]), float(scored[1])], dtype=torch.float64)
+            return None
+        totals += scored
     if world > 1:
         totals = totals.to(module.device)
         dist.all_reduce(totals)
         totals = totals.cpu()
-    if totals[1] == 0:
+    return totals
+
+
+@torch.no_grad()
+def heldout_likelihood(module, batches: Iterable) -> dict[str, float]:
+    """The held-out negative log-likelihood of a family that has one (`heldout_nll`): bits per
+    dim (images) or per character (text), over `batches` (see _summed_over_ranks); {} for
+    families without a likelihood."""
+    def nll(batch, index: int) -> Optional[Tensor]:
+        scored = module.heldout_nll(batch, seed=index)
+        return None if scored is None else torch.tensor([[float(scored[0]), float(scored[1])]], dtype=torch.float64)
+
+    totals = _summed_over_ranks(module, batches, 1, nll)
+    if totals is None or totals[0, 1] == 0:
         return {}
     name = "bits_per_char" if module.modality == "text" else "bits_per_dim"
-    return {name: float(totals[0] / totals[1] / math.log(2.0))}
+    return {name: float(totals[0, 0] / totals[0, 1] / math.log(2.0))}
 
 
 @torch.no_grad()
 def heldout_averages(module, batches: Iterable) -> dict[str, float]:
     """The module's `heldout_scores` (e.g. a classifier's test_accuracy) averaged over the
-    held-out samples of `batches`: per name, the sum over all samples / their number (every
-    rank passes the same batches and scores every W-th, then the sums are all-reduced: every
-    rank returns the same numbers, whatever the world size); {} for a model without them."""
+    held-out samples of `batches`: per name, the sum over all samples / their number (see
+    _summed_over_ranks: every rank returns the same numbers, whatever the world size); {} for a
+    model without them."""
     names = list(module.heldout_score_names)
     if not names:
         return {}
-    rank, world = rank_and_world()
-    totals = torch.zeros(len(names), 2, dtype=torch.float64)
-    for index, batch in enumerate(batches):
-        if index % world != rank:
-            continue
+
+    def scores(batch, index: int) -> Tensor:
+        rows = torch.zeros(len(names), 2, dtype=torch.float64)
         for name, (total, count) in module.heldout_scores(batch).items():
-            totals[names.index(name)] += torch.tensor([float(total), float(count)], dtype=torch.float64)
-    if world > 1:
-        totals = totals.to(module.device)
-        dist.all_reduce(totals)
-        totals = totals.cpu()
+            rows[names.index(name)] += torch.tensor([float(total), float(count)], dtype=torch.float64)
+        return rows
+
+    totals = _summed_over_ranks(module, batches, len(names), scores)
     return {name: float(totals[i, 0] / totals[i, 1]) for i, name in enumerate(names) if totals[i, 1] > 0}
 
 

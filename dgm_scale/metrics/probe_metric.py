@@ -160,10 +160,12 @@ class ProbeEvaluator:
         start = time.perf_counter()
         name, features, labels = self.encode(module)
         features, labels = all_gather_features(features.contiguous()), all_gather_features(labels.contiguous())
-        results, labels = None, labels.cpu().numpy() if rank_and_world()[0] == 0 else None
-        baseline = self.pixel_scores(labels, module.device)
-        if labels is not None:
-            results, self.projection = probe_scores(features.cpu().numpy(), labels, self.per_class,
-                                                    self.seeds, self.seed, self.test_fraction, name, self.method)
-            results.update(baseline, probe_seconds=time.perf_counter() - start)
+        rank_zero = rank_and_world()[0] == 0
+        all_labels = labels.cpu().numpy() if rank_zero else None
+        baseline = self.pixel_scores(all_labels, module.device)  # a collective: every rank
+        if not rank_zero:
+            return broadcast_object(None)
+        results, self.projection = probe_scores(features.cpu().numpy(), all_labels, self.per_class,
+                                                self.seeds, self.seed, self.test_fraction, name, self.method)
+        results.update(baseline, probe_seconds=time.perf_counter() - start)
         return broadcast_object(results)

@@ -144,9 +144,8 @@ def read_projection(run_dir: Path) -> Optional[dict]:
     unreadable."""
     try:
         with np.load(run_dir / PROJECTION, allow_pickle=False) as npz:
-            method = str(npz["method"]) if "method" in npz.files else "pca"
             return {"points": npz["points"], "labels": npz["labels"], "feature": str(npz["feature"]),
-                    "method": method if method in PROJECTIONS else "pca", "iteration": int(npz["iteration"])}
+                    "method": str(npz["method"]), "iteration": int(npz["iteration"])}
     except (OSError, ValueError, KeyError):
         return None
 
