@@ -2,7 +2,7 @@
 from a laptop to a GPU cluster.
 
 The Python API (imported on first use, so that `import dgm_scale.data` stays light):
-`load_config`, `train`, `load_module`, `evaluate`, `register_family`, `Family`.
+`load_config`, `train`, `load_module`, `evaluate`, `register_family`, `Family`, `network_factory`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _API = {"load_config": "dgm_scale.api", "train": "dgm_scale.api", "load_module": "dgm_scale.api",
         "evaluate": "dgm_scale.api", "register_family": "dgm_scale.families.registry",
-        "Family": "dgm_scale.families.registry"}
+        "Family": "dgm_scale.families.registry", "network_factory": "dgm_scale.nets.custom"}
 __getattr__ = lazy_attributes(__name__, _API)
 
 

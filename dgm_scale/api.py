@@ -29,12 +29,14 @@ def train(config: Any = None, overrides: Sequence[str] | Mapping[str, Any] = ())
     return train_config(cfg)
 
 
-def load_module(checkpoint: str | Path, map_location: str = "cpu"):
+def load_module(checkpoint: str | Path, map_location: str = "cpu", trust_code: bool = False):
     """The trained module of a checkpoint (its family's class, your code imported again), with
-    `.sample(num, seed=..., labels=..., variant=..., **options)` and `.sample_batch(...)`."""
+    `.sample(num, seed=..., labels=..., variant=..., **options)` and `.sample_batch(...)`.
+    A checkpoint whose config names code outside dgm_scale (your networks, module, family,
+    run.imports) loads only with `trust_code=True`: loading it imports and runs that code."""
     from dgm_scale.modules import load_module as load
 
-    return load(checkpoint, map_location)
+    return load(checkpoint, map_location, trust_code=trust_code)
 
 
 __all__ = ["evaluate", "load_config", "load_module", "train"]

@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 
 from dgm_scale.config import ConfigError, load_config, to_yaml
 from dgm_scale.core.imports import working_directory_importable
+from dgm_scale.core.trust import add_trust_option
 
 
 def _split_config_args(args: Sequence[str]) -> tuple[Optional[str], List[str]]:
@@ -66,7 +67,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1, got {args.num}")
     run_imports(args.imports, "--import")
-    module = load_module(args.checkpoint)
+    module = load_module(args.checkpoint, trust_code=args.trust_code)
     if args.variant not in module.sampler_variants():
         raise ConfigError(f"--variant '{args.variant}': this model has {sorted(module.sampler_variants())}")
     labels = None
@@ -122,7 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = {key: getattr(args, key) for key in ("real", "extractor", "num_samples", "num_real", "seed",
                                                     "batch_size", "cache_dir", "inception_weights", "metrics")}
     out = args.out or Path(args.checkpoint).with_suffix(".eval.json")
-    results = evaluate(args.checkpoint, out=out, device=args.device, **settings)
+    results = evaluate(args.checkpoint, out=out, device=args.device, trust_code=args.trust_code, **settings)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print(format_table(results))
         print(f"wrote {out}")
@@ -282,6 +283,7 @@ def _add_evaluate_parsers(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     ev.add_argument("--out", type=Path, help="JSON report (default: CKPT with suffix .eval.json)")
     _add_import_option(ev)
+    add_trust_option(ev)
     ev.set_defaults(func=cmd_evaluate)
     fid_p = commands.add_parser("fid", help="FID / KID / P-R / NDB of data source B against data source A "
                                             "(folders, .npz, shards, builtin:NAME; torchrun splits the work)")
@@ -353,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_p.add_argument("--prompt", help="autoregressive text: the text every sample continues")
     sample_p.add_argument("--length", type=int, help="autoregressive text: characters per sample")
     _add_import_option(sample_p)
+    add_trust_option(sample_p)
     sample_p.set_defaults(func=cmd_sample)
     add_export_parser(commands)
     add_encode_parser(commands)

@@ -37,11 +37,12 @@ def heldout_batches(module) -> Optional[Any]:
 
 
 def evaluate(checkpoint: str | Path, out: Optional[str | Path] = None, device: Optional[str] = None,
-             **settings: Any) -> dict[str, float]:
+             trust_code: bool = False, **settings: Any) -> dict[str, float]:
     """Score the model of `checkpoint` and return {metric: value} (a GAN's raw generator as
     `raw/<metric>`). `settings` replace the run's `eval.*` values: real, extractor, num_samples,
     num_real, seed, batch_size, cache_dir, inception_weights, metrics (a list or "fid,kid").
-    Rank 0 writes the JSON report to `out` (default: CHECKPOINT.eval.json)."""
+    Rank 0 writes the JSON report to `out` (default: CHECKPOINT.eval.json). `trust_code`: as
+    for load_module (the checkpoint's own code outside dgm_scale is imported only then)."""
     from dgm_scale.metrics.evaluation import Evaluator, eval_settings, evaluate_module, scores_samples
     from dgm_scale.metrics.probe_metric import ProbeEvaluator
     from dgm_scale.metrics.registry import known_metrics
@@ -52,7 +53,7 @@ def evaluate(checkpoint: str | Path, out: Optional[str | Path] = None, device: O
     if unknown:
         raise ConfigError(f"evaluate(): unknown setting(s) {unknown}; known: {list(EVAL_SETTINGS)}")
     init_distributed_from_env()
-    module = load_module(checkpoint)
+    module = load_module(checkpoint, trust_code=trust_code)
     cfg = module.cfg
     for key, value in settings.items():
         if value is None:

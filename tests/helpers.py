@@ -1,9 +1,11 @@
 """Helpers shared by several test files (import them from here, never from another test file)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -40,6 +42,37 @@ def adapt(config: str | Path | None, overrides: list[str]) -> list[str]:
 def adapt_args(args: list[str]) -> list[str]:
     """[CONFIG, key=value, ...] with the overrides adapted to CONFIG's family (see adapt)."""
     return [args[0], *adapt(args[0], list(args[1:]))]
+
+
+@contextlib.contextmanager
+def hang_guard(seconds: int):
+    """Fail (TimeoutError) instead of hanging when the block runs longer than `seconds` (main thread)."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of the leaves of a nested dict (an empty mapping is a leaf)."""
+    keys = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        keys.extend(leaf_keys(value, dotted + ".") if isinstance(value, dict) and value else [dotted])
+    return keys
+
+
+def one_line(error: Exception) -> str:
+    """The message of `error`, which must be one line."""
+    message = str(error)
+    assert "\n" not in message
+    return message
 
 
 # ----------------------------------------------------------------------------- runs

@@ -16,7 +16,7 @@ from dgm_scale.families import family_names, get_family
 from dgm_scale.families.gan.module import GANModule
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.train import train
-from helpers import ROOT, TINY, TINY_RUN, TOY_FAMILY, free_port
+from helpers import ROOT, TINY, TINY_RUN, TOY_FAMILY, free_port, one_line
 
 CUSTOM = ROOT / "examples" / "custom_nets"
 CUSTOM_TINY = TINY + ["model.generator.kwargs.width=8", "model.discriminator.kwargs.width=8"]
@@ -43,12 +43,6 @@ class CountingGAN(GANModule):
     def training_step(self, batch, batch_idx):
         CountingGAN.steps += 1
         return super().training_step(batch, batch_idx)
-
-
-def one_line(error: Exception) -> str:
-    message = str(error)
-    assert "\n" not in message
-    return message
 
 
 def test_the_registry_knows_the_builtin_families_and_names_a_wrong_kind():
@@ -88,7 +82,8 @@ def test_a_family_defined_in_a_test_file_registers_and_trains(tmp_path, capsys):
     assert len(evaluations) == 2 and '"bits_per_dim"' in evaluations[-1] and '"fid"' in evaluations[-1]
     # sample and evaluate it in a fresh process: run.imports in the checkpoint registers the family again
     out = subprocess.run([sys.executable, "-m", "dgm_scale.cli", "sample", str(run_dir / "checkpoints" / "last.ckpt"),
-                          "--num", "4", "--out", str(tmp_path / "toy.png")], cwd=tmp_path, capture_output=True, text=True)
+                          "--num", "4", "--out", str(tmp_path / "toy.png"), "--trust-code"],
+                         cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "toy.png").is_file()
     assert "diagonal Gaussian" in (run_dir / "report.html").read_text()
@@ -106,11 +101,11 @@ def test_your_own_networks_by_class_path_train_and_sample_again(tmp_path):
                  f"run.dir={run_dir}"]) == 0
     stored = (run_dir / "config.yaml").read_text()
     assert f"target: {CUSTOM / 'nets.py'}:Generator" in stored  # absolute: loads from anywhere
-    module = load_module(run_dir / "checkpoints" / "last.ckpt")
+    module = load_module(run_dir / "checkpoints" / "last.ckpt", trust_code=True)
     assert type(module.generator).__name__ == "Generator" and module.generator.width == 8  # kwargs from CUSTOM_TINY
     # a fresh process elsewhere finds the class through the stored path
     out = subprocess.run([sys.executable, "-m", "dgm_scale.cli", "sample", str(run_dir / "checkpoints" / "last.ckpt"),
-                          "--num", "10", "--class", "3", "--out", str(tmp_path / "grid.png")],
+                          "--num", "10", "--class", "3", "--out", str(tmp_path / "grid.png"), "--trust-code"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
 
@@ -123,7 +118,7 @@ def test_your_own_networks_train_under_torchrun_with_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "run" / "custom-samples.png").is_file()
-    assert load_module(tmp_path / "run" / "checkpoints" / "last.ckpt").checkpoint_iteration == 3
+    assert load_module(tmp_path / "run" / "checkpoints" / "last.ckpt", trust_code=True).checkpoint_iteration == 3
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -148,7 +143,7 @@ def test_a_whole_module_by_class_path(tmp_path):
     CountingGAN.steps = 0
     result = train(load_config(overrides=[*TINY, "model.module=test_families:CountingGAN", f"run.dir={tmp_path / 'r'}"]))
     assert type(result.module) is CountingGAN and CountingGAN.steps == 3
-    assert type(load_module(result.checkpoint)) is CountingGAN
+    assert type(load_module(result.checkpoint, trust_code=True)) is CountingGAN
     with pytest.raises(ConfigError, match="'model.module': 'test_families:WrongShapeGenerator' is not a GenerativeModule"):
         build_module(load_config(overrides=[*TINY, "model.module=test_families:WrongShapeGenerator"]))
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dgm_scale.config.schema import config_class
 from dgm_scale.core.errors import ConfigError
 from dgm_scale.core.imports import absolute_spec, run_imports
+from dgm_scale.core.trust import is_code_key
 from dgm_scale.families.registry import Family, family_names, get_family
 
 DEFAULT_KIND = "gan"
@@ -31,11 +32,27 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return f"config key '{key}': {reason}"
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()
+
+
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{source}: {_one_line(exc)}") from None
+    except (TypeError, ValueError) as exc:  # e.g. a list where the schema has a mapping
+        raise ConfigError(f"{source}: {_first_line(exc)}") from None
+
+
+def _resolved(cfg: DictConfig) -> DictConfig:
+    """`cfg` with its `${...}` interpolations resolved once, so that a bad one is a one-line error
+    here and not a traceback wherever the value is first read."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
+    return cfg
 
 
 def _read_yaml(path: str | Path) -> DictConfig:
@@ -44,8 +61,8 @@ def _read_yaml(path: str | Path) -> DictConfig:
         raise ConfigError(f"config file '{path}' does not exist")
     try:
         loaded = OmegaConf.load(path)
-    except Exception as exc:  # YAML syntax errors
-        raise ConfigError(f"config file '{path}': {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - YAML syntax errors, undecodable bytes
+        raise ConfigError(f"config file '{path}': {_first_line(exc)}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file '{path}' does not hold a mapping of sections")
     return loaded
@@ -60,6 +77,8 @@ def _parse_override(item: str) -> tuple[str, DictConfig]:
         return item, OmegaConf.from_dotlist([item])
     except OmegaConfBaseException as exc:
         raise ConfigError(f"override '{item}': {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - YAML's scanner / parser errors for the value
+        raise ConfigError(f"override '{item}': not a YAML value: {_first_line(exc)}") from None
 
 
 def _normalise_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> list[str]:
@@ -85,7 +104,9 @@ def _get(tree: Any, dotted: str, default: Any = None) -> Any:
 
 
 def _flat_keys(tree: Any, prefix: str = "") -> Iterable[str]:
-    if isinstance(tree, (dict, DictConfig)):
+    if isinstance(tree, DictConfig):  # its keys, without resolving ${...} values
+        tree = OmegaConf.to_container(tree, resolve=False)
+    if isinstance(tree, dict):
         for key in tree:
             yield f"{prefix}{key}"
             yield from _flat_keys(tree[key], f"{prefix}{key}.")
@@ -122,8 +143,16 @@ def _open_mappings(node: DictConfig) -> None:
 
 def family_of(raw: Any, imports: Sequence[str] = ()) -> Family:
     """Import `run.imports` (and `imports`), then the family `model.kind` names."""
-    run_imports([*imports, *(_get(raw, "run.imports") or [])])
-    return get_family(_get(raw, "model.kind") or DEFAULT_KIND)
+    try:
+        listed, kind = _get(raw, "run.imports") or [], _get(raw, "model.kind") or DEFAULT_KIND
+    except OmegaConfBaseException as exc:  # a bad ${...} in either
+        raise ConfigError(_one_line(exc)) from None
+    if not isinstance(listed, (list, tuple, ListConfig)) or not all(isinstance(spec, str) for spec in listed):
+        raise ConfigError(f"config key 'run.imports' must be a list of modules or files, got {listed!r:.80}")
+    if not isinstance(kind, str):
+        raise ConfigError(f"config key 'model.kind' must be a family name or module:FAMILY, got {kind!r:.80}")
+    run_imports([*imports, *listed])
+    return get_family(kind)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = (),
@@ -144,22 +173,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mappi
         cfg.run.name = Path(path).stem
     for item, override in parsed:
         cfg = _merge(cfg, override, f"override '{item}'")
+    cfg = _resolved(cfg)
     cfg.run.imports = [absolute_spec(spec) for spec in [*imports, *cfg.run.imports]]
-    _absolute_targets(cfg.model)
+    _absolute_code_paths(cfg.model, "model")
     if not cfg.run.name:
         cfg.run.name = "default"
     validate(cfg)
     return cfg
 
 
-def _absolute_targets(node: Any) -> None:
-    """File paths in class specs made absolute (`target`, `module`, `kind`): a checkpoint's
-    config must name the same file wherever `dgm-scale sample` runs."""
+def _absolute_code_paths(node: Any, prefix: str) -> None:
+    """File paths in the class specs of `node` (the keys core.trust.CODE_KEYS lists) made
+    absolute: a checkpoint's config must name the same file wherever `dgm-scale sample` runs."""
     for key in list(node.keys()):
-        value = node[key]
+        value, dotted = node[key], f"{prefix}.{key}"
         if isinstance(value, DictConfig):
-            _absolute_targets(value)
-        elif key in ("target", "module", "kind") and isinstance(value, str) and ":" in value:
+            _absolute_code_paths(value, dotted)
+        elif is_code_key(dotted) and isinstance(value, str) and ":" in value:
             node[key] = absolute_spec(value)
 
 
@@ -193,7 +223,7 @@ def _translate_stored(data: dict, family: Family) -> dict:
 def config_from_dict(data: dict) -> DictConfig:
     """Rebuild a validated config from a plain dict (e.g. the one stored in a checkpoint)."""
     family = family_of(data)
-    cfg = _merge(_schema(family), _translate_stored(data, family), "stored config")
+    cfg = _resolved(_merge(_schema(family), _translate_stored(data, family), "stored config"))
     validate(cfg)
     return cfg
 

@@ -24,8 +24,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dgm_scale.distributed.interface import StepInterface
-from dgm_scale.distributed.zero_checkpoint import (SHARD_FOLDER, ZERO_PARTITIONS, ZERO_SHARDS, prune_shards,
-                                                  read_shard, write_shard)
+from dgm_scale.distributed.zero_checkpoint import (SHARD_FOLDER, ZERO_PARTITIONS, ZERO_SHARDS, load_partition,
+                                                  prune_shards, read_shard, write_shard)
 from dgm_scale.distributed.strategy import GradientAllReduceDDP
 
 
@@ -130,8 +130,8 @@ class MultiEngineDeepSpeed(GradientAllReduceDDP):
         """What each engine's load_state_dict takes: a list by rank, this rank's entry filled
         (ZeRO-1/2 checkpoints are rigid: a rank reads only its own partition)."""
         if ZERO_PARTITIONS in state:  # the older format: every partition embedded
-            return [torch.load(io.BytesIO(part.numpy().tobytes()), map_location="cpu", weights_only=False)
-                    for part in state[ZERO_PARTITIONS]]
+            return [load_partition(io.BytesIO(part.numpy().tobytes()), f"{ZERO_PARTITIONS}[{rank}] of optimizer {index}")
+                    for rank, part in enumerate(state[ZERO_PARTITIONS])]
         info = state[ZERO_SHARDS]
         if int(info["world_size"]) != self.world_size:
             raise ValueError(f"this DeepSpeed checkpoint holds the ZeRO partitions of {info['world_size']} "

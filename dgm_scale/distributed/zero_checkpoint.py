@@ -39,15 +39,39 @@ def shard_path(checkpoint_dir: Path, folder: str, rank: int, optimizer_index: in
 
 
 def write_shard(state: Dict[str, Any], checkpoint_dir: Path, folder: str, rank: int, optimizer_index: int) -> Path:
-    """This rank's partition of one optimizer (full pickle: it holds DeepSpeed's loss scaler)."""
+    """This rank's partition of one optimizer (it holds DeepSpeed objects: see load_partition)."""
     return torch_save_atomic(state, shard_path(checkpoint_dir, folder, rank, optimizer_index))
+
+
+def _deepspeed_classes() -> List[type]:
+    """The DeepSpeed classes a ZeRO-1/2 partition pickles besides tensors (its stage, the
+    fragment addresses, the loss scaler): plain records, safe to rebuild."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def load_partition(source: Any, name: str) -> Dict[str, Any]:
+    """A ZeRO partition from a file or buffer, unpickled with weights_only (only tensors, plain
+    containers and the DeepSpeed records above: a crafted file cannot run code); `name` (a path)
+    is what a one-line error names."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_deepspeed_classes()):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"ZeRO partition '{name}' does not load: {reason}") from None
 
 
 def read_shard(checkpoint_dir: Path, folder: str, rank: int, optimizer_index: int) -> Dict[str, Any]:
     path = shard_path(checkpoint_dir, folder, rank, optimizer_index)
     if not path.is_file():
         raise FileNotFoundError(f"ZeRO shard '{path}' of checkpoint folder '{checkpoint_dir}' is missing")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_partition(path, str(path))
 
 
 def shards_of(checkpoint: Path) -> Optional[dict]:

@@ -206,7 +206,7 @@ def export_checkpoint(checkpoint: str | Path, out: Optional[str | Path] = None, 
     """`dgm-scale export CKPT`: load the checkpoint, export its sampler; (path written, sidecar)."""
     from dgm_scale.modules import load_module
 
-    module = load_module(checkpoint).cpu().eval()
+    module = load_module(checkpoint, trust_code=options.pop("trust_code", False)).cpu().eval()
     if options.get("variant", "") not in module.sampler_variants():
         raise ConfigError(f"--variant '{options['variant']}': this model has {sorted(module.sampler_variants())}")
     if out is None:

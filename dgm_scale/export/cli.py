@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from dgm_scale.core.trust import add_trust_option
 from dgm_scale.export import FORMATS, PRECISIONS
 
 
@@ -21,6 +22,7 @@ def add_export_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--batch-size", type=int, default=1, help="the traced batch size (default 1)")
     parser.add_argument("--variant", default="", help="another sampler of the model, e.g. raw (a GAN's raw generator)")
     parser.add_argument("--calibration-batches", type=int, default=8, help="int8: batches of 256 inputs observed")
+    add_trust_option(parser)
     parser.set_defaults(func=cmd_export)
     return parser
 
@@ -33,7 +35,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"--calibration-batches must be >= 1, got {args.calibration_batches}")
     path, meta = export_checkpoint(args.checkpoint, args.out, args.format, precision=args.precision,
                                    dynamic_batch=args.dynamic_batch, batch_size=args.batch_size,
-                                   variant=args.variant, calibration_batches=args.calibration_batches)
+                                   variant=args.variant, calibration_batches=args.calibration_batches,
+                                   trust_code=args.trust_code)
     inputs = ", ".join(f"{spec['name']} {spec['shape']}" for spec in meta["inputs"])
     print(f"wrote {path} ({meta['format']}, {meta['precision']}): {inputs} -> samples {meta['output']['shape']} "
           f"in [-1, 1]; max |file - network| {meta['check']['max_abs_diff_file_vs_network']:.1e}")

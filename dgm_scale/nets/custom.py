@@ -1,6 +1,10 @@
 """Your own networks by import path: `model.<net>.target: package.module:Class` (or
 `path/to/file.py:Class`) with `model.<net>.kwargs: {...}`.
 
+A target is an `nn.Module` subclass, or a function marked with `@dgm_scale.network_factory`
+that returns one: not just any callable, so that a config (or a checkpoint's stored config)
+cannot name, say, a standard-library function that runs a command.
+
 The class is built as `Class(**kwargs, **provided)`, where `provided` are the inputs the family
 knows (e.g. `latent_dim`, `num_classes`, `image_shape`) that the constructor declares as
 parameters and `kwargs` does not set. Before training, `check_network` runs it once on a tiny
@@ -18,6 +22,24 @@ from torch import Tensor, nn
 
 from dgm_scale.core.errors import ConfigError
 from dgm_scale.core.imports import import_object
+
+
+#: the attribute `network_factory` sets on a function
+FACTORY_MARK = "__dgm_scale_network_factory__"
+
+
+def network_factory(function: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Mark `function` (keyword arguments -> an nn.Module) as usable as `model.<net>.target`."""
+    if not callable(function) or isinstance(function, type):
+        raise TypeError("network_factory marks a function that returns an nn.Module")
+    setattr(function, FACTORY_MARK, True)
+    return function
+
+
+def _buildable(target: Any) -> bool:
+    if isinstance(target, type):
+        return issubclass(target, nn.Module)
+    return callable(target) and getattr(target, FACTORY_MARK, False) is True
 
 
 def _reason(error: BaseException) -> str:
@@ -41,8 +63,10 @@ def build_network(key: str, net: Any, builtin: Callable[[], nn.Module], provided
     if not target:
         return builtin()
     cls = import_object(target, f"{key}.target")
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) and not callable(cls):
-        raise ConfigError(f"config key '{key}.target': '{target}' is not a class")
+    if not _buildable(cls):
+        kind = "a class" if isinstance(cls, type) else f"a {type(cls).__name__}"
+        raise ConfigError(f"config key '{key}.target': '{target}' is {kind}, not an nn.Module subclass or a "
+                          "function marked @dgm_scale.network_factory; it was not called")
     kwargs = dict(getattr(net, "kwargs", {}) or {})
     try:
         module = cls(**kwargs, **_accepted(cls, provided, kwargs))

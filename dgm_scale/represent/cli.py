@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dgm_scale.core.trust import add_trust_option
+
 
 def add_encode_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `dgm-scale encode CKPT --data SRC --out FILE.npz`."""
@@ -18,6 +20,7 @@ def add_encode_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable sample "
                                                               "(default: skip and count it)")
     parser.add_argument("--device", help="e.g. cpu, cuda:1 (default: this process's GPU, else the CPU)")
+    add_trust_option(parser)
     parser.set_defaults(func=cmd_encode)
     return parser
 
@@ -25,7 +28,8 @@ def add_encode_parser(commands: argparse._SubParsersAction) -> argparse.Argument
 def cmd_encode(args: argparse.Namespace) -> int:
     from dgm_scale.represent.encode import encode_checkpoint, skipped_line
 
-    encoded = encode_checkpoint(args.checkpoint, args.data, args.out, args.batch_size, args.strict, args.device)
+    encoded = encode_checkpoint(args.checkpoint, args.data, args.out, args.batch_size, args.strict, args.device,
+                                 trust_code=args.trust_code)
     if encoded is None:  # not rank 0
         return 0
     shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in encoded.arrays().items())
@@ -52,6 +56,7 @@ def add_probe_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", help="e.g. cpu, cuda:1 (default: the GPU, else the CPU)")
+    add_trust_option(parser)
     parser.set_defaults(func=cmd_probe)
     return parser
 
@@ -76,7 +81,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     result = probe_checkpoint(args.checkpoint, args.data, parse_counts(args.labels_per_class), test=args.test,
                               seeds=args.seeds, seed=args.seed, test_fraction=args.test_fraction,
-                              batch_size=args.batch_size, device=args.device)
+                              batch_size=args.batch_size, device=args.device,
+                              trust_code=args.trust_code)
     print(format_table(result))
     line = skipped_line([(0, item["name"], item["reason"]) for item in result["skipped"]])
     if line:

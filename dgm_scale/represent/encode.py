@@ -241,7 +241,7 @@ def model_device(device: str | None = None) -> torch.device:
 
 
 def encode_checkpoint(checkpoint: str | Path, src: str, out: str | Path, batch_size: int = 256,
-                      strict: bool = False, device: str | None = None) -> Encoded | None:
+                      strict: bool = False, device: str | None = None, trust_code: bool = False) -> Encoded | None:
     """Encode `src` with the model of `checkpoint` and write `out` (.npz, atomically, by rank 0).
     Under torchrun every process calls it and they split the work; returns the rows on rank 0."""
     from dgm_scale.core.files import write_bytes_atomic
@@ -251,7 +251,7 @@ def encode_checkpoint(checkpoint: str | Path, src: str, out: str | Path, batch_s
     joined = torch.distributed.is_available() and not torch.distributed.is_initialized()
     init_distributed_from_env()
     try:
-        module = load_module(checkpoint).to(model_device(device))
+        module = load_module(checkpoint, trust_code=trust_code).to(model_device(device))
         encoded = encode_source(module, src, batch_size, strict)
         if encoded is not None:
             write_bytes_atomic(out, npz_bytes(encoded))

@@ -94,7 +94,7 @@ def _rows(encoded, indices: np.ndarray | None = None) -> dict[str, np.ndarray]:
 
 def probe_checkpoint(checkpoint: str, data: str, labels_per_class: Sequence[int], test: str | None = None,
                      seeds: int = 5, seed: int = 0, test_fraction: float = 0.3, batch_size: int = 256,
-                     device: str | None = None) -> dict:
+                     device: str | None = None, trust_code: bool = False) -> dict:
     """Probe the model of `checkpoint` on `data` (see the module docstring): the JSON-ready result."""
     from dgm_scale.modules import load_module
     from dgm_scale.represent.encode import model_device
@@ -106,7 +106,7 @@ def probe_checkpoint(checkpoint: str, data: str, labels_per_class: Sequence[int]
     require_labels(data, "--data")
     if test is not None:
         require_labels(test, "--test")
-    module = load_module(checkpoint).to(model_device(device))
+    module = load_module(checkpoint, trust_code=trust_code).to(model_device(device))
     first = encoded_rows(module, data, "--data", batch_size)
     name = next(iter(first.features))
     if test is not None:

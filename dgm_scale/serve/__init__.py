@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 
 from dgm_scale.core.imports import lazy_attributes
+from dgm_scale.core.trust import add_trust_option
 
 # The server and sources import torch: loaded on first use, so that the CLI's parser stays light.
 _LAZY = {name: f"{__name__}.{module}" for name, module in (
@@ -59,6 +60,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
                         help="address to bind (default 127.0.0.1: this machine only; the page has no login)")
     parser.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
     parser.add_argument("--device", help="cpu | cuda (default: cuda when available; exports: cpu)")
+    add_trust_option(parser)
     parser.set_defaults(func=cmd_serve)
     return parser
 
@@ -70,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be 0 .. 65535")
-    serve(open_source(args.checkpoint, args.device), args.host, args.port)
+    serve(open_source(args.checkpoint, args.device, trust_code=args.trust_code), args.host, args.port)
     return 0
 
 

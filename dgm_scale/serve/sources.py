@@ -130,10 +130,10 @@ class ModuleSource(SampleSource):
 class CheckpointSource(ModuleSource):
     """A checkpoint's model (`load_module`), on `device` (default: CUDA when available)."""
 
-    def __init__(self, path: str | Path, device: str | None = None):
+    def __init__(self, path: str | Path, device: str | None = None, trust_code: bool = False):
         from dgm_scale.modules import load_module
 
-        module = load_module(path)
+        module = load_module(path, trust_code=trust_code)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             module.to(torch.device(device))
@@ -200,16 +200,17 @@ class ExportSource(SampleSource):
         return torch.cat(parts)
 
 
-def open_source(path: str | Path, device: str | None = None) -> SampleSource:
+def open_source(path: str | Path, device: str | None = None, trust_code: bool = False) -> SampleSource:
     """The source for `path`: an exported sampler when its sidecar FILE.json exists (ExportSource),
-    else a dgm_scale checkpoint (CheckpointSource); anything else is a one-line ConfigError."""
+    else a dgm_scale checkpoint (CheckpointSource; `trust_code` as for load_module); anything
+    else is a one-line ConfigError."""
     from dgm_scale.export.runtime import sidecar_path
 
     path = Path(path)
     if path.is_file() and sidecar_path(path).is_file():
         return ExportSource(path, device)
     try:
-        return CheckpointSource(path, device)
+        return CheckpointSource(path, device, trust_code)
     except ConfigError as error:
         if not path.is_file() or "not a dgm_scale checkpoint" not in str(error):
             raise
