@@ -121,6 +121,35 @@ def assert_same_weights(first: Path, second: Path, atol: float = 0.0) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
 
 
+def assert_same_final_run(reference: Path, resumed: Path, steps: int) -> None:
+    """A resumed run ended as the uninterrupted `reference`: the same final weights (EMA and
+    buffers included), bit for bit, and the same logged training rows, each iteration once."""
+    assert_same_weights(reference / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
+    assert metrics_rows(reference) == metrics_rows(resumed)
+    assert [float(row["train/iteration"]) for row in metrics_rows(resumed)] == list(range(1, steps + 1))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """In-process runs compute like the OMP_NUM_THREADS=1 subprocesses (same reduction order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_here(args: list[str], run_dir: Path) -> None:
+    """`dgm-scale train ARGS run.dir=RUN_DIR` in this process (ARGS: a config file, then
+    overrides), computing like a one-thread subprocess, to compare with one."""
+    from dgm_scale.config import load_config
+    from dgm_scale.train import train
+
+    with one_thread():
+        train(load_config(args[0], [*args[1:], f"run.dir={run_dir}"]))
+
+
 def stop_and_resume(run_train, tmp_path: Path, common: list[str]) -> tuple[Path, Path]:
     """Train 6 iterations straight, and 3 + 3 with a resume; return both run directories."""
     full, part = tmp_path / "full", tmp_path / "part"

@@ -16,17 +16,14 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from helpers import ROOT, TINY, TINY_RUN, adapt_args, assert_same_weights, free_port, metrics_rows
-from dgm_scale.config import load_config
+from helpers import ROOT, TINY, TINY_RUN, adapt_args, assert_same_final_run, free_port, metrics_rows, train_here
 from dgm_scale.modules import load_module
-from dgm_scale.train import train
 
 SEED = 20261202
 MAX_STEPS = 16
@@ -51,22 +48,6 @@ def launch(args: list[str], run_dir: Path, nproc: int = 1, driver: str = "", env
 
 def finish(proc: subprocess.Popen, run_dir: Path) -> None:
     assert proc.wait(timeout=180) == 0, Path(f"{run_dir}.log").read_text()[-3000:]
-
-
-@contextmanager
-def one_thread():
-    """In-process runs compute like the OMP_NUM_THREADS=1 subprocesses (same reduction order)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def train_here(args: list[str], run_dir: Path) -> None:
-    with one_thread():
-        train(load_config(args[0], [*args[1:], f"run.dir={run_dir}"]))
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -146,9 +127,7 @@ def checkpoint_iteration(run_dir: Path) -> int:
 
 
 def assert_same_run(reference: Path, resumed: Path) -> None:
-    assert_same_weights(reference / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
-    assert metrics_rows(reference) == metrics_rows(resumed)
-    assert [float(row["train/iteration"]) for row in metrics_rows(resumed)] == list(range(1, MAX_STEPS + 1))
+    assert_same_final_run(reference, resumed, MAX_STEPS)
 
 
 def test_gan_killed_while_saving_then_at_random_resumes_exactly(tmp_path):
