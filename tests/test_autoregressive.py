@@ -1,6 +1,7 @@
 """The autoregressive family and text data: exact likelihood, keyed sampling, text sources,
 training through every path (CLI, DDP, DeepSpeed), evaluation and sampling commands."""
 import io
+import json
 import math
 import tarfile
 
@@ -17,6 +18,7 @@ from dgm_scale.data.text import TextWindows, read_corpus, split_bounds, unigram_
 from dgm_scale.families.autoregressive.module import image_to_symbols, symbols_to_image
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.nets.sequence import START
+from dgm_scale.score import heldout_batches
 from dgm_scale.train import train
 from helpers import ROOT, TINY_RUN, torchrun
 from nan_injection import install
@@ -127,11 +129,29 @@ def test_text_model_trains_evaluates_and_samples_with_a_prompt(tmp_path, capsys)
     assert "temperature must be > 0" in capsys.readouterr().err
 
 
+def summed_nll_and_dims(module, batches) -> tuple[float, int]:
+    """The total -log P in nats of the 8-bit symbols of `batches` under `module`'s model, and
+    how many symbols there are: the chain rule written out with torch.distributions."""
+    module.eval()
+    nats, dims = 0.0, 0
+    with torch.no_grad():
+        for images, labels in batches:
+            symbols = image_to_symbols(images)
+            inputs = torch.cat([torch.full_like(symbols[:, :1], START), symbols[:, :-1]], dim=1)
+            logits, _ = module.rnn(inputs, labels)
+            nats -= torch.distributions.Categorical(logits=logits.double()).log_prob(symbols).sum().item()
+            dims += images.numel()
+    return nats, dims
+
+
 def test_image_model_scores_bits_per_dim_and_sample_metrics(tmp_path):
     result = train(load_config(overrides=IMAGES + ["trainer.max_steps=3", "eval.at_end=true", "eval.num_samples=50",
                                                    "model.num_classes=10", f"run.dir={tmp_path / 'run'}"]))
-    record = (result.run_dir / "eval" / "metrics.jsonl").read_text()
-    assert '"bits_per_dim"' in record and '"fid"' in record
+    record = json.loads((result.run_dir / "eval" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "fid" in record
+    nats, dims = summed_nll_and_dims(result.module, heldout_batches(result.module))
+    assert dims == len(heldout_batches(result.module).dataset) * 64
+    assert record["bits_per_dim"] == pytest.approx(nats / (dims * math.log(2)), rel=1e-6)
     assert (result.run_dir / "checkpoints" / "best.json").is_file()  # best by fid (eval.best_metric=auto)
     assert load_module(result.checkpoint).sample(10, seed=0, labels=torch.arange(10)).shape == (10, 1, 8, 8)
 

@@ -3,6 +3,7 @@ classifier features), the cache, 2-process evaluation == one process, the traini
 (periodic metrics, best checkpoint, resume), and the `evaluate` / `train-classifier` CLI."""
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from dgm_scale.cli import main
 from dgm_scale.config import load_config
 from dgm_scale.data.datasets import DataError
 from dgm_scale.metrics import evaluation as evaluation_module
-from dgm_scale.metrics.evaluation import EvalSettings, Evaluator, evaluate_module, generated_batches
+from dgm_scale.metrics.evaluation import (EvalSettings, Evaluator, evaluate_module, generated_batches, heldout_averages,
+                                          heldout_likelihood)
 from dgm_scale.metrics.extractors import build_extractor
 from dgm_scale.metrics.probe_metric import ProbeEvaluator
 from dgm_scale.metrics.real_data import rank_share, real_batches
@@ -131,6 +133,49 @@ class PixelEncoder(torch.nn.Module):
         return {"pixels": images.flatten(1)}
 
 
+class KnownHeldout(torch.nn.Module):
+    """A 'model' whose held-out numbers are known functions of each batch: the summing alone.
+    Its NLL: the batch's sum plus the seed the evaluation keys it with (the batch's index), over
+    one dimension per element; its scores: 'positive' in every batch, 'wide' only in batches of
+    more than 4 rows."""
+
+    device = torch.device("cpu")
+    modality = "images"
+    heldout_score_names = ("positive", "wide")
+
+    def heldout_nll(self, batch, seed: int = 0):
+        return batch[0].sum() + seed, batch[0].numel()
+
+    def heldout_scores(self, batch):
+        x = batch[0]
+        scores = {"positive": ((x > 0).sum(), x.numel())}
+        if len(x) > 4:
+            scores["wide"] = ((x[:, 0] > 0).sum(), len(x))
+        return scores
+
+
+SIZES = (3, 5, 2, 7, 1)  # on 2 ranks: batches 0, 2, 4 (6 rows, none 'wide') and 1, 3 (12 rows)
+
+
+def known_batches() -> list:
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(n, 4, generator=generator, dtype=torch.float64), torch.zeros(n)) for n in SIZES]
+
+
+def heldout_numbers() -> dict:
+    return {**heldout_likelihood(KnownHeldout(), known_batches()), **heldout_averages(KnownHeldout(), known_batches())}
+
+
+def test_heldout_sums_are_the_closed_form():
+    """heldout_likelihood / heldout_averages in one process (2 processes, uneven
+    shares: test_two_processes_equal_one_process_with_uneven_shares)."""
+    x = torch.cat([images for images, _ in known_batches()])
+    wide = torch.cat([images[:, 0] for images, _ in known_batches() if len(images) > 4])
+    expected = {"bits_per_dim": (x.sum().item() + sum(range(len(SIZES)))) / (x.numel() * math.log(2)),
+                "positive": (x > 0).double().mean().item(), "wide": (wide > 0).double().mean().item()}
+    assert heldout_numbers() == pytest.approx(expected, rel=1e-12)
+
+
 def _evaluate_worker(rank: int, world: int, init_file: str, checkpoint: str, out: str, num: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -143,6 +188,7 @@ def _evaluate_worker(rank: int, world: int, init_file: str, checkpoint: str, out
         probe = EvalSettings(real="builtin:digits", extractor="digits", metrics=["probe"], batch_size=37,
                              options={"probe_samples": num, "probe_seeds": 2})  # uneven shares of digits
         results.update(ProbeEvaluator(probe, (1, 8, 8)).evaluate(PixelEncoder()))
+        results.update(heldout_numbers())  # the held-out sums over ranks (uneven shares: SIZES)
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -160,7 +206,8 @@ def test_two_processes_equal_one_process_with_uneven_shares(tmp_path):
     two = [torch.load(tmp_path / f"two.{rank}") for rank in range(2)]
     assert two[0] == two[1]  # every rank gets rank 0's numbers
     for name in ("fid", "kid_mean", "precision", "recall", "ndb", "raw/fid", "probe_kmeans_accuracy", "probe_nmi",
-                 "probe_linear_accuracy", "probe_linear_accuracy_std", "probe_pixels_linear_accuracy"):
+                 "probe_linear_accuracy", "probe_linear_accuracy_std", "probe_pixels_linear_accuracy",
+                 "bits_per_dim", "positive", "wide"):
         assert two[0][name] == pytest.approx(one[name], rel=1e-9, abs=1e-12), name
 
 

@@ -1,13 +1,17 @@
 """Losses against hand-computed values and closed forms."""
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import norm
 from torch import nn
 
 from dgm_scale.config import load_config
 from dgm_scale.losses import ADVERSARIAL_LOSSES, build_adversarial_loss, clip_weights, gaussian_kl, gradient_penalty
-from dgm_scale.losses.vae import bernoulli_log_likelihood, elbo_terms, gaussian_log_likelihood
+from dgm_scale.data.transforms import from_8bit, to_8bit
+from dgm_scale.losses.vae import (bernoulli_log_likelihood, discretized_gaussian_log_likelihood, elbo_terms,
+                                  gaussian_log_likelihood)
 
 REAL = torch.tensor([2.0, -1.0])
 FAKE = torch.tensor([0.5, -3.0])
@@ -136,6 +140,48 @@ def test_likelihoods_match_torch_distributions():
     torch.testing.assert_close(bernoulli_log_likelihood(logits, binary * 2 - 1), bern)
     gauss = torch.distributions.Normal(logits, 0.3).log_prob(images).sum((1, 2, 3))
     torch.testing.assert_close(gaussian_log_likelihood(logits, images, 0.3), gauss)
+
+
+def exact_log_masses(means: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """log P(level k) [256, ...] of N(mean, std^2) discretised to the 8-bit levels, from
+    scipy.stats.norm: the mass between the bin edges x_k -+ 1/255 (x_k = k / 127.5 - 1, in
+    float32 as the data holds it), the first and last level taking the tails; computed on the
+    side of the mean where it does not cancel (log sf above the mean, log cdf below)."""
+    x = from_8bit(torch.arange(256)).double().numpy().reshape(-1, *[1] * np.ndim(means))
+    lower, upper = (x - 1 / 255 - means) / std, (x + 1 / 255 - means) / std
+    above = lower > 0
+    far = np.where(above, norm.logsf(upper), norm.logcdf(lower))
+    near = np.where(above, norm.logsf(lower), norm.logcdf(upper))
+    masses = near + np.log1p(-np.exp(far - near))
+    masses[0], masses[-1] = norm.logcdf(upper[0]), norm.logsf(lower[-1])
+    return masses
+
+
+@pytest.mark.parametrize("mean, std", [(0.0, 0.1), (0.3, 0.01), (-0.97, 0.5), (1.4, 0.2), (-2.5, 1.0), (0.0, 3.0)])
+def test_discretized_gaussian_is_a_mass_over_the_256_levels_matching_scipy(mean, std):
+    levels = from_8bit(torch.arange(256)).double().view(256, 1, 1, 1)
+    log_p = discretized_gaussian_log_likelihood(torch.full_like(levels, mean), levels, std).numpy()
+    exact = exact_log_masses(np.array(mean), np.array(std))
+    assert np.exp(log_p).sum() == pytest.approx(1.0, abs=1e-5)  # observed: within 2e-6
+    # Levels with a mass above 1e-5 exactly; the rest (the density at the level times the bin
+    # width) never get more mass than the exact one, so the bound on log P(x) holds.
+    held = exact > math.log(1e-5)
+    np.testing.assert_allclose(log_p[held], exact[held], rtol=0, atol=1e-6)  # observed: 1e-7 (float32 levels)
+    assert (log_p <= exact + 1e-6).all()
+
+
+def test_discretized_gaussian_takes_a_std_per_channel_and_sums_the_pixels():
+    """std [C, 1, 1] (the VAE's learned one) broadcast over [N, C, H, W]; per sample, the sum
+    over its pixels of the log mass of its level."""
+    generator = torch.Generator().manual_seed(0)
+    means = torch.randn(3, 2, 2, 2, generator=generator, dtype=torch.float64) * 0.3
+    images = from_8bit(to_8bit(means + 0.1 * torch.randn(3, 2, 2, 2, generator=generator, dtype=torch.float64)))
+    std = torch.tensor([0.2, 0.5], dtype=torch.float64).view(2, 1, 1)  # every pixel's mass above 1e-5
+    table = exact_log_masses(means.numpy(), std.numpy())  # [256, 3, 2, 2, 2]: every level of every pixel
+    index = np.rint((images.numpy() + 1) * 127.5).astype(int)
+    expected = np.take_along_axis(table, index[None], axis=0)[0].reshape(3, -1).sum(1)
+    np.testing.assert_allclose(discretized_gaussian_log_likelihood(means, images, std).numpy(), expected,
+                               rtol=1e-6)
 
 
 def test_elbo_terms_weight_kl_by_beta_but_report_the_true_bound():
