@@ -3,6 +3,7 @@ import csv
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from PIL import Image
@@ -10,7 +11,7 @@ from PIL import Image
 from helpers import TINY_TRAIN, adapt
 from dgm_scale.cli import main
 from dgm_scale.config import load_config
-from dgm_scale.modules import load_module
+from dgm_scale.modules import build_module, load_module
 from dgm_scale.train import train
 
 VARIANTS = ["gan", "nsgan", "lsgan", "wgan", "wgan_gp", "hinge", "vae"]
@@ -42,10 +43,16 @@ def test_variant_trains_checkpoints_and_samples_reproducibly(variant, configs_di
     assert first.shape == (6, 1, 8, 8)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert not torch.equal(first, module.sample(6, seed=4))
-    # The reloaded network is the trained one, not a fresh initialisation.
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    # The reloaded network is the trained one, bit for bit, and not a fresh initialisation.
+    trained = result.module.state_dict()
+    assert module.state_dict().keys() == trained.keys()
     for name, tensor in module.state_dict().items():
-        torch.testing.assert_close(tensor, state[name])
+        torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0, msg=name)
+    L.seed_everything(cfg.run.seed, verbose=False)  # as train() does before building the module
+    fresh = build_module(cfg)
+    for name, network in fresh.networks().items():  # its parameters (batch-norm statistics move without a step)
+        initial = dict(network.named_parameters())
+        assert any(not torch.equal(p, initial[key]) for key, p in module.networks()[name].named_parameters()), name
 
 
 def test_critic_takes_n_critic_batches_per_generator_step(configs_dir, tmp_path):
