@@ -6,6 +6,7 @@ import torch
 
 from dgm_scale.config import load_config
 from dgm_scale.train import quiet_lightning, train
+from helpers import ActivationDtypes, with_callback
 
 if __name__ == "__main__":
     config_path, out_dir, *overrides = sys.argv[1:]
@@ -14,6 +15,8 @@ if __name__ == "__main__":
         from nan_injection import install
 
         install(os.environ["DGM_TEST_NAN"])
+    activations = ActivationDtypes()  # what the training steps computed in (trainer.precision)
+    with_callback(activations)
     result = train(load_config(config_path, overrides))
     params = {name: p.detach().clone() for name, p in result.module.named_parameters()}
     # Each rank draws its own noise stream (the ranks' latents must differ to be worth two ranks).
@@ -21,5 +24,5 @@ if __name__ == "__main__":
     optimizer_types = [type(opt).__name__ for opt in result.module.trainer.strategy.optimizers]
     buffers = {name: b.detach().clone() for name, b in result.module.named_buffers()}
     torch.save({"params": params, "buffers": buffers, "iterations": result.iterations, "noise_probe": noise_probe,
-                "optimizer_types": optimizer_types},
+                "optimizer_types": optimizer_types, "activation_dtypes": sorted(activations.dtypes)},
                os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))

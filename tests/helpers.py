@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 from omegaconf import OmegaConf
-from wandb.proto import wandb_internal_pb2
 
 from dgm_scale.config.loader import family_of
 from dgm_scale.modules import load_module
@@ -121,6 +121,55 @@ def assert_same_weights(first: Path, second: Path, atol: float = 0.0) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
 
 
+def with_callback(callback: L.Callback, setattr=setattr) -> None:
+    """Runs of `dgm_scale.train.train` get `callback` first among their callbacks (pass
+    monkeypatch.setattr in a test)."""
+    import dgm_scale.train as train_module
+
+    build = train_module.build_callbacks
+    setattr(train_module, "build_callbacks", lambda *a, **k: [callback] + build(*a, **k))
+
+
+class ActivationDtypes(L.Callback):
+    """The dtypes of the outputs of every linear and convolution layer in the forwards of the
+    training steps (not those of sample grids or evaluations, which run outside them): what
+    `trainer.precision` computes in."""
+
+    def __init__(self):
+        self.dtypes: set[str] = set()
+        self._recording = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for layer in pl_module.modules():
+            if isinstance(layer, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
+                layer.register_forward_hook(self._record)
+
+    def _record(self, layer, inputs, output) -> None:
+        if self._recording:
+            self.dtypes.add(str(output.dtype).removeprefix("torch."))
+
+    def on_train_batch_start(self, *args) -> None:
+        self._recording = True
+
+    def on_train_batch_end(self, *args) -> None:  # first of the callbacks (with_callback): before the sample grids
+        self._recording = False
+
+
+def train_computing(config: str | Path, overrides: list[str]):
+    """`train()` of CONFIG with OVERRIDES, and the dtypes its training steps computed in
+    (ActivationDtypes)."""
+    import pytest
+
+    from dgm_scale.config import load_config
+    from dgm_scale.train import train
+
+    activations = ActivationDtypes()
+    with pytest.MonkeyPatch.context() as patch:
+        with_callback(activations, patch.setattr)
+        result = train(load_config(config, overrides))
+    return result, activations.dtypes
+
+
 def assert_same_final_run(reference: Path, resumed: Path, steps: int) -> None:
     """A resumed run ended as the uninterrupted `reference`: the same final weights (EMA and
     buffers included), bit for bit, and the same logged training rows, each iteration once."""
@@ -164,6 +213,8 @@ def read_records(path: Path) -> list:
     """The records of a `.wandb` file: W&B's LevelDB-style log (a 7-byte header, 32 KiB blocks
     of chunks with a 7-byte header each: crc32, length, type full/first/middle/last), each
     record a wandb_internal_pb2.Record."""
+    from wandb.proto import wandb_internal_pb2  # here: W&B's import is slow, and few tests read its files
+
     data, block, header = path.read_bytes(), 32 * 1024, 7
     assert data[:4] == b":W&B"
     records, pending, offset = [], b"", header

@@ -6,8 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-import dgm_scale.train as train_module
-from helpers import TINY, adapt, torchrun
+from helpers import TINY, adapt, torchrun, with_callback
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.distributed.zero_checkpoint import ZERO_SHARDS, read_shard
 from dgm_scale.modules import load_module
@@ -74,17 +73,12 @@ class SnapshotLast(L.Callback):
                     next(pl_module.generator_ema.parameters()).fill_(float("nan"))
 
 
-def with_callback(monkeypatch, callback: L.Callback) -> None:
-    build = train_module.build_callbacks
-    monkeypatch.setattr(train_module, "build_callbacks", lambda *a, **k: [callback] + build(*a, **k))
-
-
 @pytest.mark.parametrize("variant, network", [("nsgan", "generator"), ("wgan_gp", "discriminator"),
                                               ("vae", "encoder-decoder")])
 def test_stop_names_iteration_and_network_and_keeps_last_checkpoint(variant, network, tmp_path, monkeypatch):
     install(f"{network}:4", monkeypatch.setattr)
     snapshot = SnapshotLast(tmp_path / "checkpoints", at=3)
-    with_callback(monkeypatch, snapshot)
+    with_callback(snapshot, monkeypatch.setattr)
     with pytest.raises(NonFiniteError, match=f"^non-finite loss in the {network} step at iteration 4 "
                                              r"\(trainer.nonfinite=stop\)$"):
         train(load_config(f"configs/{variant}.yaml", adapt(f"configs/{variant}.yaml", COMMON + [f"run.dir={tmp_path}"])))
@@ -120,7 +114,7 @@ def test_nan_weights_are_never_checkpointed(tmp_path, monkeypatch):
     """EMA weights turned NaN after iteration 3: writing iteration 4's checkpoint is refused, and
     last.ckpt stays iteration 2's, byte for byte."""
     snapshot = SnapshotLast(tmp_path / "checkpoints", at=3, corrupt=True)
-    with_callback(monkeypatch, snapshot)
+    with_callback(snapshot, monkeypatch.setattr)
     with pytest.raises(NonFiniteError, match="refusing to write checkpoint 'iter_0000004.ckpt' at iteration 4: "
                                              "'generator_ema.*' is not finite"):
         train(load_config("configs/nsgan.yaml", COMMON + [f"run.dir={tmp_path}"]))

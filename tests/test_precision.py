@@ -6,11 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import TINY, adapt, torchrun
-from dgm_scale.config import load_config
+from helpers import TINY, adapt, torchrun, train_computing
 from dgm_scale.distributed.precision import PerOptimizerScaledPrecision
 from dgm_scale.losses import gradient_penalty
-from dgm_scale.train import quiet_lightning, train
+from dgm_scale.train import quiet_lightning
 
 
 def test_gradient_penalty_does_not_depend_on_the_loss_scale():
@@ -88,13 +87,16 @@ def test_fp16_wgan_gp_tracks_fp32_on_cpu(tmp_path):
     stays finite and its penalty and gradient norms stay within fp16 error of the fp32 run."""
     quiet_lightning()
     common = TINY + ["trainer.max_steps=8", "trainer.log_every=1"]
-    runs = {prec: train(load_config("configs/wgan_gp.yaml", common + [f"trainer.precision={prec}",
-                                                                       f"run.dir={tmp_path / prec}"]))
-            for prec in ("32-true", "16-mixed")}
+    runs, computed = {}, {}
+    for prec in ("32-true", "16-mixed"):
+        runs[prec], computed[prec] = train_computing("configs/wgan_gp.yaml", common + [f"trainer.precision={prec}",
+                                                                                        f"run.dir={tmp_path / prec}"])
+    assert computed == {"32-true": {"float32"}, "16-mixed": {"float16"}}
     assert isinstance(runs["16-mixed"].module.trainer.precision_plugin, PerOptimizerScaledPrecision)
     fp32, fp16 = _losses(tmp_path / "32-true"), _losses(tmp_path / "16-mixed")
     assert torch.isfinite(fp16).all() and fp16.shape == fp32.shape == (8, 3)
     torch.testing.assert_close(fp16[:, 1:], fp32[:, 1:], rtol=0.05, atol=1e-3)  # penalty, D gradient norm
+    assert (fp16 != fp32).all()  # but not the fp32 run: fp16 rounding in every logged value
     checkpoint = torch.load(runs["16-mixed"].checkpoint, weights_only=True)
     assert len(checkpoint["PerOptimizerScaledPrecision"]["scalers"]) == 2  # G's and D's
     scales = _losses(tmp_path / "16-mixed", ("train/loss_scale_g", "train/loss_scale_d"))  # logged, each its own
@@ -109,8 +111,10 @@ def test_r1_under_mixed_precision_tracks_fp32(precision, tmp_path):
     common = TINY + ["trainer.max_steps=6", "trainer.log_every=1", "loss.r1_gamma=1.0", "model.discriminator.norm=layer",
                      "trainer.accelerator=cpu"]
     keys = ("train/r1", "train/d_grad_norm")
-    for prec in ("32-true", precision):
-        train(load_config("configs/nsgan.yaml", common + [f"trainer.precision={prec}", f"run.dir={tmp_path / prec}"]))
+    computed = {prec: train_computing("configs/nsgan.yaml", common + [f"trainer.precision={prec}",
+                                                                      f"run.dir={tmp_path / prec}"])[1]
+                for prec in ("32-true", precision)}
+    assert computed == {"32-true": {"float32"}, precision: {"float16" if precision == "16-mixed" else "bfloat16"}}
     fp32, mixed = _losses(tmp_path / "32-true", keys), _losses(tmp_path / precision, keys)
     assert torch.isfinite(fp32).all() and (fp32[:, 0] > 0).all()
     # fp16: the first step's scaled gradient overflows at the initial scale (65536) and the
@@ -118,14 +122,15 @@ def test_r1_under_mixed_precision_tracks_fp32(precision, tmp_path):
     first = 1 if precision == "16-mixed" and not torch.isfinite(mixed[0]).all() else 0
     assert torch.isfinite(mixed[first:]).all()
     torch.testing.assert_close(mixed[first:], fp32[first:], rtol=0.05 if precision == "16-mixed" else 0.1, atol=1e-7)
+    assert (mixed[first:] != fp32[first:]).all()  # but not the fp32 run: its rounding in every logged value
 
 
 @pytest.mark.parametrize("variant", ["nsgan", "vae"])
 def test_fp16_trains_every_model_kind(variant, tmp_path):
     quiet_lightning()
     path = f"configs/{variant}.yaml"
-    result = train(load_config(path, adapt(path, TINY + ["trainer.precision=16-mixed", f"run.dir={tmp_path / 'run'}"])))
-    assert result.iterations == 3
+    result, computed = train_computing(path, adapt(path, TINY + ["trainer.precision=16-mixed", f"run.dir={tmp_path / 'run'}"]))
+    assert result.iterations == 3 and computed == {"float16"}
     assert all(torch.isfinite(p).all() for p in result.module.parameters())
 
 
@@ -136,6 +141,7 @@ def test_fp16_on_two_processes_keeps_ranks_identical(tmp_path):
                      "trainer.precision=16-mixed", f"run.dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["activation_dtypes"] == rank1["activation_dtypes"] == ["float16"]
     for name, tensor in rank0["params"].items():
         assert torch.isfinite(tensor).all(), name
         torch.testing.assert_close(tensor, rank1["params"][name], rtol=0, atol=0, msg=name)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY_TRAIN, adapt
+from helpers import TINY_TRAIN, adapt, train_computing
 from dgm_scale.cli import main
 from dgm_scale.config import load_config
 from dgm_scale.modules import build_module, load_module
@@ -118,13 +118,18 @@ def test_class_conditional_gan_trains_and_samples_per_class(tmp_path):
 
 @pytest.mark.parametrize("variant", ["wgan_gp", "vae"])
 def test_bf16_mixed_precision_trains_on_cpu(variant, configs_dir, tmp_path):
+    """bf16 autocast (the layers compute in bf16), finite losses that are not the fp32 run's."""
     path = configs_dir / f"{variant}.yaml"
-    cfg = load_config(path, adapt(path, TINY_TRAIN + ["trainer.precision=bf16-mixed", "trainer.accelerator=cpu",
-                                                f"run.dir={tmp_path / 'run'}"]))
-    result = train(cfg)
     loss_key = "train/g_loss" if variant != "vae" else "train/elbo"
-    losses = [float(row[loss_key]) for row in read_metrics(result.run_dir) if row.get(loss_key)]
-    assert len(losses) == 4 and all(math.isfinite(value) for value in losses)
+    runs, losses, computed = {}, {}, {}
+    for precision in ("32-true", "bf16-mixed"):
+        runs[precision], computed[precision] = train_computing(path, adapt(path, TINY_TRAIN + [
+            f"trainer.precision={precision}", "trainer.accelerator=cpu", f"run.dir={tmp_path / precision}"]))
+        losses[precision] = [float(row[loss_key]) for row in read_metrics(runs[precision].run_dir) if row.get(loss_key)]
+    result = runs["bf16-mixed"]
+    assert computed == {"32-true": {"float32"}, "bf16-mixed": {"bfloat16"}}
+    assert len(losses["bf16-mixed"]) == 4 and all(math.isfinite(value) for value in losses["bf16-mixed"])
+    assert all(a != b for a, b in zip(losses["bf16-mixed"], losses["32-true"], strict=True))
     if variant == "wgan_gp":
         penalties = [float(row["train/gradient_penalty"]) for row in read_metrics(result.run_dir) if row.get("train/gradient_penalty")]
         assert penalties and all(math.isfinite(value) for value in penalties)
