@@ -42,7 +42,8 @@ def test_sigterm_and_sigusr1_checkpoint_stop_and_resume_exactly(tmp_path):
         out = stop_with(signum, run_dir, args + resume)
         assert "stopped at iteration" in out and f"resume=auto run.dir={run_dir}" in out
         assert [p.name for p in requeue_checkpoints(run_dir)] == [f"hpc_ckpt_{number}.ckpt"]  # older one pruned
-        # resume=auto would take the newer last.ckpt, written as the stopped run ended
+        # Not resume=auto: it takes the newer last.ckpt the stopped run wrote as it ended, whose
+        # loop state counts the interrupted epoch as finished (the rest is skipped; see README).
         resume = [f"run.resume={run_dir / f'hpc_ckpt_{number}.ckpt'}"]
     last_part = train_process(run_dir, args + resume)
     train_here(args, reference)  # meanwhile
