@@ -121,6 +121,17 @@ def assert_same_weights(first: Path, second: Path, atol: float = 0.0) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """In-process runs compute like the OMP_NUM_THREADS=1 subprocesses (same reduction order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def stop_and_resume(run_train, tmp_path: Path, common: list[str]) -> tuple[Path, Path]:
     """Train 6 iterations straight, and 3 + 3 with a resume; return both run directories."""
     full, part = tmp_path / "full", tmp_path / "part"
@@ -240,3 +251,31 @@ def run_plain(code: str, site: Path, cwd: Path, timeout: int = 300) -> subproces
     env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- full disks
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, size: int):
+    """A tmpfs of `size` bytes mounted at `directory` for the block (the tests run as root, as in
+    CI); skips the test where mounting is not allowed."""
+    import pytest
+
+    directory.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs at {directory} ({mount.stderr.strip() or 'not root?'}): "
+                    "the full-disk tests need one")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def fill_disk(directory: Path, leave: int = 0) -> Path:
+    """A file that takes all the free space of `directory`'s file system but `leave` bytes."""
+    stats = os.statvfs(directory)
+    filler = directory / "filler"
+    with open(filler, "wb") as handle:
+        os.posix_fallocate(handle.fileno(), 0, max(stats.f_bavail * stats.f_frsize - leave, 1))
+    return filler

@@ -12,3 +12,9 @@ class DataError(ValueError):
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN/Inf loss, gradient or weight; the message is one line."""
+
+
+class DiskFullError(OSError):
+    """No space left on the device (or the disk quota exceeded) while writing a file; the message
+    is one line naming it. Every write goes through core/files, so the file's previous version is
+    still whole."""

@@ -21,7 +21,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from dgm_scale.core.files import atomic_open, write_text_atomic
+from dgm_scale.core.errors import DiskFullError
+from dgm_scale.core.files import appending, atomic_open, write_text_atomic
 from dgm_scale.core.lightning_internals import logger_step
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,25 @@ class _AppendingWriter(ExperimentWriter):
         if pending is not None and pending.get("step") == self.metrics[-1]["step"] \
                 and not (set(pending) & set(self.metrics[-1])) - {"step"}:
             pending.update(self.metrics.pop())
+
+    def save(self) -> None:
+        """Lightning's, written through core.files: a new column rewrites the file atomically and
+        only then counts as known, rows are appended whole or not at all (a full disk: a one-line
+        DiskFullError naming metrics.csv, the rows kept in memory for the next try)."""
+        if not self.metrics:
+            return
+        path = Path(self.metrics_file_path)
+        keys = sorted(set(self.metrics_keys).union(*self.metrics))
+        if keys != self.metrics_keys and path.is_file():
+            self._rewrite_with_new_header(keys)
+        self.metrics_keys = keys
+        new_file = not path.is_file()
+        with appending(path), open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            if new_file:
+                writer.writeheader()
+            writer.writerows(self.metrics)
+        self.metrics = []
 
     def _rewrite_with_new_header(self, fieldnames: list[str], before_step: Optional[int] = None) -> None:
         """Rewrite the file with `fieldnames`, atomically; with `before_step`, keep only the rows
@@ -92,6 +112,17 @@ class AppendingCSVLogger(CSVLogger):
                 and len(pending) >= self._flush_logs_every_n_steps:
             self.save()
         experiment.log_metrics(metrics, step if step is not None else len(pending))
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """A failed run's last rows are a courtesy (a resume recomputes every row after its
+        checkpoint): on a full disk they are dropped, so that the error which stopped the run is
+        the one reported."""
+        try:
+            super().finalize(status)
+        except DiskFullError:
+            if status != "failed":
+                raise
 
     @property
     @rank_zero_experiment
