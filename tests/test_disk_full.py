@@ -5,10 +5,12 @@ once space is freed the work continues to the same result as if the disk had nev
 Each test mounts a small tmpfs (helpers.small_tmpfs; skipped where mounting is not allowed) and
 fills it with a file (helpers.fill_disk); deleting that file is "freeing space".
 """
+import csv
 import hashlib
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from dgm_scale.core.files import append_text, torch_save_atomic, write_bytes_ato
 from dgm_scale.data import DataError
 from dgm_scale.data.shards import BuildOptions, build_shards, read_manifest
 from dgm_scale.modules import load_module
+from dgm_scale.tracking.loggers import _AppendingWriter
 from dgm_scale.tracking.report import build_report
 from dgm_scale.train import train
 
@@ -107,7 +110,37 @@ def test_append_on_a_full_disk_leaves_no_torn_line(tmpfs):
     assert path.read_text().splitlines() == ['{"iteration": 1}', '{"iteration": 2}']
 
 
+def test_metrics_csv_on_a_full_disk_keeps_its_rows_for_the_next_save(tmpfs):
+    """A row with a new column fails to save: the file is as it was and the header is not taken as
+    widened, so the next save (space freed) writes a consistent file with both rows."""
+    writer = _AppendingWriter(log_dir=str(tmpfs))
+    writer.log_metrics({"a": 1.0}, step=0)
+    writer.save()
+    before = (tmpfs / "metrics.csv").read_text()
+    filler = fill_disk(tmpfs)
+    writer.log_metrics({"a": 2.0, "b": 3.0}, step=1)
+    with pytest.raises(DiskFullError) as caught:
+        writer.save()
+    assert named_path(one_line(caught.value)) == tmpfs / "metrics.csv"
+    assert (tmpfs / "metrics.csv").read_text() == before
+    filler.unlink()
+    writer.save()
+    with open(tmpfs / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows == [{"a": "1.0", "b": "", "step": "0"}, {"a": "2.0", "b": "3.0", "step": "1"}]
+
+
 # ----------------------------------------------------------------------------- training
+def test_checkpoints_need_no_room_in_the_temp_folder(tmpfs, tmp_path, monkeypatch):
+    """A checkpoint is written where it goes, not first in full to the system temp folder
+    (Lightning's own checkpoint IO does that): a full /tmp does not stop a run."""
+    fill_disk(tmpfs)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpfs))
+    with one_thread():
+        train(load_config(RUN[0], [*RUN[1:], "trainer.max_steps=2", f"run.dir={tmp_path / 'run'}"]))
+    assert load_module(tmp_path / "run" / "checkpoints" / "last.ckpt").checkpoint_iteration == 2
+
+
 def test_training_on_a_full_disk_stops_in_one_line_and_resumes_exactly(reference_run, tmpfs, capsys):
     """Checkpoints are kept, so the disk fills a few iterations in: one line naming the
     checkpoint being written, exit code 2, last.ckpt whole; after freeing space, resume=auto ends
