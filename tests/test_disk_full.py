@@ -7,12 +7,14 @@ fills it with a file (helpers.fill_disk); deleting that file is "freeing space".
 """
 import csv
 import hashlib
+import logging
 import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,7 @@ from dgm_scale.data.shards import BuildOptions, build_shards, read_manifest
 from dgm_scale.modules import load_module
 from dgm_scale.tracking.loggers import _AppendingWriter
 from dgm_scale.tracking.report import build_report
+from dgm_scale import train as train_module
 from dgm_scale.train import train
 
 MAX_STEPS = 8
@@ -141,23 +144,52 @@ def test_checkpoints_need_no_room_in_the_temp_folder(tmpfs, tmp_path, monkeypatc
     assert load_module(tmp_path / "run" / "checkpoints" / "last.ckpt").checkpoint_iteration == 2
 
 
-def test_training_on_a_full_disk_stops_in_one_line_and_resumes_exactly(reference_run, tmpfs, capsys):
-    """Checkpoints are kept, so the disk fills a few iterations in: one line naming the
-    checkpoint being written, exit code 2, last.ckpt whole; after freeing space, resume=auto ends
-    bit-identical to the uninterrupted run (weights and every metrics.csv row)."""
+class FillDiskAt(L.Callback):
+    """Takes every free byte of `directory`'s file system at the end of `iteration` (before the
+    checkpoint callbacks of that iteration: it is put first)."""
+
+    def __init__(self, directory: Path, iteration: int):
+        self.directory, self.iteration = directory, iteration
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.iteration == self.iteration:
+            fill_disk(self.directory)
+
+
+def start_filling_up(tmpfs: Path, reference_run: Path, monkeypatch) -> None:
+    """Every checkpoint is kept: the disk fills up a few iterations in, while a checkpoint is
+    written."""
     size = -(-(reference_run / "checkpoints" / "last.ckpt").stat().st_size // PAGE) * PAGE
-    filler = fill_disk(tmpfs, leave=16 * PAGE + int(4.5 * size))  # config, metrics... and ~3 iterations
+    fill_disk(tmpfs, leave=16 * PAGE + int(4.5 * size))  # config, metrics... and ~3 iterations
+
+
+def start_full_at_once(tmpfs: Path, reference_run: Path, monkeypatch) -> None:
+    """The disk is full to the last byte at the end of iteration 3 (another process took it):
+    iteration 3's checkpoint fails, and nothing else can be written while the run stops."""
+    build = train_module.build_callbacks
+    monkeypatch.setattr(train_module, "build_callbacks", lambda *args, **kwargs: [FillDiskAt(tmpfs, 3),
+                                                                                   *build(*args, **kwargs)])
+
+
+@pytest.mark.parametrize("start", [start_filling_up, start_full_at_once], ids=["filling_up", "full_at_once"])
+def test_training_on_a_full_disk_stops_in_one_line_and_resumes_exactly(reference_run, tmpfs, capsys, caplog, start):
+    """One line naming the checkpoint being written (no warnings besides: the failed run writes
+    no report), exit code 2, last.ckpt whole, no temporary file left; after freeing space,
+    resume=auto ends bit-identical to the uninterrupted run (weights and every metrics.csv row)."""
     victim = tmpfs / "run"
-    code, lines = cli(["train", *RUN, f"run.dir={victim}"], capsys)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        start(tmpfs, reference_run, monkeypatch)
+        code, lines = cli(["train", *RUN, f"run.dir={victim}"], capsys)
     assert code == 2
     message = error_line(lines)
     assert "resume=auto" in message
     assert named_path(message).parent == victim / "checkpoints" and named_path(message).suffix == ".ckpt"
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
     stopped_at = load_module(victim / "checkpoints" / "last.ckpt").checkpoint_iteration
     print(f"disk full after iteration {stopped_at}: {message}", file=sys.__stderr__)
     assert 1 <= stopped_at < MAX_STEPS
     assert hidden_temporaries(victim) == []
-    filler.unlink()
+    (tmpfs / "filler").unlink()
     code, lines = cli(["train", *RUN, f"run.dir={victim}", "resume=auto"], capsys)
     assert code == 0, lines
     assert_same_weights(reference_run / "checkpoints" / "last.ckpt", victim / "checkpoints" / "last.ckpt")
