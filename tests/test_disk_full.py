@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -27,8 +28,8 @@ from dgm_scale.core.files import append_text, torch_save_atomic, write_bytes_ato
 from dgm_scale.data import DataError
 from dgm_scale.data.shards import BuildOptions, build_shards, read_manifest
 from dgm_scale.modules import load_module
-from dgm_scale.tracking.loggers import _AppendingWriter
-from dgm_scale.tracking.report import build_report
+from dgm_scale.tracking.loggers import AppendingCSVLogger, _AppendingWriter
+from dgm_scale.tracking.report import RunReport, build_report
 from dgm_scale import train as train_module
 from dgm_scale.train import train
 
@@ -133,6 +134,20 @@ def test_metrics_csv_on_a_full_disk_keeps_its_rows_for_the_next_save(tmpfs):
     assert rows == [{"a": "1.0", "b": "", "step": "0"}, {"a": "2.0", "b": "3.0", "step": "1"}]
 
 
+def test_a_failed_runs_unsaved_rows_give_way_on_a_full_disk(tmpfs):
+    """When a run fails, the CSV logger's unsaved rows are dropped on a full disk (a resume
+    recomputes every row after its checkpoint), so that the error which stopped the run is the one
+    reported and Lightning's teardown still runs; at a successful end the error is raised."""
+    logger = AppendingCSVLogger(save_dir=str(tmpfs), name="", version="")
+    logger.log_metrics({"a": 1.0}, step=0)
+    logger.save()
+    fill_disk(tmpfs)
+    logger.log_metrics({f"metric_{i}": float(i) for i in range(1000)}, step=1)  # more than a page
+    logger.finalize("failed")
+    with pytest.raises(DiskFullError):
+        logger.finalize("success")
+
+
 # ----------------------------------------------------------------------------- training
 def test_checkpoints_need_no_room_in_the_temp_folder(tmpfs, tmp_path, monkeypatch):
     """A checkpoint is written where it goes, not first in full to the system temp folder
@@ -199,6 +214,9 @@ def test_training_on_a_full_disk_stops_in_one_line_and_resumes_exactly(reference
 
 # ----------------------------------------------------------------------------- report, dump, shards
 def test_report_on_a_full_disk_keeps_the_old_report(reference_run, tmpfs):
+    """The report written again on a full disk: one line naming the file, the old report.html
+    whole; during training a full disk stops the run instead of being logged like other report
+    problems."""
     run_dir = tmpfs / "run"
     shutil.copytree(reference_run, run_dir, ignore=shutil.ignore_patterns("checkpoints", "plots", "report.html"))
     old = build_report(run_dir, status="running").read_text()
@@ -206,6 +224,8 @@ def test_report_on_a_full_disk_keeps_the_old_report(reference_run, tmpfs):
     with pytest.raises(DiskFullError) as caught:
         build_report(run_dir, status="finished")
     assert named_path(one_line(caught.value)).is_relative_to(run_dir)
+    with pytest.raises(DiskFullError):  # during training: the run stops (its next checkpoint would fail too)
+        RunReport(run_dir, every=1, max_steps=MAX_STEPS).refresh(SimpleNamespace(is_global_zero=True, loggers=[]), "running")
     assert (run_dir / "report.html").read_text() == old
     assert hidden_temporaries(run_dir) == []
     filler.unlink()
@@ -241,7 +261,7 @@ def test_shard_rebuild_on_a_full_disk_keeps_the_old_set(tmpfs, tmp_path):
     build_shards(str(source), out, BuildOptions(**options))
     old = {path.name: digest(path) for path in out.iterdir()}
     build_shards(str(source), tmp_path / "elsewhere", BuildOptions(name="images", resolution=8, **options))
-    filler = fill_disk(tmpfs, leave=8 * PAGE)
+    filler = fill_disk(tmpfs, leave=2 * PAGE)  # less than a shard: it fails while samples are added
     with pytest.raises(DataError) as caught:
         build_shards(str(source), out, BuildOptions(resolution=8, overwrite=True, **options))
     assert "disk full while writing" in one_line(caught.value)
