@@ -258,6 +258,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.tracking.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"config key 'tracking.wandb.mode': '{cfg.tracking.wandb.mode}' is not one of "
                           "auto, online, offline, disabled")
+    if not cfg.tracking.wandb.init_timeout > 0:
+        raise ConfigError(f"config key 'tracking.wandb.init_timeout' must be > 0 (seconds), got "
+                          f"{cfg.tracking.wandb.init_timeout}")
     validate_eval(cfg.eval, modality, cfg.data.name)
 
 
