@@ -202,14 +202,12 @@ def silent_server():
             connection.close()
 
 
-UNREACHABLE_BOUND_S = 90  # whole process; wandb's default init timeout alone is 90 s
-
-
-@pytest.mark.parametrize("error_reporting", [
-    "false",
-    pytest.param("true", marks=pytest.mark.slow),  # W&B's own error report then waits for the silent server at exit
+@pytest.mark.parametrize("error_reporting, bound_s", [
+    ("false", 90),  # the whole processes; wandb's default init timeout alone is 90 s
+    # W&B's own error report (WANDB_ERROR_REPORTING) then waits for the silent server at exit (~20 s more)
+    pytest.param("true", 150, marks=pytest.mark.slow),
 ])
-def test_an_unreachable_wandb_server_neither_stops_nor_holds_up_training(tmp_path, error_reporting):
+def test_an_unreachable_wandb_server_neither_stops_nor_holds_up_training(tmp_path, error_reporting, bound_s):
     """W&B online, its server refusing connections or never answering: each training (a real
     process; both at once) ends in bounded time with exit code 0, one warning, the run logged to
     W&B offline instead, and metrics.csv, the report and the checkpoints complete."""
@@ -223,7 +221,7 @@ def test_an_unreachable_wandb_server_neither_stops_nor_holds_up_training(tmp_pat
                      PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
             for name, url in (("refused", refused), ("silent", silent))}
         try:
-            outputs = {name: proc.communicate(timeout=max(1.0, start + UNREACHABLE_BOUND_S - time.monotonic()))[0]
+            outputs = {name: proc.communicate(timeout=max(1.0, start + bound_s - time.monotonic()))[0]
                        for name, proc in procs.items()}
         finally:
             for proc in procs.values():
