@@ -34,6 +34,8 @@ def wandb_dirs(tmp_path, monkeypatch):
 def test_wandb_mode_is_validated():
     with pytest.raises(ConfigError, match="tracking.wandb.mode"):
         load_config(overrides=["tracking.wandb.mode=offlne"])
+    with pytest.raises(ConfigError, match="tracking.wandb.init_timeout"):
+        load_config(overrides=["tracking.wandb.init_timeout=0"])
 
 
 def test_auto_mode_is_online_only_with_a_configured_key(tmp_path, monkeypatch):
