@@ -264,8 +264,8 @@ def small_tmpfs(directory: Path, size: int):
     mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
                            capture_output=True, text=True)
     if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs at {directory} ({mount.stderr.strip() or 'not root?'}): "
-                    "the full-disk tests need one")
+        reason = (mount.stderr.strip().splitlines() or ["not root?"])[0]
+        pytest.skip(f"cannot mount a tmpfs at {directory} ({reason}): the full-disk tests need one")
     try:
         yield directory
     finally:
