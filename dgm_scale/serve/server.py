@@ -171,6 +171,7 @@ class Handler(BaseHTTPRequestHandler):
     # http.server's own refusals (malformed request line, too many headers, other methods)
     error_message_format = "%(message)s\n"
     error_content_type = "text/plain; charset=utf-8"
+    default_request_version = "HTTP/1.0"  # so that those given before the version is read have a status line
 
     def do_GET(self) -> None:
         try:
