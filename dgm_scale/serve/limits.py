@@ -1,8 +1,8 @@
 """What keeps `dgm-scale serve` serving under load and abuse (see Limits for the numbers):
 
 - a bounded queue in front of the model: at most `queue` sample requests are inside the server
-  at once (one generates, the others wait their turn, each for at most queue - 1 generations);
-  one more is answered 503 with Retry-After at once instead of piling up threads and images;
+  at once (one generates, the others wait for the model); one more is answered 503 with
+  Retry-After at once instead of piling up threads and images;
 - a bounded number of connection threads: beyond `connections` open connections, a new one is
   answered 503 with Retry-After by the accepting thread, which never blocks on a client;
 - a per-connection timeout: a read or write that waits `timeout` seconds on the client (a socket
@@ -16,7 +16,6 @@ import math
 import socket
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ from dgm_scale.serve.sources import BadRequest
 log = logging.getLogger(__name__)
 
 RETRY_AFTER = 1        # seconds a refused client is told to wait (the Retry-After header)
-LINGER = 2.0           # seconds a refused connection stays open so that its client reads the 503
-MAX_LINGERING = 256    # refused connections lingering at once; beyond, the oldest is closed
 
 
 @dataclass(frozen=True)
@@ -95,7 +92,6 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         self.limits = limits
         self.slots = threading.BoundedSemaphore(limits.connections)
         self.busy_response = _busy_response(limits.connections)
-        self.lingering: list[tuple[float, socket.socket]] = []
         super().__init__(address, handler)
 
     def process_request(self, request, client_address) -> None:
@@ -115,38 +111,14 @@ class BoundedHTTPServer(ThreadingHTTPServer):
             self.slots.release()
 
     def _refuse(self, request: socket.socket) -> None:
-        """The 503 from the accepting thread, which must not wait on the client: a non-blocking
-        send (the answer fits an empty send buffer), then the socket lingers half-closed, so that
-        closing it with the client's request unread does not reset the connection before the
-        client has read the answer."""
+        """The 503 from the accepting thread, which must not wait on the client: one non-blocking
+        send (the answer fits an empty send buffer), then close."""
         try:
             request.setblocking(False)
             request.send(self.busy_response)
-            request.shutdown(socket.SHUT_WR)
         except OSError:
-            request.close()
-            return
-        if len(self.lingering) >= MAX_LINGERING:
-            self.lingering.pop(0)[1].close()
-        self.lingering.append((time.monotonic() + LINGER, request))
-
-    def service_actions(self) -> None:
-        """Between accepts (serve_forever's loop): close the refused connections whose client
-        has closed its side or whose lingering time is up."""
-        now = time.monotonic()
-        keep = []
-        for deadline, request in self.lingering:
-            if deadline <= now or _drained_to_end(request):
-                request.close()
-            else:
-                keep.append((deadline, request))
-        self.lingering = keep
-
-    def server_close(self) -> None:
-        super().server_close()
-        for _, request in self.lingering:
-            request.close()
-        self.lingering = []
+            pass  # the client is gone already
+        self.shutdown_request(request)
 
     def handle_error(self, request, client_address) -> None:
         """A client that went away or timed out mid-response is routine; anything else is logged
@@ -156,18 +128,6 @@ class BoundedHTTPServer(ThreadingHTTPServer):
             log.debug("serve: connection from %s ended: %s", client_address[0], error)
         else:
             log.exception("serve: connection from %s failed", client_address[0])
-
-
-def _drained_to_end(request: socket.socket) -> bool:
-    """Read what the refused client sent (discarded); True once it closed its side."""
-    try:
-        while request.recv(65536):
-            pass
-        return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 __all__ = ["RETRY_AFTER", "BoundedHTTPServer", "Busy", "Limits", "SampleQueue"]
