@@ -106,7 +106,8 @@ def load_row(url: str, pid: int, clients: int, args: argparse.Namespace) -> dict
         thread.join(args.seconds + REQUEST_TIMEOUT + 10)
     elapsed = time.monotonic() - start  # the last requests end after the deadline
     ok = sorted(seconds for status, seconds in results if status == 200)
-    return {"clients": clients, "ok_per_s": len(ok) / elapsed, "p50": milliseconds(ok, 0.5), "p99": milliseconds(ok, 0.99),
+    return {"clients": clients, "ok_per_s": len(ok) / elapsed,
+            "p50": milliseconds(ok, 0.5), "p99": milliseconds(ok, 0.99),
             "busy": sum(status == 503 for status, _ in results),
             "errors": sum(status not in (200, 503) for status, _ in results),
             "rss_before": before, "rss_after": rss_mib(pid)}

@@ -127,7 +127,8 @@ def exchange(url: str, request: bytes) -> tuple[int, dict, str]:
 OVERSIZE = [  # (request bytes, status, a word of the one-line answer)
     (b"GET /api/meta HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n", 413, "request body"),
     (b"GET /api/meta HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", 413, "request body"),
-    (b"GET /api/grid.png?seed=" + b"1" * 3000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "URL: 3019 characters, more than 2048"),
+    (b"GET /api/grid.png?seed=" + b"1" * 3000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414,
+     "URL: 3019 characters, more than 2048"),
     (b"GET /" + b"a" * 65532, 414, "Request-URI Too Long"),  # a request line past http.server's 64 KiB
     (b"GET /api/meta HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)), 431, "Too many headers"),
     (b"POST /api/meta HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 501, "Unsupported method"),

@@ -179,7 +179,8 @@ class Handler(BaseHTTPRequestHandler):
             path, query = _single_values(self.path)
             status, kind, body, headers = self.endpoints.answer(path, query)
         except BadRequest as error:
-            status, kind, body, headers = error.status, "text/plain; charset=utf-8", f"{error}\n".encode(), error.headers
+            status, kind, headers = error.status, "text/plain; charset=utf-8", error.headers
+            body = f"{error}\n".encode()
         except Exception as error:  # a bug or a failing model: say so, keep serving
             log.exception("serve: %s failed", self.path[:MAX_URL])
             first = (str(error).splitlines() or [""])[0][:200]
