@@ -10,7 +10,10 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -279,3 +282,36 @@ def fill_disk(directory: Path, leave: int = 0) -> Path:
     with open(filler, "wb") as handle:
         os.posix_fallocate(handle.fileno(), 0, max(stats.f_bavail * stats.f_frsize - leave, 1))
     return filler
+
+
+# ----------------------------------------------------------------------------- serve
+@contextlib.contextmanager
+def running(source, limits=None):
+    """`source` served on 127.0.0.1 in a thread (dgm_scale.serve.make_server, `limits` as there);
+    yields the server's URL."""
+    from dgm_scale.serve import make_server, url_of
+
+    server = make_server(source, "127.0.0.1", 0, limits)  # port 0: a free port, no race with other tests
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield url_of(server)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def response(url: str, timeout: float = 60):
+    """(status, headers, body) of a GET, 4xx / 5xx included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status, answer.headers, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def get(url: str, timeout: float = 60) -> tuple[int, str, bytes]:
+    """(status, Content-Type, body) of a GET, 4xx / 5xx included."""
+    status, headers, body = response(url, timeout)
+    return status, headers["Content-Type"], body

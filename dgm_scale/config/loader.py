@@ -162,7 +162,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mappi
     files to import first (recorded in run.imports)."""
     file_cfg = _read_yaml(path) if path is not None else OmegaConf.create()
     parsed = [_parse_override(item) for item in _normalise_overrides(overrides)]
-    raw = OmegaConf.merge(file_cfg, *[override for _, override in parsed])
+    raw = file_cfg
+    for item, override in parsed:  # schema-free: only to find run.imports and model.kind
+        raw = _merge(raw, override, f"override '{item}'")
     family = family_of(raw, imports)
     if path is not None:
         _check_renamed(file_cfg, family, str(path))
