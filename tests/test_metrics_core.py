@@ -4,7 +4,6 @@ gathering (2 gloo processes), the real-feature cache, and parity with torch-fide
 since its package __init__ imports torchvision)."""
 import inspect
 import math
-import types
 import warnings
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import scipy.linalg
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from fidelity_reference import load_torch_fidelity
 
 from dgm_scale.metrics import (
     METRICS,
@@ -305,14 +303,6 @@ def test_registry_selects_by_name_and_rejects_unknown_names_and_options():
 
 
 # ------------------------------------------------------------------- torch-fidelity parity
-@pytest.fixture(scope="module")
-def tfid() -> dict[str, types.ModuleType]:
-    modules, reason = load_torch_fidelity()
-    if modules is None:
-        pytest.skip(reason)
-    return modules
-
-
 def relative_error(ours: float, theirs: float) -> float:
     return abs(ours - theirs) / max(abs(theirs), 1e-12)
 
