@@ -8,6 +8,7 @@ import pytest
 
 from dgm_scale.train import quiet_lightning
 from fidelity_reference import load_torch_fidelity
+from helpers import under_ci
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -31,10 +32,6 @@ def _quiet():
     with warnings.catch_warnings():
         quiet_lightning()
         yield
-
-
-def under_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 @pytest.fixture(scope="session")
