@@ -71,6 +71,12 @@ def leaf_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def under_ci() -> bool:
+    """Whether the suite runs under CI (env CI set, as CI services do): optional test
+    dependencies (the `test` extra, the torch-fidelity reference) must then be there."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def one_line(error: Exception) -> str:
     """The message of `error`, which must be one line."""
     message = str(error)
