@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY, assert_same_weights, fill_disk, metrics_rows, one_line, one_thread, small_tmpfs
+from helpers import TINY, assert_same_weights, fill_disk, metrics_rows, one_line, one_thread, small_tmpfs, with_callback
 from dgm_scale.cli import main
 from dgm_scale.config import load_config
 from dgm_scale.core.errors import DiskFullError
@@ -30,7 +30,6 @@ from dgm_scale.data.shards import BuildOptions, build_shards, read_manifest
 from dgm_scale.modules import load_module
 from dgm_scale.tracking.loggers import AppendingCSVLogger, _AppendingWriter
 from dgm_scale.tracking.report import RunReport, build_report
-from dgm_scale import train as train_module
 from dgm_scale.train import train
 
 MAX_STEPS = 8
@@ -181,9 +180,7 @@ def start_filling_up(tmpfs: Path, reference_run: Path, monkeypatch) -> None:
 def start_full_at_once(tmpfs: Path, reference_run: Path, monkeypatch) -> None:
     """The disk is full to the last byte at the end of iteration 3 (another process took it):
     iteration 3's checkpoint fails, and nothing else can be written while the run stops."""
-    build = train_module.build_callbacks
-    monkeypatch.setattr(train_module, "build_callbacks", lambda *args, **kwargs: [FillDiskAt(tmpfs, 3),
-                                                                                   *build(*args, **kwargs)])
+    with_callback(FillDiskAt(tmpfs, 3), monkeypatch.setattr)
 
 
 @pytest.mark.parametrize("start", [start_filling_up, start_full_at_once], ids=["filling_up", "full_at_once"])
