@@ -41,6 +41,11 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"  checkpoint:    {result.checkpoint}\n"
           f"  samples:       {result.samples}\n"
           f"  metrics:       {result.run_dir / 'metrics.csv'}")
+    if result.skipped:  # data that can be unreadable (image folders, shards)
+        from dgm_scale.data.position import skipped_summary
+
+        print(f"  skipped data:  {skipped_summary(result.skipped)} (data/skipped_* in metrics.csv; "
+              "data.strict=true stops at the first)")
     return 0
 
 
@@ -393,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from dgm_scale.core.errors import DataError, NonFiniteError
+    from dgm_scale.core.errors import DataError, NonFiniteError, error_line
 
     parser = build_parser()
     # Options may sit between the config and its overrides (`train cfg.yaml --import x.py k=v`):
@@ -411,7 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, NonFiniteError) as exc:  # one line, no traceback
-        print(f"dgm-scale: error: {exc}", file=sys.stderr)
+        print(f"dgm-scale: error: {error_line(exc)}", file=sys.stderr)
         return 2
 
 
