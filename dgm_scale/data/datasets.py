@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from dgm_scale.core.errors import DataError
 
-from .transforms import DECODE_ERRORS, keyed_hflip, load_image, resize_tensor, to_model_range
+from .transforms import DECODE_ERRORS, decode_reason, keyed_hflip, load_image, resize_tensor, to_model_range
 
 TOY_DATASETS = ("ring8", "grid25")
 # Streamed from tar shards by the data module (data/shards/), not built by this registry.
@@ -127,8 +127,7 @@ class ImageFolderDataset(Dataset):
 
     def _skip(self, index: int, err: Exception) -> None:
         """Remember an unreadable file; in strict mode stop with a DataError naming it."""
-        path = self.samples[index][0]
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        path, reason = self.samples[index][0], decode_reason(err)
         if self.strict:
             raise DataError(f"cannot decode image '{path}': {reason} (data.strict=true)") from None
         self._unreadable.add(index)

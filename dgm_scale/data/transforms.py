@@ -6,6 +6,7 @@ Convention: datasets store / load pixels in [0, 1] and hand the model tensors in
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 import zlib
@@ -82,6 +83,12 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.
 # around its centre: the crop keeps only the centre square, and resizing the whole strip first
 # would take memory in proportion to its length (a 1 x 80,000,000 strip -> 64 x 5e9 pixels).
 MAX_ASPECT = 8
+
+
+def decode_reason(error: BaseException) -> str:
+    """Why a decode failed, in one line (PIL names the in-memory file it read: left out)."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", first)
 
 
 def check_pixels(width: int, height: int) -> None:

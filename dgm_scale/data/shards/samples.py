@@ -21,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..datasets import DataError
-from ..transforms import DECODE_ERRORS, decode_square, fit_square, to_channels, to_model_range
+from ..transforms import DECODE_ERRORS, decode_reason, decode_square, fit_square, to_channels, to_model_range
 from .urls import Shard, open_shard
 from .tario import TarError, TarReader
 
@@ -200,8 +200,7 @@ def decode_image(members: Members, channels: int, resolution: int) -> np.ndarray
             return _decode_npy(data, channels, resolution)
         return decode_square(data, channels, resolution)
     except DECODE_ERRORS as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SampleFault("bad_image", f"cannot decode .{ext}: {reason}") from None
+        raise SampleFault("bad_image", f"cannot decode .{ext}: {decode_reason(err)}") from None
 
 
 def decode_label(members: Members) -> int:
