@@ -260,7 +260,7 @@ def random_rgb(seed: int, size: int = 8) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
+def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
@@ -268,8 +268,8 @@ def png_file(width: int, height: int, bit_depth: int, colour_type: int, rows: by
     """A PNG written by hand (for what PIL does not write, e.g. 16-bit colour); `rows`: the
     scanlines, each after its filter byte."""
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows))
-            + _png_chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(rows))
+            + png_chunk(b"IEND", b""))
 
 
 def bomb_png(side: int) -> bytes:
@@ -279,7 +279,7 @@ def bomb_png(side: int) -> bytes:
     packer, rows = zlib.compressobj(6), bytes((side + 1) * 100)
     data = b"".join(packer.compress(rows[:(side + 1) * min(100, side - done)]) for done in range(0, side, 100))
     data += packer.flush()
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
 
 
 # ----------------------------------------------------------------------------- tar shards
@@ -335,6 +335,17 @@ def make(spec, workers: int = 2, **kwargs):
     options = dict(batch_size=8, resolution=8, return_keys=True, shuffle_buffer=16)
     options.update(kwargs)
     return make_stream_loader(ShardStream(spec, **options), num_workers=workers, persistent_workers=False)
+
+
+def single_worker(spec, **options):
+    """Epoch 0 of a stream's only worker, in this process (keys returned, batches of 1 at 8 x 8,
+    no shuffling, a last partial batch kept unless set): iterate `.batches()`, then
+    `.faults.counts` holds every fault it met, also those after its last batch (which reach no
+    batch's info)."""
+    from dgm_scale.data.shards.stream import ShardStream, WorkerEpoch, WorkerPosition
+
+    settings = dict(batch_size=1, resolution=8, shuffle_buffer=0, drop_last=False, return_keys=True)
+    return WorkerEpoch(ShardStream(spec, **{**settings, **options}), 0, 0, 1, WorkerPosition())
 
 
 def epoch_keys(loader, consume: bool = True, limit: int | None = None) -> list[list[str]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (TINY, assert_same_weights, epoch_keys, flat, hang_guard, interrupted, make, metrics_rows,
-                     stop_and_resume, write_set)
+                     single_worker, stop_and_resume, write_set)
 from dgm_scale.cli import main
 from dgm_scale.config import load_config
 from dgm_scale.data import DataError
@@ -110,3 +110,31 @@ def test_training_resume_on_damaged_shards_equals_uninterrupted_run(tmp_path):
     assert_same_weights(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt")
     rows = metrics_rows(full)  # 6 x 4 samples: the 4 bad ones of epoch 0, and 2 of epoch 1's first 8
     assert rows == metrics_rows(part) and int(float(rows[-1]["data/skipped_bad_image"])) == 6
+
+
+def _forged_size(tar: bytes, field: bytes) -> bytes:
+    """`tar` with its first member's size field replaced (and the header checksum made valid)."""
+    header = bytearray(tar[:512])
+    header[124:136] = field
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\0 ".encode()
+    return bytes(header) + tar[512:]
+
+
+@pytest.mark.parametrize("damage", ["gzip", "base256_size", "terabyte_size"])
+def test_foreign_or_forged_tars_are_bad_shards(tmp_path, damage):
+    """Found by tests/test_fuzz_data.py: a gzip file named .tar (its "checksum" is no octal
+    number) and forged member sizes (2^80: no int fits; 1 TiB: one read would allocate it) were
+    a ValueError, an OverflowError or a MemoryError; each is now one bad shard."""
+    import gzip
+
+    write_set(tmp_path, [3], manifest=False)
+    shard = tmp_path / "x-000000.tar"
+    tar = shard.read_bytes()
+    shard.write_bytes({"gzip": lambda: gzip.compress(tar),
+                       "base256_size": lambda: _forged_size(tar, b"\x80" + (1 << 80).to_bytes(11, "big")),
+                       "terabyte_size": lambda: _forged_size(tar, f"{1 << 40:011o}\0".encode())}[damage]())
+    worker = single_worker(str(shard))
+    with hang_guard(30):
+        assert list(worker.batches()) == []
+    assert worker.faults.counts == {"bad_shard": 1, "bad_image": 0, "missing_image": 0, "bad_label": 0}
