@@ -274,6 +274,22 @@ def test_extreme_aspect_ratio_is_cropped_before_resizing(monkeypatch):
     assert resized == [(1, transforms.MAX_ASPECT)]
 
 
+def test_a_decoder_giving_the_wrong_shape_is_a_skip_not_a_wrong_tensor(tmp_path, monkeypatch):
+    """Were a decoder to return another layout than asked for (here libspng, faked, giving 4
+    channels for an RGB PNG), the image is skipped: no batch of the wrong shape reaches a model."""
+    from types import SimpleNamespace
+
+    folder_with(tmp_path, "rgb_png")
+    odd = KINDS["rgb_png"].data()
+    good = np.asarray(Image.fromarray(GOOD))
+    monkeypatch.setattr(transforms, "pyspng", SimpleNamespace(
+        load=lambda data: np.zeros((R, R, 4), np.uint8) if data == odd else good))
+    _, _, replaced = folder_set(tmp_path, 3)[1]
+    assert int(replaced) == 1
+    with pytest.raises(DataError, match="decoded to uint8 \\(8, 8, 4\\), expected uint8 \\(8, 8, 3\\)"):
+        folder_set(tmp_path, 3, strict=True)[1]
+
+
 # ----------------------------------------------------------------------------- training
 FOLDER_RUN = [*TINY, "data.name=folder", "data.channels=1", "data.val_fraction=0", "data.batch_size=8",
               "run.checkpoint_every=3", "run.sample_every=100"]
