@@ -50,11 +50,16 @@ def adapt_args(args: list[str]) -> list[str]:
     return [args[0], *adapt(args[0], list(args[1:]))]
 
 
+class Hang(BaseException):
+    """Raised by hang_guard. A BaseException: code under test that catches OSError (TimeoutError
+    is one) or Exception, as decoders and shard readers do, must not swallow it and run on."""
+
+
 @contextlib.contextmanager
 def hang_guard(seconds: int):
-    """Fail (TimeoutError) instead of hanging when the block runs longer than `seconds` (main thread)."""
+    """Fail (Hang) instead of hanging when the block runs longer than `seconds` (main thread)."""
     def expired(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
+        raise Hang(f"still running after {seconds} s: a hang")
 
     previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(seconds)

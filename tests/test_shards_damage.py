@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (TINY, assert_same_weights, epoch_keys, flat, hang_guard, interrupted, make, metrics_rows,
-                     single_worker, stop_and_resume, write_set)
+from helpers import (TINY, assert_same_weights, epoch_keys, flat, hang_guard, interrupted, make, metrics_rows, sample,
+                     single_worker, stop_and_resume, tar_bytes, write_set)
 from dgm_scale.cli import main
 from dgm_scale.config import load_config
 from dgm_scale.data import DataError
@@ -112,28 +112,34 @@ def test_training_resume_on_damaged_shards_equals_uninterrupted_run(tmp_path):
     assert rows == metrics_rows(part) and int(float(rows[-1]["data/skipped_bad_image"])) == 6
 
 
-def _forged_size(tar: bytes, field: bytes) -> bytes:
-    """`tar` with its first member's size field replaced (and the header checksum made valid)."""
-    header = bytearray(tar[:512])
-    header[124:136] = field
+def _forged_size(tar: bytes, name: str, size: int) -> bytes:
+    """`tar` with member `name`'s size field set to `size` (GNU base-256), the checksum valid."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        at = archive.getmember(name).offset
+    header = bytearray(tar[at:at + 512])
+    header[124:136] = b"\x80" + size.to_bytes(11, "big")
     header[148:156] = b" " * 8
     header[148:156] = f"{sum(header):06o}\0 ".encode()
-    return bytes(header) + tar[512:]
+    return tar[:at] + bytes(header) + tar[at + 512:]
 
 
-@pytest.mark.parametrize("damage", ["gzip", "base256_size", "terabyte_size"])
+@pytest.mark.parametrize("damage", ["gzip", "non_octal_checksum", "huge_size_skipped_member", "terabyte_size_read_member"])
 def test_foreign_or_forged_tars_are_bad_shards(tmp_path, damage):
-    """Found by tests/test_fuzz_data.py: a gzip file named .tar (its "checksum" is no octal
-    number) and forged member sizes (2^80: no int fits; 1 TiB: one read would allocate it) were
-    a ValueError, an OverflowError or a MemoryError; each is now one bad shard."""
+    """Found by tests/test_fuzz_data.py: a gzip file named .tar (its "checksum" field held no
+    octal number), a size of 2^80 on a member that is skipped (no seek offset fits it) and one of
+    1 TiB on a member that is read (one read would allocate it all) were a ValueError, an
+    OverflowError and a MemoryError; each is now one bad shard."""
     import gzip
 
-    write_set(tmp_path, [3], manifest=False)
+    tar = tar_bytes([("000000000.txt", b"a caption: not wanted"), *sample(0), *sample(1)])
     shard = tmp_path / "x-000000.tar"
-    tar = shard.read_bytes()
     shard.write_bytes({"gzip": lambda: gzip.compress(tar),
-                       "base256_size": lambda: _forged_size(tar, b"\x80" + (1 << 80).to_bytes(11, "big")),
-                       "terabyte_size": lambda: _forged_size(tar, f"{1 << 40:011o}\0".encode())}[damage]())
+                       "non_octal_checksum": lambda: tar[:148] + b"notoctal" + tar[156:],
+                       "huge_size_skipped_member": lambda: _forged_size(tar, "000000000.txt", 1 << 80),
+                       "terabyte_size_read_member": lambda: _forged_size(tar, "000000000.png", 1 << 40)}[damage]())
     worker = single_worker(str(shard))
     with hang_guard(30):
         assert list(worker.batches()) == []
