@@ -161,6 +161,9 @@ def main() -> None:
                     for _ in range(max(1, args.trials // 2))]
         print(f"| {'dgm_scale, trainer.compile':<28} | {statistics.median(compiled):>24.2f} |")
         print(f"| {'ratio compiled / eager':<28} | {statistics.median(compiled) / ours:>24.3f} |")
+        from torch._dynamo.utils import counters  # 0 when dynamo was disabled (TORCHDYNAMO_DISABLE=1)
+
+        print(f"| {'dynamo graphs compiled':<28} | {counters['stats']['unique_graphs']:>24d} |")
     if args.no_distributed:
         return
     two_processes = max(time_ours_two_processes(forwarded) for _ in range(2))

@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from dgm_scale.core.errors import DataError, NonFiniteError, error_line
+    from dgm_scale.core.errors import DataError, DiskFullError, NonFiniteError
 
     parser = build_parser()
     # Options may sit between the config and its overrides (`train cfg.yaml --import x.py k=v`):
@@ -415,8 +415,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger("dgm_scale").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ConfigError, DataError, NonFiniteError) as exc:  # one line, no traceback
-        print(f"dgm-scale: error: {error_line(exc)}", file=sys.stderr)
+    except (ConfigError, DataError, DiskFullError, NonFiniteError) as exc:  # one line, no traceback
+        print(f"dgm-scale: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from dgm_scale.core.errors import ConfigError
-from dgm_scale.core.files import temporary_path
+from dgm_scale.core.files import atomic_path, disk_full_named
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,21 @@ class RunLock:
         except FileExistsError:
             self._take_over()
         else:
-            with os.fdopen(fd, "w") as handle:
+            self._write_new(fd)
+        self._thread = threading.Thread(target=self._heartbeat, name="dgm-scale-run-lock", daemon=True)
+        self._thread.start()
+
+    def _write_new(self, fd: int) -> None:
+        """The record into the lock file just created; one that could not be written (a full
+        disk) is removed, so that the next start does not find an empty lock."""
+        try:
+            with disk_full_named(self.path), os.fdopen(fd, "w") as handle:
                 json.dump(self.record, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-        self._thread = threading.Thread(target=self._heartbeat, name="dgm-scale-run-lock", daemon=True)
-        self._thread.start()
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
 
     def _take_over(self) -> None:
         holder = _holder(self.path)
@@ -108,9 +117,8 @@ class RunLock:
         if reason is None:
             raise ConfigError(f"config key 'run.dir': '{self.path.parent}' is in use by {_describe(holder)} "
                               f"({self.path}); wait for it, stop it, or delete the lock if that training is gone")
-        tmp = temporary_path(self.path, unique=True)
-        tmp.write_text(json.dumps(self.record))
-        os.replace(tmp, self.path)
+        with atomic_path(self.path, unique=True) as tmp:
+            tmp.write_text(json.dumps(self.record))
         if (_holder(self.path) or {}).get("token") != self.record["token"]:  # another taker won the race
             raise ConfigError(f"config key 'run.dir': '{self.path.parent}' was just taken by "
                               f"{_describe(_holder(self.path) or {})}")

@@ -15,6 +15,9 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
 from dgm_scale.config import ConfigError, to_yaml
+from dgm_scale.core.checkpoints import DirectCheckpointIO
+from dgm_scale.core.errors import DiskFullError
+from dgm_scale.core.files import write_text_atomic
 from dgm_scale.data import DataModule, DataPosition, TOY_DATASETS, toy_centers
 from dgm_scale.distributed import LaunchEnv, build_strategy, launch_env, share_run_dir
 from dgm_scale.distributed.precision import build_precision_plugins
@@ -88,7 +91,7 @@ def make_run_dir(cfg, env: Optional[LaunchEnv] = None) -> Path:
         if (run_dir / "config.yaml").exists():
             raise ConfigError(f"config key 'run.dir': '{run_dir}' already holds a run; choose another directory")
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
         share_run_dir(str(run_dir))
     return run_dir
 
@@ -144,7 +147,7 @@ def build_trainer(cfg, module: GenerativeModule, run_dir: Path, env: Optional[La
         strategy=build_strategy(trainer_cfg, cfg.run.seed, micro_batch=cfg.data.batch_size),
         # 16-mixed outside DeepSpeed: our plugin (one loss scaler per network), given instead of a name.
         precision=None if precision_plugins else trainer_cfg.precision,
-        plugins=precision_plugins + sync_plugins + slurm_plugins,
+        plugins=precision_plugins + sync_plugins + slurm_plugins + [DirectCheckpointIO()],
         # Lightning counts optimizer.step() calls; our steps are iterations (n_critic D + 1 G).
         max_steps=trainer_cfg.max_steps * module.optimizer_steps_per_iteration,
         max_epochs=-1,
@@ -201,6 +204,8 @@ def _fit(cfg, module: GenerativeModule, datamodule: DataModule, run_dir: Path, e
         # weights_only: our checkpoints hold tensors and plain data only (DeepSpeed partitions as bytes)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
                     weights_only=True)
+    except DiskFullError as error:  # the checkpoints before it are whole: say how to go on
+        raise DiskFullError(f"{error} with resume=auto to continue from checkpoints/last.ckpt") from error
     finally:
         # Without this, torchrun processes sometimes abort at exit after finishing (SIGABRT).
         if torch.distributed.is_initialized():

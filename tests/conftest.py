@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from dgm_scale.train import quiet_lightning
+from fidelity_reference import load_torch_fidelity
+from helpers import under_ci
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -30,6 +32,23 @@ def _quiet():
     with warnings.catch_warnings():
         quiet_lightning()
         yield
+
+
+@pytest.fixture(scope="session")
+def tfid():
+    """torch-fidelity 0.4.0's modules by short name (tests/fidelity_reference.py), the reference
+    of the metric parity tests. Where they cannot be had (no PyPI) the tests skip, saying why;
+    under CI (env CI set) they fail instead, so the parity tests never vanish from CI silently.
+    torch-fidelity is not in the `test` extra: it requires torchvision, and installing it from
+    PyPI replaces the pinned torch (and torchvision's wheels do not import beside torch 2.13)."""
+    modules, reason = load_torch_fidelity()
+    if modules is None:
+        if under_ci():
+            pytest.fail(f"{reason}; CI must run the torch-fidelity parity tests: let "
+                        "`pip download torch-fidelity==0.4.0` reach PyPI, or pre-fill $DGM_SCALE_TEST_DEPS",
+                        pytrace=False)
+        pytest.skip(reason)
+    return modules
 
 
 @pytest.fixture

@@ -7,6 +7,25 @@ import torch
 from dgm_scale.config import load_config
 from dgm_scale.train import quiet_lightning, train
 
+
+def record_stream_keys() -> list:
+    """Make shard streams put their sample keys in each batch's info, and collect
+    (epoch, keys) of every batch the training loop marks consumed (tests/test_shards_train.py)."""
+    from dgm_scale.data.shards.loader import StreamLoader
+    from dgm_scale.data.shards.stream import ShardStream
+
+    recorded, init, consumed = [], ShardStream.__init__, StreamLoader.consumed
+
+    def init_with_keys(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "return_keys": True})
+
+    def consumed_and_recorded(self, info):
+        recorded.append((int(info["epoch"]), list(info["keys"])))
+        consumed(self, info)
+    ShardStream.__init__, StreamLoader.consumed = init_with_keys, consumed_and_recorded
+    return recorded
+
+
 if __name__ == "__main__":
     config_path, out_dir, *overrides = sys.argv[1:]
     quiet_lightning()
@@ -14,6 +33,7 @@ if __name__ == "__main__":
         from nan_injection import install
 
         install(os.environ["DGM_TEST_NAN"])
+    stream_keys = record_stream_keys() if os.environ.get("DGM_TEST_KEYS") else None
     result = train(load_config(config_path, overrides))
     params = {name: p.detach().clone() for name, p in result.module.named_parameters()}
     # Each rank draws its own noise stream (the ranks' latents must differ to be worth two ranks).
@@ -21,5 +41,5 @@ if __name__ == "__main__":
     optimizer_types = [type(opt).__name__ for opt in result.module.trainer.strategy.optimizers]
     buffers = {name: b.detach().clone() for name, b in result.module.named_buffers()}
     torch.save({"params": params, "buffers": buffers, "iterations": result.iterations, "noise_probe": noise_probe,
-                "optimizer_types": optimizer_types},
+                "optimizer_types": optimizer_types, "stream_keys": stream_keys},
                os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))

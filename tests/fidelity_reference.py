@@ -10,7 +10,8 @@ stub `torch_fidelity.utils`. Source, in order of preference:
    (default `~/.cache/dgm_scale/test-deps`) and extracted there.
 
 `load_torch_fidelity()` returns (modules by short name, None) or (None, why not), so callers skip
-with the reason instead of failing where neither source is available (no PyPI access).
+with the reason where neither source is available (no PyPI access); the `tfid` fixture in
+tests/conftest.py fails instead under CI.
 """
 from __future__ import annotations
 

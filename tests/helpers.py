@@ -13,7 +13,10 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -79,6 +82,12 @@ def leaf_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def under_ci() -> bool:
+    """Whether the suite runs under CI (env CI set, as CI services do): optional test
+    dependencies (the `test` extra, the torch-fidelity reference) must then be there."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def one_line(error: Exception) -> str:
     """The message of `error`, which must be one line."""
     message = str(error)
@@ -130,6 +139,17 @@ def assert_same_weights(first: Path, second: Path, atol: float = 0.0) -> None:
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """In-process runs compute like the OMP_NUM_THREADS=1 subprocesses (same reduction order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def stop_and_resume(run_train, tmp_path: Path, common: list[str]) -> tuple[Path, Path]:
@@ -251,6 +271,67 @@ def run_plain(code: str, site: Path, cwd: Path, timeout: int = 300) -> subproces
     env.update(PYTHONPATH=str(site), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-S", "-c", code], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- full disks
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, size: int):
+    """A tmpfs of `size` bytes mounted at `directory` for the block (the tests run as root, as in
+    CI); skips the test where mounting is not allowed."""
+    import pytest
+
+    directory.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        reason = (mount.stderr.strip().splitlines() or ["not root?"])[0]
+        pytest.skip(f"cannot mount a tmpfs at {directory} ({reason}): the full-disk tests need one")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def fill_disk(directory: Path, leave: int = 0) -> Path:
+    """A file that takes all the free space of `directory`'s file system but `leave` bytes."""
+    stats = os.statvfs(directory)
+    filler = directory / "filler"
+    with open(filler, "wb") as handle:
+        os.posix_fallocate(handle.fileno(), 0, max(stats.f_bavail * stats.f_frsize - leave, 1))
+    return filler
+
+
+# ----------------------------------------------------------------------------- serve
+@contextlib.contextmanager
+def running(source, limits=None):
+    """`source` served on 127.0.0.1 in a thread (dgm_scale.serve.make_server, `limits` as there);
+    yields the server's URL."""
+    from dgm_scale.serve import make_server, url_of
+
+    server = make_server(source, "127.0.0.1", 0, limits)  # port 0: a free port, no race with other tests
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield url_of(server)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def response(url: str, timeout: float = 60):
+    """(status, headers, body) of a GET, 4xx / 5xx included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status, answer.headers, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def get(url: str, timeout: float = 60) -> tuple[int, str, bytes]:
+    """(status, Content-Type, body) of a GET, 4xx / 5xx included."""
+    status, headers, body = response(url, timeout)
+    return status, headers["Content-Type"], body
 
 
 # ----------------------------------------------------------------------------- image files

@@ -8,21 +8,21 @@ import os
 import signal
 import sys
 
-import lightning.fabric.plugins.io.torch_io as torch_io
 import torch
 
 from dgm_scale.cli import main
+from dgm_scale.core.checkpoints import DirectCheckpointIO
 
 KILL_AT = int(os.environ["DGM_TEST_KILL_AT_SAVE"])
 _saves = 0
-_atomic_save = torch_io._atomic_save
+_save = DirectCheckpointIO.save_checkpoint
 
 
-def dying_save(checkpoint, filepath) -> None:
+def dying_save(self, checkpoint, filepath, storage_options=None) -> None:
     global _saves
     _saves += 1
     if _saves < KILL_AT:
-        return _atomic_save(checkpoint, filepath)
+        return _save(self, checkpoint, filepath, storage_options)
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     with open(filepath, "wb") as handle:
@@ -32,7 +32,7 @@ def dying_save(checkpoint, filepath) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-torch_io._atomic_save = dying_save  # TorchCheckpointIO.save_checkpoint calls it by this name
+DirectCheckpointIO.save_checkpoint = dying_save  # the trainer's checkpoint IO (train.build_trainer)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,9 @@ def test_mode_coverage_counts_modes_and_quality():
 
 
 def test_mlp_gan_recovers_the_ring_of_eight_gaussians(configs_dir, tmp_path):
-    # half the config's 2000 steps: seeds 0-2 all reach 8/8 modes, > 80% high quality, at 1000
+    # Half the config's 2000 steps. Observed at 1000 (4000 samples, sample seeds 0 and 1): run
+    # seeds 0, 1, 2, 4 reach 8/8 modes with 81.8-84.9% high quality (seed 0: 82.3%); seed 3
+    # collapses to 4-5 modes (33%), so this checks seed 0, not every seed. Margin: 7 points.
     cfg = load_config(configs_dir / "ring8.yaml", [f"run.dir={tmp_path / 'run'}", "trainer.progress_bar=false",
                                                    "trainer.max_steps=1000"])
     start = time.perf_counter()
@@ -35,8 +37,8 @@ def test_mlp_gan_recovers_the_ring_of_eight_gaussians(configs_dir, tmp_path):
     samples = module.sample(4000, seed=0)
     score = mode_coverage(samples, toy_centers("ring8"), std=cfg.data.toy_std)
     print(f"ring8: {score} in {seconds:.0f} s")
-    assert score.modes_recovered >= 7
-    assert score.high_quality_fraction > 0.5
+    assert score.modes_recovered == 8
+    assert score.high_quality_fraction > 0.75
 
 
 def validation_elbo(module, datamodule) -> float:

@@ -10,6 +10,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from helpers import under_ci
+
 from dgm_scale.config.schema import DataConfig
 from dgm_scale.data import (
     DATASETS,
@@ -306,6 +308,18 @@ def test_open_image_applies_exif_orientation_only_when_present(tmp_path):
     wide.save(tmp_path / "plain.png")
     assert open_image(tmp_path / "rotated.jpg", channels=3).size == (2, 6)  # turned upright
     assert open_image(tmp_path / "plain.png", channels=3).size == (6, 2)
+
+
+def test_the_fast_png_decoder_is_active_where_pyspng_is_installed():
+    """Else the parity test below compares PIL with PIL: pyspng is in the `test` extra, so CI
+    has it; a package that is there but fails to import is a failure, not a slow fallback."""
+    import importlib.util
+
+    from dgm_scale.data import transforms
+
+    if importlib.util.find_spec("pyspng") is None and not under_ci():
+        pytest.skip("pyspng not installed (pip install dgm_scale[fast])")
+    assert transforms.pyspng is not None, "pyspng is installed but dgm_scale.data.transforms did not import it"
 
 
 @pytest.mark.parametrize("mode, channels", [("L", 1), ("RGB", 3), ("RGB", 1), ("L", 3), ("RGBA", 3), ("P", 3),

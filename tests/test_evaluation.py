@@ -276,3 +276,7 @@ def test_evaluate_cli_against_a_shard_set(tmp_path, eval_cache, capsys):
     assert report["settings"]["real"] == str(tmp_path / "shards") and report["results"]["fid"] > 0
     cached = set(eval_cache.glob("real-features-*.pt"))
     assert main(args) == 0 and set(eval_cache.glob("real-features-*.pt")) == cached  # a cache hit
+    # The same images re-sharded: a new manifest, so a miss that computes and stores a new entry.
+    assert main(["shards", "build", "builtin:digits", str(tmp_path / "shards"), "--resolution", "8",
+                 "--samples-per-shard", "600", "--quiet", "--workers", "1", "--overwrite"]) == 0
+    assert main(args) == 0 and len(set(eval_cache.glob("real-features-*.pt")) - cached) == 1

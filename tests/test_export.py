@@ -91,8 +91,9 @@ def test_reduced_precisions_and_int8(gan_checkpoint, tmp_path):
     torch.backends.quantized.engine = "x86"  # a fresh process's default: the loader sets the engine
     quantized = load_export(tmp_path / "int8.pt")(**inputs)
     error = (quantized - expected).abs()
-    # 8-bit activations: about a grey level or two on average, and a different network than fp32
-    assert 0 < error.mean() < 0.03 and error.max() < 0.5, (error.mean(), error.max())
+    # 8-bit activations, a different network than fp32. Observed (3 trained nets x 4 input seeds):
+    # mean 0.0031-0.0037 (half a grey level, 2/255), max 0.016-0.032; bounds about 3x those
+    assert 0 < error.mean() < 0.01 and error.max() < 0.1, (error.mean(), error.max())
     traced = torch.jit.load(tmp_path / "int8.pt")
     assert any("quantized" in node.kind() for node in traced.inlined_graph.nodes())
 

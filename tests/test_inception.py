@@ -17,7 +17,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from fidelity_reference import load_torch_fidelity
 
 from dgm_scale.metrics.extractors import build_extractor
 from dgm_scale.metrics.fid import fid_from_features
@@ -192,14 +191,6 @@ def test_state_dict_that_does_not_fit_names_the_first_bad_key(weights, tmp_path)
 
 
 # -------------------------------------------------------------------------------- parity
-@pytest.fixture(scope="module")
-def tfid():
-    modules, reason = load_torch_fidelity()
-    if modules is None:
-        pytest.skip(reason)
-    return modules
-
-
 @pytest.mark.parametrize("shape", [(2, 3, 16, 16), (2, 3, 32, 32), (1, 1, 24, 40), (1, 3, 299, 299),
                                    (1, 3, 320, 300)])
 def test_resize_is_bit_identical_to_torch_fidelitys(tfid, shape):

@@ -16,14 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from helpers import ROOT, TINY, TINY_RUN, adapt_args, assert_same_weights, free_port, metrics_rows
+from helpers import ROOT, TINY, TINY_RUN, adapt_args, assert_same_weights, free_port, metrics_rows, one_thread
 from dgm_scale.config import load_config
 from dgm_scale.modules import load_module
 from dgm_scale.train import train
@@ -51,17 +50,6 @@ def launch(args: list[str], run_dir: Path, nproc: int = 1, driver: str = "", env
 
 def finish(proc: subprocess.Popen, run_dir: Path) -> None:
     assert proc.wait(timeout=180) == 0, Path(f"{run_dir}.log").read_text()[-3000:]
-
-
-@contextmanager
-def one_thread():
-    """In-process runs compute like the OMP_NUM_THREADS=1 subprocesses (same reduction order)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train_here(args: list[str], run_dir: Path) -> None:

@@ -127,9 +127,14 @@ def test_ndb_of_a_set_against_itself_is_zero():
 
 
 def test_ndb_false_positive_rate_of_two_samples_of_one_distribution_is_near_alpha():
-    fractions = [ndb(mixture(250, CENTRES, seed=100 + s), mixture(250, CENTRES, seed=200 + s),
-                     bins=20, alpha=0.05, seed=s).ndb_fraction for s in range(20)]
-    assert 0.01 <= np.mean(fractions) <= 0.12  # 400 tests at alpha 0.05: about 0.05 +- 0.011
+    """400 bin tests at alpha 0.05 between two i.i.d. samples of N(0, I) (the z-test's null: bin
+    counts multinomial; `mixture`'s fixed rows per mode would make it conservative, ~0.012).
+    Observed over 10 such blocks of 20 runs: mean 0.044, 0.030-0.060 (sd 0.008); bounds 3 sd."""
+    def normal(seed: int) -> np.ndarray:
+        return np.random.default_rng(seed).normal(size=(2000, 2))
+
+    fractions = [ndb(normal(100 + s), normal(200 + s), bins=20, alpha=0.05, seed=s).ndb_fraction for s in range(20)]
+    assert 0.02 <= np.mean(fractions) <= 0.07, np.mean(fractions)
 
 
 def test_ndb_flags_the_bins_of_dropped_modes_under_mode_collapse():

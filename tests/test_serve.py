@@ -5,20 +5,17 @@ Chromium (another seed, another grid)."""
 import argparse
 import io
 import json
+import logging
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY, TINY_RUN
+from helpers import ROOT, TINY, TINY_RUN, get, running
 from PIL import Image
 
 from dgm_scale.config import ConfigError, load_config
@@ -30,10 +27,8 @@ from dgm_scale.serve import (
     ExportSource,
     ModuleSource,
     add_serve_parser,
-    make_server,
     open_source,
     serve,
-    url_of,
 )
 from dgm_scale.train import train
 
@@ -47,31 +42,10 @@ def checkpoint(tmp_path_factory):
     return train(load_config(overrides=TINY + ["model.num_classes=10", f"run.dir={run_dir}"])).checkpoint
 
 
-@contextmanager
-def running(source):
-    server = make_server(source, "127.0.0.1", 0)  # port 0: a free port, no race with other tests
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield url_of(server)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def gan(checkpoint):
     with running(open_source(checkpoint, "cpu")) as url:
         yield url
-
-
-def get(url: str) -> tuple[int, str, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            return response.status, response.headers["Content-Type"], response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers["Content-Type"], error.read()
 
 
 def png(body: bytes) -> np.ndarray:
@@ -171,14 +145,20 @@ class Broken:
 
     def images(self, seed, num, label=None, **options):
         if seed == 1:
-            raise RuntimeError("CUDA out of memory\nmore lines")
+            self._fail()
         return np.full((num, 8, 8, 1), 128, np.uint8)
 
+    def _fail(self):
+        raise RuntimeError("CUDA out of memory\nmore lines")
 
-def test_a_failing_model_answers_500_in_one_line():
+
+def test_a_failing_model_answers_500_in_one_line_and_logs_its_traceback(caplog):
     with running(Broken()) as url:
-        code, _, body = get(url + "api/grid.png?seed=1")
+        with caplog.at_level(logging.ERROR, logger="dgm_scale.serve"):
+            code, _, body = get(url + "api/grid.png?seed=1")
         assert code == 500 and body == b"internal error: RuntimeError: CUDA out of memory\n"
+        logged = "\n".join(record.getMessage() + "\n" + (record.exc_text or "") for record in caplog.records)
+        assert "Traceback" in logged and "in _fail" in logged  # the server's log has it, the client never
         assert get(url + "api/grid.png?class=0")[2] == b"class: this model is unconditional (it has no classes)\n"
         assert get(url + "api/grid.png?seed=2")[0] == 200
 
@@ -258,14 +238,16 @@ def test_an_export_serves_the_samples_of_its_checkpoint(exported, gan):
 
 
 def test_the_export_inputs_rule_is_the_families(checkpoint):
+    """The inputs serve draws for an export (sampler_inputs), fed to the exported network, make
+    the samples the module's own sample_batch draws: same noise, same labels."""
     gan = load_module(checkpoint)
     ar = build_module(load_config(overrides=[*AR_IMAGES, "model.num_classes=3"]))
     for module, noise, shape in [(gan, "latents", [8]), (ar, "uniforms", [64])]:
-        expected = module.export_inputs(7, seed=5, start=1020)  # across a keyed_noise block
-        got = sampler_inputs(5, 1020, 7, noise, shape, module.num_classes)
-        assert list(got) == list(expected) == [noise, "labels"]
-        for name in got:
-            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+        got = sampler_inputs(5, 1021, 7, noise, shape, module.num_classes)  # across a keyed_noise block
+        assert list(got) == [noise, "labels"]
+        with torch.no_grad():
+            exported = module.export_network()(*got.values())
+        torch.testing.assert_close(exported, module.sample_batch(7, seed=5, start=1021), rtol=0, atol=0)
 
 
 def test_an_autoregressive_export_has_its_fixed_temperature_and_no_interpolation(tmp_path):
@@ -294,6 +276,7 @@ def test_the_command_prints_its_url_and_stops_on_ctrl_c(checkpoint):
     add_serve_parser(parser.add_subparsers())
     args = parser.parse_args(["serve", str(checkpoint)])
     assert (args.host, args.port, args.device) == ("127.0.0.1", 8000, None)
+    assert (args.queue, args.connections, args.timeout) == (8, 32, 10.0)  # the documented defaults
     proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", str(checkpoint), "--port", "0", "--device", "cpu"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -8,6 +8,7 @@ import torch
 from helpers import TINY, assert_same_weights, metrics_rows, stop_and_resume, torchrun
 from dgm_scale.config import load_config
 from dgm_scale.data import DataError
+from dgm_scale.data.shards.samples import FAULT_KINDS
 from dgm_scale.data.shards.writer import BuildOptions, build_shards
 from dgm_scale.train import quiet_lightning, train
 
@@ -21,6 +22,30 @@ def digit_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def even_shards(tmp_path_factory) -> Path:
+    """128 noise images in 8 shards of 16: 2 ranks x 2 workers get 2 shards each, 4 batches of 8,
+    so one epoch delivers every sample (no even-ranks cap, no drop_last tail)."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("even")
+    images = np.random.default_rng(0).integers(0, 256, (128, 8, 8), dtype=np.uint8)
+    np.savez(root / "noise.npz", x=images)
+    build_shards(str(root / "noise.npz"), root / "shards", BuildOptions(samples_per_shard=16, progress=False))
+    return root / "shards"
+
+
+def keys_by_shard(shard_dir: Path) -> dict[str, set[str]]:
+    """Each tar's sample keys, read with tarfile (member name up to its first dot)."""
+    import tarfile
+
+    shards = {}
+    for path in sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            shards[path.name] = {member.name.split(".", 1)[0] for member in tar.getmembers()}
+    return shards
+
+
 def test_gan_trains_on_shards_with_workers(digit_shards, tmp_path):
     quiet_lightning()
     result = train(load_config("configs/nsgan.yaml", TINY + SHARDS + [
@@ -28,7 +53,9 @@ def test_gan_trains_on_shards_with_workers(digit_shards, tmp_path):
     assert result.iterations == 3 and result.checkpoint.is_file()
     assert all(torch.isfinite(p).all() for p in result.module.parameters())
     rows = metrics_rows(tmp_path / "run")
-    assert rows and all(float(row["data/skipped_bad_shard"] or 0) == 0 for row in rows if "data/skipped_bad_shard" in row)
+    for kind in FAULT_KINDS:  # every fault count is logged, and is 0 on clean shards
+        logged = [float(row[f"data/skipped_{kind}"]) for row in rows if row.get(f"data/skipped_{kind}")]
+        assert logged and not any(logged), (kind, logged)
 
 
 def test_resume_on_shards_equals_uninterrupted_run(digit_shards, tmp_path):
@@ -43,14 +70,25 @@ def test_resume_on_shards_equals_uninterrupted_run(digit_shards, tmp_path):
     assert metrics_rows(full) == metrics_rows(part)
 
 
-def test_two_ranks_split_the_shards_and_agree(digit_shards, tmp_path):
+def test_two_ranks_split_the_shards_and_agree(even_shards, tmp_path, monkeypatch):
+    """Epoch 0 (8 iterations; 10 run, so it ended): the ranks trained on disjoint keys that
+    together are every sample of the tar files, each shard read by one rank; weights agree."""
+    monkeypatch.setenv("DGM_TEST_KEYS", "1")  # tests/ddp_worker.py records the consumed keys
     proc = torchrun(["tests/ddp_worker.py", "configs/nsgan.yaml", str(tmp_path), *TINY, *SHARDS,
-                     f"data.path={digit_shards}", "data.num_workers=2", "trainer.devices=2",
-                     f"run.dir={tmp_path / 'run'}"])
+                     f"data.path={even_shards}", "data.num_workers=2", "trainer.devices=2",
+                     "trainer.max_steps=10", f"run.dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name, tensor in rank0["params"].items():
         torch.testing.assert_close(tensor, rank1["params"][name], rtol=0, atol=0, msg=name)
+    epoch0 = [[key for epoch, keys in rank["stream_keys"] if epoch == 0 for key in keys] for rank in (rank0, rank1)]
+    assert [[epoch for epoch, _ in rank["stream_keys"]] for rank in (rank0, rank1)] == [[0] * 8 + [1] * 2] * 2
+    assert [len(keys) for keys in epoch0] == [len(set(keys)) for keys in epoch0] == [64, 64]  # no repeats
+    shards = keys_by_shard(even_shards)
+    assert set(epoch0[0]).isdisjoint(epoch0[1])
+    assert set(epoch0[0]) | set(epoch0[1]) == set().union(*shards.values())
+    readers = {name: [r for r in (0, 1) if keys & set(epoch0[r])] for name, keys in shards.items()}
+    assert all(len(ranks) == 1 for ranks in readers.values()), readers
 
 
 # the split shards (uneven per-rank counts) are where a hang would be; resampled under `-m slow`

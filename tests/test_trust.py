@@ -80,7 +80,7 @@ CASES = ("stdlib-target", "run-imports", "kind", "module")
 @pytest.mark.parametrize("command", sorted(LOADING_COMMANDS))
 def test_every_loading_command_refuses_foreign_code_in_one_line(command, case, plain_checkpoint, tmp_path, capsys,
                                                                monkeypatch):
-    def serve_once(source, host, port):  # a server that would start returns instead of serving forever
+    def serve_once(source, host, port, limits=None):  # a server that would start returns instead of serving forever
         print("served", file=sys.stderr)
 
     monkeypatch.setattr("dgm_scale.serve.server.serve", serve_once)

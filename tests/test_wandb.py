@@ -1,13 +1,19 @@
 """W&B tracking through Lightning's WandbLogger, checked on the offline run files W&B writes."""
+import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from helpers import ROOT, TINY_TRAIN, config_values, history_keys, wandb_logged_iterations, offline_runs, records_of, torchrun
+from helpers import (ROOT, TINY_TRAIN, config_values, history_keys, metrics_rows, offline_runs, records_of, torchrun,
+                     wandb_logged_iterations)
 from dgm_scale.config import ConfigError, load_config
+from dgm_scale.modules import load_module
 from dgm_scale.tracking.loggers import WANDB_RUN_ID_FILE, build_loggers, resolve_wandb_mode
 from dgm_scale.train import train
 
@@ -28,6 +34,8 @@ def wandb_dirs(tmp_path, monkeypatch):
 def test_wandb_mode_is_validated():
     with pytest.raises(ConfigError, match="tracking.wandb.mode"):
         load_config(overrides=["tracking.wandb.mode=offlne"])
+    with pytest.raises(ConfigError, match="tracking.wandb.init_timeout"):
+        load_config(overrides=["tracking.wandb.init_timeout=0"])
 
 
 def test_auto_mode_is_online_only_with_a_configured_key(tmp_path, monkeypatch):
@@ -165,3 +173,72 @@ def test_a_wandb_sweep_agents_run_id_names_the_run(tmp_path, monkeypatch):
     (offline,) = offline_runs(result.run_dir)
     assert offline.name.endswith("agentrun7")
     assert config_values(offline)["config"]["optim"]["g"]["lr"] == 0.0003
+
+
+# ----------------------------------------------------------------------------- server unreachable
+@contextlib.contextmanager
+def refusing_server():
+    """The URL of a closed port on 127.0.0.1: every connection is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def silent_server():
+    """The URL of a server that accepts every connection and never answers."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    held = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the listener closed at the end
+            while True:
+                held.append(listener.accept()[0])
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()
+
+
+@pytest.mark.parametrize("error_reporting, bound_s", [
+    ("false", 90),  # the whole processes; wandb's default init timeout alone is 90 s
+    # W&B's own error report (WANDB_ERROR_REPORTING) then waits for the silent server at exit (~20 s more)
+    pytest.param("true", 150, marks=pytest.mark.slow),
+])
+def test_an_unreachable_wandb_server_neither_stops_nor_holds_up_training(tmp_path, error_reporting, bound_s):
+    """W&B online, its server refusing connections or never answering: each training (a real
+    process; both at once) ends in bounded time with exit code 0, one warning, the run logged to
+    W&B offline instead, and metrics.csv, the report and the checkpoints complete."""
+    with refusing_server() as refused, silent_server() as silent:
+        start = time.monotonic()
+        procs = {name: subprocess.Popen(
+            [sys.executable, "-m", "dgm_scale", "train", "configs/nsgan.yaml", *TINY_TRAIN,
+             "tracking.wandb.mode=online", "tracking.wandb.init_timeout=2", f"run.dir={tmp_path / name}"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, WANDB_BASE_URL=url, WANDB_API_KEY=FAKE_KEY, WANDB_ERROR_REPORTING=error_reporting,
+                     PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+            for name, url in (("refused", refused), ("silent", silent))}
+        try:
+            outputs = {name: proc.communicate(timeout=max(1.0, start + bound_s - time.monotonic()))[0]
+                       for name, proc in procs.items()}
+        finally:
+            for proc in procs.values():
+                proc.kill()
+    print(f"both trainings done in {time.monotonic() - start:.0f} s")
+    for name, output in outputs.items():
+        run = tmp_path / name
+        assert procs[name].returncode == 0, output[-3000:]
+        assert "Traceback" not in output
+        mentions = [line for line in output.splitlines() if re.search(r"W&B|(^|\s)wandb\b", line, re.IGNORECASE)]
+        assert len(mentions) == 1, output[-3000:]
+        (warning,) = mentions
+        assert "W&B server not reachable" in warning and "logs to W&B offline instead" in warning
+        assert [int(float(row["train/iteration"])) for row in metrics_rows(run)] == [1, 2, 3, 4]
+        assert "finished" in (run / "report.html").read_text()
+        assert load_module(run / "checkpoints" / "last.ckpt").checkpoint_iteration == 4
+        (offline,) = offline_runs(run)
+        assert wandb_logged_iterations(offline) == [1, 2, 3, 4]

@@ -162,7 +162,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mappi
     files to import first (recorded in run.imports)."""
     file_cfg = _read_yaml(path) if path is not None else OmegaConf.create()
     parsed = [_parse_override(item) for item in _normalise_overrides(overrides)]
-    raw = OmegaConf.merge(file_cfg, *[override for _, override in parsed])
+    raw = file_cfg
+    for item, override in parsed:  # schema-free: only to find run.imports and model.kind
+        raw = _merge(raw, override, f"override '{item}'")
     family = family_of(raw, imports)
     if path is not None:
         _check_renamed(file_cfg, family, str(path))
@@ -258,6 +260,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.tracking.wandb.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"config key 'tracking.wandb.mode': '{cfg.tracking.wandb.mode}' is not one of "
                           "auto, online, offline, disabled")
+    if not cfg.tracking.wandb.init_timeout > 0:
+        raise ConfigError(f"config key 'tracking.wandb.init_timeout' must be > 0 (seconds), got "
+                          f"{cfg.tracking.wandb.init_timeout}")
     validate_eval(cfg.eval, modality, cfg.data.name)
 
 

@@ -130,6 +130,9 @@ class WandbConfig:
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
     log_checkpoints: bool = False  # upload checkpoints as W&B artifacts
+    # Seconds wandb.init may wait for the server (online); then the run logs offline instead
+    # (one warning; `wandb sync` uploads it later), so an unreachable server never holds up training.
+    init_timeout: float = 60.0
 
 
 @dataclass

@@ -2,10 +2,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dgm_scale.core.errors import NonFiniteError
-from dgm_scale.core.files import commit_file, temporary_path
+from dgm_scale.core.files import atomic_path, temporary_path
 from dgm_scale.core.finite import first_nonfinite
+
+
+class DirectCheckpointIO(TorchCheckpointIO):
+    """Writes the checkpoint straight to the path it is given (save_checkpoint_atomic's temporary
+    name). Lightning's own IO first writes a whole copy to the system temp folder and then copies
+    it over: twice the writing, a checkpoint-sized need for room in /tmp, and a full /tmp failing
+    with an error that names neither file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as handle:  # a handle: a full disk is an OSError (a path: a RuntimeError)
+            torch.save(checkpoint, handle)
 
 
 def check_weights_finite(pl_module, path: Path) -> None:
@@ -22,9 +38,12 @@ def check_weights_finite(pl_module, path: Path) -> None:
 def save_checkpoint_atomic(trainer, path: Path) -> None:
     """The full training state to `path` via a temporary name, fsync and a rename (collective:
     every rank calls it under DDP / DeepSpeed; rank 0 writes), so a crash never leaves half a
-    file. Weights with a NaN/Inf are refused (NonFiniteError) before anything is written."""
+    file, and a full disk leaves the previous `path` whole and raises a one-line DiskFullError
+    (core.files.atomic_path). Weights with a NaN/Inf are refused (NonFiniteError) before anything
+    is written."""
     check_weights_finite(trainer.lightning_module, path)
-    tmp = temporary_path(path)
-    trainer.save_checkpoint(tmp, weights_only=False)
-    if trainer.is_global_zero:
-        commit_file(tmp, path)
+    if not trainer.is_global_zero:  # only joins the collective save: rank 0 names, commits, cleans up
+        trainer.save_checkpoint(temporary_path(path), weights_only=False)
+        return
+    with atomic_path(path) as tmp:
+        trainer.save_checkpoint(tmp, weights_only=False)

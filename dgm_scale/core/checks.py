@@ -19,5 +19,14 @@ def at_least(key: str, value: Any, minimum: Any) -> None:
     require(value >= minimum, f"config key '{key}' must be >= {minimum}, got {value}")
 
 
+def between(key: str, value: Any, minimum: Any, maximum: Any) -> None:
+    require(minimum <= value <= maximum, f"config key '{key}' must be in [{minimum}, {maximum}], got {value}")
+
+
+#: the most layers a network's depth key accepts: deeper is a typo, and building its
+#: per-layer modules alone would take minutes before any size check could run
+MAX_LAYERS = 1000
+
+
 def is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0

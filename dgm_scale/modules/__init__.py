@@ -53,8 +53,8 @@ def load_module(checkpoint_path: str | Path, map_location: str = "cpu", trust_co
     path = Path(checkpoint_path)
     checkpoint, config = _read_checkpoint(path, map_location)
     require_trusted(config, str(path), trust_code)
-    run_imports(list((config.get("run") or {}).get("imports") or []))
     try:
+        run_imports(list((config.get("run") or {}).get("imports") or []))
         module = module_class(config_from_dict(config))(config)
         module.load_state_dict(checkpoint["state_dict"])
     except ConfigError as error:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dgm_scale.core.checks import at_least, choice, require
+from dgm_scale.core.checks import MAX_LAYERS, at_least, between, choice, require
 
 
 def validate_net(key: str, net: Any, modality: str) -> None:
@@ -22,6 +22,6 @@ def validate_net(key: str, net: Any, modality: str) -> None:
     require(not (net.arch == "stylegan2" and net.spectral_norm),
             f"config key '{key}.spectral_norm': stylegan2 uses the equalised learning rate, not spectral norm")
     at_least(f"{key}.width", net.width, 1)
-    at_least(f"{key}.depth", net.depth, 1)
+    between(f"{key}.depth", net.depth, 1, MAX_LAYERS)
     if modality == "points":
         require(net.arch == "mlp", f"config key '{key}.arch': 2-D toy data needs arch 'mlp', got '{net.arch}'")

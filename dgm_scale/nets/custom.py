@@ -15,6 +15,8 @@ the shapes.
 from __future__ import annotations
 
 import inspect
+import itertools
+import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -56,12 +58,34 @@ def _accepted(cls: type, provided: Mapping[str, Any], kwargs: Mapping[str, Any])
     return {name: value for name, value in provided.items() if name in parameters and name not in kwargs}
 
 
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def build_within_memory(key: str, build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()`, after building it once on the meta device (no memory, no init cost): sizes
+    in the config that ask for more parameters than this machine has memory are a one-line error
+    naming `key`, not an allocator traceback, a minutes-long init or the OOM killer."""
+    try:
+        with torch.device("meta"):
+            shell = build()
+    except (RuntimeError, ValueError, OverflowError, MemoryError) as error:  # e.g. sizes overflowing int64
+        raise ConfigError(f"config key '{key}': cannot build a network of these sizes: {_reason(error)}") from None
+    tensors = itertools.chain(shell.parameters(), shell.buffers())
+    needed = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    if needed > _memory_bytes():
+        raise ConfigError(f"config key '{key}': its sizes ask for {needed / 2**30:,.1f} GiB of parameters, more "
+                          f"than this machine's {_memory_bytes() / 2**30:,.1f} GiB of memory")
+    return build()
+
+
 def build_network(key: str, net: Any, builtin: Callable[[], nn.Module], provided: Mapping[str, Any]) -> nn.Module:
-    """`net.target` built with `net.kwargs` (+ accepted `provided` inputs), else `builtin()`.
-    `key`: the config key of this network, e.g. `model.generator`."""
+    """`net.target` built with `net.kwargs` (+ accepted `provided` inputs), else `builtin()`
+    (sized first: `build_within_memory`). `key`: the config key of this network, e.g.
+    `model.generator`."""
     target = getattr(net, "target", None)
     if not target:
-        return builtin()
+        return build_within_memory(key, builtin)
     cls = import_object(target, f"{key}.target")
     if not _buildable(cls):
         kind = "a class" if isinstance(cls, type) else f"a {type(cls).__name__}"

@@ -1,4 +1,5 @@
-"""`dgm-scale serve CKPT_OR_EXPORT [--host H] [--port P] [--device D]`: a small local web page
+"""`dgm-scale serve CKPT_OR_EXPORT [--host H] [--port P] [--device D] [--queue N] [--connections N]
+[--timeout S]`: a small local web page
 with live samples of a trained image model, from its checkpoint or from a sampler `dgm-scale
 export` wrote (the file beside its FILE.json sidecar; run on the CPU, the same samples as the
 checkpoint it came from): seed, class and truncation / temperature controls, a latent
@@ -33,6 +34,15 @@ npz | png. Unknown or repeated parameters are refused.
 The server asks a "source" for samples (sources.py): `open_source(path)` gives an export's (a
 file with a sidecar) or a checkpoint's, and `serve(source, host, port)` takes any object with
 the source interface.
+
+Load and abuse (limits.py; `--queue`, `--connections`, `--timeout`, defaults 8, 32, 10 s): at most
+`queue` sample requests (grid, batch, interpolate) are in the server at once, generating one at a
+time; more get a 503 with `Retry-After: 1` at once. At most `connections` connections get a
+thread; more get the same 503. A connection whose client leaves a read or a write waiting
+`timeout` seconds (a socket opened and left silent) is closed. Requests are GET without a body
+(any body: 413) and URLs of at most 2048 characters (414); other methods get 501, and
+http.server's own limits (a request line over 64 KiB, over 100 headers) a one-line 4xx. No
+response carries a traceback: a failure inside the model is logged with it, answered in one line.
 """
 from __future__ import annotations
 
@@ -43,7 +53,7 @@ from dgm_scale.core.trust import add_trust_option
 
 # The server and sources import torch: loaded on first use, so that the CLI's parser stays light.
 _LAZY = {name: f"{__name__}.{module}" for name, module in (
-    ("serve", "server"), ("make_server", "server"), ("url_of", "server"), ("CAPS", "server"),
+    ("serve", "server"), ("make_server", "server"), ("url_of", "server"), ("CAPS", "server"), ("Limits", "limits"),
     ("open_source", "sources"), ("CheckpointSource", "sources"), ("ModuleSource", "sources"),
     ("ExportSource", "sources"), ("SampleSource", "sources"), ("BadRequest", "sources"))}
 __getattr__ = lazy_attributes(__name__, _LAZY)
@@ -60,6 +70,13 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
                         help="address to bind (default 127.0.0.1: this machine only; the page has no login)")
     parser.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
     parser.add_argument("--device", help="cpu | cuda (default: cuda when available; exports: cpu)")
+    parser.add_argument("--queue", type=int, default=8,
+                        help="sample requests in the server at once, generating one at a time (default 8); "
+                             "more get 503 with Retry-After")
+    parser.add_argument("--connections", type=int, default=32,
+                        help="open connections given a thread (default 32); more get 503 with Retry-After")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds a connection may keep a read or write waiting before it is closed (default 10)")
     add_trust_option(parser)
     parser.set_defaults(func=cmd_serve)
     return parser
@@ -67,12 +84,14 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dgm_scale.core.errors import ConfigError
+    from dgm_scale.serve.limits import Limits
     from dgm_scale.serve.server import serve
     from dgm_scale.serve.sources import open_source
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be 0 .. 65535")
-    serve(open_source(args.checkpoint, args.device, trust_code=args.trust_code), args.host, args.port)
+    limits = Limits(args.queue, args.connections, args.timeout)  # a bad value stops before the model loads
+    serve(open_source(args.checkpoint, args.device, trust_code=args.trust_code), args.host, args.port, limits)
     return 0
 
 
@@ -81,6 +100,7 @@ __all__ = [
     "BadRequest",
     "CheckpointSource",
     "ExportSource",
+    "Limits",
     "ModuleSource",
     "SampleSource",
     "add_serve_parser",

@@ -1,20 +1,21 @@
 """The HTTP side of `dgm-scale serve`: query parameters checked against the documented caps,
-the endpoints (see dgm_scale/serve/__init__.py), and the server, which takes any source (see
-sources.py) and samples under one lock (one model, many request threads)."""
+request-size limits, the endpoints (see dgm_scale/serve/__init__.py), and the server, which takes
+any source (see sources.py) and samples through a bounded queue (limits.py: one model, many
+request threads)."""
 from __future__ import annotations
 
 import json
 import logging
 import math
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
 from dgm_scale.core.errors import ConfigError
 from dgm_scale.dump import npz_bytes, png_bytes
+from dgm_scale.serve.limits import BoundedHTTPServer, Limits, SampleQueue
 from dgm_scale.serve.page import PAGE
 from dgm_scale.serve.sources import BadRequest
 from dgm_scale.tracking.images import tile
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 MAX_NUM = 256          # samples per grid / batch
 MAX_STEPS = 32         # frames per interpolation strip
 MAX_SEED = 2**31 - 1   # seeds are 0 .. MAX_SEED (a JavaScript-safe integer)
+MAX_URL = 2048         # characters of path and query: every valid request is far shorter
 CAPS = {"num": MAX_NUM, "steps": MAX_STEPS, "seed": MAX_SEED}
 FORMATS = ("png", "npz")
 
@@ -81,9 +83,9 @@ def _labels(meta: dict, num: int, label: int | None) -> np.ndarray | None:
 class Endpoints:
     """What each path answers: (status, content type, body, extra headers); BadRequest -> 4xx."""
 
-    def __init__(self, source):
+    def __init__(self, source, queue: int):
         self.source = source
-        self.lock = threading.Lock()
+        self.queue = SampleQueue(queue)
         self.meta = {**source.meta, "caps": CAPS}
         self.routes: dict[str, Callable] = {"/": self.page, "/api/meta": self.meta_json,
                                             "/api/grid.png": self.grid, "/api/batch": self.batch,
@@ -106,7 +108,7 @@ class Endpoints:
         num = _integer(query, "num", default_num, 1, MAX_NUM)
         label, options = _label(query, self.meta), _options(query, self.meta)
         _finish(query, path)
-        with self.lock:
+        with self.queue.turn():
             images = self.source.images(seed, num, label, **options)
         return seed, num, label, images
 
@@ -134,9 +136,18 @@ class Endpoints:
         _finish(query, "/api/interpolate.png")
         if self.meta["latent_dim"] is None:
             raise BadRequest(f"interpolation needs a latent space; this {self.meta['family']} model has none")
-        with self.lock:
+        with self.queue.turn():
             frames = self.source.interpolate(seed_a, seed_b, steps, label, **options)
         return 200, "image/png", png_bytes(tile(frames, nrow=steps)), {}
+
+
+def _within_size(url: str, headers) -> None:
+    """GET only: a request body is refused unread (413); an overlong URL is refused (414)."""
+    if "Transfer-Encoding" in headers or headers.get("Content-Length", "0").strip() != "0":
+        size = headers.get("Content-Length") or headers.get("Transfer-Encoding")
+        raise BadRequest(f"request body: this server takes none (got {size[:20]!r})", status=413)
+    if len(url) > MAX_URL:
+        raise BadRequest(f"URL: {len(url)} characters, more than {MAX_URL}", status=414)
 
 
 def _single_values(url: str) -> tuple[str, dict]:
@@ -152,19 +163,26 @@ def _single_values(url: str) -> tuple[str, dict]:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """GET only; every failure is one line of text: 4xx for the request, 500 for a bug (logged)."""
+    """GET only; every failure is one line of text: 4xx for the request, 503 when full (with
+    Retry-After), 500 for a bug (its traceback logged, never sent)."""
 
-    endpoints: Endpoints  # set on the class made for each server (make_server)
+    endpoints: Endpoints  # set on the class made for each server (make_server), with `timeout`
     server_version = "dgm-scale-serve"
+    # http.server's own refusals (malformed request line, too many headers, other methods)
+    error_message_format = "%(message)s\n"
+    error_content_type = "text/plain; charset=utf-8"
+    default_request_version = "HTTP/1.0"  # so that those given before the version is read have a status line
 
     def do_GET(self) -> None:
         try:
+            _within_size(self.path, self.headers)
             path, query = _single_values(self.path)
             status, kind, body, headers = self.endpoints.answer(path, query)
         except BadRequest as error:
-            status, kind, body, headers = error.status, "text/plain; charset=utf-8", f"{error}\n".encode(), {}
+            status, kind, headers = error.status, "text/plain; charset=utf-8", error.headers
+            body = f"{error}\n".encode()
         except Exception as error:  # a bug or a failing model: say so, keep serving
-            log.exception("serve: %s failed", self.path)
+            log.exception("serve: %s failed", self.path[:MAX_URL])
             first = (str(error).splitlines() or [""])[0][:200]
             status, kind, headers = 500, "text/plain; charset=utf-8", {}
             body = f"internal error: {type(error).__name__}: {first}\n".encode()
@@ -181,24 +199,26 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("serve: " + format, *args)  # quiet: one line per image request is noise
 
 
-def make_server(source, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A bound (not yet serving) HTTP server for `source`; port 0 picks a free port (see
-    `server.server_address`). Call `serve_forever()` on it, `shutdown()` from another thread."""
-    handler = type("SourceHandler", (Handler,), {"endpoints": Endpoints(source)})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True  # a stuck client does not hold the process at exit
-    return server
+def make_server(source, host: str = "127.0.0.1", port: int = 8000,
+                limits: Limits | None = None) -> BoundedHTTPServer:
+    """A bound (not yet serving) HTTP server for `source` within `limits` (default: Limits());
+    port 0 picks a free port (see `server.server_address`). Call `serve_forever()` on it,
+    `shutdown()` from another thread."""
+    limits = limits or Limits()
+    handler = type("SourceHandler", (Handler,), {"endpoints": Endpoints(source, limits.queue),
+                                                 "timeout": limits.timeout})
+    return BoundedHTTPServer((host, port), handler, limits)
 
 
-def url_of(server: ThreadingHTTPServer) -> str:
+def url_of(server: BoundedHTTPServer) -> str:
     host, port = server.server_address[:2]
     return f"http://{host}:{port}/"
 
 
-def serve(source, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> None:
     """Serve `source` until Ctrl-C; prints one line with the URL first."""
     try:
-        server = make_server(source, host, port)
+        server = make_server(source, host, port, limits)
     except OSError as error:  # the port is taken, the address is not this machine's
         raise ConfigError(f"--host {host} --port {port}: cannot listen there: {error.strerror or error}") from None
     print(f"serving {source.meta.get('name', 'samples')} at {url_of(server)} (Ctrl-C stops)", flush=True)

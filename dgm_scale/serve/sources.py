@@ -37,11 +37,12 @@ TRUNCATION = {"truncation": {"default": 1.0, "max": 1.0}}
 
 class BadRequest(ValueError):
     """A request the source or server cannot serve; the one-line message names the parameter.
-    `status` is the HTTP status (400 unless said otherwise)."""
+    `status` is the HTTP status (400 unless said otherwise), `headers` extra response headers."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: dict | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 class SampleSource:

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import lightning as L
 
 from dgm_scale.core.checkpoints import save_checkpoint_atomic
-from dgm_scale.core.files import write_json_atomic
+from dgm_scale.core.files import append_text, write_json_atomic
 from dgm_scale.core.logs import log_media_now, log_now
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,7 @@ class PeriodicEvaluation(L.Callback):
         if trainer.is_global_zero and self.probe is not None:
             self.save_projection(trainer, iteration)
         if trainer.is_global_zero:
-            with open(self.run_dir / "eval" / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps({"iteration": iteration, **results}) + "\n")
+            append_text(self.run_dir / "eval" / "metrics.jsonl", json.dumps({"iteration": iteration, **results}) + "\n")
             log.info("iteration %d: %s", iteration,
                      ", ".join(f"{k} {v:.4g}" for k, v in results.items() if not k.endswith("eval_seconds")))
         metric = best_metric_of(self.best_metric, results)

@@ -18,10 +18,11 @@ from typing import Any, List, Optional
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers.logger import DummyExperiment, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from dgm_scale.core.files import atomic_open, write_text_atomic
+from dgm_scale.core.errors import DiskFullError
+from dgm_scale.core.files import appending, atomic_open, write_text_atomic
 from dgm_scale.core.lightning_internals import logger_step
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,25 @@ class _AppendingWriter(ExperimentWriter):
         if pending is not None and pending.get("step") == self.metrics[-1]["step"] \
                 and not (set(pending) & set(self.metrics[-1])) - {"step"}:
             pending.update(self.metrics.pop())
+
+    def save(self) -> None:
+        """Lightning's, written through core.files: a new column rewrites the file atomically and
+        only then counts as known, rows are appended whole or not at all (a full disk: a one-line
+        DiskFullError naming metrics.csv, the rows kept in memory for the next try)."""
+        if not self.metrics:
+            return
+        path = Path(self.metrics_file_path)
+        keys = sorted(set(self.metrics_keys).union(*self.metrics))
+        if keys != self.metrics_keys and path.is_file():
+            self._rewrite_with_new_header(keys)
+        self.metrics_keys = keys
+        new_file = not path.is_file()
+        with appending(path), open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            if new_file:
+                writer.writeheader()
+            writer.writerows(self.metrics)
+        self.metrics = []
 
     def _rewrite_with_new_header(self, fieldnames: list[str], before_step: Optional[int] = None) -> None:
         """Rewrite the file with `fieldnames`, atomically; with `before_step`, keep only the rows
@@ -92,6 +112,17 @@ class AppendingCSVLogger(CSVLogger):
                 and len(pending) >= self._flush_logs_every_n_steps:
             self.save()
         experiment.log_metrics(metrics, step if step is not None else len(pending))
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """A failed run's last rows are a courtesy (a resume recomputes every row after its
+        checkpoint): on a full disk they are dropped, so that the error which stopped the run is
+        the one reported."""
+        try:
+            super().finalize(status)
+        except DiskFullError:
+            if status != "failed":
+                raise
 
     @property
     @rank_zero_experiment
@@ -170,14 +201,17 @@ class RunWandbLogger(WandbLogger):
     - The W&B run is finished with the training; otherwise the next `train` in this process
       would silently log into it (WandbLogger reuses an open `wandb.run`).
     - With `log_checkpoints`, a successful end logs last.ckpt / best.ckpt as one model artifact.
+    - A W&B server that cannot be reached when the run starts (refused, or no answer within
+      `init_timeout` seconds) does not stop or hold up the training: one warning, and the run
+      logs to W&B offline instead (`wandb sync` uploads it later).
     - W&B failing (its service killed - SLURM's SIGTERM reaches every process of a job step,
       W&B's own service among them -, a full disk, a network error) does not stop the training:
       the first failure is logged as a warning, W&B is left out for the rest of this start, and
       metrics.csv keeps everything.
     """
 
-    def __init__(self, run_dir: Path, log_checkpoints: bool, **kwargs: Any) -> None:
-        super().__init__(save_dir=str(run_dir), **kwargs)
+    def __init__(self, run_dir: Path, log_checkpoints: bool, init_timeout: float = 60.0, **kwargs: Any) -> None:
+        super().__init__(save_dir=str(run_dir), settings={"init_timeout": init_timeout}, **kwargs)
         self._wandb_init.pop("anonymous")  # Lightning's default; wandb 0.31 warns that it does nothing
         self._run_dir, self._log_checkpoints = Path(run_dir), log_checkpoints
         self._failed: Optional[str] = None
@@ -188,7 +222,7 @@ class RunWandbLogger(WandbLogger):
         try:
             return call(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any W&B failure: keep training without it
-            self._failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            self._failed = f"{type(error).__name__}: {first_line(error)}"
             log.warning("W&B failed in %s (%s); training continues without W&B, metrics.csv has every value",
                         what, self._failed)
             return None
@@ -212,10 +246,28 @@ class RunWandbLogger(WandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
-        if self._experiment is None:  # rank 0, first use: decide which W&B run this is
+        if self._experiment is None and self._failed is None:  # rank 0, first use: start the W&B run
             self._id = self._wandb_init["id"] = stored_wandb_run_id(self._run_dir)
             drop_inherited_wandb_service()
-        return super().experiment
+            self._guarded("init", self._start)
+        return self._experiment if self._experiment is not None else DummyExperiment()
+
+    def _start(self) -> None:
+        """wandb.init; online, a server that refuses the connection or does not answer within
+        init_timeout leaves the run logging offline instead, with one warning."""
+        try:
+            WandbLogger.experiment.fget(self)
+        except Exception as error:  # noqa: BLE001 - wandb raises CommError, AuthenticationError, ...
+            if self._wandb_init.get("mode") != "online":
+                raise
+            import wandb
+
+            log.warning("W&B server not reachable (%s: %s); this run logs to W&B offline instead, upload it later "
+                        "with `wandb sync %s`", type(error).__name__, first_line(error),
+                        self._run_dir / "wandb" / "offline-run-*")
+            wandb.teardown()  # the failed online run holds its id in the W&B service ("run ID is in use")
+            self._wandb_init["mode"] = "offline"
+            WandbLogger.experiment.fget(self)
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
@@ -244,6 +296,10 @@ class RunWandbLogger(WandbLogger):
         return self.experiment.log_artifact(artifact, aliases=["latest"])
 
 
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def build_wandb_logger(cfg, run_dir: Path) -> Optional[RunWandbLogger]:
     """A WandbLogger writing under RUN/wandb, or None when the mode resolves to disabled.
 
@@ -255,7 +311,7 @@ def build_wandb_logger(cfg, run_dir: Path) -> Optional[RunWandbLogger]:
     mode = resolve_wandb_mode(wb.mode)
     if mode == "disabled":
         return None
-    return RunWandbLogger(Path(run_dir), wb.log_checkpoints, project=wb.project, entity=wb.entity,
+    return RunWandbLogger(Path(run_dir), wb.log_checkpoints, wb.init_timeout, project=wb.project, entity=wb.entity,
                           tags=list(wb.tags), mode=mode, name=Path(run_dir).name)
 
 

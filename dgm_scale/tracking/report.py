@@ -22,6 +22,7 @@ import lightning as L
 import numpy as np
 import yaml
 
+from dgm_scale.core.errors import DiskFullError
 from dgm_scale.core.files import save_png_atomic, write_bytes_atomic, write_text_atomic
 from dgm_scale.metrics.report import DESCRIPTIONS
 from dgm_scale.metrics.representation import PROJECTIONS
@@ -294,7 +295,8 @@ def build_report(run_dir: str | Path, unsaved_rows: Iterable[dict] = (), status:
 class RunReport(L.Callback):
     """Refresh the report on rank 0 every `every` iterations (the evaluations; 0 = never), at the
     end of training and when training fails. A report that cannot be written is logged, never
-    raised: it must not stop a run."""
+    raised: it must not stop a run - except on a full disk, where the next checkpoint would fail
+    too: the run stops now, resumable from its last checkpoint, with the one-line DiskFullError."""
 
     def __init__(self, run_dir: str | Path, every: int, max_steps: int):
         self.run_dir, self.every, self.max_steps = Path(run_dir), every, max_steps
@@ -307,6 +309,8 @@ class RunReport(L.Callback):
         start = time.perf_counter()
         try:
             build_report(self.run_dir, unsaved_metric_rows(trainer), status)
+        except DiskFullError:
+            raise
         except Exception as error:  # noqa: BLE001 - a report problem is reported, not fatal
             log.warning("could not write the run report: %s: %s", type(error).__name__, error)
             return
@@ -321,4 +325,6 @@ class RunReport(L.Callback):
         self.refresh(trainer, "finished" if done else f"stopped at iteration {pl_module.iteration} (resumable)")
 
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, DiskFullError):  # it would fail too, and hide the error that stopped the run
+            return
         self.refresh(trainer, f"failed at iteration {pl_module.iteration}: {type(exception).__name__}: {exception}")

@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequ
 
 from tqdm import tqdm
 
-from dgm_scale.core.files import commit_file, temporary_path
+from dgm_scale.core.files import commit_file, disk_full_named, temporary_path
 
 from ..datasets import DataError
 from .encode import Encoded, EncodeOptions, RawSample, encode_sample
@@ -204,12 +204,13 @@ class ShardSink:
         size = sum(member_bytes(len(data)) for _, data in members)
         if self._tar is not None and self._full(size):
             self._close_shard()
-        if self._tar is None:
-            self._file = open(temporary_path(self._final), "wb")
-            self._tar = open_writer(self._file)
-            self._count = self._members = 0
-        for member, data in members:
-            add_member(self._tar, member, data)
+        with disk_full_named(self._final):
+            if self._tar is None:
+                self._file = open(temporary_path(self._final), "wb")
+                self._tar = open_writer(self._file)
+                self._count = self._members = 0
+            for member, data in members:
+                add_member(self._tar, member, data)
         self._count += 1
         self._members += size
 
@@ -221,9 +222,10 @@ class ShardSink:
 
     def _close_shard(self) -> None:
         """Finish the tar, fsync, rename into place, and record its manifest entry."""
-        self._tar.close()
-        self._file.close()
-        final = commit_file(temporary_path(self._final), self._final)
+        with disk_full_named(self._final):
+            self._tar.close()
+            self._file.close()
+            final = commit_file(temporary_path(self._final), self._final)
         self._tar = self._file = None
         self.entries.append({"name": final.name, "num_samples": self._count,
                              "bytes": final.stat().st_size, "sha256": sha256_file(final)})
@@ -237,7 +239,8 @@ class ShardSink:
     def abort(self) -> None:
         """Drop the shard being written (finished shards stay)."""
         if self._file is not None:
-            self._file.close()
+            with suppress(OSError):  # flushing the dropped file's buffer fails again on a full disk
+                self._file.close()
             temporary_path(self._final).unlink(missing_ok=True)
             self._tar = self._file = None
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
 from dgm_scale.config.schema import OptimizerConfig
-from dgm_scale.core.checks import at_least, choice, require
+from dgm_scale.core.checks import MAX_LAYERS, at_least, between, choice, require
 from dgm_scale.families.registry import Family
 
 
@@ -50,7 +50,7 @@ def validate(cfg: Any) -> None:
 
     model = cfg.model
     choice("model.cell", model.cell, sorted(CELLS))
-    at_least("model.layers", model.layers, 1)
+    between("model.layers", model.layers, 1, MAX_LAYERS)
     at_least("model.width", model.width, 1)
     at_least("model.embed_dim", model.embed_dim, 1)
     require(0.0 <= model.dropout < 1.0, f"config key 'model.dropout' must be in [0, 1), got {model.dropout}")

@@ -14,6 +14,7 @@ from dgm_scale.data.transforms import from_8bit, to_8bit
 from dgm_scale.modules.base import GenerativeModule
 from dgm_scale.modules.optim import build_optimizer
 from dgm_scale.modules.sampling import keyed_noise, sampler_inputs
+from dgm_scale.nets.custom import build_within_memory
 from dgm_scale.nets.sequence import START, SYMBOLS, SequenceRNN
 
 #: the context of a text sample without a prompt (training windows start anywhere in the text)
@@ -41,8 +42,9 @@ class AutoregressiveModule(GenerativeModule):
         self.automatic_optimization = False
         images = self.modality == "images"
         self.sequence_length = math.prod(self.sample_shape) if images else self.cfg.data.seq_len
-        self.rnn = SequenceRNN(model.cell, model.layers, model.width, model.embed_dim, self.num_classes,
-                               positions=self.sequence_length if images else 0, dropout=model.dropout)
+        self.rnn = build_within_memory("model", lambda: SequenceRNN(
+            model.cell, model.layers, model.width, model.embed_dim, self.num_classes,
+            positions=self.sequence_length if images else 0, dropout=model.dropout))
 
     def configure_optimizers(self):
         return build_optimizer(self.rnn.parameters(), self.cfg.optim)
