@@ -331,11 +331,12 @@ def test_folder_resume_with_skips_equals_uninterrupted_run(tmp_path):
     assert rows == metrics_rows(part) and int(float(rows[-1]["data/skipped_bad_image"])) == 12  # 3 epochs x 4
 
 
-def test_strict_folder_stops_with_one_line_naming_the_file(tmp_path, capsys):
-    """data.strict=true, decoding in a loader worker: the CLI prints one line naming the file."""
+@pytest.mark.parametrize("strict", ["data.strict=true", "--strict"])
+def test_strict_folder_stops_with_one_line_naming_the_file(tmp_path, capsys, strict):
+    """data.strict=true (or --strict), decoding in a loader worker: the CLI prints one line naming the file."""
     root = mixed_folder(tmp_path / "images", bad=1)
     with hang_guard(120):
-        code = main(["train", *FOLDER_RUN, f"data.path={root}", "data.strict=true", "data.num_workers=1",
+        code = main(["train", *FOLDER_RUN, f"data.path={root}", strict, "data.num_workers=1",
                      f"run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
