@@ -27,7 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dgm_scale.distributed import launch_env
 
     path, overrides = _split_config_args(args.config_and_overrides)
-    cfg = load_config(path, overrides, imports=args.imports)
+    cfg = load_config(path, [*overrides, *(["data.strict=true"] if args.strict else [])], imports=args.imports)
     result = train(cfg)
     if launch_env().global_rank > 0:
         return 0
@@ -41,6 +41,11 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"  checkpoint:    {result.checkpoint}\n"
           f"  samples:       {result.samples}\n"
           f"  metrics:       {result.run_dir / 'metrics.csv'}")
+    if result.skipped:  # data that can be unreadable (image folders, shards)
+        from dgm_scale.data.position import skipped_summary
+
+        print(f"  skipped data:  {skipped_summary(result.skipped)} (data/skipped_* in metrics.csv; "
+              "data.strict=true stops at the first)")
     return 0
 
 
@@ -333,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_p = commands.add_parser("train", help="train a model: dgm-scale train [CONFIG.yaml] [key=value ...]")
     train_p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key=value]")
     _add_import_option(train_p)
+    train_p.add_argument("--strict", action="store_true", help="stop at the first unreadable image or shard, "
+                         "naming it (data.strict=true), instead of skipping and counting it")
     train_p.set_defaults(func=cmd_train)
     show_p = commands.add_parser("show-config", help="print the resolved config")
     show_p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key=value]")

@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import lightning as L
 import torch
@@ -52,6 +52,7 @@ class RunResult:
     checkpoint: Path
     samples: Path
     module: GenerativeModule  # the trained module of this process
+    skipped: Dict[str, int] = field(default_factory=dict)  # unreadable data skipped, by kind, all ranks (none: {})
 
 
 def make_run_dir(cfg, env: Optional[LaunchEnv] = None) -> Path:
@@ -216,8 +217,9 @@ def _fit(cfg, module: GenerativeModule, datamodule: DataModule, run_dir: Path, e
                 callback.requeue()
     # Throughput of this process's share of the run (a resumed run starts past iteration 0).
     images = (module.iteration - module.start_iteration) * per_iteration_batch * trainer.world_size
+    position = next(callback for callback in trainer.callbacks if isinstance(callback, DataPosition))
     return RunResult(run_dir=run_dir, iterations=module.iteration, seconds=seconds,
                      images_per_second=images / max(seconds, 1e-9),
                      checkpoint=run_dir / "checkpoints" / "last.ckpt",
                      samples=run_dir / "samples" / ("final.txt" if module.modality == "text" else "final.png"),
-                     module=module)
+                     module=module, skipped=position.final_skipped)

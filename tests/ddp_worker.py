@@ -22,7 +22,7 @@ def record_stream_keys() -> list:
 
     def consumed_and_recorded(self, info):
         recorded.append((int(info["epoch"]), list(info["keys"])))
-        consumed(self, info)
+        return consumed(self, info)
     ShardStream.__init__, StreamLoader.consumed = init_with_keys, consumed_and_recorded
     return recorded
 

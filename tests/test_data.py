@@ -158,7 +158,8 @@ def test_folder_labels_classes_shapes(image_folder):
     names = {p.name: label for p, label in ds.samples}
     assert names == {"a.png": 0, "b.JPG": 0, "c.png": 0, "d.png": 1, "e.bmp": 1}
     for i in range(len(ds)):
-        x, y = ds[i]
+        x, y, replaced = ds[i]
+        assert int(replaced) == 0
         assert x.shape == (3, 16, 16) and x.dtype == torch.float32
         assert y.dtype == torch.int64 and y.dim() == 0
         assert x.min() >= -1 and x.max() <= 1
@@ -238,14 +239,18 @@ def test_folder_errors(tmp_path):
 
 
 def test_folder_corrupt_image(tmp_path):
+    """Skipped: the item is the readable image, flagged replaced; strict: one line naming it."""
     bad = tmp_path / "bad.png"
     bad.write_bytes(np.random.default_rng(0).bytes(256))
     write_image(tmp_path / "good.png", (8, 8))
-    ds = build_dataset(make_cfg(name="folder", path=str(tmp_path), resolution=8,
-                                val_fraction=0.0), "train")  # construction is lazy: no error
+    cfg = make_cfg(name="folder", path=str(tmp_path), resolution=8, val_fraction=0.0)
+    ds = build_dataset(cfg, "train")  # construction is lazy: no error
     index = [p.name for p, _ in ds.samples].index("bad.png")
+    x, _, replaced = ds[index]
+    assert int(replaced) == 1 and torch.equal(x, ds[1 - index][0])
+    cfg.strict = True
     with pytest.raises(DataError, match="cannot decode image") as err:
-        ds[index]
+        build_dataset(cfg, "train")[index]
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
 
 

@@ -6,14 +6,13 @@ simulated in one process by constructing streams with rank / world_size.
 from __future__ import annotations
 
 import io
-import hashlib
 import json
 import random
 import shutil
 import subprocess
 import tarfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -22,73 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import epoch_keys, flat, interrupted, make, png_bytes, sample, write_set, write_tar
 from dgm_scale.data.datasets import DataError
 from dgm_scale.data.shards import samples as samples_module
 from dgm_scale.data.shards.loader import StreamPositionCallback, make_stream_loader
 from dgm_scale.data.shards.urls import expand_braces, expand_urls
 from dgm_scale.data.shards.stream import ShardStream
 from dgm_scale.data.shards.tario import TarCorrupt, TarTruncated, iter_members
-
-
-# ----------------------------------------------------------------------------- builders
-def png_bytes(i: int, size: int = 8, fmt: str = "PNG") -> bytes:
-    pixels = np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format=fmt)
-    return out.getvalue()
-
-
-def write_tar(path: Path, members: Sequence[tuple]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
-def sample(index: int) -> List[tuple]:
-    key = f"{index:09d}"
-    return [(f"{key}.png", png_bytes(index)), (f"{key}.cls", str(index % 10).encode())]
-
-
-def write_set(root: Path, sizes: Sequence[int], manifest: bool = True) -> List[str]:
-    """Shards x-000000.tar ... with sizes[i] samples (global keys); returns all keys."""
-    root.mkdir(parents=True, exist_ok=True)
-    index, entries = 0, []
-    for i, size in enumerate(sizes):
-        name = f"x-{i:06d}.tar"
-        write_tar(root / name, [m for j in range(index, index + size) for m in sample(j)])
-        data = (root / name).read_bytes()  # a manifest as our writer makes it (read_manifest validates it)
-        entries.append({"name": name, "num_samples": size, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-        index += size
-    if manifest:
-        (root / "manifest.json").write_text(json.dumps({
-            "format": "dgm_scale.shards/1", "name": "x", "num_samples": index, "encoding": "png",
-            "shards": entries, "image": {}, "labels": {"num_classes": 10}}))
-    return [f"{i:09d}" for i in range(index)]
-
-
-def make(spec, workers: int = 2, **kwargs):
-    options = dict(batch_size=8, resolution=8, return_keys=True, shuffle_buffer=16)
-    options.update(kwargs)
-    return make_stream_loader(ShardStream(spec, **options), num_workers=workers,
-                              persistent_workers=False)
-
-
-def epoch_keys(loader, consume: bool = True, limit: Optional[int] = None) -> List[List[str]]:
-    """Key lists of the batches of one epoch (marking them consumed)."""
-    out = []
-    for _, _, info in loader:
-        out.append(info["keys"])
-        if consume:
-            loader.consumed(info)
-        if limit is not None and len(out) == limit:
-            break
-    return out
-
-
-def flat(batches: List[List[str]]) -> List[str]:
-    return [k for b in batches for k in b]
 
 
 # ----------------------------------------------------------------------------- tario
@@ -271,21 +210,6 @@ def test_strict_errors_name_the_shard_and_sample(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
-def _interrupted(spec, k: int, epochs: int = 2, **kwargs) -> List[List[str]]:
-    """Batches of `epochs` epochs, stopping after k consumed batches and resuming."""
-    loader, got, state = make(spec, **kwargs), [], None
-    for _ in range(epochs):
-        got += epoch_keys(loader, limit=k - len(got))
-        if len(got) == k:
-            state = loader.state_dict()
-            break
-    loader = make(spec, **kwargs)
-    loader.load_state_dict(state)
-    for _ in range(state["ranks"]["0"]["epoch"], epochs):
-        got += epoch_keys(loader)
-    return got
-
-
 @pytest.mark.parametrize("manifest, options", [
     (True, {}), (False, {"hflip": True}), (True, {"resampled": True, "steps_per_epoch": 9}),
 ])
@@ -294,7 +218,7 @@ def test_resume_continues_the_uninterrupted_sequence(tmp_path, manifest, options
     loader = make(str(tmp_path), **options)
     full = epoch_keys(loader) + epoch_keys(loader)
     for k in (3, len(full) // 2 + 1):
-        assert _interrupted(str(tmp_path), k, **options) == full
+        assert interrupted(str(tmp_path), k, **options) == full
 
 
 def test_resume_does_not_open_delivered_shards(tmp_path, monkeypatch):

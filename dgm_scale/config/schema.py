@@ -29,7 +29,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # shards: samples held per worker for shuffling
     resampled: bool = False  # shards: draw shards with replacement; epochs of data.steps_per_epoch batches
     steps_per_epoch: int = 0  # shards, resampled: batches per rank per epoch
-    strict: bool = False  # shards: a bad shard / image / missing key stops training (else skipped, counted)
+    strict: bool = False  # folders, shards: an unreadable file / shard / missing key stops training (else skipped, counted)
     val_path: Optional[str] = None  # shards: held-out shard spec (the VAE's validation ELBO); none = no validation
     resolution: int = 16  # square side in pixels (images); power of two in [8, 256]
     channels: int = 1  # 1 = greyscale, 3 = RGB (folder images are converted)

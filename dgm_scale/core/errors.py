@@ -2,6 +2,16 @@
 from __future__ import annotations
 
 
+def worker_message(text: str) -> str:
+    """The error's own message where a DataLoader worker raised it: PyTorch re-raises it in the
+    main process as the same type, built from "Caught DataError in DataLoader worker process N.",
+    the worker's traceback and, last, "<type>: <message>"; other text is returned as it is."""
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def one_line(text: str) -> str:
     """`text` with line breaks and other control characters escaped (`\\n`, `\\x00`): a message
     that quotes the user's input (an override, a file name) stays one line whatever it holds."""
@@ -10,7 +20,7 @@ def one_line(text: str) -> str:
 
 class _OneLineError(Exception):
     def __init__(self, *args: object) -> None:
-        super().__init__(*(one_line(arg) if isinstance(arg, str) else arg for arg in args))
+        super().__init__(*(one_line(worker_message(arg)) if isinstance(arg, str) else arg for arg in args))
 
 
 class ConfigError(_OneLineError, ValueError):

@@ -1,25 +1,27 @@
 """Dataset registry: `DATASETS[name](cfg, split)` builds a map-style dataset of (x, label).
 
 Every item is `(x, label)`: x float32 in [-1, 1], shape (C, R, R) for images or (2,) for the
-2-D toy mixtures; label an int64 scalar tensor (0 when the data has no labels). Each dataset
-exposes `num_classes` (0 = unlabelled). Adding a dataset = one builder function + one line in
-`DATASETS`; the data module only ever calls `build_dataset`.
+2-D toy mixtures; label an int64 scalar tensor (0 when the data has no labels). A dataset of
+files that may be unreadable (the image folder) adds a third element, `replaced` (int64 0 / 1:
+see ImageFolderDataset), which the training loop counts. Each dataset exposes `num_classes`
+(0 = unlabelled). Adding a dataset = one builder function + one line in `DATASETS`; the data
+module only ever calls `build_dataset`.
 """
 from __future__ import annotations
 
+import logging
 import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from dgm_scale.core.errors import DataError
 
-from .transforms import keyed_hflip, load_image, resize_tensor, to_model_range
+from .transforms import DECODE_ERRORS, decode_reason, keyed_hflip, load_image, resize_tensor, to_model_range
 
 TOY_DATASETS = ("ring8", "grid25")
 # Streamed from tar shards by the data module (data/shards/), not built by this registry.
@@ -29,8 +31,13 @@ SPLITS = ("train", "val")
 # The train/val split must not move when the run seed changes, or "val" would leak into train.
 SPLIT_SEED = 1234
 TOY_SEEDS = {"train": 0, "val": 1}
+# Unreadable image files: how many files an item may try (its own, then stand-ins) before the
+# folder is declared unreadable, and how many skips each process logs (the rest are counted).
+MAX_TRIES = 64
+LOG_FIRST = 10
 
-Item = Tuple[Tensor, Tensor]
+Item = Tuple[Tensor, ...]  # (x, label) or (x, label, replaced)
+log = logging.getLogger("dgm_scale.data")
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -59,10 +66,17 @@ class InMemoryDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Image files decoded lazily: item = ([C, R, R] in [-1, 1], label).
+    """Image files decoded lazily: item = ([C, R, R] in [-1, 1], label, replaced).
 
     `samples` is the list of (path, label); `classes` the sorted class-folder names
     (empty when the images sit directly in the root, all labelled 0).
+
+    An unreadable file (empty, truncated, not an image, over PIL's pixel limit, ...) is skipped:
+    its item is the first readable file of a fixed sequence of stand-ins (`stand_ins`), with that
+    file's label, and `replaced` = 1 so that the training loop counts the skip
+    (data/skipped_bad_image). Batches keep their size and the epoch its length, so the rank
+    split and a mid-epoch resume are untouched; the stand-in is seen twice in that epoch.
+    `strict`: a one-line DataError naming the file instead.
     """
 
     def __init__(
@@ -72,26 +86,62 @@ class ImageFolderDataset(Dataset):
         channels: int,
         resolution: int,
         hflip: bool = False,
+        strict: bool = False,
     ):
         self.samples, self.classes = list(samples), list(classes)
         self.channels, self.resolution, self.hflip = channels, resolution, hflip
+        self.strict = strict
         self.keyed_items = hflip  # the sampler then hands over (index, epoch key): see item_key
         self.num_classes = len(self.classes)
+        self.stride = golden_stride(len(self.samples))
+        self._unreadable: set = set()  # indices found unreadable by this process (not decoded again)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, key) -> Item:
         index, epoch_key = item_key(key)
-        path, label = self.samples[index]
-        try:
-            x = load_image(path, self.channels, self.resolution)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise DataError(f"cannot decode image '{path}': {reason}") from None
+        x, label, replaced = self._first_readable(index)
         if self.hflip:
             x = keyed_hflip(x, epoch_key, index)
-        return to_model_range(x), torch.tensor(label, dtype=torch.int64)
+        return to_model_range(x), torch.tensor(label, dtype=torch.int64), torch.tensor(int(replaced))
+
+    def stand_ins(self, index: int) -> List[int]:
+        """The files tried for item `index`: itself, then steps of ~0.618 n (coprime with n) away,
+        so a run of bad files (a broken class folder, sorted together) is left at once."""
+        tries = min(len(self.samples), MAX_TRIES)
+        return [(index + k * self.stride) % len(self.samples) for k in range(tries)]
+
+    def _first_readable(self, index: int) -> Tuple[Tensor, int, bool]:
+        """(pixels [C, R, R] in [0, 1], label, whether item `index`'s own file was unreadable)."""
+        for candidate in self.stand_ins(index):
+            if candidate in self._unreadable:
+                continue
+            path, label = self.samples[candidate]
+            try:
+                return load_image(path, self.channels, self.resolution), label, candidate != index
+            except DECODE_ERRORS as err:
+                self._skip(candidate, err)
+        raise DataError(f"cannot decode image '{self.samples[index][0]}' nor any of the {len(self.stand_ins(index)) - 1} "
+                        "images tried in its place: does data.path hold images?")
+
+    def _skip(self, index: int, err: Exception) -> None:
+        """Remember an unreadable file; in strict mode stop with a DataError naming it."""
+        path, reason = self.samples[index][0], decode_reason(err)
+        if self.strict:
+            raise DataError(f"cannot decode image '{path}': {reason} (data.strict=true)") from None
+        self._unreadable.add(index)
+        if len(self._unreadable) <= LOG_FIRST:
+            log.warning("skipped unreadable image '%s': %s", path, reason)
+
+
+def golden_stride(n: int) -> int:
+    """The integer nearest n / golden ratio that is coprime with n (so k * stride mod n visits
+    every index before repeating); 1 for n <= 2."""
+    stride = max(1, round(n * 0.6180339887))
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    return stride
 
 
 class KeptSubset(Dataset):
@@ -219,9 +269,8 @@ def build_folder(cfg: Any, split: str) -> Dataset:
         raise DataError(f"config key 'data.path': no images ({exts}) under '{cfg.path}'")
     idx = fixed_split(len(samples), float(cfg.val_fraction), split)
     chosen = [samples[i] for i in idx.tolist()]
-    return ImageFolderDataset(
-        chosen, classes, int(cfg.channels), int(cfg.resolution), hflip=bool(cfg.hflip)
-    )
+    return ImageFolderDataset(chosen, classes, int(cfg.channels), int(cfg.resolution), hflip=bool(cfg.hflip),
+                              strict=bool(cfg.strict))
 
 
 def build_text(cfg: Any, split: str) -> Dataset:

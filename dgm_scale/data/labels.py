@@ -68,8 +68,8 @@ class HiddenLabels(Dataset):
 
     def __getitem__(self, key) -> Item:
         index, _ = item_key(key)
-        x, label = self.dataset[key]
-        return x, label if self.labelled[index] else torch.tensor(HIDDEN, dtype=torch.int64)
+        x, label, *rest = self.dataset[key]  # rest: the image folder's `replaced` flag
+        return (x, label if self.labelled[index] else torch.tensor(HIDDEN, dtype=torch.int64), *rest)
 
 
 def hide_labels(dataset: Dataset, per_class: int | None, seed: int, name: str) -> Dataset:

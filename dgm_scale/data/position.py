@@ -10,11 +10,17 @@ resumed epoch deals out the rest of the same permutation:
   epoch's end) fall differently.
 `DataPosition` counts consumed batches (on_train_batch_end, after the step used them: the
 loaders' prefetching does not count) and lives in the checkpoint as callback state.
+
+Skipped data. It also counts the unreadable data the consumed batches skipped (an image
+folder's replaced files, a shard stream's faults), by kind, over the whole run: every
+`log_every` iterations the counts of all ranks are summed and logged as `data/skipped_<kind>`;
+checkpoints carry that sum, so a resumed run continues it; `final_skipped` is the total at the
+end (the run summary prints it). A file met again in a later epoch counts again.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Union
 
 import lightning as L
 import torch
@@ -80,6 +86,10 @@ class DataPosition(L.Callback):
         self.log_every = log_every
         self.epoch = 0
         self.consumed = 0  # map-style: samples of `epoch` that all ranks together trained on
+        # Skipped data of this rank since this process started, by kind (rank 0: plus the saved run
+        # total); empty for data that cannot skip. Values may be device tensors (summed without a sync).
+        self.skipped: Dict[str, Union[int, torch.Tensor]] = {}
+        self.final_skipped: Dict[str, int] = {}  # the run's total over all ranks, at the end
         self._restored: Optional[Dict[str, Any]] = None
 
     @staticmethod
@@ -108,6 +118,9 @@ class DataPosition(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if self._restored is None:
             return
+        # Every rank holds the same kinds (so the sums line up); the saved run total lives on rank 0.
+        saved = self._restored.get("skipped", {})
+        self.skipped = {kind: int(count) if trainer.global_rank == 0 else 0 for kind, count in saved.items()}
         stream, sampler = self._stream(trainer), self._sampler(trainer)
         if stream is not None and "stream" in self._restored:
             stream.load_state_dict(self._restored["stream"])
@@ -122,21 +135,37 @@ class DataPosition(L.Callback):
         stream = self._stream(trainer)
         if stream is None:
             self.consumed += len(batch[0]) * trainer.world_size
-            return
-        stream.consumed(batch[2])  # the batch's position info (worker, samples delivered, faults)
-        if pl_module.iteration % self.log_every == 0:  # the same iterations on every rank (a collective)
-            faults = stream.tracker.faults()
-            kinds = sorted(faults)
-            counts = torch.tensor([float(faults[kind]) for kind in kinds], device=pl_module.device)
-            totals = trainer.strategy.reduce(counts, reduce_op="sum") if kinds else counts
-            log_now(trainer, {f"data/skipped_{kind}": float(total) for kind, total in zip(kinds, totals)})
+            # The image folder's items carry a third field: 1 where an unreadable file was replaced.
+            met = {"bad_image": batch[2].sum()} if len(batch) > 2 else {}
+        else:
+            met = stream.consumed(batch[2])  # the batch's position info (worker, samples delivered, faults)
+        for kind, count in met.items():
+            self.skipped[kind] = self.skipped.get(kind, 0) + count
+        if self.skipped and pl_module.iteration % self.log_every == 0:  # the same iterations on every rank
+            log_now(trainer, {f"data/skipped_{kind}": float(total) for kind, total in self.run_totals(trainer).items()})
+
+    def run_totals(self, trainer) -> Dict[str, int]:
+        """Skipped data of the run by kind, summed over ranks (a collective: every rank calls it)."""
+        kinds = sorted(self.skipped)
+        device = trainer.lightning_module.device
+        counts = torch.stack([torch.as_tensor(self.skipped[kind], dtype=torch.float64, device=device) for kind in kinds])
+        totals = trainer.strategy.reduce(counts, reduce_op="sum")
+        return {kind: int(total) for kind, total in zip(kinds, totals.tolist())}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.skipped:
+            self.final_skipped = self.run_totals(trainer)
 
     def state_dict(self) -> Dict[str, Any]:
-        # Called on every rank (Lightning's checkpoint dump); the stream gathers all ranks' positions.
+        # Called on every rank (Lightning's checkpoint dump); the stream gathers all ranks' positions
+        # and the skip counts are summed over ranks (both collectives).
         state: Dict[str, Any] = {"epoch": self.epoch, "consumed": self.consumed}
-        stream = self._stream(self._trainer) if getattr(self, "_trainer", None) is not None else None
+        trainer = getattr(self, "_trainer", None)
+        stream = self._stream(trainer) if trainer is not None else None
         if stream is not None:
             state["stream"] = stream.state_dict()
+        if self.skipped and trainer is not None:
+            state["skipped"] = self.run_totals(trainer)
         return state
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -145,3 +174,9 @@ class DataPosition(L.Callback):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.epoch, self.consumed = int(state_dict["epoch"]), int(state_dict["consumed"])
         self._restored = dict(state_dict)
+
+
+def skipped_summary(totals: Dict[str, int]) -> str:
+    """'none' or e.g. '3 bad images, 1 bad shard' (counts by kind, as `data/skipped_<kind>`)."""
+    parts = [f"{count} {kind.replace('_', ' ')}{'' if count == 1 else 's'}" for kind, count in sorted(totals.items()) if count]
+    return ", ".join(parts) or "none"

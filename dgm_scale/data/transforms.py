@@ -6,6 +6,10 @@ Convention: datasets store / load pixels in [0, 1] and hand the model tensors in
 from __future__ import annotations
 
 import io
+import re
+import struct
+import warnings
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
@@ -69,6 +73,34 @@ except ImportError:  # pragma: no cover - depends on the environment
     pyspng = None
 
 
+# What PIL, numpy and libspng (as ValueError) raise on damaged or hostile files: each means
+# "this image cannot be used". PIL raises SyntaxError / struct.error / IndexError / EOFError for
+# some broken headers and EXIF blocks, zlib.error for broken compressed data, and
+# DecompressionBombError (not an OSError) over its pixel limit.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error,
+                 Image.DecompressionBombError)
+# An image wider than this many times its height (or the reverse) is first cut to that ratio
+# around its centre: the crop keeps only the centre square, and resizing the whole strip first
+# would take memory in proportion to its length (a 1 x 80,000,000 strip -> 64 x 5e9 pixels).
+MAX_ASPECT = 8
+
+
+def decode_reason(error: BaseException) -> str:
+    """Why a decode failed, in one line (PIL names the in-memory file it read: left out)."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", first)
+
+
+def check_pixels(width: int, height: int) -> None:
+    """DecompressionBombError when an image has more pixels than PIL.Image.MAX_IMAGE_PIXELS
+    (None: no limit). PIL itself only warns up to twice the limit and then decodes it; here every
+    image over the limit is refused before its pixels are allocated, by PIL and libspng alike."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise Image.DecompressionBombError(
+            f"{width} x {height} pixels exceed PIL.Image.MAX_IMAGE_PIXELS ({limit}): a decompression bomb?")
+
+
 def _direct_png(data: bytes, channels: int) -> Optional[np.ndarray]:
     """The PNG's pixels as uint8 [H, W] / [H, W, 3] via libspng when that equals PIL's result."""
     if pyspng is None or not data.startswith(PNG_SIGNATURE) or len(data) < 26:
@@ -76,6 +108,7 @@ def _direct_png(data: bytes, channels: int) -> Optional[np.ndarray]:
     bit_depth, colour_type = data[24], data[25]  # from the IHDR chunk, always first
     if bit_depth != 8 or (colour_type, channels) not in _DIRECT_PNG or any(c in data for c in _PIL_ONLY_CHUNKS):
         return None
+    check_pixels(*struct.unpack(">II", data[16:24]))  # libspng has no pixel limit of its own
     try:
         return pyspng.load(data)
     except RuntimeError as err:  # damaged data: the same error kind PIL raises (callers catch ValueError)
@@ -91,15 +124,18 @@ def decode_square(source: Union[PathLike, bytes], channels: int, resolution: int
     (tested), skipping PIL's per-image overhead; all else (and `fast=False`) goes through PIL.
     """
     data = source if isinstance(source, bytes) else None
+    array = None
     if fast and pyspng is not None:
         data = data if data is not None else Path(source).read_bytes()
         array = _direct_png(data, channels)
-        if array is not None:
-            if array.shape[:2] == (resolution, resolution):
-                return array
-            return np.asarray(fit_square(Image.fromarray(array), resolution))
-    img = open_image(io.BytesIO(data) if data is not None else source, channels)
-    return np.asarray(fit_square(img, resolution))
+    if array is None:
+        array = np.asarray(fit_square(open_image(io.BytesIO(data) if data is not None else source, channels), resolution))
+    elif array.shape[:2] != (resolution, resolution):
+        array = np.asarray(fit_square(Image.fromarray(array), resolution))
+    expected = (resolution, resolution) if channels == 1 else (resolution, resolution, 3)
+    if array.shape != expected or array.dtype != np.uint8:  # never a batch of the wrong shape
+        raise ValueError(f"decoded to {array.dtype} {array.shape}, expected uint8 {expected}")
+    return array
 
 
 def load_image(path: PathLike, channels: int, resolution: int) -> Tensor:
@@ -115,9 +151,13 @@ def load_image(path: PathLike, channels: int, resolution: int) -> Tensor:
 
 
 def open_image(source: Union[PathLike, BinaryIO], channels: int) -> Image.Image:
-    """Decode an image file (path or binary file object) to PIL mode L (1 channel) or RGB."""
-    mode = "L" if channels == 1 else "RGB"
-    with Image.open(source) as img:
+    """Decode an image file (path or binary file object) to PIL mode L (1 channel) or RGB
+    (see `to_channels`); DecompressionBombError above PIL's pixel limit (`check_pixels`)."""
+    with warnings.catch_warnings():  # PIL's bomb warning: refused below instead of decoded
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(source)
+    with img:
+        check_pixels(*img.size)
         img.load()  # decode before the file closes
         # Phone photos store their rotation in EXIF; apply it so "up" is up. In place and no
         # same-mode convert: each copy costs about as much as decoding a 32x32 PNG. Only when the
@@ -125,11 +165,32 @@ def open_image(source: Union[PathLike, BinaryIO], channels: int) -> Image.Image:
         # EXIF of every other image cost ~27 us each, a fifth of a 32x32 PNG's whole decode.
         if "exif" in img.info or "Raw profile type exif" in img.info:
             ImageOps.exif_transpose(img, in_place=True)
-        return img if img.mode == mode else img.convert(mode)
+        return to_channels(img, channels)
+
+
+def to_channels(img: Image.Image, channels: int) -> Image.Image:
+    """Any PIL image -> mode L (channels=1) or RGB (3), the 8-bit levels kept where they exist:
+    16-bit grey scaled to 8 bits (v * 255 / 65535, rounded; PIL's own convert would clip every
+    value above 255 to white), transparency composited over black (premultiplied: the colour
+    stored under a transparent pixel is arbitrary), palette / CMYK / bilevel by PIL's convert,
+    colour to grey by ITU-R 601 luma, grey to colour by repeating it."""
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode.startswith("I;16") or img.mode == "I":
+        levels = np.asarray(img).astype(np.int64).clip(0, 65535)
+        img = Image.fromarray(((levels * 255 + 32767) // 65535).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)
+        img = Image.fromarray(((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8))
+    return img if img.mode == mode else img.convert(mode)
 
 
 def fit_square(img: Image.Image, resolution: int) -> Image.Image:
     """Resize the shorter side to `resolution` (bicubic), then crop the centre square."""
+    width, height = img.size
+    if min(width, height) < 1:
+        raise ValueError(f"empty image ({width} x {height})")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        img = _center_crop_box(img, min(width, MAX_ASPECT * height), min(height, MAX_ASPECT * width))
     return _center_crop(_resize_shorter_side(img, resolution), resolution)
 
 
@@ -146,12 +207,16 @@ def _resize_shorter_side(img: Image.Image, resolution: int) -> Image.Image:
 
 def _center_crop(img: Image.Image, resolution: int) -> Image.Image:
     """Crop the central resolution x resolution square (img is at least that big)."""
-    width, height = img.size
-    if width == height == resolution:
+    return _center_crop_box(img, resolution, resolution)
+
+
+def _center_crop_box(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Crop the central width x height box (img is at least that big)."""
+    if img.size == (width, height):
         return img  # crop() would copy
-    left = (width - resolution) // 2
-    top = (height - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
+    left = (img.width - width) // 2
+    top = (img.height - height) // 2
+    return img.crop((left, top, left + width, top + height))
 
 
 _MASK64 = (1 << 64) - 1

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from dgm_scale.data.datasets import TOY_DATASETS, DataError
-from dgm_scale.data.transforms import decode_square, fit_square, to_model_range
+from dgm_scale.data.transforms import DECODE_ERRORS, decode_reason, decode_square, fit_square, to_model_range
 
 BUILTIN = "builtin:"
 
@@ -122,8 +122,8 @@ def _share(src: str, sample_shape: tuple[int, ...], num: int, seed: int, rank: i
             continue
         try:
             yield raw_to_image(raw, channels, resolution), raw
-        except (OSError, ValueError) as error:
-            raise DataError(f"real data: cannot decode '{raw.origin}': {error}") from None
+        except DECODE_ERRORS as error:
+            raise DataError(f"real data: cannot decode '{raw.origin}': {decode_reason(error)}") from None
 
 
 def real_batches(src: str, sample_shape: tuple[int, ...], num: int, seed: int = 0, rank: int = 0,

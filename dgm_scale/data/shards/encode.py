@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..datasets import DataError
-from ..transforms import fit_square, open_image
+from ..transforms import DECODE_ERRORS, decode_reason, fit_square, open_image
 from .layout import ENCODINGS
 
 Shape = Tuple[int, int, int]  # (H, W, C)
@@ -69,10 +69,9 @@ def encode_sample(sample: RawSample, opts: EncodeOptions) -> Encoded:
             if kept is not None:
                 return Encoded(kept[0], sample.data.data, sample.label, kept[1])
         pixels = _transform(_decode(sample.data, opts.channels), opts)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except DECODE_ERRORS as err:
         # ValueError includes DataError (a bad array inside a payload): name the sample too.
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"cannot decode '{sample.origin}': {reason}") from None
+        raise DataError(f"cannot decode '{sample.origin}': {decode_reason(err)}") from None
     ext = opts.encoding or _default_ext(sample.data)
     return Encoded(ext, encode_pixels(pixels, ext, opts.quality), sample.label, pixels.shape)
 

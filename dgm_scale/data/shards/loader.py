@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ..datasets import DataError
 from .samples import FAULT_KINDS
 from .stream import ResumePoint, ShardStream, WorkerPosition
 
@@ -49,13 +50,16 @@ class StreamTracker:
         if epoch != self.epoch:
             self.epoch, self.next_worker, self.workers = epoch, 0, {}
 
-    def update(self, info: Dict[str, Any]) -> None:
-        """Record a batch's `info` as consumed (batches arrive in order per worker)."""
+    def update(self, info: Dict[str, Any]) -> Dict[str, int]:
+        """Record a batch's `info` as consumed (batches arrive in order per worker); returns the
+        faults met since that worker's previous batch, by kind."""
         worker = int(info["worker"])
         self.begin_epoch(int(info["epoch"]))
-        self.workers[worker] = WorkerPosition(int(info["batches"]), int(info["samples"]),
-                                              {k: int(v) for k, v in info["faults"].items()})
+        before = self.workers.get(worker, WorkerPosition()).faults
+        faults = {k: int(v) for k, v in info["faults"].items()}
+        self.workers[worker] = WorkerPosition(int(info["batches"]), int(info["samples"]), faults)
         self.next_worker = (worker + 1) % max(1, self.num_workers)
+        return {k: v - int(before.get(k, 0)) for k, v in faults.items()}
 
     def faults(self) -> Dict[str, int]:
         """Skipped data of this rank in the current epoch, summed over workers, by kind."""
@@ -121,7 +125,16 @@ class StreamLoader:
         self._next_epoch = epoch + 1
         self.stream.set_epoch(epoch)
         self.tracker.begin_epoch(epoch)
-        yield from self.loader
+        resumed = self.stream.resuming(epoch)  # its batches may all have been delivered already
+        batches = 0
+        for batch in self.loader:
+            batches += 1
+            yield batch
+        if batches == 0 and self.stream.drop_last and not resumed:
+            # Training would loop over empty epochs forever (and another rank would wait on this one).
+            raise DataError(f"shards '{self.stream.sources[0].shards[0].url}'...: epoch {epoch} gave rank "
+                            f"{self.stream.rank} no full batch of {self.stream.batch_size} readable samples "
+                            "(see the skipped-data warnings)")
 
     def __len__(self) -> int:
         batches = self.stream.batches_per_epoch(self._len_epoch, self.loader.num_workers)
@@ -129,9 +142,10 @@ class StreamLoader:
             raise TypeError("batch count unknown before reading (no manifest counts)")
         return batches
 
-    def consumed(self, info: Dict[str, Any]) -> None:
-        """Mark the batch that carried `info` as trained on."""
-        self.tracker.update(info)
+    def consumed(self, info: Dict[str, Any]) -> Dict[str, int]:
+        """Mark the batch that carried `info` as trained on; returns the faults (by kind) met
+        while making it."""
+        return self.tracker.update(info)
 
     def state_dict(self) -> Dict[str, Any]:
         states = self.gather(self.tracker.state())

@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import struct
-import zlib
 from functools import lru_cache
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -23,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..datasets import DataError
-from ..transforms import decode_square, fit_square, to_model_range
+from ..transforms import DECODE_ERRORS, decode_reason, decode_square, fit_square, to_channels, to_model_range
 from .urls import Shard, open_shard
 from .tario import TarError, TarReader
 
@@ -32,9 +30,6 @@ LABEL_EXTS = ("cls", "json")
 WANTED_EXTS = frozenset(IMAGE_EXTS + LABEL_EXTS)
 JSON_LABEL_FIELDS = ("label", "cls", "class")
 FAULT_KINDS = ("bad_shard", "bad_image", "missing_image", "bad_label")
-# What PIL / numpy raise on damaged payloads (PIL raises SyntaxError for some broken headers).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
-                 zlib.error, Image.DecompressionBombError)
 LOG_FIRST = 10  # faults of one kind logged per worker and epoch; the rest are only counted
 
 log = logging.getLogger("dgm_scale.data.shards")
@@ -178,16 +173,17 @@ def load_npy(data: bytes) -> np.ndarray:
 
 
 def _decode_npy(data: bytes, channels: int, resolution: int) -> np.ndarray:
-    """uint8 array [H, W] or [H, W, C] (C in 1, 3, 4) -> uint8 [R, R(, 3)] like an image file."""
+    """uint8 array [H, W] or [H, W, C] (C in 1-4: grey, grey + alpha, RGB, RGBA) -> uint8
+    [R, R(, 3)] like an image file (the same channel conversion: `transforms.to_channels`)."""
     array = load_npy(data)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3):
-        raise ValueError(f"npy must be uint8 [H, W(, C)], got {array.dtype} {array.shape}")
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and not 1 <= array.shape[2] <= 4):
+        raise ValueError(f"npy must be uint8 [H, W(, C)] with C in 1-4, got {array.dtype} {array.shape}")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     wanted = (resolution, resolution) if channels == 1 else (resolution, resolution, 3)
     if array.shape == wanted:  # already what the PIL path would return (all steps no-ops)
         return array
-    img = Image.fromarray(array).convert("L" if channels == 1 else "RGB")
+    img = to_channels(Image.fromarray(array), channels)
     return np.asarray(fit_square(img, resolution))
 
 
@@ -204,8 +200,7 @@ def decode_image(members: Members, channels: int, resolution: int) -> np.ndarray
             return _decode_npy(data, channels, resolution)
         return decode_square(data, channels, resolution)
     except DECODE_ERRORS as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SampleFault("bad_image", f"cannot decode .{ext}: {reason}") from None
+        raise SampleFault("bad_image", f"cannot decode .{ext}: {decode_reason(err)}") from None
 
 
 def decode_label(members: Members) -> int:
@@ -248,15 +243,16 @@ def make_batch(images: Sequence[np.ndarray], labels: Sequence[int],
 
 
 def decode_into(item: Item, channels: int, resolution: int, faults: FaultCounter,
-                images: List[np.ndarray], labels: List[int], keys: List[str]) -> None:
-    """Decode one loaded item and append it to the batch lists, or count its fault."""
+                images: List[np.ndarray], labels: List[int], keys: List[str]) -> bool:
+    """Decode one loaded item and append it to the batch lists (True), or count its fault (False)."""
     key, members, shard = item
     try:
         image = decode_image(members, channels, resolution)
         label = decode_label(members)
     except SampleFault as fault:
         faults.add(fault.kind, shard, key, str(fault))
-        return
+        return False
     images.append(image)
     labels.append(label)
     keys.append(key)
+    return True

@@ -16,8 +16,10 @@ none (they yield nothing). A source with fewer shards than ranks is a DataError 
 construction (a rank without data would hang DDP). Per-rank batch counts still differ when the
 shards do; with a manifest (`num_samples` per shard), world size > 1 and `even_ranks=True`, every
 rank is capped to the smallest rank's batch count of that epoch (the tail batches of its longest
-workers are dropped), so DDP does not wait at the epoch end - unless damaged samples shrink a
-rank below the cap. Without counts, or for certainty, use the resampled mode.
+workers are dropped), so DDP does not wait at the epoch end. A worker that damaged samples leave
+short of its cap wraps around: it reads its share of the epoch again, in the same order (its
+faults not counted twice), until the cap is met, as DistributedSampler pads with repeats.
+Without counts, or for certainty, use the resampled mode.
 
 Resampled. Each (rank, worker) draws shards with replacement from a generator seeded by
 (seed, epoch, rank, worker, source); the rank yields exactly `steps_per_epoch` batches per
@@ -25,7 +27,9 @@ epoch, worker w yielding steps // W (+1 for w < steps % W). The order is determi
 (seed, epoch, rank) and the worker count.
 
 Shuffle buffer: per worker, seeded by (seed, epoch, rank, worker); it holds raw bytes and
-decoding happens after it, so the delivered order does not depend on which images fail.
+decoding happens after it, so the delivered order does not depend on which images fail. In the
+resampled mode, which never runs out, BARREN_LIMIT undecodable samples in a row are a DataError
+(data with no readable image would otherwise be drawn forever).
 
 Position and resume (see `loader.StreamLoader`). Each batch carries `info` = {"epoch",
 "worker" (logical id), "batches" and "samples" this worker has delivered this epoch including
@@ -44,6 +48,7 @@ beginning (its samples are seen again); a shard rewritten in between changes eve
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import random
 from dataclasses import dataclass, field
@@ -55,6 +60,10 @@ from ..datasets import DataError
 from .mixing import Shuffler, mix, trim_to
 from .samples import FaultCounter, Item, count_samples, decode_into, make_batch, shard_items
 from .urls import Shard, expand_urls
+
+
+# Resampled mode: undecodable samples in a row after which the data counts as unreadable.
+BARREN_LIMIT = 10_000
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,10 @@ class ShardStream(IterableDataset):
     def resume_from(self, point: Optional[ResumePoint]) -> None:
         """Continue `point.epoch` after what was delivered (before the workers start)."""
         self._resume = point
+
+    def resuming(self, epoch: int) -> bool:
+        """Whether `epoch` continues a saved position (rather than starting afresh)."""
+        return self._resume is not None and self._resume.epoch == epoch
 
     # ------------------------------------------------------------------ sizes
     def shard_sequences(self, epoch: int, worker: int, num_workers: int) -> List[Iterable[Shard]]:
@@ -328,26 +341,40 @@ class WorkerEpoch:
         if cap is not None and start.batches >= cap:
             return
         plan = self._simulate(start.samples) if start.samples else None
-        seqs = s.shard_sequences(self.epoch, self.worker, self.num_workers)
-        _, items = self._pipeline([self._source_items(k, q, plan) for k, q in enumerate(seqs)])
         images, labels, keys = [], [], []
-        done, consumed = start.batches, 0
-        self.faults.muted = start.samples > 0
-        for item in items:
-            consumed += 1
-            if consumed <= start.samples:  # delivered before the interruption: not decoded
-                self.faults.muted = consumed < start.samples
-                continue
-            if item[1] is not None:
-                decode_into(item, s.channels, s.resolution, self.faults, images, labels, keys)
-            if len(images) == s.batch_size:
-                done += 1
-                yield self._emit(images, labels, keys, done, consumed)
-                images, labels, keys = [], [], []
-                if cap is not None and done >= cap:
-                    return
+        done, consumed, barren = start.batches, 0, 0
+        for wrap in itertools.count():  # pass 0: the epoch; later passes fill a cap that damage left unmet
+            useful = False  # the pass gave an image or replayed delivered items (else wrapping cannot help)
+            self.faults.muted = wrap > 0 or consumed < start.samples
+            for item in self._items(plan if wrap == 0 else None):
+                consumed += 1
+                if consumed <= start.samples:  # delivered before the interruption: not decoded
+                    self.faults.muted = wrap > 0 or consumed < start.samples
+                    useful = True
+                    continue
+                # members None: a sample lost to a damaged shard (counted where it happened)
+                decoded = item[1] is not None and decode_into(item, s.channels, s.resolution, self.faults,
+                                                             images, labels, keys)
+                useful |= decoded
+                barren = 0 if decoded else barren + 1
+                if s.resampled and barren >= BARREN_LIMIT:
+                    raise DataError(f"shard '{item[2]}': the last {barren} samples drawn held no decodable image")
+                if len(images) == s.batch_size:
+                    done += 1
+                    yield self._emit(images, labels, keys, done, consumed)
+                    images, labels, keys = [], [], []
+                    if cap is not None and done >= cap:
+                        return
+            partial = 1 if images and not s.drop_last else 0  # a last partial batch counts towards the cap
+            if cap is None or done + partial >= cap or not useful:
+                break
         if images and not s.drop_last:
             yield self._emit(images, labels, keys, done + 1, consumed)
+
+    def _items(self, plan: Optional[SkipPlan]) -> Iterator[Item]:
+        """This worker's items of the epoch, mixed and shuffled (`plan`: what a resume skips)."""
+        seqs = self.s.shard_sequences(self.epoch, self.worker, self.num_workers)
+        return self._pipeline([self._source_items(k, q, plan) for k, q in enumerate(seqs)])[1]
 
     def _emit(self, images: list, labels: list, keys: list, done: int, consumed: int) -> Tuple:
         flip_seed = self._rng(f"flip{done}").getrandbits(63) if self.s.hflip else None

@@ -29,6 +29,8 @@ NAME, SIZE, CHKSUM, TYPE, MAGIC, PREFIX = (
     slice(0, 100), slice(124, 136), slice(148, 156), 156, slice(257, 263), slice(345, 500)
 )
 USTAR_MAGIC = b"ustar\x00"  # POSIX; GNU writes b"ustar " (with the version "  \0")
+READ_CHUNK = 1 << 26  # larger payloads are read in pieces of this size
+MAX_SIZE = 1 << 48  # a member size above this (256 TiB) is a damaged header, not data
 
 
 class TarError(Exception):
@@ -59,7 +61,10 @@ def _checksum_ok(block: bytes) -> bool:
     bytes in Python costs ~5 us per header, a third of a small sample's read time. A
     mismatch is re-checked exactly (unsigned and signed sums, as tarfile accepts both).
     """
-    stored = _octal(block[CHKSUM])
+    try:
+        stored = _octal(block[CHKSUM])
+    except ValueError:  # not octal digits: not a tar header at all (e.g. a gzip file named .tar)
+        return False
     field_sum = sum(block[CHKSUM])
     low = (zlib.adler32(block) & 0xFFFF) - 1
     if (low - field_sum + 8 * 32 - stored) % ADLER_MOD == 0:
@@ -110,6 +115,8 @@ class TarReader:
 
     # ------------------------------------------------------------------ low level
     def _read(self, n: int, what: str) -> bytes:
+        if n > READ_CHUNK:  # in pieces: a forged size must not allocate more than the stream holds
+            return b"".join(self._read(min(READ_CHUNK, n - done), what) for done in range(0, n, READ_CHUNK))
         data = self.stream.read(n)
         if len(data) != n:
             raise TarTruncated(f"'{self.name}': stream ends inside {what} at byte {self.offset}")
@@ -165,17 +172,20 @@ class TarReader:
 
     def _pax_size(self, pax: Dict[str, str], start: int) -> int:
         try:
-            return int(pax["size"])
+            size = int(pax["size"])
         except ValueError:
-            raise TarCorrupt(f"'{self.name}': bad PAX size at byte {start}") from None
+            size = -1
+        if not 0 <= size <= MAX_SIZE:
+            raise TarCorrupt(f"'{self.name}': bad PAX size at byte {start}")
+        return size
 
     def _header_size(self, block: bytes, start: int) -> int:
         try:
             size = _octal(block[SIZE])
         except ValueError:
             raise TarCorrupt(f"'{self.name}': bad size field at byte {start}") from None
-        if size < 0:
-            raise TarCorrupt(f"'{self.name}': negative size at byte {start}")
+        if not 0 <= size <= MAX_SIZE:
+            raise TarCorrupt(f"'{self.name}': implausible size {size} at byte {start}")
         return size
 
     @staticmethod
