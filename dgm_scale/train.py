@@ -118,7 +118,8 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
         callbacks.append(PeriodicEvaluation(settings, run_dir, cfg.eval.every,
                                             cfg.trainer.max_steps if cfg.eval.at_end else None, cfg.eval.best_metric,
                                             extractor=extractor))
-    callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every, cfg.run.keep_checkpoints))
+    callbacks.append(PeriodicCheckpoint(run_dir / "checkpoints", cfg.run.checkpoint_every, cfg.run.keep_checkpoints,
+                                        cfg.trainer.max_steps))
     if cfg.tracking.report:  # after the sample grids and PeriodicEvaluation: shows this iteration's grid and scores
         callbacks.append(RunReport(run_dir, cfg.eval.every, cfg.trainer.max_steps))
     if cfg.trainer.progress_bar:

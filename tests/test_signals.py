@@ -32,8 +32,9 @@ def stop_with(signum: int, run_dir, args: list[str]) -> str:
 
 
 def test_sigterm_and_sigusr1_checkpoint_stop_and_resume_exactly(tmp_path):
-    """Stopped by SIGTERM, resumed from its hpc_ckpt and stopped by SIGUSR1, resumed from that
-    hpc_ckpt to the end: the same final weights and logged rows as an uninterrupted run, bit for bit."""
+    """Stopped by SIGTERM, resumed with resume=auto and stopped by SIGUSR1, resumed from that
+    hpc_ckpt to the end: the same final weights and logged rows as an uninterrupted run, bit for
+    bit (both stops fall inside an epoch, whose rest must not be skipped)."""
     args = ["configs/nsgan.yaml", *TINY, f"trainer.max_steps={STEPS}", "run.checkpoint_every=5",
             "run.keep_checkpoints=1"]
     run_dir, reference = tmp_path / "run", tmp_path / "reference"
@@ -42,9 +43,9 @@ def test_sigterm_and_sigusr1_checkpoint_stop_and_resume_exactly(tmp_path):
         out = stop_with(signum, run_dir, args + resume)
         assert "stopped at iteration" in out and f"resume=auto run.dir={run_dir}" in out
         assert [p.name for p in requeue_checkpoints(run_dir)] == [f"hpc_ckpt_{number}.ckpt"]  # older one pruned
-        # Not resume=auto: it takes the newer last.ckpt the stopped run wrote as it ended, whose
-        # loop state counts the interrupted epoch as finished (the rest is skipped; see README).
-        resume = [f"run.resume={run_dir / f'hpc_ckpt_{number}.ckpt'}"]
+        # First as the message says (resume=auto: the last.ckpt written as the run stopped, as a
+        # requeued SLURM job does), then from the signal's own checkpoint
+        resume = ["run.resume=auto"] if number == 1 else [f"run.resume={run_dir / 'hpc_ckpt_2.ckpt'}"]
     last_part = train_process(run_dir, args + resume)
     train_here(args, reference)  # meanwhile
     out, _ = last_part.communicate(timeout=180)

@@ -71,24 +71,35 @@ class PeriodicCheckpoint(L.Callback):
 
     Written to a temporary name then renamed, so a crash mid-write never destroys the previous
     good checkpoint (the stock ModelCheckpoint writes in place). Only the newest `keep`
-    iter_*.ckpt files stay (0: all).
+    iter_*.ckpt files stay (0: all). A run that stops inside an epoch (its last iteration,
+    `max_iterations`, or a signal: StopOnSignal runs first and sets `should_stop`) writes its
+    last.ckpt at that batch's end: by `on_train_end` Lightning's loop counts the epoch as
+    finished, and a run resumed from there would skip the rest of it.
     """
 
-    def __init__(self, dirpath: str | Path, every: int, keep: int = 0):
-        self.dirpath, self.every, self.keep = Path(dirpath), every, keep
+    def __init__(self, dirpath: str | Path, every: int, keep: int = 0, max_iterations: Optional[int] = None):
+        self.dirpath, self.every, self.keep, self.max_iterations = Path(dirpath), every, keep, max_iterations
+        self._last_saved_at: Optional[int] = None  # the iteration of the newest last.ckpt
 
     def _save(self, trainer, name: str) -> None:
         save_checkpoint_atomic(trainer, self.dirpath / name)
 
+    def _stopping(self, trainer, iteration: int) -> bool:
+        return trainer.should_stop or (self.max_iterations is not None and iteration >= self.max_iterations)
+
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if pl_module.iteration % self.every == 0:
-            self._save(trainer, f"iter_{pl_module.iteration:07d}.ckpt")
+        iteration = pl_module.iteration
+        periodic = iteration % self.every == 0
+        if periodic:
+            self._save(trainer, f"iter_{iteration:07d}.ckpt")
+        if periodic or self._stopping(trainer, iteration):
             self._save(trainer, "last.ckpt")
-            if trainer.is_global_zero:  # after both new files are in place
-                prune_iteration_checkpoints(self.dirpath, self.keep)
+            self._last_saved_at = iteration
+        if periodic and trainer.is_global_zero:  # after both new files are in place
+            prune_iteration_checkpoints(self.dirpath, self.keep)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if pl_module.iteration % self.every != 0:  # else on_train_batch_end just wrote it
+        if self._last_saved_at != pl_module.iteration:  # the loop ended some other way
             self._save(trainer, "last.ckpt")
 
 
