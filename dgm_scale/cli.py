@@ -141,7 +141,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = sweeps.read_sweep(args.file)
     if args.point is not None:  # one array task: train this point (resume=auto: a requeue continues it)
         cmd_train(argparse.Namespace(config_and_overrides=sweeps.point_args(sweep, args.point, args.root,
-                                                                            args.overrides), imports=[]))
+                                                                            args.overrides), imports=[], strict=False))
         return 0
     sweeps.check_points(sweep, args.overrides)
     for index, point in enumerate(sweep.points):
