@@ -12,12 +12,17 @@ estimate eps = (x - alpha D) / sigma, the steps are:
   path it is x' = x + (t' - t) v.
 - `ddpm`: eta = 1, DDPM's ancestral step (its posterior q(x_{t-1} | x_t, x0 = D)).
 - `heun` (Karras et al. 2022, Algorithm 2): Euler, then the trapezoid correction with the
-  derivative at the new level, in the sigma / alpha frame (no correction into the clean data,
-  and a first step from pure noise, alpha = 0, is Euler's); optional churn
-  (S_churn, S_tmin, S_tmax, S_noise) raises the level by gamma first.
+  derivative at the new level, in the sigma / alpha frame; optional churn (S_churn, S_tmin,
+  S_tmax, S_noise) raises the level by gamma first. No correction into the clean data, nor from
+  a ratio sigma / alpha above HEUN_RATIO_MAX: EDM's grid starts at 80, but the cosine
+  schedules' first levels reach 10^4 and beyond (pure noise, alpha = 0, for flow), and the
+  trapezoid over such a long step overshoots (sample std of Gaussian data 7x too large at 10
+  steps), where Euler's step from there is nearly exact.
 - `dpmpp_2m` (Lu et al. 2022, DPM-Solver++(2M)): the multistep second-order solver in
   lambda = log(alpha / sigma): x' = (sigma' / sigma) x + alpha' (1 - e^-h) D~, D~ extrapolated
-  from this and the previous step's D.
+  from this and the previous step's D. The steps into the smallest level and into the clean
+  data are first order (diffusers' `lower_order_final`): on a uniform time grid the step into
+  the smallest level is long, and extrapolating D over it overshoots.
 
 `step_noise(k)` gives the fresh noise of step k (keyed to the seed and sample index by the caller).
 """
@@ -29,6 +34,9 @@ from typing import Any, Callable, List
 
 import torch
 from torch import Tensor
+
+#: heun: steps from a larger sigma / alpha are Euler's (see above)
+HEUN_RATIO_MAX = 100.0
 
 Denoiser = Callable[[Tensor, float], Tensor]  # (x [N, ...], t) -> D(x, t) [N, ...]
 #: `settings`: the `sampler` section (SamplerConfig): steps, eta, churn, churn_min, churn_max, churn_noise
@@ -109,7 +117,7 @@ def heun(denoise: Denoiser, process, x: Tensor, settings: Settings, step_noise: 
         denoised = denoise(x, current.t)
         eps = eps_of(x, denoised, current)
         euler_step = following.alpha * denoised + following.sigma * eps
-        if following.sigma == 0 or current.alpha == 0:
+        if following.sigma == 0 or current.ratio > HEUN_RATIO_MAX:
             x = euler_step
             continue
         mean_eps = 0.5 * (eps + eps_of(euler_step, denoise(euler_step, following.t), following))
@@ -121,12 +129,13 @@ def heun(denoise: Denoiser, process, x: Tensor, settings: Settings, step_noise: 
 def dpmpp_2m(denoise: Denoiser, process, x: Tensor, settings: Settings, step_noise: Callable[[int], Tensor]) -> Tensor:
     grid = levels(process, settings.steps)
     previous, last_h = None, math.inf
-    for current, following in zip(grid[:-1], grid[1:]):
+    for k, (current, following) in enumerate(zip(grid[:-1], grid[1:])):
         denoised = denoise(x, current.t)
         decay = ratio_of_ratios(current, following)  # e^-h
         h = -math.log(decay) if decay > 0 else math.inf
         combined = denoised
-        if previous is not None and following.sigma > 0 and math.isfinite(last_h) and math.isfinite(h):
+        final = k >= len(grid) - 3  # into the smallest level or the clean data
+        if previous is not None and not final and math.isfinite(last_h) and math.isfinite(h):
             half_inverse = h / (2 * last_h)  # 1 / (2 r), r = h_last / h
             combined = (1 + half_inverse) * denoised - half_inverse * previous
         scale = following.sigma / current.sigma
