@@ -1,0 +1,121 @@
+"""The diffusion family end to end: tiny trainings of each objective through the Python API and
+the CLI, the sampling contract (sample i depends only on (seed, i)), guidance, the EMA, your own
+denoiser by class path, exact resume and one-line errors for bad settings."""
+import pytest
+import torch
+
+from dgm_scale.cli import main
+from dgm_scale.config import ConfigError, load_config
+from dgm_scale.modules import build_module, load_module
+from dgm_scale.train import train
+from helpers import ROOT, TINY_RUN, assert_same_weights, metrics_rows, one_line, stop_and_resume
+
+TINY_DIFFUSION = [*TINY_RUN, "model.kind=diffusion", "model.denoiser.width=8", "model.denoiser.channel_mult=[1,2]",
+                  "model.denoiser.blocks=1", "sampler.steps=3"]
+CONDITIONAL = ["model.num_classes=10", "model.label_dropout=0.2"]
+DENOISER = ROOT / "examples" / "custom_nets" / "denoiser.py"
+
+
+@pytest.mark.parametrize("objective", [["loss.objective=eps"], ["loss.objective=v", "loss.timesteps=0"],
+                                       ["loss.objective=edm"], ["loss.objective=flow", "loss.time_sampling=logit_normal"]])
+def test_each_objective_trains_and_its_checkpoint_samples(objective, tmp_path):
+    result = train(load_config(overrides=[*TINY_DIFFUSION, *objective, *CONDITIONAL, f"run.dir={tmp_path / 'run'}"]))
+    rows = metrics_rows(tmp_path / "run")
+    assert [float(row["train/iteration"]) for row in rows] == [1.0, 2.0, 3.0]
+    assert all(0 < float(row["train/loss"]) < 10 for row in rows)
+    assert (tmp_path / "run" / "samples" / "final.png").is_file()
+    module = load_module(result.checkpoint)
+    for sampler in ("ddpm", "ddim", "euler", "heun", "dpmpp_2m"):
+        images = module.sample_batch(4, seed=1, sampler=sampler, steps=3, guidance=2.0)
+        assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all() and images.abs().max() <= 1
+
+
+def test_sample_i_depends_only_on_the_seed_and_i():
+    """Stochastic samplers with guidance: any split of a sequence into batches gives the same samples."""
+    module = build_module(load_config(overrides=[*TINY_DIFFUSION, *CONDITIONAL, "model.denoiser.dropout=0.5"]))
+    for options in ({"sampler": "ddpm", "steps": 4, "guidance": 2.5}, {"sampler": "heun", "steps": 4, "churn": 5.0}):
+        whole = module.sample_batch(7, seed=3, **options)
+        parts = torch.cat([module.sample_batch(3, seed=3, start=0, **options),
+                           module.sample_batch(4, seed=3, start=3, **options)])
+        torch.testing.assert_close(parts, whole, rtol=0, atol=1e-5)
+        assert not torch.allclose(module.sample_batch(3, seed=4, **options), whole[:3])
+    assert module.denoiser.training  # sampling put the network back in training mode
+
+
+def test_guidance_weights_mix_the_conditional_and_unconditional_denoisers():
+    """w = 0: the unconditional model; w = 1: the conditional one; D_w = D_0 + w (D_1 - D_0)."""
+    module = build_module(load_config(overrides=[*TINY_DIFFUSION, *CONDITIONAL]))
+    with torch.no_grad():
+        for param in module.denoiser_ema.parameters():  # non-trivial weights: zero-initialised layers too
+            param.add_(0.1 * torch.randn_like(param))
+    labels = torch.arange(5) % 10
+    net = module.sampling_network()
+    x, t = torch.randn(5, 1, 8, 8), 300.0
+    with torch.no_grad():
+        conditional, unconditional, guided = (module.guided(net, labels, w)(x, t) for w in (1.0, 0.0, 3.0))
+    assert not torch.allclose(conditional, unconditional)
+    torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional), rtol=1e-5, atol=1e-5)
+
+
+def test_the_ema_denoiser_samples_and_the_raw_one_is_a_variant(tmp_path):
+    result = train(load_config(overrides=[*TINY_DIFFUSION, "loss.objective=flow", "model.ema_decay=0.9", f"run.dir={tmp_path / 'run'}"]))
+    module = load_module(result.checkpoint)
+    assert set(module.sampler_variants()) == {"", "raw"}
+    ema, raw = dict(module.denoiser_ema.named_parameters()), dict(module.denoiser.named_parameters())
+    assert any(not torch.equal(ema[name], raw[name]) for name in raw)
+    assert not torch.equal(module.sample_batch(2, variant="raw"), module.sample_batch(2))
+    assert [row["train/ema_decay"] for row in metrics_rows(tmp_path / "run")][-1] != ""
+
+
+def test_a_resumed_run_equals_the_straight_one(tmp_path):
+    common = [*TINY_DIFFUSION, *CONDITIONAL, "run.checkpoint_every=1"]
+    full, part = stop_and_resume(lambda overrides: train(load_config(overrides=overrides)), tmp_path, common)
+    assert_same_weights(full / "checkpoints" / "last.ckpt", part / "checkpoints" / "last.ckpt")
+    assert metrics_rows(full) == metrics_rows(part)
+
+
+def test_your_own_denoiser_by_class_path_trains_and_samples_from_the_cli(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY_DIFFUSION, "loss.objective=flow", *CONDITIONAL, f"model.denoiser.target={DENOISER}:Denoiser",
+                 "model.denoiser.kwargs.width=8", f"run.dir={run_dir}"]) == 0
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    assert type(load_module(checkpoint, trust_code=True).denoiser).__name__ == "Denoiser"
+    assert main(["sample", str(checkpoint), "--trust-code", "--num", "4", "--sampler", "euler", "--steps", "4",
+                 "--guidance", "2", "--class", "3", "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").is_file()
+    for option, key in ((["--steps", "0"], "sampler.steps"), (["--sampler", "plms"], "sampler.name"),
+                        (["--guidance", "-1"], "sampler.guidance")):
+        assert main(["sample", str(checkpoint), "--trust-code", "--num", "2", *option, "--out", str(tmp_path / "x.png")]) == 2
+        message = capsys.readouterr().err.strip()
+        assert "\n" not in message and f"'{key}'" in message
+
+
+@pytest.mark.parametrize("override, key", [
+    (["loss.objective=x0"], "loss.objective"),
+    (["loss.schedule=quadratic"], "loss.schedule"),
+    (["loss.time_sampling=beta"], "loss.time_sampling"),
+    (["sampler.name=plms"], "sampler.name"),
+    (["sampler.steps=0"], "sampler.steps"),
+    (["sampler.steps=20", "loss.timesteps=10"], "sampler.steps"),
+    (["sampler.guidance=3"], "sampler.guidance"),  # an unconditional model
+    ([*CONDITIONAL, "sampler.guidance=-1"], "sampler.guidance"),
+    (["sampler.eta=2"], "sampler.eta"),
+    (["sampler.sigma_min=100"], "sampler.sigma_min"),
+    (["model.label_dropout=0.1"], "model.label_dropout"),  # an unconditional model
+    (["model.denoiser.attention=[3]"], "model.denoiser.attention"),
+    (["model.denoiser.channel_mult=[1,2,2,2,2]"], "model.denoiser.channel_mult"),
+    (["data.name=ring8"], "model.kind"),
+])
+def test_bad_settings_stop_with_one_line_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=[*TINY_DIFFUSION, *override])
+    assert f"'{key}'" in one_line(error.value)
+
+
+def test_a_denoiser_of_the_wrong_shape_stops_before_training(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch\nclass Half(torch.nn.Module):\n"
+                   "    def forward(self, x, noise_level, labels=None):\n        return x[:, :, ::2, ::2]\n")
+    with pytest.raises(ConfigError) as error:
+        train(load_config(overrides=[*TINY_DIFFUSION, f"model.denoiser.target={bad}:Half", f"run.dir={tmp_path / 'r'}"]))
+    assert "'model.denoiser.target'" in one_line(error.value) and "[2, 1, 4, 4]" in str(error.value)
