@@ -58,6 +58,13 @@ def test_guidance_weights_mix_the_conditional_and_unconditional_denoisers():
     torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional), rtol=1e-5, atol=1e-5)
 
 
+def test_label_dropout_and_hidden_labels_become_no_class():
+    module = build_module(load_config(overrides=[*TINY_DIFFUSION, "model.num_classes=10", "model.label_dropout=0.3"]))
+    labels = module.training_labels(torch.tensor([4, 5, -1, 7]), torch.tensor([0.1, 0.5, 0.9, 0.29]))
+    assert labels.tolist() == [10, 5, 10, 10]
+    assert build_module(load_config(overrides=TINY_DIFFUSION)).training_labels(torch.tensor([1]), torch.zeros(1)) is None
+
+
 def test_the_ema_denoiser_samples_and_the_raw_one_is_a_variant(tmp_path):
     result = train(load_config(overrides=[*TINY_DIFFUSION, "loss.objective=flow", "model.ema_decay=0.9", f"run.dir={tmp_path / 'run'}"]))
     module = load_module(result.checkpoint)
