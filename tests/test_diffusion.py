@@ -31,9 +31,19 @@ def test_each_objective_trains_and_its_checkpoint_samples(objective, tmp_path):
         assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all() and images.abs().max() <= 1
 
 
+def randomised(module):
+    """`module` with noise added to its sampling network's weights (zero-initialised layers too)."""
+    with torch.no_grad():
+        for param in module.sampling_network().parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return module
+
+
 def test_sample_i_depends_only_on_the_seed_and_i():
-    """Stochastic samplers with guidance: any split of a sequence into batches gives the same samples."""
-    module = build_module(load_config(overrides=[*TINY_DIFFUSION, *CONDITIONAL, "model.denoiser.dropout=0.5"]))
+    """Stochastic samplers with guidance: any split of a sequence into batches gives the same
+    samples (and dropout is off while sampling)."""
+    module = randomised(build_module(load_config(overrides=[*TINY_DIFFUSION, *CONDITIONAL, "loss.objective=edm",
+                                                            "model.denoiser.dropout=0.5"])))
     for options in ({"sampler": "ddpm", "steps": 4, "guidance": 2.5}, {"sampler": "heun", "steps": 4, "churn": 5.0}):
         whole = module.sample_batch(7, seed=3, **options)
         parts = torch.cat([module.sample_batch(3, seed=3, start=0, **options),
@@ -45,10 +55,7 @@ def test_sample_i_depends_only_on_the_seed_and_i():
 
 def test_guidance_weights_mix_the_conditional_and_unconditional_denoisers():
     """w = 0: the unconditional model; w = 1: the conditional one; D_w = D_0 + w (D_1 - D_0)."""
-    module = build_module(load_config(overrides=[*TINY_DIFFUSION, *CONDITIONAL]))
-    with torch.no_grad():
-        for param in module.denoiser_ema.parameters():  # non-trivial weights: zero-initialised layers too
-            param.add_(0.1 * torch.randn_like(param))
+    module = randomised(build_module(load_config(overrides=[*TINY_DIFFUSION, *CONDITIONAL])))
     labels = torch.arange(5) % 10
     net = module.sampling_network()
     x, t = torch.randn(5, 1, 8, 8), 300.0
