@@ -23,7 +23,7 @@ def test_overrides_are_typed_and_applied_after_the_file():
     assert cfg.run.name == "wgan_gp"
 
 
-@pytest.mark.parametrize("name", ["gan", "nsgan", "lsgan", "wgan", "wgan_gp", "hinge", "vae", "ring8"])
+@pytest.mark.parametrize("name", ["gan", "nsgan", "lsgan", "wgan", "wgan_gp", "hinge", "vae", "ring8", "diffusion", "edm", "flow"])
 def test_every_shipped_config_loads(name):
     load_config(CONFIGS / f"{name}.yaml")
 
