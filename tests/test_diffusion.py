@@ -9,7 +9,7 @@ from dgm_scale.cli import main
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.train import train
-from helpers import ROOT, TINY_RUN, metrics_rows, one_line
+from helpers import ROOT, TINY_RUN, metrics_rows, one_line, torchrun
 
 TINY_DIFFUSION = [*TINY_RUN, "model.kind=diffusion", "model.denoiser.width=8", "model.denoiser.channel_mult=[1,2]",
                   "model.denoiser.blocks=1", "sampler.steps=3"]
@@ -80,6 +80,21 @@ def test_the_ema_denoiser_samples_and_the_raw_one_is_a_variant(tmp_path):
     assert any(not torch.equal(ema[name], raw[name]) for name in raw)
     assert not torch.equal(module.sample_batch(2, variant="raw"), module.sample_batch(2))
     assert [row["train/ema_decay"] for row in metrics_rows(tmp_path / "run")][-1] != ""
+
+
+def test_two_ranks_stay_identical_and_equal_one_rank_with_their_batch(tmp_path):
+    """2 DDP processes x batch 8 train the weights of 1 process x batch 16: every draw (noise
+    levels, noise, label dropout) is the global batch's, split across ranks like the data."""
+    common = [*TINY_DIFFUSION, *CONDITIONAL, "loss.objective=edm"]
+    proc = torchrun(["tests/ddp_worker.py", str(ROOT / "configs" / "edm.yaml"), str(tmp_path), *common,
+                     "trainer.devices=2", f"run.dir={tmp_path / 'ddp'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["params"] for r in (0, 1))
+    single = dict(train(load_config(ROOT / "configs" / "edm.yaml", [*common, "data.batch_size=16",
+                                                                       f"run.dir={tmp_path / 'one'}"])).module.named_parameters())
+    for name, tensor in rank0.items():
+        torch.testing.assert_close(tensor, rank1[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(tensor, single[name].detach(), rtol=0, atol=1e-6, msg=name)
 
 
 def test_your_own_denoiser_by_class_path_trains_and_samples_from_the_cli(tmp_path, capsys):
