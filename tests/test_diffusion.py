@@ -82,12 +82,16 @@ def test_the_ema_denoiser_samples_and_the_raw_one_is_a_variant(tmp_path):
     assert [row["train/ema_decay"] for row in metrics_rows(tmp_path / "run")][-1] != ""
 
 
-def test_two_ranks_stay_identical_and_equal_one_rank_with_their_batch(tmp_path):
-    """2 DDP processes x batch 8 train the weights of 1 process x batch 16: every draw (noise
-    levels, noise, label dropout) is the global batch's, split across ranks like the data."""
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_two_ranks_stay_identical_and_equal_one_rank_with_their_batch(strategy, tmp_path):
+    """2 processes (DDP, or DeepSpeed ZeRO-2) x batch 8 train the weights of 1 process x batch 16:
+    every draw (noise levels, noise, label dropout) is the global batch's, split across ranks
+    like the data."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
     common = [*TINY_DIFFUSION, *CONDITIONAL, "loss.objective=edm"]
     proc = torchrun(["tests/ddp_worker.py", str(ROOT / "configs" / "edm.yaml"), str(tmp_path), *common,
-                     "trainer.devices=2", f"run.dir={tmp_path / 'ddp'}"])
+                     "trainer.devices=2", f"trainer.strategy={strategy}", f"run.dir={tmp_path / 'ddp'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["params"] for r in (0, 1))
     single = dict(train(load_config(ROOT / "configs" / "edm.yaml", [*common, "data.batch_size=16",
