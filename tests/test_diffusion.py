@@ -65,6 +65,19 @@ def test_guidance_weights_mix_the_conditional_and_unconditional_denoisers():
     torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional), rtol=1e-5, atol=1e-5)
 
 
+def test_the_loss_is_logged_by_noise_level_and_charted(tmp_path):
+    from dgm_scale.families.diffusion.module import loss_by_noise_level
+
+    binned = loss_by_noise_level(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([0.05, 0.5, 0.7, 20.0]))
+    assert {k: v.item() for k, v in binned.items()} == {"loss_sigma_0_0.1": 1.0, "loss_sigma_0.1_1.0": 2.5,
+                                                        "loss_sigma_10.0_inf": 5.0}
+    train(load_config(overrides=[*TINY_DIFFUSION, "loss.objective=edm", "data.batch_size=64", f"run.dir={tmp_path}"]))
+    rows = metrics_rows(tmp_path)
+    binned = [key for key in rows[-1] if key.startswith("train/loss_sigma_") and rows[-1][key] != ""]
+    assert len(binned) >= 3  # ln sigma ~ N(-1.2, 1.2^2): 64 draws reach three bins
+    assert (tmp_path / "plots" / "loss_by_noise.png").is_file()
+
+
 def test_label_dropout_and_hidden_labels_become_no_class():
     module = build_module(load_config(overrides=[*TINY_DIFFUSION, "model.num_classes=10", "model.label_dropout=0.3"]))
     labels = module.training_labels(torch.tensor([4, 5, -1, 7]), torch.tensor([0.1, 0.5, 0.9, 0.29]))
