@@ -97,18 +97,21 @@ def test_the_ema_denoiser_samples_and_the_raw_one_is_a_variant(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_two_ranks_stay_identical_and_equal_one_rank_with_their_batch(strategy, tmp_path):
-    """2 processes (DDP, or DeepSpeed ZeRO-2) x batch 8 train the weights of 1 process x batch 16:
-    every draw (noise levels, noise, label dropout) is the global batch's, split across ranks
-    like the data."""
+    """2 processes (DDP with your own denoiser, or DeepSpeed ZeRO-2 with the U-Net) x batch 8 train
+    the weights of 1 process x batch 16: every draw (noise levels, noise, label dropout) is the
+    global batch's, split across ranks like the data."""
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed")
     common = [*TINY_DIFFUSION, *CONDITIONAL, "loss.objective=edm"]
+    if strategy == "ddp":  # your own denoiser by class path, under torchrun
+        common += [f"model.denoiser.target={DENOISER}:Denoiser", "model.denoiser.kwargs.width=8"]
     proc = torchrun(["tests/ddp_worker.py", str(ROOT / "configs" / "edm.yaml"), str(tmp_path), *common,
                      "trainer.devices=2", f"trainer.strategy={strategy}", f"run.dir={tmp_path / 'ddp'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["params"] for r in (0, 1))
     single = dict(train(load_config(ROOT / "configs" / "edm.yaml", [*common, "data.batch_size=16",
                                                                        f"run.dir={tmp_path / 'one'}"])).module.named_parameters())
+    assert ("denoiser.conv_mid.weight" in rank0) == (strategy == "ddp")  # the user's class / the U-Net
     for name, tensor in rank0.items():
         torch.testing.assert_close(tensor, rank1[name], rtol=0, atol=0, msg=name)
         torch.testing.assert_close(tensor, single[name].detach(), rtol=0, atol=1e-6, msg=name)
