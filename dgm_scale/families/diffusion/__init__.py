@@ -179,6 +179,8 @@ FAMILY = Family(
     module="dgm_scale.families.diffusion.module:DiffusionModule",
     validate=validate, describe=describe, summary=summary,
     modalities=("images",),
+    chart_groups=(("loss_by_noise", "Training loss by noise level sigma / alpha (rank 0's batch)",
+                   lambda k: k.startswith("train/loss_sigma_")),),
     sections={"sampler": SamplerConfig},
     sampler_names={"": "EMA denoiser", "raw": "raw denoiser"},
 )

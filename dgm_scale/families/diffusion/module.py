@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,23 @@ def stream_seed(seed: int, stream: int) -> int:
     """The seed of noise stream `stream` >= 1 of sample sequence `seed` (a sampler's step noise),
     apart from the sequences of other seeds and streams."""
     return (int(seed) * 2_147_483_647 + int(stream) * 1_000_000_007 + 1) % (2 ** 62)
+
+
+#: the noise-to-signal ratios sigma / alpha that bound the bins of the logged loss by noise level
+NOISE_BINS = (0.1, 1.0, 10.0)
+
+
+def noise_bin_names() -> Tuple[str, ...]:
+    edges = ["0", *map(str, NOISE_BINS), "inf"]
+    return tuple(f"loss_sigma_{low}_{high}" for low, high in zip(edges[:-1], edges[1:]))
+
+
+def loss_by_noise_level(losses: Tensor, ratios: Tensor) -> Dict[str, Tensor]:
+    """The mean of per-sample `losses` [N] in each bin of their sigma / alpha `ratios` [N]
+    (NOISE_BINS), by name (`loss_sigma_<low>_<high>`); empty bins are left out."""
+    bins = torch.bucketize(ratios.float(), torch.tensor(NOISE_BINS, device=ratios.device))
+    return {name: losses[bins == index].mean() for index, name in enumerate(noise_bin_names())
+            if bool((bins == index).any())}
 
 
 def as_column(values: Tensor, like: Tensor) -> Tensor:
@@ -115,7 +132,8 @@ class DiffusionModule(GenerativeModule):
         count = images.shape[0]
         labels = self.training_labels(batch[1], self.draw_noise(count, uniform=True))
         t = self.process.training_times(self.draw_noise(count, uniform=True), self.draw_noise(count))
-        loss = self.per_sample_loss(images, self.draw_noise(count, *self.sample_shape), t, labels).mean()
+        losses = self.per_sample_loss(images, self.draw_noise(count, *self.sample_shape), t, labels)
+        loss = losses.mean()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss, opt)
         stepped = self.guarded_step(loss, opt, self.denoiser, "denoiser")
@@ -123,7 +141,8 @@ class DiffusionModule(GenerativeModule):
         if not self.logging_due():
             return
         norm = step_interface(self._trainer).gradient_norm(opt, self.denoiser) if stepped else torch.tensor(float("nan"))
-        logs = {"loss": loss.detach(), "grad_norm": norm}
+        alpha, sigma = self.process.alpha_sigma(t.detach())
+        logs = {"loss": loss.detach(), "grad_norm": norm, **loss_by_noise_level(losses.detach(), sigma / alpha)}
         if decay is not None:
             logs["ema_decay"] = decay
         self.log_train(logs)
