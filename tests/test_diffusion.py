@@ -7,6 +7,7 @@ import torch
 
 from dgm_scale.cli import main
 from dgm_scale.config import ConfigError, load_config
+from dgm_scale.families.diffusion.module import guided_denoiser
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.train import train
 from helpers import ROOT, TINY_RUN, metrics_rows, one_line, torchrun
@@ -60,7 +61,8 @@ def test_guidance_weights_mix_the_conditional_and_unconditional_denoisers():
     net = module.sampling_network()
     x, t = torch.randn(5, 1, 8, 8), 300.0
     with torch.no_grad():
-        conditional, unconditional, guided = (module.guided(net, labels, w)(x, t) for w in (1.0, 0.0, 3.0))
+        conditional, unconditional, guided = (
+            guided_denoiser(net, module.process, module.objective, labels, w, 10)(x, t) for w in (1.0, 0.0, 3.0))
     assert not torch.allclose(conditional, unconditional)
     torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional), rtol=1e-5, atol=1e-5)
 
@@ -115,6 +117,23 @@ def test_two_ranks_stay_identical_and_equal_one_rank_with_their_batch(strategy, 
     for name, tensor in rank0.items():
         torch.testing.assert_close(tensor, rank1[name], rtol=0, atol=0, msg=name)
         torch.testing.assert_close(tensor, single[name].detach(), rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_deterministic_sampler_exports_and_makes_the_models_samples(tmp_path):
+    from dgm_scale.export.build import export_module
+    from dgm_scale.export.runtime import load_export
+
+    module = randomised(build_module(load_config(overrides=[*TINY_DIFFUSION, *CONDITIONAL, "loss.objective=v",
+                                                            "sampler.name=dpmpp_2m", "sampler.guidance=2"])))
+    meta = export_module(module, tmp_path / "sampler.pt", "torchscript", dynamic_batch=True)
+    assert [entry["name"] for entry in meta["inputs"]] == ["noise", "labels"]
+    exported = load_export(tmp_path / "sampler.pt")
+    inputs = module.export_inputs(5, seed=2, start=3)
+    torch.testing.assert_close(exported(**inputs), module.sample_batch(5, seed=2, start=3), rtol=0, atol=1e-5)
+    module.cfg.sampler.name = "ddpm"  # stochastic: every step draws noise
+    with pytest.raises(ConfigError) as error:
+        export_module(module, tmp_path / "ddpm.pt", "torchscript")
+    assert "sampler.name ddpm" in one_line(error.value) and not (tmp_path / "ddpm.pt").exists()
 
 
 def test_your_own_denoiser_by_class_path_trains_and_samples_from_the_cli(tmp_path, capsys):

@@ -9,6 +9,7 @@ step are drawn from keyed sequences (modules/sampling.py).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -25,7 +26,7 @@ from dgm_scale.losses.diffusion import build_objective, denoising_loss
 from dgm_scale.modules.base import GenerativeModule
 from dgm_scale.modules.ema import make_ema_copy, ramped_decay, update_ema
 from dgm_scale.modules.optim import build_optimizer
-from dgm_scale.modules.sampling import keyed_noise
+from dgm_scale.modules.sampling import keyed_noise, sampler_inputs
 from dgm_scale.nets.custom import build_network, check_network
 from dgm_scale.nets.unet import build_unet
 
@@ -59,6 +60,63 @@ def loss_by_noise_level(losses: Tensor, ratios: Tensor) -> Dict[str, Tensor]:
 def as_column(values: Tensor, like: Tensor) -> Tensor:
     """[N] -> [N, 1, 1, 1] (as many trailing 1s as `like` has dimensions after the batch)."""
     return values.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def network_output(network: nn.Module, process, objective, x: Tensor, t: Tensor, labels: Optional[Tensor]) -> Tensor:
+    """The network's raw output (float32) at noisy images x and times t [N]: its input scaled by
+    the objective (EDM's c_in), its noise level the process's (1000 t, ln(sigma) / 4)."""
+    alpha, sigma = (as_column(v, x) for v in process.alpha_sigma(t))
+    return network(x * objective.input_scale(alpha, sigma), process.noise_input(t).to(x.dtype), labels).float()
+
+
+def denoised(network: nn.Module, process, objective, x: Tensor, t: Tensor, labels: Optional[Tensor]) -> Tensor:
+    """D(x, t): the estimate of the clean images (float32)."""
+    alpha, sigma = (as_column(v, x).float() for v in process.alpha_sigma(t))
+    return objective.denoised(network_output(network, process, objective, x, t, labels), x.float(), alpha, sigma)
+
+
+def guided_denoiser(network: nn.Module, process, objective, labels: Optional[Tensor], guidance: float,
+                    num_classes: int) -> Callable[[Tensor, float], Tensor]:
+    """D(x, t) with classifier-free guidance: D_none + w (D_label - D_none) (w = 1: D_label; no
+    labels: the unconditional D), "none" being class `num_classes`."""
+    def denoise(x: Tensor, t: float) -> Tensor:
+        times = torch.ones_like(x.flatten(1)[:, 0], dtype=torch.float32) * t  # (follows a traced batch size)
+        if labels is None or guidance == 1.0:
+            return denoised(network, process, objective, x, times, labels)
+        none = torch.full_like(labels, num_classes)
+        if guidance == 0.0:
+            return denoised(network, process, objective, x, times, none)
+        both = denoised(network, process, objective, torch.cat([x, x]), torch.cat([times, times]),
+                        torch.cat([labels, none]))
+        conditional, unconditional = both.chunk(2)
+        return unconditional + guidance * (conditional - unconditional)
+    return denoise
+
+
+def no_step_noise(step: int) -> Tensor:
+    raise RuntimeError("a deterministic sampler drew step noise")
+
+
+def is_deterministic(settings) -> bool:
+    """Whether sampler `settings` draws no noise after the start (what an export can hold)."""
+    return not (settings.name == "ddpm" or (settings.name == "ddim" and settings.eta > 0)
+                or (settings.name == "heun" and settings.churn > 0))
+
+
+class FixedStepSampler(nn.Module):
+    """noise [N, C, H, W] (+ labels [N] int64) -> images [N, C, H, W] in [-1, 1]: a deterministic
+    sampler's fixed steps around a copy of the denoiser, unrolled (what `dgm-scale export`
+    traces); the images `sample_batch` makes from the same noise."""
+
+    def __init__(self, network: nn.Module, process, objective, settings, num_classes: int):
+        super().__init__()
+        self.network, self.process, self.objective = network, process, objective
+        self.settings, self.num_classes = settings, num_classes
+
+    def forward(self, noise: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        denoise = guided_denoiser(self.network, self.process, self.objective, labels, self.settings.guidance,
+                                  self.num_classes)
+        return generate(self.settings, denoise, self.process, noise, no_step_noise).float().clamp(-1.0, 1.0)
 
 
 @contextmanager
@@ -98,23 +156,13 @@ class DiffusionModule(GenerativeModule):
         return {"denoiser": self.denoiser}
 
     # ------------------------------------------------------------------ the objective
-    def predict(self, network: nn.Module, x: Tensor, t: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """The network's raw output (float32) at noisy images x and times t [N]."""
-        alpha, sigma = (as_column(v, x) for v in self.process.alpha_sigma(t))
-        scaled = x * self.objective.input_scale(alpha, sigma)
-        return network(scaled, self.process.noise_input(t).to(x.dtype), labels).float()
-
-    def denoised(self, network: nn.Module, x: Tensor, t: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """D(x, t): the estimate of the clean images (float32)."""
-        alpha, sigma = (as_column(v, x) for v in self.process.alpha_sigma(t))
-        return self.objective.denoised(self.predict(network, x, t, labels), x.float(), alpha.float(), sigma.float())
-
     def per_sample_loss(self, images: Tensor, noise: Tensor, t: Tensor, labels: Optional[Tensor],
                         network: Optional[nn.Module] = None) -> Tensor:
         """The objective's loss [N] of each image noised with `noise` at time t [N]."""
         alpha, sigma = (as_column(v, images) for v in self.process.alpha_sigma(t))
         noisy = alpha * images + sigma * noise
-        prediction = self.predict(network if network is not None else self.compiled("denoiser"), noisy, t, labels)
+        network = network if network is not None else self.compiled("denoiser")
+        prediction = network_output(network, self.process, self.objective, noisy, t, labels)
         return denoising_loss(prediction, self.objective.target(images, noise, alpha, sigma))
 
     def training_labels(self, labels: Tensor, uniforms: Tensor) -> Optional[Tensor]:
@@ -181,20 +229,6 @@ class DiffusionModule(GenerativeModule):
             raise ValueError(str(error)) from None
         return settings
 
-    def guided(self, network: nn.Module, labels: Optional[Tensor], guidance: float) -> Callable[[Tensor, float], Tensor]:
-        """D(x, t) with classifier-free guidance: D_none + w (D_label - D_none) (w = 1: D_label)."""
-        def denoise(x: Tensor, t: float) -> Tensor:
-            times = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
-            if labels is None or guidance == 1.0:
-                return self.denoised(network, x, times, labels)
-            none = torch.full_like(labels, self.num_classes)
-            if guidance == 0.0:
-                return self.denoised(network, x, times, none)
-            both = self.denoised(network, torch.cat([x, x]), torch.cat([times, times]), torch.cat([labels, none]))
-            conditional, unconditional = both.chunk(2)
-            return unconditional + guidance * (conditional - unconditional)
-        return denoise
-
     @torch.no_grad()
     def sample_batch(self, num: int, seed: int = 0, start: int = 0, labels: Optional[Tensor] = None,
                      variant: str = "", sampler: Optional[str] = None, steps: Optional[int] = None,
@@ -210,5 +244,23 @@ class DiffusionModule(GenerativeModule):
 
         noise = keyed_noise(seed, start, num, shape).to(self.device)
         with evaluating(self.sampling_network(variant)) as network:
-            images = generate(settings, self.guided(network, labels, settings.guidance), self.process, noise, step_noise)
+            denoise = guided_denoiser(network, self.process, self.objective, labels, settings.guidance, self.num_classes)
+            images = generate(settings, denoise, self.process, noise, step_noise)
         return images.float().clamp(-1.0, 1.0)
+
+    # ------------------------------------------------------------------ export
+    # TorchScript traces the unrolled steps; torch.export (and the ONNX exporter built on it) stops
+    # on a data-dependent guard in them: not offered yet.
+    export_formats = ("torchscript",)
+
+    def export_network(self, variant: str = "") -> nn.Module:
+        settings = self.sampler_settings()
+        if not is_deterministic(settings):
+            raise NotImplementedError(f"the diffusion family exports deterministic samplers (euler, dpmpp_2m, ddim "
+                                      f"with eta 0, heun without churn); this model's is sampler.name {settings.name} "
+                                      f"(eta {settings.eta}, churn {settings.churn}): set another with sampler.*")
+        network = copy.deepcopy(self.sampling_network(variant)).cpu().eval()
+        return FixedStepSampler(network, self.process, self.objective, settings, self.num_classes)
+
+    def export_inputs(self, num: int, seed: int = 0, start: int = 0) -> Dict[str, Tensor]:
+        return sampler_inputs(seed, start, num, "noise", self.sample_shape, self.num_classes)
