@@ -130,6 +130,11 @@ def test_a_deterministic_sampler_exports_and_makes_the_models_samples(tmp_path):
     exported = load_export(tmp_path / "sampler.pt")
     inputs = module.export_inputs(5, seed=2, start=3)
     torch.testing.assert_close(exported(**inputs), module.sample_batch(5, seed=2, start=3), rtol=0, atol=1e-5)
+    from dgm_scale.serve.sources import ExportSource, as_array  # `dgm-scale serve` of the file: the model's images
+
+    served = ExportSource(tmp_path / "sampler.pt")
+    assert served.meta["options"] == {} and served.meta["latent_dim"] is None
+    assert (served.images(4, 3) == as_array(module.sample_batch(3, seed=4), "images")).all()
     module.cfg.sampler.name = "ddpm"  # stochastic: every step draws noise
     with pytest.raises(ConfigError) as error:
         export_module(module, tmp_path / "ddpm.pt", "torchscript")
