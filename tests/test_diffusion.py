@@ -119,26 +119,28 @@ def test_two_ranks_stay_identical_and_equal_one_rank_with_their_batch(strategy, 
         torch.testing.assert_close(tensor, single[name].detach(), rtol=0, atol=1e-6, msg=name)
 
 
-def test_a_deterministic_sampler_exports_and_makes_the_models_samples(tmp_path):
+@pytest.mark.parametrize("fmt, suffix", [("torchscript", "pt"),
+                                         pytest.param("onnx", "onnx", marks=pytest.mark.slow)])  # (torch.export: ~25 s)
+def test_a_deterministic_sampler_exports_and_makes_the_models_samples(fmt, suffix, tmp_path):
     from dgm_scale.export.build import export_module
     from dgm_scale.export.runtime import load_export
 
     module = randomised(build_module(load_config(overrides=[*TINY_DIFFUSION, *CONDITIONAL, "loss.objective=v",
                                                             "sampler.name=dpmpp_2m", "sampler.guidance=2"])))
-    meta = export_module(module, tmp_path / "sampler.pt", "torchscript", dynamic_batch=True)
+    meta = export_module(module, tmp_path / f"sampler.{suffix}", fmt, dynamic_batch=True)
     assert [entry["name"] for entry in meta["inputs"]] == ["noise", "labels"]
-    exported = load_export(tmp_path / "sampler.pt")
+    exported = load_export(tmp_path / f"sampler.{suffix}")
     inputs = module.export_inputs(5, seed=2, start=3)
     torch.testing.assert_close(exported(**inputs), module.sample_batch(5, seed=2, start=3), rtol=0, atol=1e-5)
     from dgm_scale.serve.sources import ExportSource, as_array  # `dgm-scale serve` of the file: the model's images
 
-    served = ExportSource(tmp_path / "sampler.pt")
+    served = ExportSource(tmp_path / f"sampler.{suffix}")
     assert served.meta["options"] == {} and served.meta["latent_dim"] is None
     assert (served.images(4, 3) == as_array(module.sample_batch(3, seed=4), "images")).all()
     module.cfg.sampler.name = "ddpm"  # stochastic: every step draws noise
     with pytest.raises(ConfigError) as error:
-        export_module(module, tmp_path / "ddpm.pt", "torchscript")
-    assert "sampler.name ddpm" in one_line(error.value) and not (tmp_path / "ddpm.pt").exists()
+        export_module(module, tmp_path / f"ddpm.{suffix}", fmt)
+    assert "sampler.name ddpm" in one_line(error.value) and not (tmp_path / f"ddpm.{suffix}").exists()
 
 
 def test_your_own_denoiser_by_class_path_trains_and_samples_from_the_cli(tmp_path, capsys):

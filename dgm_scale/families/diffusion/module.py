@@ -21,7 +21,7 @@ from dgm_scale.core.errors import ConfigError
 from dgm_scale.distributed.interface import step_interface
 from dgm_scale.families.diffusion import SamplerConfig, validate_sampler
 from dgm_scale.families.diffusion.processes import build_process
-from dgm_scale.families.diffusion.samplers import generate
+from dgm_scale.families.diffusion.samplers import generate, levels
 from dgm_scale.losses.diffusion import build_objective, denoising_loss
 from dgm_scale.modules.base import GenerativeModule
 from dgm_scale.modules.ema import make_ema_copy, ramped_decay, update_ema
@@ -88,7 +88,7 @@ def guided_denoiser(network: nn.Module, process, objective, labels: Optional[Ten
             return denoised(network, process, objective, x, times, none)
         both = denoised(network, process, objective, torch.cat([x, x]), torch.cat([times, times]),
                         torch.cat([labels, none]))
-        conditional, unconditional = both.chunk(2)
+        conditional, unconditional = both[:x.shape[0]], both[x.shape[0]:]  # (chunk() fixes a traced batch size)
         return unconditional + guidance * (conditional - unconditional)
     return denoise
 
@@ -112,6 +112,7 @@ class FixedStepSampler(nn.Module):
         super().__init__()
         self.network, self.process, self.objective = network, process, objective
         self.settings, self.num_classes = settings, num_classes
+        levels(process, settings.steps)  # computed now: a trace of forward sees plain numbers
 
     def forward(self, noise: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         denoise = guided_denoiser(self.network, self.process, self.objective, labels, self.settings.guidance,
@@ -249,10 +250,6 @@ class DiffusionModule(GenerativeModule):
         return images.float().clamp(-1.0, 1.0)
 
     # ------------------------------------------------------------------ export
-    # TorchScript traces the unrolled steps; torch.export (and the ONNX exporter built on it) stops
-    # on a data-dependent guard in them: not offered yet.
-    export_formats = ("torchscript",)
-
     def export_network(self, variant: str = "") -> nn.Module:
         settings = self.sampler_settings()
         if not is_deterministic(settings):

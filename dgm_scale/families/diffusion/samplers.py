@@ -28,9 +28,10 @@ estimate eps = (x - alpha D) / sigma, the steps are:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, List
+from typing import Any, Callable, Tuple
 
 import torch
 from torch import Tensor
@@ -55,12 +56,15 @@ class Level:
         return self.sigma / self.alpha if self.alpha > 0 else math.inf
 
 
-def levels(process, steps: int) -> List[Level]:
-    """The N sampling levels of `process` and the clean data last (t = nan: never evaluated)."""
+@functools.lru_cache(maxsize=64)
+def levels(process, steps: int) -> Tuple[Level, ...]:
+    """The N sampling levels of `process` and the clean data last (t = nan: never evaluated).
+    Cached: computed once, plain numbers afterwards (so torch.export of a sampler sees no tensor
+    turned into a number)."""
     times = process.sampling_times(steps)
     alphas, sigmas = process.alpha_sigma(times)
     found = [Level(float(t), float(a), float(s)) for t, a, s in zip(times, alphas, sigmas)]
-    return found + [Level(math.nan, 1.0, 0.0)]
+    return tuple(found + [Level(math.nan, 1.0, 0.0)])
 
 
 def eps_of(x: Tensor, denoised: Tensor, level: Level) -> Tensor:
