@@ -65,6 +65,9 @@ def test_guidance_weights_mix_the_conditional_and_unconditional_denoisers():
             guided_denoiser(net, module.process, module.objective, labels, w, 10)(x, t) for w in (1.0, 0.0, 3.0))
     assert not torch.allclose(conditional, unconditional)
     torch.testing.assert_close(guided, unconditional + 3.0 * (conditional - unconditional), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # sampler.clip_denoised: D clamped to the data range after guidance
+        clipped = guided_denoiser(net, module.process, module.objective, labels, 3.0, 10, clip=True)(x, t)
+    assert guided.abs().max() > 1 and torch.equal(clipped, guided.clamp(-1, 1))
 
 
 def test_the_loss_is_logged_by_noise_level_and_charted(tmp_path):

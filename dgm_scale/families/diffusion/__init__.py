@@ -67,6 +67,9 @@ class SamplerConfig:
     name: str = "heun"  # ddpm | ddim | euler | heun | dpmpp_2m
     steps: int = 18  # noise levels visited (heun evaluates the denoiser about twice per step)
     guidance: float = 1.0  # classifier-free guidance weight w: D_uncond + w (D_cond - D_uncond); 1 = none
+    # clamp the denoised estimate D to the data range [-1, 1] at every step (DDPM's clip_denoised):
+    # eps-prediction divides by alpha, ~5e-5 at the cosine schedule's first level
+    clip_denoised: bool = True
     eta: float = 0.0  # ddim: 0 deterministic .. 1 ancestral
     churn: float = 0.0  # heun: EDM's S_churn (0 = deterministic)
     churn_min: float = 0.05  # heun: churn only where sigma / alpha is in [churn_min, churn_max]

@@ -76,10 +76,14 @@ def denoised(network: nn.Module, process, objective, x: Tensor, t: Tensor, label
 
 
 def guided_denoiser(network: nn.Module, process, objective, labels: Optional[Tensor], guidance: float,
-                    num_classes: int) -> Callable[[Tensor, float], Tensor]:
+                    num_classes: int, clip: bool = False) -> Callable[[Tensor, float], Tensor]:
     """D(x, t) with classifier-free guidance: D_none + w (D_label - D_none) (w = 1: D_label; no
-    labels: the unconditional D), "none" being class `num_classes`."""
+    labels: the unconditional D), "none" being class `num_classes`; with `clip`, clamped to [-1, 1]."""
     def denoise(x: Tensor, t: float) -> Tensor:
+        estimate = guided(x, t)
+        return estimate.clamp(-1.0, 1.0) if clip else estimate
+
+    def guided(x: Tensor, t: float) -> Tensor:
         times = torch.ones_like(x.flatten(1)[:, 0], dtype=torch.float32) * t  # (follows a traced batch size)
         if labels is None or guidance == 1.0:
             return denoised(network, process, objective, x, times, labels)
@@ -115,8 +119,9 @@ class FixedStepSampler(nn.Module):
         levels(process, settings.steps)  # computed now: a trace of forward sees plain numbers
 
     def forward(self, noise: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        denoise = guided_denoiser(self.network, self.process, self.objective, labels, self.settings.guidance,
-                                  self.num_classes)
+        settings = self.settings
+        denoise = guided_denoiser(self.network, self.process, self.objective, labels, settings.guidance,
+                                  self.num_classes, settings.clip_denoised)
         return generate(self.settings, denoise, self.process, noise, no_step_noise).float().clamp(-1.0, 1.0)
 
 
@@ -245,7 +250,8 @@ class DiffusionModule(GenerativeModule):
 
         noise = keyed_noise(seed, start, num, shape).to(self.device)
         with evaluating(self.sampling_network(variant)) as network:
-            denoise = guided_denoiser(network, self.process, self.objective, labels, settings.guidance, self.num_classes)
+            denoise = guided_denoiser(network, self.process, self.objective, labels, settings.guidance, self.num_classes,
+                                      settings.clip_denoised)
             images = generate(settings, denoise, self.process, noise, step_noise)
         return images.float().clamp(-1.0, 1.0)
 
