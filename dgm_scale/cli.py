@@ -56,8 +56,10 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
-    """The family-specific sampling options given on the command line (temperature, prompt, length)."""
-    options = {"temperature": args.temperature, "prompt": args.prompt, "length": args.length}
+    """The family-specific sampling options given on the command line (temperature, prompt, length;
+    sampler, steps, guidance)."""
+    options = {"temperature": args.temperature, "prompt": args.prompt, "length": args.length,
+               "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance}
     return {key: value for key, value in options.items() if value is not None}
 
 
@@ -361,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample_p.add_argument("--temperature", type=float, help="autoregressive: softmax temperature (default 1)")
     sample_p.add_argument("--prompt", help="autoregressive text: the text every sample continues")
     sample_p.add_argument("--length", type=int, help="autoregressive text: characters per sample")
+    sample_p.add_argument("--sampler", help="diffusion: ddpm, ddim, euler, heun or dpmpp_2m (default: sampler.name)")
+    sample_p.add_argument("--steps", type=int, help="diffusion: sampling steps (default: sampler.steps)")
+    sample_p.add_argument("--guidance", type=float, help="diffusion: classifier-free guidance weight (1 = none)")
     _add_import_option(sample_p)
     add_trust_option(sample_p)
     sample_p.set_defaults(func=cmd_sample)

@@ -197,6 +197,16 @@ def test_gan_with_ada_and_diffaugment_killed_at_random_resumes_exactly(tmp_path)
     assert "aug/p" in metrics_rows(reference)[0]
 
 
+def test_diffusion_killed_at_random_resumes_exactly(tmp_path):
+    """EDM, class-conditional with label dropout: noise levels, noise and dropped labels are all
+    keyed to the iteration, so the resumed run draws exactly what the straight one drew."""
+    args = [str(ROOT / "configs" / "edm.yaml"), *TINY_RUN, f"trainer.max_steps={MAX_STEPS}", "run.checkpoint_every=1",
+            "run.sample_every=100", "run.keep_checkpoints=3", "model.num_classes=10", "model.label_dropout=0.2",
+            "model.denoiser.width=8", "model.denoiser.channel_mult=[1,2]", "data.batch_size=256"]
+    reference = kill_at_random_and_resume(args, tmp_path, "diffusion")
+    assert "train/ema_decay" in metrics_rows(reference)[0]
+
+
 def test_two_process_ddp_killed_at_random_resumes_exactly(tmp_path):
     """torchrun, 2 processes: the launcher and both workers are SIGKILLed together."""
     args = [*GAN, *COMMON, "trainer.devices=2"]

@@ -182,6 +182,17 @@ def test_an_autoregressive_model_takes_a_temperature_and_has_no_interpolation():
         ModuleSource(text)
 
 
+def test_a_diffusion_model_serves_its_configured_samplers_images():
+    module = build_module(load_config(overrides=[*TINY_RUN, "model.kind=diffusion", "model.denoiser.width=8",
+                                                 "model.denoiser.channel_mult=[1,2]", "loss.objective=flow",
+                                                 "sampler.steps=2"]))
+    with running(ModuleSource(module)) as url:
+        meta = json.loads(get(url + "api/meta")[2])
+        assert meta["family"] == "diffusion" and meta["options"] == {} and meta["latent_dim"] is None
+        np.testing.assert_array_equal(cells(png(get(url + "api/grid.png?seed=2&num=4")[2]), 4, 2),
+                                      pixels(module.sample_batch(4, 2)))
+
+
 def test_sources_that_cannot_open_and_a_taken_port_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         open_source(tmp_path / "missing.ckpt")

@@ -26,6 +26,7 @@ BUILTIN: Dict[str, str] = {
     "vae": "dgm_scale.families.vae",
     "autoregressive": "dgm_scale.families.autoregressive",
     "ssgan": "dgm_scale.families.ssgan",
+    "diffusion": "dgm_scale.families.diffusion",
 }
 
 

@@ -35,8 +35,9 @@ def keyed_noise(seed: int, start: int, num: int, shape: Sequence[int], uniform: 
     return torch.cat(blocks)[offset:offset + num]
 
 
-#: the noise input of each kind of sampler, by name -> drawn from U[0, 1) (else N(0, 1))
-NOISE_INPUTS = {"latents": False, "uniforms": True}
+#: the noise input of each kind of sampler, by name -> drawn from U[0, 1) (else N(0, 1));
+#: "noise": a diffusion sampler's starting noise, shaped like a sample
+NOISE_INPUTS = {"latents": False, "uniforms": True, "noise": False}
 
 
 def class_labels(num: int, start: int, num_classes: int) -> Tensor:
@@ -49,7 +50,7 @@ def sampler_inputs(seed: int, start: int, num: int, noise: str, shape: Sequence[
     """The inputs of samples start .. start + num - 1 of sequence `seed` for a sampler fed noise
     `noise` (a NOISE_INPUTS name) of `shape` per sample and, when num_classes > 0, `labels`
     (class_labels), by name in call order (CPU): the families' `export_inputs` (latent families:
-    "latents" [latent_dim]; autoregressive: "uniforms" [C * H * W]), and `dgm-scale serve EXPORT`
+    "latents" [latent_dim]; autoregressive: "uniforms" [C * H * W]; diffusion: "noise" [C, H, W]), and `dgm-scale serve EXPORT`
     for samplers known only by their export's sidecar."""
     if noise not in NOISE_INPUTS:
         raise ValueError(f"unknown sampler noise '{noise}': expected one of {sorted(NOISE_INPUTS)}")

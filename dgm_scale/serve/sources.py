@@ -103,15 +103,18 @@ class ModuleSource(SampleSource):
     """Samples of a GenerativeModule (images only). Latent families (GAN, VAE) take `truncation`
     psi in (0, 1]: every latent z ~ N(0, I) is scaled toward the mean, z * psi (psi = 1: the
     model's own samples; smaller: more typical, less varied samples). Autoregressive families take
-    `temperature` in (0, MAX_TEMPERATURE] (the softmax's; default the model's)."""
+    `temperature` in (0, MAX_TEMPERATURE] (the softmax's; default the model's); others none."""
 
     def __init__(self, module, name: str = "model"):
         self.module = module  # its sampling methods put the networks in eval mode themselves
         latent_dim = getattr(module, "latent_dim", None)
+        temperature = getattr(module.cfg.model, "temperature", None)
         if latent_dim is not None:
             options = TRUNCATION
-        else:
-            options = {"temperature": {"default": float(module.cfg.model.temperature), "max": MAX_TEMPERATURE}}
+        elif temperature is not None:
+            options = {"temperature": {"default": float(temperature), "max": MAX_TEMPERATURE}}
+        else:  # e.g. a diffusion model: its configured sampler, no control yet
+            options = {}
         super().__init__(name, module.family.name, module.modality, module.num_classes, module.sample_shape,
                          latent_dim, options, getattr(module, "checkpoint_iteration", 0))
 

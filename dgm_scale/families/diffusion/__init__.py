@@ -1,0 +1,189 @@
+"""The diffusion family: a denoiser trained to undo Gaussian noise, sampled by integrating from
+noise to data; one family for the parameterisations labs use, chosen by `loss.objective`:
+
+- `eps`, `v`: DDPM / variance-preserving (linear or cosine schedule; discrete with
+  loss.timesteps = T steps, continuous with 0), the network predicting the noise or v;
+- `edm`: Karras et al. 2022's preconditioning (c_skip, c_out, c_in, c_noise), log-normal noise
+  levels, EDM loss weighting;
+- `flow`: rectified flow / conditional flow matching on the straight path, the network
+  predicting the velocity; t uniform or logit-normal.
+
+Its `sampler` section picks how grids, `dgm-scale sample` and evaluations sample (`ddpm`,
+`ddim`, `euler`, `heun`, `dpmpp_2m`; steps; classifier-free guidance weight); an EMA of the
+denoiser (the GANs' ramped EMA) is what they use, the raw denoiser is scored as `eval_raw/*`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from dgm_scale.config.schema import OptimizerConfig
+from dgm_scale.core.checks import at_least, choice, require
+from dgm_scale.families.registry import Family
+
+
+@dataclass
+class DenoiserConfig:
+    """The built-in U-Net (nets/unet.py), or your own network by class path: `target` with
+    `kwargs`, called as net(noisy x [N, C, H, W], noise level [N], labels [N] or None) -> [N, C, H, W]."""
+    arch: str = "unet"
+    width: int = 32  # channels of the first level
+    channel_mult: List[int] = field(default_factory=lambda: [1, 2, 2])  # width multiplier per level (each halves H, W)
+    blocks: int = 2  # residual blocks per level
+    attention: List[int] = field(default_factory=lambda: [4])  # resolutions with self-attention
+    dropout: float = 0.0
+    target: Optional[str] = None
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DiffusionModelConfig:
+    kind: str = "diffusion"
+    module: Optional[str] = None  # your own module class (a DiffusionModule subclass)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    num_classes: int = 0  # > 0: class-conditional (a class embedding; "no class" is row K)
+    # classifier-free guidance: the share of training samples whose label is dropped to "no class"
+    label_dropout: float = 0.0
+    ema_decay: float = 0.999  # the EMA denoiser that samples (0 = none); ramped like the GAN's
+    ema_rampup: float = 0.05
+
+
+@dataclass
+class DiffusionLossConfig:
+    objective: str = "eps"  # eps | v | edm | flow
+    schedule: str = "cosine"  # eps, v: linear | cosine
+    timesteps: int = 1000  # eps, v: discrete time with this many steps; 0 = continuous time
+    sigma_data: float = 0.5  # edm: the data's standard deviation
+    p_mean: float = -1.2  # edm: ln(sigma) ~ N(p_mean, p_std^2) in training
+    p_std: float = 1.2
+    time_sampling: str = "uniform"  # flow: uniform | logit_normal
+    logit_mean: float = 0.0  # flow, logit_normal: t = sigmoid(logit_mean + logit_std * n)
+    logit_std: float = 1.0
+
+
+@dataclass
+class SamplerConfig:
+    """How sample grids, evaluations and `dgm-scale sample` sample (the last: --sampler, --steps, --guidance)."""
+    name: str = "heun"  # ddpm | ddim | euler | heun | dpmpp_2m
+    steps: int = 18  # noise levels visited (heun evaluates the denoiser about twice per step)
+    guidance: float = 1.0  # classifier-free guidance weight w: D_uncond + w (D_cond - D_uncond); 1 = none
+    # clamp the denoised estimate D to the data range [-1, 1] at every step (DDPM's clip_denoised):
+    # eps-prediction divides by alpha, ~5e-5 at the cosine schedule's first level
+    clip_denoised: bool = True
+    eta: float = 0.0  # ddim: 0 deterministic .. 1 ancestral
+    churn: float = 0.0  # heun: EDM's S_churn (0 = deterministic)
+    churn_min: float = 0.05  # heun: churn only where sigma / alpha is in [churn_min, churn_max]
+    churn_max: float = 50.0
+    churn_noise: float = 1.003  # heun: EDM's S_noise
+    sigma_min: float = 0.002  # edm: the sampling grid's noise levels and its rho
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+
+@dataclass
+class DiffusionOptimConfig(OptimizerConfig):
+    lr: float = 2e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+def validate_sampler(sampler: Any, loss: Any, model: Any, key: str = "sampler") -> None:
+    """The sampler settings (`key`: `sampler`, or the CLI's names) against the model's."""
+    from dgm_scale.families.diffusion.samplers import SAMPLERS
+
+    choice(f"{key}.name", sampler.name, sorted(SAMPLERS))
+    at_least(f"{key}.steps", sampler.steps, 1)
+    discrete = loss.objective in ("eps", "v") and loss.timesteps > 0
+    require(not discrete or sampler.steps <= loss.timesteps,
+            f"config key '{key}.steps': {sampler.steps} steps is more than the model's loss.timesteps = {loss.timesteps}")
+    at_least(f"{key}.guidance", sampler.guidance, 0.0)
+    require(sampler.guidance == 1.0 or (model.num_classes > 0 and model.label_dropout > 0),
+            f"config key '{key}.guidance': guidance {sampler.guidance} needs a class-conditional model trained "
+            f"with label dropout (model.num_classes > 0, model.label_dropout > 0); 1 = no guidance")
+    require(0.0 <= sampler.eta <= 1.0, f"config key '{key}.eta' must be in [0, 1], got {sampler.eta}")
+    at_least(f"{key}.churn", sampler.churn, 0.0)
+    require(sampler.churn_noise > 0, f"config key '{key}.churn_noise' must be > 0, got {sampler.churn_noise}")
+    require(0 < sampler.sigma_min < sampler.sigma_max,
+            f"config key '{key}.sigma_min' must be > 0 and below sampler.sigma_max, got {sampler.sigma_min}")
+    require(sampler.rho > 0, f"config key '{key}.rho' must be > 0, got {sampler.rho}")
+
+
+def validate(cfg: Any) -> None:
+    from dgm_scale.losses.diffusion import OBJECTIVES
+    from dgm_scale.modules.optim import validate_optimizer
+    from dgm_scale.nets.unet import validate_unet
+
+    model, loss = cfg.model, cfg.loss
+    denoiser = model.denoiser
+    if denoiser.target:
+        require(":" in str(denoiser.target), f"config key 'model.denoiser.target': '{denoiser.target}' is not of the "
+                                             "form package.module:Class or path/to/file.py:Class")
+    else:
+        validate_unet("model.denoiser", denoiser, cfg.data.resolution)
+    choice("loss.objective", loss.objective, sorted(OBJECTIVES))
+    choice("loss.schedule", loss.schedule, ["linear", "cosine"])
+    at_least("loss.timesteps", loss.timesteps, 0)
+    require(loss.sigma_data > 0, f"config key 'loss.sigma_data' must be > 0, got {loss.sigma_data}")
+    require(loss.p_std > 0, f"config key 'loss.p_std' must be > 0, got {loss.p_std}")
+    choice("loss.time_sampling", loss.time_sampling, ["uniform", "logit_normal"])
+    require(loss.logit_std > 0, f"config key 'loss.logit_std' must be > 0, got {loss.logit_std}")
+    at_least("model.num_classes", model.num_classes, 0)
+    require(0.0 <= model.label_dropout < 1.0, f"config key 'model.label_dropout' must be in [0, 1), got {model.label_dropout}")
+    require(model.label_dropout == 0 or model.num_classes > 0,
+            "config key 'model.label_dropout': label dropout is for class-conditional models (model.num_classes > 0)")
+    require(0.0 <= model.ema_decay < 1.0, f"config key 'model.ema_decay' must be in [0, 1), got {model.ema_decay}")
+    at_least("model.ema_rampup", model.ema_rampup, 0)
+    validate_sampler(cfg.sampler, loss, model)
+    validate_optimizer("optim", cfg.optim)
+
+
+def objective_label(setting: Callable[..., Any]) -> str:
+    objective = setting("loss.objective")
+    if objective in ("eps", "v"):
+        steps = setting("loss.timesteps")
+        time = f"{steps} discrete steps" if steps else "continuous time"
+        return f"{objective}-prediction, VP {setting('loss.schedule')} schedule, {time}"
+    if objective == "edm":
+        return f"EDM preconditioning, sigma_data {setting('loss.sigma_data')}, ln sigma ~ N({setting('loss.p_mean')}, " \
+               f"{setting('loss.p_std')}^2)"
+    return f"flow matching (straight path, velocity), t {setting('loss.time_sampling')}"
+
+
+def sampler_label(setting: Callable[..., Any]) -> str:
+    guidance = setting("sampler.guidance")
+    return f"{setting('sampler.name')}, {setting('sampler.steps')} steps" + \
+        (f", guidance {guidance}" if guidance not in (None, 1.0) else "")
+
+
+def _denoiser_label(setting: Callable[..., Any]) -> str:
+    target = setting("model.denoiser.target")
+    if target:
+        return str(target).rsplit("/", 1)[-1]
+    return f"U-Net width {setting('model.denoiser.width')} x {setting('model.denoiser.channel_mult')}"
+
+
+def describe(setting: Callable[..., Any]) -> List[Tuple[str, str]]:
+    classes, ema = setting("model.num_classes") or 0, setting("model.ema_decay") or 0
+    return [("model", f"diffusion: {_denoiser_label(setting)}" + (f", {classes} classes, label dropout "
+                                                                 f"{setting('model.label_dropout')}" if classes else "")),
+            ("loss", objective_label(setting)),
+            ("sampler", sampler_label(setting)),
+            ("EMA of the denoiser", f"decay up to {ema}, ramp-up {setting('model.ema_rampup', 0)}" if ema else "none"),
+            ("optimizer", f"{setting('optim.name')} lr {setting('optim.lr')}")]
+
+
+def summary(setting: Callable[..., Any]) -> str:
+    return f"diffusion, {objective_label(setting)}; {_denoiser_label(setting)}; sampler {sampler_label(setting)}"
+
+
+FAMILY = Family(
+    name="diffusion",
+    description="a denoiser trained to undo Gaussian noise (eps, v, EDM or flow matching), sampled from noise",
+    model=DiffusionModelConfig, loss=DiffusionLossConfig, optim=DiffusionOptimConfig,
+    module="dgm_scale.families.diffusion.module:DiffusionModule",
+    validate=validate, describe=describe, summary=summary,
+    modalities=("images",),
+    chart_groups=(("loss_by_noise", "Training loss by noise level sigma / alpha (rank 0's batch)",
+                   lambda k: k.startswith("train/loss_sigma_")),),
+    sections={"sampler": SamplerConfig},
+    sampler_names={"": "EMA denoiser", "raw": "raw denoiser"},
+)
