@@ -282,6 +282,13 @@ CLI = ("import argparse, sys; from dgm_scale.serve import add_serve_parser; pars
        "add_serve_parser(parser.add_subparsers()); args = parser.parse_args(sys.argv[1:]); sys.exit(args.func(args))")
 
 
+def interruptible() -> None:
+    """In the child before exec: Ctrl-C as in a terminal. A process inherits an ignored or
+    blocked SIGINT, and in the full suite the server child was left deaf to it (30 s timeout)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_the_command_prints_its_url_and_stops_on_ctrl_c(checkpoint):
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers())
@@ -289,7 +296,8 @@ def test_the_command_prints_its_url_and_stops_on_ctrl_c(checkpoint):
     assert (args.host, args.port, args.device) == ("127.0.0.1", 8000, None)
     assert (args.queue, args.connections, args.timeout) == (8, 32, 10.0)  # the documented defaults
     proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", str(checkpoint), "--port", "0", "--device", "cpu"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     try:
         line = proc.stdout.readline()
         assert line.startswith(f"serving {checkpoint.name} at http://127.0.0.1:") and line.endswith("(Ctrl-C stops)\n")
