@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
+from dgm_scale.core.errors import first_line
 from dgm_scale.config import ConfigError, to_dict
 from dgm_scale.distributed.preemption import requeue_checkpoint
 
@@ -85,7 +86,7 @@ def check_compatible(checkpoint_path: Path, cfg) -> None:
         stored = dict(_flatten(checkpoint["hyper_parameters"]["config"]))
     except Exception as exc:
         raise ConfigError(f"config key 'run.resume': '{checkpoint_path}' is not a dgm_scale checkpoint: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{first_line(exc)}") from None
     current = dict(_flatten(to_dict(cfg)))
     _check_zero_world_size(checkpoint, checkpoint_path, cfg)
     # DeepSpeed keeps its optimizer state as ZeRO partitions, the other strategies as plain state.

@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
+from dgm_scale.core.errors import first_line
 from dgm_scale.core.files import torch_save_atomic
 
 ZERO_SHARDS = "zero_shards"  # a checkpoint's optimizer state: where its per-rank files are
@@ -63,8 +64,7 @@ def load_partition(source: Any, name: str) -> Dict[str, Any]:
         with torch.serialization.safe_globals(_deepspeed_classes()):
             return torch.load(source, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"ZeRO partition '{name}' does not load: {reason}") from None
+        raise ValueError(f"ZeRO partition '{name}' does not load: {first_line(error)}") from None
 
 
 def read_shard(checkpoint_dir: Path, folder: str, rank: int, optimizer_index: int) -> Dict[str, Any]:
