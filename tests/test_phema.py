@@ -16,7 +16,7 @@ from dgm_scale.modules import load_module
 from dgm_scale.modules.phema import (PowerFunctionEMA, exponent_of, profile_inner_products, sigma_rel_of,
                                      solve_weights)
 from dgm_scale.train import train
-from helpers import TINY_RUN, assert_same_phema, one_line, stop_and_resume
+from helpers import ROOT, TINY_RUN, assert_same_phema, one_line, stop_and_resume
 
 WIDTHS = [0.01, 0.05, 0.08, 0.10, 0.2, 0.28]
 
@@ -213,3 +213,24 @@ def test_the_report_draws_fid_against_the_width(phema_run):
     build_report(phema_run)
     assert (phema_run / "plots" / "phema_fid.png").is_file()
     assert "plots/phema_fid.png" in (phema_run / "report.html").read_text()
+
+
+def test_the_fid_table_script_runs_and_feeds_the_report(phema_run, capsys):
+    """benchmarks/phema_fid.py at a tiny scale (32 samples, raw-pixel features): a table row per
+    width, the fixed EMA's FID equal to `evaluate` of the run's checkpoint with the same samples."""
+    import importlib.util
+
+    from dgm_scale.score import evaluate
+
+    spec = importlib.util.spec_from_file_location("phema_fid", ROOT / "benchmarks" / "phema_fid.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(phema_run), "--sigma-rels", "0.05,0.15", "--num-samples", "32", "--seeds", "3",
+                        "--extractor", "identity"]) == 0
+    table = json.loads((phema_run / "phema" / "fid.json").read_text())
+    assert [row["sigma_rel"] for row in table["rows"]] == [0.05, 0.15] and table["iteration"] == 5
+    reference = evaluate(phema_run / "checkpoints" / "last.ckpt", out=phema_run / "ref.eval.json", num_samples=32,
+                         seed=3, extractor="identity", metrics="fid", device="cpu")
+    assert table["fixed_ema"] == pytest.approx(reference["fid"], rel=1e-9)
+    assert table["raw"] == pytest.approx(reference["raw/fid"], rel=1e-9)
+    assert "| post-hoc sigma_rel 0.150 |" in capsys.readouterr().out
