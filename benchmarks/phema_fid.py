@@ -80,26 +80,25 @@ def score_run(run_dir: Path, widths: list[float], args) -> dict:
 
 
 def markdown(tables: dict[str, dict]) -> str:
-    """sigma_rel | FID of each run | mean; then the fixed EMA and the raw denoiser."""
+    """sigma_rel | FID of each run | mean; then the raw denoiser, the fixed EMA and the verdict."""
     names = list(tables)
     widths = [row["sigma_rel"] for row in next(iter(tables.values()))["rows"]]
 
     def line(label, values):
-        mean = statistics.fmean(values)
         spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-        return f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {mean:.2f}{spread} |"
+        return f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {statistics.fmean(values):.2f}{spread} |"
     out = ["| EMA | " + " | ".join(names) + " | mean |", "|---|" + "---|" * (len(names) + 1)]
     for index, width in enumerate(widths):
         out.append(line(f"post-hoc sigma_rel {width:.3f}", [tables[n]["rows"][index]["fid"] for n in names]))
+    out.append(line("raw denoiser", [tables[n]["raw"] for n in names]))
     fixed = [tables[n]["fixed_ema"] for n in names]
-    if all(value is not None for value in fixed):
-        out.append(line(f"fixed EMA ({tables[names[0]]['fixed_label']})", fixed))
-        best = min(statistics.fmean(tables[n]["rows"][i]["fid"] for n in names) for i in range(len(widths)))
-        verdict = "no worse than" if best <= statistics.fmean(fixed) else "WORSE than"
-        out.append(f"\nbest post-hoc width (mean FID {best:.2f}) is {verdict} the fixed EMA ({statistics.fmean(fixed):.2f})")
-    out.insert(-1 if all(value is not None for value in fixed) else len(out),
-               line("raw denoiser", [tables[n]["raw"] for n in names]))
-    return "\n".join(out)
+    if any(value is None for value in fixed):  # model.ema_decay = 0: no fixed EMA to compare with
+        return "\n".join(out)
+    out.append(line(f"fixed EMA ({tables[names[0]]['fixed_label']})", fixed))
+    best = min(statistics.fmean(tables[n]["rows"][i]["fid"] for n in names) for i in range(len(widths)))
+    verdict = "no worse than" if best <= statistics.fmean(fixed) else "WORSE than"
+    return "\n".join(out) + f"\n\nbest post-hoc width (mean FID {best:.2f}) is {verdict} the fixed EMA " \
+                           f"({statistics.fmean(fixed):.2f})"
 
 
 def main(argv=None) -> int:

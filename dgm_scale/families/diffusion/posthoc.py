@@ -173,7 +173,8 @@ def fid_chart(run_dir: Path) -> List[Tuple[str, str, str, List[Tuple[str, np.nda
     x = np.array([row["sigma_rel"] for row in rows], dtype=float)
     series = [("post-hoc EMA", x, np.array([row["fid"] for row in rows], dtype=float))]
     if table.get("fixed_ema") is not None:
-        series.append((f"fixed EMA ({table.get('fixed_label', 'the run')})", x, np.full(len(x), float(table["fixed_ema"]))))
+        fixed = np.full(len(x), float(table["fixed_ema"]))  # one value: a flat line across the widths
+        series.append((f"fixed EMA ({table.get('fixed_label', 'the run')})", x, fixed))
     title = f"FID against post-hoc EMA width (iteration {table['iteration']}, {table.get('num_samples', '?')} " \
             "samples; lower is better)"
     return [("phema_fid", title, "sigma_rel", series)]
