@@ -213,6 +213,11 @@ def test_the_report_draws_fid_against_the_width(phema_run):
     build_report(phema_run)
     assert (phema_run / "plots" / "phema_fid.png").is_file()
     assert "plots/phema_fid.png" in (phema_run / "report.html").read_text()
+    (phema_run / "phema" / "fid.json").write_text('{"rows": [{"sigma": 1}]}')  # damaged: the rest is drawn
+    (phema_run / "plots" / "phema_fid.png").unlink()
+    build_report(phema_run)
+    assert not (phema_run / "plots" / "phema_fid.png").exists()
+    assert (phema_run / "plots" / "loss_by_noise.png").is_file()
 
 
 def test_the_fid_table_script_runs_and_feeds_the_report(phema_run, capsys):

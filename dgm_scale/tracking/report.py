@@ -1,7 +1,8 @@
 """A local report of a run, for people without W&B: RUN/plots/*.png and RUN/report.html.
 
 `build_report(run_dir)` reads only the run directory (config.yaml, metrics.csv, hparams.yaml,
-eval/metrics.jsonl, eval/projection.npz, checkpoints/best.json, samples/), so it works for a
+eval/metrics.jsonl, eval/projection.npz, checkpoints/best.json, samples/, and files of the
+family's own through `Family.report_charts`, e.g. a diffusion run's phema/fid.json), so it works for a
 running, finished or crashed run alike (`dgm-scale report RUN`). During training, `RunReport` refreshes it on rank 0
 at every evaluation and at the end, adding the metric rows the CSV logger still holds in memory.
 Every file is written to a temporary name and renamed, so a browser never sees half a file.

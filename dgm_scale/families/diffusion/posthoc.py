@@ -12,6 +12,7 @@ denoiser (the raw denoiser, buffers and all else from the run's checkpoint) - so
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ import torch
 from dgm_scale.core.errors import ConfigError
 from dgm_scale.core.files import torch_save_atomic
 from dgm_scale.modules.phema import MAX_SIGMA_REL, PowerFunctionEMA, exponent_of, solve_weights
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_DIR = "phema"
 SNAPSHOT_NAME = re.compile(r"phema_(\d{7,})\.pt")
@@ -168,10 +171,14 @@ def fid_chart(run_dir: Path) -> List[Tuple[str, str, str, List[Tuple[str, np.nda
     path = Path(run_dir) / FID_TABLE
     if not path.is_file():
         return []
-    table = json.loads(path.read_text())
-    rows = sorted(table["rows"], key=lambda row: row["sigma_rel"])
-    x = np.array([row["sigma_rel"] for row in rows], dtype=float)
-    series = [("post-hoc EMA", x, np.array([row["fid"] for row in rows], dtype=float))]
+    try:
+        table = json.loads(path.read_text())
+        rows = sorted(table["rows"], key=lambda row: row["sigma_rel"])
+        x = np.array([row["sigma_rel"] for row in rows], dtype=float)
+        series = [("post-hoc EMA", x, np.array([row["fid"] for row in rows], dtype=float))]
+    except (ValueError, KeyError, TypeError) as error:  # the report still shows everything else
+        log.warning("not drawing %s: %s: %s", path, type(error).__name__, error)
+        return []
     if table.get("fixed_ema") is not None:
         fixed = np.full(len(x), float(table["fixed_ema"]))  # one value: a flat line across the widths
         series.append((f"fixed EMA ({table.get('fixed_label', 'the run')})", x, fixed))
