@@ -13,8 +13,8 @@ from dgm_scale.cli import main
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.families.diffusion.posthoc import reconstruct, snapshot_iterations, write_snapshot
 from dgm_scale.modules import load_module
-from dgm_scale.modules.phema import (PowerFunctionEMA, exponent_of, profile_inner_products, sigma_rel_of,
-                                     solve_weights)
+from dgm_scale.modules.phema import (PowerFunctionEMA, exponent_of, profile_error, profile_inner_products,
+                                     sigma_rel_of, solve_weights)
 from dgm_scale.train import train
 from helpers import ROOT, TINY_RUN, assert_same_phema, one_line, stop_and_resume
 
@@ -122,6 +122,9 @@ def test_an_intermediate_width_is_rebuilt_from_two_tracked_ones():
         return np.where(tau <= t, (g + 1) * np.minimum(tau / t, 1) ** g / t, 0.0)
     residual = sum(w * profile(t, s) for w, (t, s) in zip(weights, inputs)) - profile(steps, 0.08)
     residual_norm = math.sqrt((residual ** 2).mean() * steps)
+    wanted_norm = math.sqrt((profile(steps, 0.08) ** 2).mean() * steps)
+    closed = profile_error([t for t, _ in inputs], [exponent_of(s) for _, s in inputs], weights, steps, exponent_of(0.08))
+    assert closed == pytest.approx(residual_norm / wanted_norm, rel=0.02) and 0 < closed < 0.05
     values = torch.stack([theta.double() for theta in thetas]).flatten(1).numpy()  # [steps, coordinates]
     theta_norms = np.sqrt((values ** 2).sum(0))  # per coordinate: each value holds for one unit of tau
     bound = residual_norm * theta_norms

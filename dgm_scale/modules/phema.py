@@ -82,6 +82,19 @@ def solve_weights(times: Sequence[float], exponents: Sequence[float], time: floa
     return weights / weights.sum()
 
 
+def profile_error(times: Sequence[float], exponents: Sequence[float], weights: Sequence[float], time: float,
+                  exponent: float) -> float:
+    """How far the combination `weights` of the snapshot profiles is from the profile (time,
+    exponent): ||sum_i w_i p_i - p|| / ||p|| in L2 (0: exact). It bounds the error of every
+    reconstructed weight by Cauchy-Schwarz, so it says how well the snapshots span a width."""
+    times, exponents, weights = (np.asarray(v, dtype=np.float64) for v in (times, exponents, weights))
+    gram = profile_inner_products(times[:, None], exponents[:, None], times[None, :], exponents[None, :])
+    cross = profile_inner_products(times, exponents, time, exponent)
+    norm = float(profile_inner_products(time, exponent, time, exponent))
+    squared = norm - 2 * weights @ cross + weights @ gram @ weights
+    return math.sqrt(max(float(squared), 0.0) / norm)
+
+
 class PowerFunctionEMA:
     """Power-function EMAs of a list of tensors (a network's parameters), one per width in
     `sigma_rels`, kept in float32 beside the tensors (same device); `update` after every

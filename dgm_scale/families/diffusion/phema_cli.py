@@ -35,6 +35,7 @@ def cmd_ema(args: argparse.Namespace) -> int:
     check_sigma_rel(args.sigma_rel)
     out = args.out or default_out(args.run_dir, args.sigma_rel, chosen_iteration(args.run_dir, args.at))
     path, record = write_posthoc_checkpoint(args.run_dir, args.sigma_rel, out, args.at)
-    print(f"wrote {path}: the EMA of sigma_rel {record['sigma_rel']} at iteration {record['iteration']} "
-          f"(from {len(record['inputs'])} snapshot profiles; the rest of the model from {record['rest_from']})")
+    print(f"wrote {path}: the EMA of sigma_rel {record['sigma_rel']} at iteration {record['iteration']} from "
+          f"{len(record['inputs'])} snapshot profiles (their combined profile is {record['profile_error']:.1%} from the "
+          f"wanted one, relative L2); the rest of the model from {record['rest_from']}")
     return 0

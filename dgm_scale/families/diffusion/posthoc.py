@@ -23,7 +23,7 @@ import torch
 
 from dgm_scale.core.errors import ConfigError
 from dgm_scale.core.files import torch_save_atomic
-from dgm_scale.modules.phema import MAX_SIGMA_REL, PowerFunctionEMA, exponent_of, solve_weights
+from dgm_scale.modules.phema import MAX_SIGMA_REL, PowerFunctionEMA, exponent_of, profile_error, solve_weights
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class Reconstruction:
     iteration: int
     inputs: List[Tuple[int, float]]  # (iteration, sigma_rel) of each snapshot profile used
     weights: List[float]
+    profile_error: float  # relative L2 distance of the combined profile from the wanted one
 
 
 def check_sigma_rel(sigma_rel: float, key: str = "--sigma-rel") -> None:
@@ -98,8 +99,9 @@ def reconstruct(run_dir: Path, sigma_rel: float, at: Optional[int] = None) -> Re
     iteration = chosen_iteration(run_dir, at)
     snapshots = [(t, _read_snapshot(snapshot_path(run_dir, t))) for t in snapshot_iterations(run_dir) if t <= iteration]
     inputs = [(t, float(s)) for t, snapshot in snapshots for s in snapshot["sigma_rels"]]
-    weights = solve_weights([t for t, _ in inputs], [exponent_of(s) for _, s in inputs], iteration,
-                            exponent_of(sigma_rel))
+    times, exponents = [t for t, _ in inputs], [exponent_of(s) for _, s in inputs]
+    weights = solve_weights(times, exponents, iteration, exponent_of(sigma_rel))
+    error = profile_error(times, exponents, weights, iteration, exponent_of(sigma_rel))
     total: Dict[str, torch.Tensor] = {}
     profiles = (profile for _, snapshot in snapshots for profile in snapshot["profiles"])
     for weight, profile in zip(weights.tolist(), profiles):
@@ -107,7 +109,7 @@ def reconstruct(run_dir: Path, sigma_rel: float, at: Optional[int] = None) -> Re
             raise ConfigError(f"post-hoc EMA snapshots in '{run_dir / SNAPSHOT_DIR}' hold different networks")
         for name, value in profile.items():
             total[name] = total.get(name, 0.0) + weight * value.double()
-    return Reconstruction(total, sigma_rel, iteration, inputs, weights.tolist())
+    return Reconstruction(total, sigma_rel, iteration, inputs, weights.tolist(), error)
 
 
 def base_checkpoint(run_dir: Path, iteration: int) -> Path:
@@ -153,7 +155,8 @@ def write_posthoc_checkpoint(run_dir: Path, sigma_rel: float, out: Path, at: Opt
     for name, value in result.parameters.items():
         state[prefix + name] = value.to(state[prefix + name].dtype)
     record = {"sigma_rel": sigma_rel, "iteration": result.iteration, "network": prefix.rstrip("."),
-              "rest_from": str(base), "inputs": [list(pair) for pair in result.inputs], "weights": result.weights}
+              "rest_from": str(base), "inputs": [list(pair) for pair in result.inputs], "weights": result.weights,
+              "profile_error": result.profile_error}
     # Enough for every reader (modules.load_module); not resumable (no optimizer state). One
     # optimizer step per diffusion iteration: global_step is the iteration.
     written = {"hyper_parameters": checkpoint["hyper_parameters"], "state_dict": state,
