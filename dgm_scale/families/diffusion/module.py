@@ -27,8 +27,8 @@ from dgm_scale.families.diffusion.samplers import generate, levels
 from dgm_scale.losses.diffusion import build_objective, denoising_loss
 from dgm_scale.modules.base import GenerativeModule
 from dgm_scale.modules.ema import make_ema_copy, ramped_decay, update_ema
-from dgm_scale.modules.phema import PowerFunctionEMA
 from dgm_scale.modules.optim import build_optimizer
+from dgm_scale.modules.phema import PowerFunctionEMA
 from dgm_scale.modules.sampling import keyed_noise, sampler_inputs
 from dgm_scale.nets.custom import build_network, check_network
 from dgm_scale.nets.unet import build_unet
