@@ -182,6 +182,18 @@ def test_bad_arguments_stop_with_one_line_naming_them(phema_run, tmp_path, capsy
     assert (phema_run / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
+@pytest.mark.parametrize("damaged", ["phema/phema_0000004.pt", "checkpoints/last.ckpt"])
+def test_a_damaged_snapshot_or_checkpoint_is_named(phema_run, tmp_path, capsys, damaged):
+    import shutil
+
+    run = shutil.copytree(phema_run, tmp_path / "run")
+    (run / damaged).write_bytes((run / damaged).read_bytes()[:200])
+    assert main(["ema", str(run), "--sigma-rel", "0.1", "--out", str(tmp_path / "x.ckpt")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"'{run / damaged}' does not load" in error
+    assert not (tmp_path / "x.ckpt").exists()
+
+
 def test_a_run_without_snapshots_and_bad_config_values_are_named(tmp_path, capsys):
     assert main(["ema", str(tmp_path), "--sigma-rel", "0.1"]) == 2
     assert "not a run directory" in capsys.readouterr().err

@@ -50,14 +50,21 @@ def snapshot_iterations(run_dir: Path) -> List[int]:
     return sorted(int(m.group(1)) for path in folder.iterdir() if (m := SNAPSHOT_NAME.fullmatch(path.name)))
 
 
-def _read_snapshot(path: Path) -> dict:
+def _load(path: Path, what: str, keys: Sequence[str]) -> dict:
+    """torch.load (weights only) of `path`, a dict with `keys`; else a one-line error naming it."""
     try:
-        snapshot = torch.load(path, map_location="cpu", weights_only=True)
-        snapshot["sigma_rels"], snapshot["profiles"]  # noqa: B018 - the keys every snapshot has
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [key for key in keys if key not in loaded]
+        if missing:
+            raise KeyError(f"no {missing[0]}")
     except Exception as error:  # noqa: BLE001 - torch.load raises many types for a bad file
         reason = (str(error).splitlines() or [""])[0] or type(error).__name__
-        raise ConfigError(f"post-hoc EMA snapshot '{path}' does not load: {reason}") from None
-    return snapshot
+        raise ConfigError(f"{what} '{path}' does not load: {reason}") from None
+    return loaded
+
+
+def _read_snapshot(path: Path) -> dict:
+    return _load(path, "post-hoc EMA snapshot", ("sigma_rels", "profiles"))
 
 
 @dataclass
@@ -146,7 +153,7 @@ def write_posthoc_checkpoint(run_dir: Path, sigma_rel: float, out: Path, at: Opt
     check_out(out, run_dir)
     result = reconstruct(run_dir, sigma_rel, at)
     base = base_checkpoint(run_dir, result.iteration)
-    checkpoint = torch.load(base, map_location="cpu", weights_only=True)
+    checkpoint = _load(base, "checkpoint", ("hyper_parameters", "state_dict"))
     state = dict(checkpoint["state_dict"])
     prefix = sampling_prefix(state)
     missing = sorted(f"{prefix}{name}" for name in result.parameters if f"{prefix}{name}" not in state)
