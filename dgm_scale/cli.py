@@ -280,6 +280,7 @@ def _add_import_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from dgm_scale.export.cli import add_export_parser
+    from dgm_scale.families.diffusion.phema_cli import add_ema_parser
     from dgm_scale.represent.cli import add_encode_parser, add_probe_parser
     from dgm_scale.serve import add_serve_parser
 
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_option(sample_p)
     sample_p.set_defaults(func=cmd_sample)
     add_export_parser(commands)
+    add_ema_parser(commands)
     add_encode_parser(commands)
     add_probe_parser(commands)
     add_serve_parser(commands)

@@ -198,6 +198,20 @@ def assert_same_final_run(reference: Path, resumed: Path, steps: int) -> None:
     assert [float(row["train/iteration"]) for row in metrics_rows(resumed)] == list(range(1, steps + 1))
 
 
+def assert_same_phema(reference: Path, resumed: Path, iterations: list[int]) -> None:
+    """Two diffusion runs hold the same power-function EMAs (post-hoc EMA): in last.ckpt, and in
+    the snapshots of `iterations` (RUN/phema/), bit for bit."""
+    states = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["phema"] for run in (reference, resumed)]
+    assert states[0]["iteration"] == states[1]["iteration"]
+    for a, b in zip(sum(states[0]["averages"], []), sum(states[1]["averages"], []), strict=True):
+        assert torch.equal(a, b)
+    for iteration in iterations:
+        name = f"phema/phema_{iteration:07d}.pt"
+        a, b = (torch.load(run / name, weights_only=True)["profiles"] for run in (reference, resumed))
+        assert len(a) == len(b) and all(x.keys() == y.keys() for x, y in zip(a, b))
+        assert all(torch.equal(x[key], y[key]) for x, y in zip(a, b) for key in x), name
+
+
 @contextlib.contextmanager
 def one_thread():
     """In-process runs compute like the OMP_NUM_THREADS=1 subprocesses (same reduction order)."""
