@@ -74,6 +74,16 @@ class OptimizerConfig:
 
 
 @dataclass
+class DDPConfig:
+    """Our data parallel (trainer.strategy=ddp, or auto with several processes)."""
+    # all-reduce gradients in buckets launched during backward, as each bucket's gradients are
+    # ready (overlapping communication with the rest of backward); false: one flat all-reduce of
+    # all of an optimizer's gradients at its step
+    overlap: bool = True
+    bucket_mb: float = 25.0  # bucket size in MB (DDP's default); smaller starts sooner, more calls
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 3000  # training iterations: one iteration = n_critic D steps + one G step
     accelerator: str = "auto"  # auto | cpu | gpu
@@ -83,6 +93,7 @@ class TrainerConfig:
     # DeepSpeed config block (trainer.strategy=deepspeed), merged over our defaults; e.g.
     # {zero_optimization: {stage: 2, offload_optimizer: {device: cpu}}}
     deepspeed: Dict[str, Any] = field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     # Batch norm statistics over all ranks' batches (our GlobalBatchNorm: CPU and GPU) instead of
     # each rank's own; only matters with more than one process and norm=batch.
