@@ -36,6 +36,10 @@ class DataConfig:
     hflip: bool = False  # random horizontal flip (off for digits: flipped digits are not digits)
     batch_size: int = 64  # real images per discriminator step, per device
     num_workers: int = 0
+    # page-locked host batches when training on CUDA (their copies to the GPU then run asynchronously)
+    pin_memory: bool = True
+    # copy the next batch to the device while the current step runs (on CUDA on a side stream)
+    prefetch_to_device: bool = False
     val_fraction: float = 0.1  # held-out share of built-in datasets (used by the VAE's val ELBO)
     toy_samples: int = 50_000  # points drawn for the 2-D toy mixtures
     toy_std: float = 0.02  # standard deviation of each toy mixture component
@@ -71,6 +75,9 @@ class OptimizerConfig:
     betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
     weight_decay: float = 0.0
     eps: float = 1e-8
+    # the update's implementation: auto (torch's choice: foreach on CUDA) | for_loop | foreach |
+    # fused (Adam only: one kernel for all parameters, on CPU and CUDA)
+    impl: str = "auto"
 
 
 @dataclass
@@ -108,6 +115,9 @@ class TrainerConfig:
     # torch.compile the networks' training forwards (the gradient penalty and R1, whose double
     # backward torch.compile does not support, stay eager); checkpoints hold the plain modules
     compile: bool = False
+    # convolutional networks and image batches in channels_last (NHWC) memory layout, which
+    # tensor-core convolutions prefer under bf16/fp16
+    channels_last: bool = False
 
 
 @dataclass
