@@ -28,7 +28,8 @@ def _d_loss(generator, discriminator, real, noise):
 
 def _train(rank: int, attach, flags: dict):
     """4 iterations of D then G steps on this rank's data; iteration 1 also skips a D step (its
-    gradients cleared, no step), iteration 2 accumulates two D backwards before the step.
+    gradients cleared, no step), iterations 2 and 3 accumulate two D backwards before the step
+    (3: the second one not announced by arm_d, as a plain `loss.backward()` in a module).
     `attach(G, D)` -> (reduce D, reduce G, before D's backward, before G's backward)."""
     generator, discriminator = _nets()
     reduce_d, reduce_g, arm_d, arm_g = attach(generator, discriminator)
@@ -42,8 +43,9 @@ def _train(rank: int, attach, flags: dict):
             _d_loss(generator, discriminator, real, noise).backward()
             opt_d.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)
-        for _ in range(2 if iteration == 2 else 1):
-            arm_d()
+        for backward in range(2 if iteration >= 2 else 1):
+            if iteration != 3 or backward == 0:  # 3: the second backward outside manual_backward
+                arm_d()
             _d_loss(generator, discriminator, real, noise).backward()
         flags.setdefault("local_grads", []).append([p.grad.clone() for p in discriminator.parameters()])
         reduce_d()
@@ -133,7 +135,7 @@ def test_gradients_stay_local_until_the_step(ranks):
 
 def test_buckets_launch_during_backward(ranks):
     """Buckets launch from the hooks, not at the step: D 4 steps + the skipped round's (the
-    accumulating round's second backward launches nothing: it falls back to the step), G 4 steps."""
+    accumulating rounds' second backwards launch nothing: they fall back to the step), G 4 steps."""
     (d_launches, d_buckets), (g_launches, g_buckets) = ranks[0]["launches"][1e-6]
     assert (d_buckets, g_buckets) == (6, 4)  # a bucket per parameter
     assert (d_launches, g_launches) == (5 * d_buckets, 4 * g_buckets)
