@@ -77,6 +77,8 @@ class GradientBuckets:
         self.next_launch = 0
 
     def remove(self) -> None:
+        """Unhook (at teardown), after any round left open by a skipped last step."""
+        self._drain()
         for handle in self.handles:
             handle.remove()
         self.handles = []
