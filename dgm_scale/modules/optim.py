@@ -25,7 +25,7 @@ def validate_optimizer(key: str, opt: Any) -> None:
 
 def build_optimizer(params, opt_cfg: Any) -> torch.optim.Optimizer:
     """Adam or RMSprop from an optimizer config block."""
-    impl = IMPLEMENTATIONS[opt_cfg.impl]
+    impl = IMPLEMENTATIONS[getattr(opt_cfg, "impl", "auto")]  # a family's own optimizer block may lack it
     if opt_cfg.name == "adam":
         return torch.optim.Adam(params, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps,
                                 weight_decay=opt_cfg.weight_decay, **impl)
