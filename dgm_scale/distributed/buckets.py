@@ -48,7 +48,8 @@ def partition(params: List[torch.nn.Parameter], bucket_bytes: int) -> List[List[
     for param in params:
         nbytes = param.numel() * param.element_size()
         last = buckets[-1] if buckets else None
-        if last is None or size + nbytes > bucket_bytes or (param.dtype, param.device) != (last[0].dtype, last[0].device):
+        other_kind = last is not None and (param.dtype, param.device) != (last[0].dtype, last[0].device)
+        if last is None or other_kind or size + nbytes > bucket_bytes:
             buckets.append([])
             size = 0
         buckets[-1].append(param)
@@ -109,9 +110,12 @@ class GradientBuckets:
             self.fallback = True
             return
         self.ready[index].add(id(param))
-        while self.next_launch < len(self.buckets) and len(self.ready[self.next_launch]) == len(self.buckets[self.next_launch]):
+        while self.next_launch < len(self.buckets) and self._full(self.next_launch):
             self._launch(self.next_launch)
             self.launches += 1
+
+    def _full(self, index: int) -> bool:
+        return len(self.ready[index]) == len(self.buckets[index])
 
     def _drain(self) -> None:
         """Wait for every in-flight bucket and forget it (collectives stay matched across ranks)."""
