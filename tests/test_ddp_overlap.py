@@ -89,6 +89,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     results["flat_local"] = flat_flags["local_grads"]
     results["bucket_local"] = bucket_flags["local_grads"][:4]
     results["partial"] = _partial_gradients(rank)
+    results["changed_after_launch"] = _changed_after_launch(rank)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -104,6 +105,18 @@ def _partial_gradients(rank: int):
     buckets.finish()
     return {"shared": shared.grad, "rank0_only": rank0_only.grad, "unused": unused.grad,
             "rank0_only_value": rank0_only.detach()}
+
+
+def _changed_after_launch(rank: int):
+    """A gradient sent in its bucket, then changed by another optimizer's backward before the step."""
+    weight = nn.Parameter(torch.ones(2))
+    buckets = GradientBuckets([weight], 2, bucket_mb=25.0)
+    buckets.arm()
+    (weight * (rank + 1)).sum().backward()  # sent: 1 on rank 0, 2 on rank 1
+    buckets.disarm()
+    (weight * 3).sum().backward()  # now 4 and 5
+    buckets.finish()
+    return weight.grad
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +161,11 @@ def test_missing_gradients_count_as_zero_and_unused_stay_none(ranks):
         torch.testing.assert_close(part["shared"], torch.full((3,), 1.5), rtol=0, atol=0)  # (1 + 2) / 2
         torch.testing.assert_close(part["rank0_only"], part["rank0_only_value"], rtol=0, atol=0)  # (2x + 0) / 2
         assert part["unused"] is None
+
+
+def test_a_gradient_changed_after_its_bucket_was_sent_is_reduced_again(ranks):
+    for rank in ranks:
+        assert torch.equal(rank["changed_after_launch"], torch.full((2,), 4.5))  # (4 + 5) / 2
 
 
 def test_autograd_grad_does_not_fire_the_hooks():

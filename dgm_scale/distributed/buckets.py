@@ -15,8 +15,8 @@ The rules that keep results equal to the flat all-reduce:
   `manual_backward(loss, opt)`): hooks of other optimizers' parameters launch nothing.
 - Buckets launch strictly in order (bucket k after 0 .. k-1), so every rank issues the same
   collectives in the same order whatever order its gradients arrive in.
-- A gradient accumulated twice before the step (gradient accumulation, two backwards) makes the
-  round fall back: in-flight buckets are waited for and dropped, and `finish()` reduces the final
+- A gradient accumulated twice before the step (gradient accumulation, two backwards, or another
+  optimizer's backward reaching a parameter already sent) makes the round fall back: in-flight buckets are waited for and dropped, and `finish()` reduces the final
   `.grad` of every bucket at the step - the flat behaviour, without overlap.
 - A round that ended without a step (a NaN guard's skip clears the gradients) is dropped at the
   next `arm()`.
@@ -102,9 +102,14 @@ class GradientBuckets:
         self.armed = False
 
     def _on_gradient(self, param: Tensor) -> None:
-        if not self.armed or self.fallback:
+        if self.fallback:
             return
         index = self.bucket_of[id(param)]
+        if not self.armed:  # another optimizer's backward; it matters only if this bucket was sent
+            if id(param) in self.ready[index]:
+                self._drain()
+                self.fallback = True
+            return
         if id(param) in self.ready[index]:  # accumulated twice in one round
             self._drain()
             self.fallback = True
