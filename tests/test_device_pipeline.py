@@ -78,3 +78,19 @@ def test_pipeline_options_train_the_same_model(tmp_path):
 def test_optimizer_implementation_is_validated(override, culprit):
     with pytest.raises(ConfigError, match=culprit):
         load_config("configs/wgan.yaml", [override])  # RMSprop: torch has no fused kernel for it
+
+
+def test_prefetch_on_a_shard_stream_trains_the_same_model(tmp_path):
+    """The shard stream's loader (not a DataLoader) prefetches too; on the CPU the batches, their
+    order and the consumed positions are those of the run without it: the same weights, bitwise."""
+    from dgm_scale.data.shards.writer import BuildOptions, build_shards
+
+    shards = tmp_path / "shards"
+    build_shards("builtin:digits", shards, BuildOptions(samples_per_shard=400, resolution=8, progress=False))
+    stream = ["data.name=shards", f"data.path={shards}", "data.channels=1", "data.shuffle_buffer=64"]
+    plain = _trained(tmp_path, "plain", stream)
+    ahead = _trained(tmp_path, "ahead", [*stream, "data.prefetch_to_device=true"])
+    assert ahead.trainer.train_dataloader.prefetch_device == torch.device("cpu")
+    trained = dict(plain.named_parameters())
+    for name, param in ahead.named_parameters():
+        assert torch.equal(param, trained[name]), name
