@@ -22,6 +22,8 @@ def validate_trainer(trainer: Any) -> None:
                 "config key 'trainer.precision': DeepSpeed's fp16 needs a GPU; on CPU use bf16-mixed or 32-true")
     require(trainer.devices >= 1 and trainer.num_nodes >= 1,
             f"config key 'trainer.devices' / 'trainer.num_nodes' must be >= 1, got {trainer.devices} / {trainer.num_nodes}")
+    require(0 < trainer.ddp.bucket_mb <= 2 ** 20,  # written so that NaN fails too
+            f"config key 'trainer.ddp.bucket_mb' must be in (0, {2 ** 20}], got {trainer.ddp.bucket_mb}")
     at_least("trainer.log_every", trainer.log_every, 1)
     choice("trainer.nonfinite", trainer.nonfinite, ["stop", "skip"])
     at_least("trainer.max_nonfinite_skips", trainer.max_nonfinite_skips, 0)

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ..datasets import DataError
+from ..device import prefetched
 from .samples import FAULT_KINDS
 from .stream import ResumePoint, ShardStream, WorkerPosition
 
@@ -112,6 +113,7 @@ class StreamLoader:
         self.tracker = StreamTracker(stream.rank, stream.world_size, workers)
         self.sampler = _EpochSetter(self)
         self._next_epoch = self._len_epoch = 0  # next to iterate; current (for len)
+        self.prefetch_device: Optional[torch.device] = None  # batches copied there one ahead (data/device.py)
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch of the next `iter(loader)`; without calls, iterations count 0, 1, 2, ..."""
@@ -127,7 +129,8 @@ class StreamLoader:
         self.tracker.begin_epoch(epoch)
         resumed = self.stream.resuming(epoch)  # its batches may all have been delivered already
         batches = 0
-        for batch in self.loader:
+        source = self.loader if self.prefetch_device is None else prefetched(self.loader, self.prefetch_device)
+        for batch in source:
             batches += 1
             yield batch
         if batches == 0 and self.stream.drop_last and not resumed:
