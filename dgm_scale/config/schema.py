@@ -97,6 +97,10 @@ class TrainerConfig:
     # torch.compile the networks' training forwards (the gradient penalty and R1, whose double
     # backward torch.compile does not support, stay eager); checkpoints hold the plain modules
     compile: bool = False
+    # On a resume with another number of processes: true = keep the checkpoint's global batch (the
+    # per-device batch becomes global / processes, so the optimisation is unchanged); false = keep
+    # data.batch_size per device (the global batch changes with the world size). A log line says which.
+    keep_global_batch: bool = False
 
 
 @dataclass
