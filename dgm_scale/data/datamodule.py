@@ -83,7 +83,7 @@ class DataModule(L.LightningDataModule):
         sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         for callback in trainer.callbacks if trainer is not None else []:
             if isinstance(callback, DataPosition):  # a resumed run: start the loader where it stopped
-                callback.apply_to(sampler)
+                callback.apply_to(sampler, self.batch_size)
         return sampler
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:

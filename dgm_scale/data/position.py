@@ -63,8 +63,8 @@ class ResumableDistributedSampler(DistributedSampler):
 
     `resume(epoch, consumed, rank_consumed)`: in `epoch`, skip the first `consumed` positions of
     the permutation (samples all ranks together already trained on, under whatever world size) and
-    deal the rest (`rank_samples`); `rank_consumed`: samples per rank that Lightning's restored batch
-    count says this epoch already had (see __len__). Other epochs are whole.
+    deal the rest (`rank_samples`); `rank_consumed`: Lightning's restored batch count of the epoch
+    times today's batch size (see __len__). Other epochs are whole.
     """
 
     def __init__(self, dataset, num_replicas: int, rank: int, shuffle: bool = True, seed: int = 0):
@@ -114,10 +114,9 @@ class DataPosition(L.Callback):
         self.log_every = log_every
         self.epoch = 0
         self.consumed = 0  # map-style: samples of `epoch` that all ranks together trained on
-        # map-style: samples of `epoch` per rank as Lightning counts its batches (batches x batch
-        # size; the same on every rank), whatever world sizes trained them; None = unknown (older
-        # checkpoints)
-        self.rank_consumed: Optional[int] = 0
+        # map-style: batches of `epoch` as Lightning counts them (the same on every rank, whatever
+        # world sizes and batch sizes trained them); None = unknown (older checkpoints)
+        self.batches: Optional[int] = 0
         # Skipped data of this rank since this process started, by kind (rank 0: plus the saved run
         # total); empty for data that cannot skip. Values may be device tensors (summed without a sync).
         self.skipped: Dict[str, Union[int, torch.Tensor]] = {}
@@ -136,7 +135,11 @@ class DataPosition(L.Callback):
         sampler = getattr(trainer.train_dataloader, "sampler", None)
         return sampler if isinstance(sampler, ResumableDistributedSampler) else None
 
-    def apply_to(self, sampler: ResumableDistributedSampler) -> None:
+    def _resume(self, sampler: ResumableDistributedSampler, batch_size: int) -> None:
+        sampler.set_epoch(self.epoch)
+        sampler.resume(self.epoch, self.consumed, None if self.batches is None else self.batches * batch_size)
+
+    def apply_to(self, sampler: ResumableDistributedSampler, batch_size: int) -> None:
         """Put a new sampler at the restored position (epoch, consumed samples), if any.
 
         Called by the data module when it builds the training loader: Lightning starts a
@@ -144,8 +147,7 @@ class DataPosition(L.Callback):
         so a position applied only there would come too late.
         """
         if self._restored is not None and "stream" not in self._restored:
-            sampler.set_epoch(self.epoch)
-            sampler.resume(self.epoch, self.consumed, self.rank_consumed)
+            self._resume(sampler, batch_size)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self._restored is None:
@@ -157,17 +159,17 @@ class DataPosition(L.Callback):
         if stream is not None and "stream" in self._restored:
             stream.load_state_dict(self._restored["stream"])
         elif sampler is not None:
-            sampler.resume(self.epoch, self.consumed, self.rank_consumed)
+            self._resume(sampler, trainer.train_dataloader.batch_size)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch != self.epoch:  # a new epoch (a restarted one keeps its count)
-            self.epoch, self.consumed, self.rank_consumed = trainer.current_epoch, 0, 0
+            self.epoch, self.consumed, self.batches = trainer.current_epoch, 0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         stream = self._stream(trainer)
         if stream is None:
             self.consumed += len(batch[0]) * trainer.world_size
-            self.rank_consumed = None if self.rank_consumed is None else self.rank_consumed + len(batch[0])
+            self.batches = None if self.batches is None else self.batches + 1
             # The image folder's items carry a third field: 1 where an unreadable file was replaced.
             met = {"bad_image": batch[2].sum()} if len(batch) > 2 else {}
         else:
@@ -192,7 +194,7 @@ class DataPosition(L.Callback):
     def state_dict(self) -> Dict[str, Any]:
         # Called on every rank (Lightning's checkpoint dump); the stream gathers all ranks' positions
         # and the skip counts are summed over ranks (both collectives).
-        state: Dict[str, Any] = {"epoch": self.epoch, "consumed": self.consumed, "rank_consumed": self.rank_consumed}
+        state: Dict[str, Any] = {"epoch": self.epoch, "consumed": self.consumed, "batches": self.batches}
         trainer = getattr(self, "_trainer", None)
         stream = self._stream(trainer) if trainer is not None else None
         if stream is not None:
@@ -206,7 +208,7 @@ class DataPosition(L.Callback):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.epoch, self.consumed = int(state_dict["epoch"]), int(state_dict["consumed"])
-        self.rank_consumed = state_dict.get("rank_consumed")
+        self.batches = state_dict.get("batches")
         self._restored = dict(state_dict)
 
 

@@ -1,0 +1,121 @@
+"""Resume on another world size (issue 20): 2 -> 1 -> 3 processes under ddp and DeepSpeed ZeRO-2.
+
+One run on the 2-D toy (104 points, 8 per process and step) is stopped and resumed twice:
+2 processes for 1 step (16 points), 1 process with trainer.keep_global_batch (16 per step:
+1 step), 3 processes at 8 each (24 per step: 3 steps) - together exactly the 104 points of
+epoch 0. At every resume the state right after loading must equal the checkpoint's (weights on
+every rank; optimizer state, ZeRO's re-cut partitions gathered), and the trained points,
+identified by value, must be the epoch's, each once.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgm_scale.config import load_config
+from dgm_scale.data.datasets import build_dataset
+from helpers import lean_zero_state, torchrun
+
+POINTS = 104
+ARGS = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "trainer.log_every=1",
+        "trainer.progress_bar=false", "trainer.accelerator=cpu", "run.sample_every=100", "run.num_samples=16",
+        "run.checkpoint_every=1", f"data.toy_samples={POINTS}", "data.batch_size=8", "loss.n_critic=1",
+        "model.generator.width=16", "model.discriminator.width=16", "model.generator.depth=2",
+        "model.discriminator.depth=2"]
+# (processes, max_steps, extra overrides, the resume's log line)
+LEGS = [(2, 1, [], None),
+        (1, 2, ["trainer.keep_global_batch=true"], "world size 2 -> 1, global batch kept (16 per process)"),
+        (3, 5, ["data.batch_size=8"], "world size 1 -> 3, global batch 16 -> 24 (8 per process)")]
+
+
+def _flat(per_rank: list) -> dict:
+    """ZeRO partitions of all ranks (lean, in rank order) -> {group: {key: full flat tensor}}."""
+    return {group: {key: per_rank[0][group][key] if key == "step" else
+                    torch.cat([rank[group][key] for rank in per_rank]) for key in per_rank[0][group]}
+            for group in per_rank[0]}
+
+
+def saved_state(checkpoint: Path) -> dict:
+    """Weights and optimizer state a checkpoint holds (ZeRO: every rank's shard file, joined)."""
+    from dgm_scale.distributed.zero_checkpoint import ZERO_SHARDS, read_shard
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    optimizers = []
+    for index, state in enumerate(ckpt["optimizer_states"]):
+        if ZERO_SHARDS in state:
+            info = state[ZERO_SHARDS]
+            optimizers.append(_flat([lean_zero_state(read_shard(checkpoint.parent, info["dir"], rank, index))
+                                     for rank in range(int(info["world_size"]))]))
+        else:
+            optimizers.append(state["state"])
+    return {"params": ckpt["state_dict"], "optimizers": optimizers}
+
+
+def assert_loaded_equals_saved(out: Path, world: int, saved: dict, zero: bool) -> None:
+    loaded = [torch.load(out / f"loaded{rank}.pt", weights_only=True) for rank in range(world)]
+    assert [state["world"] for state in loaded] == [world] * world
+    for state in loaded:
+        assert state["params"].keys() == saved["params"].keys()
+        for name, tensor in saved["params"].items():
+            torch.testing.assert_close(state["params"][name], tensor, rtol=0, atol=0, msg=name)
+    for index, expected in enumerate(saved["optimizers"]):
+        got = _flat([state["optimizers"][index] for state in loaded]) if zero else loaded[0]["optimizers"][index]
+        assert got.keys() == expected.keys()
+        for group, values in expected.items():
+            assert values.keys() == got[group].keys()
+            for key, value in values.items():
+                torch.testing.assert_close(torch.as_tensor(got[group][key]), torch.as_tensor(value), rtol=0, atol=0,
+                                           msg=f"optimizer {index} group {group} {key}")
+
+
+def trained_points(outs: list, worlds: list) -> list:
+    """Indices (into the training set) of every point the legs trained on, by value."""
+    cfg = load_config("configs/ring8.yaml", ARGS)
+    index = {tuple(x.tolist()): i for i, x in enumerate(build_dataset(cfg.data, "train").x)}
+    seen = []
+    for out, world in zip(outs, worlds):
+        for rank in range(world):
+            for batch in torch.load(out / f"batches{rank}.pt", weights_only=True):
+                seen += [index[tuple(x.tolist())] for x in batch]
+    return seen
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_two_one_three_processes_resume_with_state_and_epoch_intact(strategy, tmp_path, monkeypatch):
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DGM_TEST_ELASTIC", "1")
+    run, outs = tmp_path / "run", []
+    for leg, (world, steps, extra, line) in enumerate(LEGS):
+        out = tmp_path / f"leg{leg}"
+        out.mkdir()
+        saved = saved_state(run / "checkpoints" / "last.ckpt") if leg else None
+        proc = torchrun(["tests/ddp_worker.py", "configs/ring8.yaml", str(out), *ARGS, f"trainer.devices={world}",
+                         f"trainer.strategy={strategy}", f"trainer.max_steps={steps}", f"run.dir={run}", *extra,
+                         *(["resume=auto"] if leg else [])], nproc=world)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if leg:
+            assert line in proc.stderr + proc.stdout
+            assert_loaded_equals_saved(out, world, saved, zero=strategy == "deepspeed")
+        assert torch.load(out / "rank0.pt", weights_only=True)["iterations"] == steps
+        outs.append(out)
+    seen = trained_points(outs, [world for world, *_ in LEGS])
+    assert sorted(seen) == list(range(POINTS))  # the epoch: every point once, none repeated, none lost
+
+
+def test_keep_global_batch_refuses_a_global_batch_that_does_not_divide(tmp_path):
+    from dgm_scale.config import ConfigError, to_dict
+    from dgm_scale.resume import adapt_to_world
+
+    checkpoint = tmp_path / "last.ckpt"
+    stored = load_config("configs/ring8.yaml", ARGS + ["trainer.devices=2"])
+    torch.save({"hyper_parameters": {"config": to_dict(stored)}}, checkpoint)
+    cfg = load_config("configs/ring8.yaml", ARGS + ["trainer.devices=4", "trainer.keep_global_batch=true"])
+    assert adapt_to_world(checkpoint, cfg) == "world size 2 -> 4, global batch kept (4 per process)"
+    assert cfg.data.batch_size == 4
+    cfg = load_config("configs/ring8.yaml", ARGS + ["trainer.devices=3", "trainer.keep_global_batch=true"])
+    with pytest.raises(ConfigError, match=r"^config key 'trainer.keep_global_batch': .*global batch 16 "
+                                          r"\(8 x 2 processes\) does not divide over 3 processes"):
+        adapt_to_world(checkpoint, cfg)
+    cfg = load_config("configs/ring8.yaml", ARGS + ["trainer.devices=3"])
+    assert adapt_to_world(checkpoint, cfg) == "world size 2 -> 3, global batch 16 -> 24 (8 per process)"
