@@ -116,7 +116,11 @@ class DataModule(L.LightningDataModule):
             weights=list(cfg.weights) or None, hflip=cfg.hflip and train, seed=self.seed, rank=rank,
             world_size=world, shuffle_buffer=cfg.shuffle_buffer if train else 1, resampled=resampled,
             steps_per_epoch=cfg.steps_per_epoch if resampled else None, strict=cfg.strict, drop_last=train)
-        return make_stream_loader(stream, num_workers=int(cfg.num_workers))
+        loader = make_stream_loader(stream, num_workers=int(cfg.num_workers))
+        for callback in trainer.callbacks if trainer is not None and train else []:
+            if isinstance(callback, DataPosition):  # a resumed run: start the stream where it stopped
+                callback.apply_to_stream(loader)
+        return loader
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self):

@@ -122,6 +122,7 @@ class DataPosition(L.Callback):
         self.skipped: Dict[str, Union[int, torch.Tensor]] = {}
         self.final_skipped: Dict[str, int] = {}  # the run's total over all ranks, at the end
         self._restored: Optional[Dict[str, Any]] = None
+        self._stream_applied = False
 
     @staticmethod
     def _stream(trainer):
@@ -149,6 +150,13 @@ class DataPosition(L.Callback):
         if self._restored is not None and "stream" not in self._restored:
             self._resume(sampler, batch_size)
 
+    def apply_to_stream(self, loader) -> None:
+        """Put a new StreamLoader at the restored position, if any (called by the data module when
+        it builds the training loader: Lightning sizes the epoch from it before on_train_start)."""
+        if self._restored is not None and "stream" in self._restored and not self._stream_applied:
+            loader.load_state_dict(self._restored["stream"])
+            self._stream_applied = True
+
     def on_train_start(self, trainer, pl_module) -> None:
         if self._restored is None:
             return
@@ -156,8 +164,8 @@ class DataPosition(L.Callback):
         saved = self._restored.get("skipped", {})
         self.skipped = {kind: int(count) if trainer.global_rank == 0 else 0 for kind, count in saved.items()}
         stream, sampler = self._stream(trainer), self._sampler(trainer)
-        if stream is not None and "stream" in self._restored:
-            stream.load_state_dict(self._restored["stream"])
+        if stream is not None:
+            self.apply_to_stream(stream)
         elif sampler is not None:
             self._resume(sampler, trainer.train_dataloader.batch_size)
 

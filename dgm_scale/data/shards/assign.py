@@ -1,0 +1,127 @@
+"""Which samples of an epoch each (rank, worker) reads, as pure functions, so that a stream can
+be re-dealt to another world size mid-epoch and tests can deal to simulated ranks.
+
+With known sample counts (a manifest) an epoch of one source is a sequence of positions: its
+shards in the epoch's order, concatenated. What is left of the epoch is a list of position
+ranges (the whole epoch: one range). Dealing cuts that list into `world` contiguous pieces
+whose lengths differ by at most one, and each rank's piece into `workers` pieces the same way:
+
+    slot_ranges(left, world, rank, workers, worker)
+
+So ranks differ by at most one sample per source, and a resumed epoch on another world size is
+the same function applied to what was left. What was left after an interruption is a function
+of the old deal and each old (rank, worker)'s count of delivered samples (`leftover`): a worker
+delivers its items in the order its pipeline makes them - the sources mixed by weight, then
+the shuffle buffer, both seeded by (seed, epoch, rank, worker) - so replaying that pipeline on
+positions alone says which positions it delivered: everything it pulled from its ranges except
+what still waited in the shuffle buffer. The replay is index arithmetic, no I/O; its cost grows
+with the samples the interrupted epoch consumed, once per rank at load.
+"""
+from __future__ import annotations
+
+import random
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+from .mixing import Shuffler, mix
+
+Range = Tuple[int, int]  # [start, stop) positions in one source's epoch sequence
+Ranges = List[Range]
+
+
+def rng_for(*parts: object) -> random.Random:
+    """A generator seeded by a tuple of values (string seeds are hashed with SHA-512)."""
+    return random.Random("/".join(map(str, parts)))
+
+
+def length(ranges: Sequence[Range]) -> int:
+    return sum(stop - start for start, stop in ranges)
+
+
+def cut(ranges: Sequence[Range], parts: int, index: int) -> Ranges:
+    """Piece `index` of `parts` contiguous pieces of the concatenated ranges; piece lengths
+    differ by at most one (the first ones are longer)."""
+    size, extra = divmod(length(ranges), parts)
+    begin = index * size + min(index, extra)
+    end = begin + size + (index < extra)
+    out: Ranges = []
+    offset = 0
+    for start, stop in ranges:
+        lo, hi = max(begin, offset), min(end, offset + stop - start)
+        if lo < hi:
+            out.append((start + lo - offset, start + hi - offset))
+        offset += stop - start
+        if offset >= end:
+            break
+    return out
+
+
+def slot_ranges(left: Sequence[Range], world: int, rank: int, workers: int, worker: int) -> Ranges:
+    """The positions (of one source) that `worker` of `rank` reads: the rank's piece of what is
+    left of the epoch, then the worker's piece of that."""
+    return cut(cut(left, world, rank), workers, worker)
+
+
+def positions(ranges: Sequence[Range]) -> Iterator[int]:
+    for start, stop in ranges:
+        yield from range(start, stop)
+
+
+def merged(ranges: Sequence[Range]) -> Ranges:
+    """Sorted, with touching or overlapping ranges joined."""
+    out: Ranges = []
+    for start, stop in sorted(r for r in ranges if r[0] < r[1]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], stop))
+        else:
+            out.append((start, stop))
+    return out
+
+
+def undelivered(slot: Sequence[Ranges], delivered: int, weights: Sequence[float], buffer: int,
+                seed: int, epoch: int, rank: int, worker: int) -> List[Ranges]:
+    """Per source, the positions of a worker's ranges (`slot`, per source) that it had not
+    delivered after `delivered` items: replays its mixing and shuffle buffer on positions."""
+    pulled = [0] * len(slot)
+
+    def source(k: int) -> Iterator[Tuple[int, int]]:
+        for position in positions(slot[k]):
+            pulled[k] += 1
+            yield k, position
+
+    streams = [source(k) for k in range(len(slot))]
+    shuffler = Shuffler(buffer, rng_for(seed, epoch, rank, worker, "shuffle"))
+    outputs = shuffler.run(mix(streams, list(weights), rng_for(seed, epoch, rank, worker, "mix")))
+    for _ in range(delivered):
+        if next(outputs, None) is None:
+            return [[] for _ in slot]  # all of it delivered (a worker that wrapped around, too)
+    left: List[Ranges] = []
+    for k, ranges in enumerate(slot):
+        waiting = [(position, position + 1) for j, position in shuffler.buffer if j == k]
+        left.append(merged(waiting + after(ranges, pulled[k])))
+    return left
+
+
+def after(ranges: Sequence[Range], count: int) -> Ranges:
+    """`ranges` without their first `count` positions."""
+    out: Ranges = []
+    for start, stop in ranges:
+        skip = min(count, stop - start)
+        count -= skip
+        if start + skip < stop:
+            out.append((start + skip, stop))
+    return out
+
+
+def leftover(left: Sequence[Ranges], world: int, workers: int, delivered: Dict[Tuple[int, int], int],
+             weights: Sequence[float], buffer: int, seed: int, epoch: int) -> List[Ranges]:
+    """Per source, what is left of the epoch after each (rank, worker) of the deal of `left`
+    (per source) over world x workers delivered `delivered[rank, worker]` items (0 if absent)."""
+    out: List[Ranges] = [[] for _ in left]
+    for rank in range(world):
+        for worker in range(workers):
+            slot = [slot_ranges(ranges, world, rank, workers, worker) for ranges in left]
+            count = delivered.get((rank, worker), 0)
+            rest = undelivered(slot, count, weights, buffer, seed, epoch, rank, worker) if count else slot
+            for k, ranges in enumerate(rest):
+                out[k] += ranges
+    return [merged(ranges) for ranges in out]
