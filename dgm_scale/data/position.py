@@ -44,16 +44,16 @@ def deal(rest: Sequence[int], world: int, rank: int) -> List[int]:
     needs as many steps on every rank; the padding repeats fewer than `world` samples)."""
     if not rest:
         return []
-    total = math.ceil(len(rest) / world) * world
-    padded = (list(rest) * math.ceil(total / len(rest)))[:total]
-    return padded[rank:total:world]
+    share = math.ceil(len(rest) / world)
+    mine = list(rest[rank::world])
+    return mine + [rest[(rank + j * world) % len(rest)] for j in range(len(mine), share)]
 
 
 def rank_samples(num_samples: int, seed: int, epoch: int, world: int, rank: int, consumed: int = 0,
                  shuffle: bool = True) -> List[int]:
     """The samples `rank` of `world` reads in `epoch` after all ranks together consumed `consumed`
-    (whatever world size consumed them): the rest of the epoch's order, dealt. A pure function:
-    tests deal to simulated ranks with it (tests/test_elastic.py)."""
+    (whatever world size consumed them): the rest of the epoch's order, dealt. Pure, like `deal`:
+    tests deal to simulated ranks with them (tests/test_elastic.py)."""
     return deal(epoch_order(num_samples, seed, epoch, shuffle)[consumed:], world, rank)
 
 

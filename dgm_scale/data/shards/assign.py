@@ -19,8 +19,10 @@ with the samples the interrupted epoch consumed, once per rank at load.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 from .mixing import Shuffler, mix
 
@@ -37,27 +39,42 @@ def length(ranges: Sequence[Range]) -> int:
     return sum(stop - start for start, stop in ranges)
 
 
-def cut(ranges: Sequence[Range], parts: int, index: int) -> Ranges:
+class Span:
+    """Position ranges with their running lengths, so that cutting a piece costs O(log n): the
+    deal of a large leftover (many ranges) to many slots stays cheap."""
+
+    def __init__(self, ranges: Sequence[Range]):
+        self.ranges = [tuple(r) for r in ranges]
+        self.ends = list(itertools.accumulate(stop - start for start, stop in self.ranges))
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def between(self, begin: int, end: int) -> Ranges:
+        """The positions from the `begin`-th to before the `end`-th, as ranges."""
+        out: Ranges = []
+        i = bisect.bisect_right(self.ends, begin)
+        while begin < end and i < len(self.ranges):
+            start, stop = self.ranges[i]
+            offset = self.ends[i] - (stop - start)
+            hi = min(end, self.ends[i])
+            out.append((start + begin - offset, start + hi - offset))
+            begin, i = hi, i + 1
+        return out
+
+
+def cut(ranges: Union[Sequence[Range], Span], parts: int, index: int) -> Ranges:
     """Piece `index` of `parts` contiguous pieces of the concatenated ranges; piece lengths
     differ by at most one (the first ones are longer)."""
-    size, extra = divmod(length(ranges), parts)
+    span = ranges if isinstance(ranges, Span) else Span(ranges)
+    size, extra = divmod(len(span), parts)
     begin = index * size + min(index, extra)
-    end = begin + size + (index < extra)
-    out: Ranges = []
-    offset = 0
-    for start, stop in ranges:
-        lo, hi = max(begin, offset), min(end, offset + stop - start)
-        if lo < hi:
-            out.append((start + lo - offset, start + hi - offset))
-        offset += stop - start
-        if offset >= end:
-            break
-    return out
+    return span.between(begin, begin + size + (index < extra))
 
 
-def slot_ranges(left: Sequence[Range], world: int, rank: int, workers: int, worker: int) -> Ranges:
+def slot_ranges(left: Union[Sequence[Range], Span], world: int, rank: int, workers: int, worker: int) -> Ranges:
     """The positions (of one source) that `worker` of `rank` reads: the rank's piece of what is
-    left of the epoch, then the worker's piece of that."""
+    left of the epoch, then the worker's piece of that (`left` as a Span when dealing it often)."""
     return cut(cut(left, world, rank), workers, worker)
 
 
@@ -117,9 +134,10 @@ def leftover(left: Sequence[Ranges], world: int, workers: int, delivered: Dict[T
     """Per source, what is left of the epoch after each (rank, worker) of the deal of `left`
     (per source) over world x workers delivered `delivered[rank, worker]` items (0 if absent)."""
     out: List[Ranges] = [[] for _ in left]
+    spans = [Span(ranges) for ranges in left]
     for rank in range(world):
         for worker in range(workers):
-            slot = [slot_ranges(ranges, world, rank, workers, worker) for ranges in left]
+            slot = [slot_ranges(span, world, rank, workers, worker) for span in spans]
             count = delivered.get((rank, worker), 0)
             rest = undelivered(slot, count, weights, buffer, seed, epoch, rank, worker) if count else slot
             for k, ranges in enumerate(rest):

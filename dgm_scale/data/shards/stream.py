@@ -58,7 +58,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..datasets import DataError
-from .assign import Ranges, length, rng_for, slot_ranges
+from .assign import Ranges, Span, length, rng_for, slot_ranges
 from .mixing import Shuffler, mix, trim_to
 from .samples import FaultCounter, Item, count_samples, decode_into, make_batch, shard_items
 from .urls import Shard, expand_urls
@@ -203,7 +203,7 @@ class ShardStream(IterableDataset):
             return [map(Piece, _draw_forever(s.shards, rng_for(self.seed, epoch, self.rank, worker, k)))
                     for k, s in enumerate(self.sources)]
         if self.ranged:
-            return [_pieces(self._epoch_order(k, epoch), slot_ranges(left, self.world_size, self.rank, num_workers, worker))
+            return [pieces_for(self._epoch_order(k, epoch), left, self.world_size, self.rank, num_workers, worker)
                     for k, left in enumerate(self.epoch_left(epoch))]
         slot, stride = self.rank + self.world_size * worker, self.world_size * num_workers
         return [[Piece(shard) for shard in self._epoch_order(k, epoch)[slot::stride]] for k in range(len(self.sources))]
@@ -279,18 +279,23 @@ def _draw_forever(shards: Sequence[Shard], rng: random.Random) -> Iterator[Shard
         yield shards[rng.randrange(len(shards))]
 
 
-def _pieces(shards: Sequence[Shard], ranges: Ranges) -> List[Piece]:
-    """The shard pieces that hold `ranges` of the positions of `shards` concatenated (in order)."""
-    pieces, offsets, total = [], [], 0
-    for shard in shards:
-        offsets.append(total)
-        total += shard.num_samples
-    for start, stop in ranges:
+def shard_offsets(order: Sequence[Shard]) -> List[int]:
+    """Where each shard's samples start in the concatenation of `order`."""
+    return [0, *itertools.accumulate(shard.num_samples for shard in order)][:-1]
+
+
+def pieces_for(order: Sequence[Shard], left: Union[Ranges, Span], world: int, rank: int, workers: int, worker: int,
+               offsets: Optional[List[int]] = None) -> List[Piece]:
+    """What `worker` of `rank` reads of one source (ranged mode): its slot of the positions `left`
+    (assign.slot_ranges) as pieces of the shards in their epoch `order` (`offsets`: their
+    shard_offsets, when dealing often). Pure: tests deal to simulated ranks with it."""
+    offsets = shard_offsets(order) if offsets is None else offsets
+    pieces: List[Piece] = []
+    for start, stop in slot_ranges(left, world, rank, workers, worker):
         i = bisect.bisect_right(offsets, start) - 1
         while start < stop:
-            shard_stop = offsets[i] + shards[i].num_samples
-            end = min(stop, shard_stop)
-            pieces.append(Piece(shards[i], start - offsets[i], end - offsets[i]))
+            end = min(stop, offsets[i] + order[i].num_samples)
+            pieces.append(Piece(order[i], start - offsets[i], end - offsets[i]))
             start, i = end, i + 1
     return pieces
 
