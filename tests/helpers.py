@@ -502,11 +502,12 @@ def sample(index: int, bad: bool = False) -> list[tuple[str, bytes]]:
     return [(f"{key}.png", image), (f"{key}.cls", str(index % 10).encode())]
 
 
-def write_set(root: Path, sizes: list[int], manifest: bool = True, bad: frozenset = frozenset()) -> list[str]:
-    """Shards x-000000.tar ... with sizes[i] samples (global keys; those in `bad` with an
-    undecodable image) and a manifest as our writer makes it; returns all keys."""
+def write_set(root: Path, sizes: list[int], manifest: bool = True, bad: frozenset = frozenset(),
+              first: int = 0) -> list[str]:
+    """Shards x-000000.tar ... with sizes[i] samples (global keys from `first`; those in `bad`
+    with an undecodable image) and a manifest as our writer makes it; returns all keys."""
     root.mkdir(parents=True, exist_ok=True)
-    index, entries = 0, []
+    index, entries = first, []
     for i, size in enumerate(sizes):
         name = f"x-{i:06d}.tar"
         write_tar(root / name, [m for j in range(index, index + size) for m in sample(j, j in bad)])
@@ -515,9 +516,9 @@ def write_set(root: Path, sizes: list[int], manifest: bool = True, bad: frozense
         index += size
     if manifest:
         (root / "manifest.json").write_text(json.dumps({
-            "format": "dgm_scale.shards/1", "name": "x", "num_samples": index, "encoding": "png",
+            "format": "dgm_scale.shards/1", "name": "x", "num_samples": index - first, "encoding": "png",
             "shards": entries, "image": {}, "labels": {"num_classes": 10}}))
-    return [f"{i:09d}" for i in range(index)]
+    return [f"{i:09d}" for i in range(first, index)]
 
 
 def make(spec, workers: int = 2, **kwargs):
