@@ -230,3 +230,46 @@ def test_shard_stream_epoch_re_dealt_2x2_then_1x3_then_3x1_reads_every_sample_on
         # what a checkpoint holds: every rank's position (gathered), the deal they shared
         state = {**ranks[0], "format": STATE_FORMAT, "ranks": {str(r): s["ranks"][str(r)] for r, s in ranks.items()}}
     assert len(seen) == len(set(seen)) and sorted(seen) == sorted(everything)
+
+
+@pytest.mark.parametrize("old_world, new_world", [(2, 3), (3, 2), (2, 1), (4, 7)])
+def test_zero_partitions_re_cut_equal_the_partitions_of_the_new_world(old_world, new_world):
+    """DeepSpeed's layout built by hand: a flat group of 103 values padded at its end to a multiple
+    of 2 x W, cut in W equal partitions (fp32 saved without the padding, Adam's moments with it).
+    Re-cut for W' ranks, each must equal the W'-layout cut of the same flat tensors; a rank reads
+    only the old partitions its new one overlaps."""
+    from dgm_scale.distributed.zero_reshard import repartition
+
+    flat = {key: torch.randn(103) for key in ("fp32", "exp_avg", "exp_avg_sq")}
+
+    def partitions(world: int) -> list:
+        size = -(-103 // (2 * world)) * 2
+        padded = {key: torch.cat([value, torch.zeros(size * world - 103)]) for key, value in flat.items()}
+        parts = []
+        for rank in range(world):
+            piece = {key: value[rank * size:(rank + 1) * size] for key, value in padded.items()}
+            padding = max(0, min(size, (rank + 1) * size - 103))
+            parts.append({"single_partition_of_fp32_groups": [piece["fp32"][:size - padding].clone()],
+                          "group_paddings": [padding], "loss_scaler": "scaler",
+                          "base_optimizer_state": {"state": {0: {"step": torch.tensor(5.0), "exp_avg": piece["exp_avg"],
+                                                                 "exp_avg_sq": piece["exp_avg_sq"]}},
+                                                   "param_groups": [{"lr": 0.1, "params": [0]}]}})
+        return parts
+
+    old, new = partitions(old_world), partitions(new_world)
+    for rank, expected in enumerate(new):
+        reads = []
+        size = expected["single_partition_of_fp32_groups"][0].numel() + expected["group_paddings"][0]
+        got = repartition(lambda j: reads.append(j) or old[j], old_world, rank, new_world, [size],
+                          expected["group_paddings"], "test")
+        fp32 = got["single_partition_of_fp32_groups"][0]
+        torch.testing.assert_close(fp32[:expected["single_partition_of_fp32_groups"][0].numel()],
+                                   expected["single_partition_of_fp32_groups"][0], rtol=0, atol=0)
+        assert fp32.numel() == size and not fp32[size - expected["group_paddings"][0]:].any()
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(got["base_optimizer_state"]["state"][0][key],
+                                       expected["base_optimizer_state"]["state"][0][key], rtol=0, atol=0)
+        assert got["group_paddings"] == expected["group_paddings"] and got["partition_count"] == [new_world]
+        old_size = old[0]["single_partition_of_fp32_groups"][0].numel()
+        overlapping = {j for j in range(old_world) if j * old_size < (rank + 1) * size and rank * size < (j + 1) * old_size}
+        assert set(reads) == overlapping | {0}
