@@ -2,8 +2,8 @@
 
 One run on the 2-D toy (104 points, 8 per process and step) is stopped and resumed twice:
 2 processes for 1 step (16 points), 1 process with trainer.keep_global_batch (16 per step:
-1 step), 3 processes at 8 each (24 per step: 3 steps) - together exactly the 104 points of
-epoch 0. At every resume the state right after loading must equal the checkpoint's (weights on
+1 step; its weights equal those of 2 processes for 2 steps), 3 processes at 8 each (24 per
+step: 3 steps) - together exactly the 104 points of epoch 0. At every resume the state right after loading must equal the checkpoint's (weights on
 every rank; optimizer state, ZeRO's re-cut partitions gathered), and the trained points,
 identified by value, must be the epoch's, each once.
 """
@@ -102,6 +102,15 @@ def test_two_one_three_processes_resume_with_state_and_epoch_intact(strategy, tm
         outs.append(out)
     seen = trained_points(outs, [world for world, *_ in LEGS])
     assert sorted(seen) == list(range(POINTS))  # the epoch: every point once, none repeated, none lost
+    if strategy == "ddp":  # keep_global_batch: 2 -> 1 process trained as 2 processes would have
+        reference = tmp_path / "reference"
+        reference.mkdir()
+        proc = torchrun(["tests/ddp_worker.py", "configs/ring8.yaml", str(reference), *ARGS, "trainer.devices=2",
+                         "trainer.max_steps=2", f"run.dir={reference / 'run'}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        two = torch.load(reference / "rank0.pt", weights_only=True)["params"]
+        for name, tensor in torch.load(outs[1] / "rank0.pt", weights_only=True)["params"].items():
+            torch.testing.assert_close(tensor, two[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_keep_global_batch_refuses_a_global_batch_that_does_not_divide(tmp_path):
