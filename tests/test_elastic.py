@@ -142,8 +142,7 @@ def _stream(shards, rank: int, world: int, **options):
 def _dealt(shards, world: int, workers: int, epoch: int, left=None) -> dict:
     """{(rank, worker): [global sample ids]} as the streams of `world` simulated ranks deal `epoch`
     (their shard order: the stream's own; ids: a shard's manifest offset + the index inside it)."""
-    from dgm_scale.data.shards.assign import Span
-    from dgm_scale.data.shards.stream import pieces_for, shard_offsets
+    from dgm_scale.data.shards.assign import Span, pieces_for, shard_offsets
 
     stream = _stream(shards, 0, world)
     stream.deal_from(epoch, left)

@@ -22,9 +22,11 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
-from typing import Dict, Iterator, List, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .mixing import Shuffler, mix
+from .urls import Shard
 
 Range = Tuple[int, int]  # [start, stop) positions in one source's epoch sequence
 Ranges = List[Range]
@@ -143,3 +145,33 @@ def leftover(left: Sequence[Ranges], world: int, workers: int, delivered: Dict[T
             for k, ranges in enumerate(rest):
                 out[k] += ranges
     return [merged(ranges) for ranges in out]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples [start, stop) of a shard (stop None: to its end, its count perhaps unknown)."""
+
+    shard: Shard
+    start: int = 0
+    stop: Optional[int] = None
+
+
+def shard_offsets(order: Sequence[Shard]) -> List[int]:
+    """Where each shard's samples start in the concatenation of `order`."""
+    return [0, *itertools.accumulate(shard.num_samples for shard in order)][:-1]
+
+
+def pieces_for(order: Sequence[Shard], left: Union[Ranges, Span], world: int, rank: int, workers: int, worker: int,
+               offsets: Optional[List[int]] = None) -> List[Piece]:
+    """What `worker` of `rank` reads of one source (ranged mode): its slot of the positions `left`
+    (assign.slot_ranges) as pieces of the shards in their epoch `order` (`offsets`: their
+    shard_offsets, when dealing often). Pure: tests deal to simulated ranks with it."""
+    offsets = shard_offsets(order) if offsets is None else offsets
+    pieces: List[Piece] = []
+    for start, stop in slot_ranges(left, world, rank, workers, worker):
+        i = bisect.bisect_right(offsets, start) - 1
+        while start < stop:
+            end = min(stop, offsets[i] + order[i].num_samples)
+            pieces.append(Piece(order[i], start - offsets[i], end - offsets[i]))
+            start, i = end, i + 1
+    return pieces

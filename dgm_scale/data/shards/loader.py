@@ -15,9 +15,11 @@ it finished. In Lightning, call it from `on_train_batch_end` (`StreamPositionCal
 
 State format ("dgm_scale.stream/1"): {"format", "ranks": {"<rank>": {"epoch", "world_size",
 "num_workers", "next_worker", "workers": {"<worker>": {"batches", "samples", "faults"}}}}}.
-Every rank's position differs, so `state_dict` gathers all ranks (all_gather_object when a
-process group is running: call it on every rank, as Lightning's checkpointing does), and each
-rank loads its own entry.
+In an epoch re-dealt after a change of world size or worker count, also "left": {"epoch",
+"ranges" (per source, the position ranges being dealt), "batches_before"}. Every rank's position
+differs, so `state_dict` gathers all ranks (all_gather_object when a process group is running:
+call it on every rank, as Lightning's checkpointing does); on the same layout each rank loads its
+own entry, on another every rank derives the epoch's rest from all entries (assign.leftover).
 """
 from __future__ import annotations
 

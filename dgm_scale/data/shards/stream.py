@@ -7,19 +7,21 @@ Pipeline inside each DataLoader worker, per epoch:
       -> decode + label  ->  batch of B: (x [B, C, R, R] in [-1, 1], labels [B] int64, info)
 
 Splitting (non-resampled). Every epoch the shard list of each source is permuted with a
-generator seeded by (seed, epoch, source) - identical on every rank - then split by rank and
-then by worker: rank r takes positions r, r + world, ...; its worker w takes every W-th of
-those, i.e. global slot r + world * w of world * W (webdataset's split_by_node then
-split_by_worker). Every sample is seen exactly once per epoch across ranks and workers. Shard
-counts need not be divisible: ranks then differ by at most one shard, and some workers may get
-none (they yield nothing). A source with fewer shards than ranks is a DataError at
-construction (a rank without data would hang DDP). Per-rank batch counts still differ when the
-shards do; with a manifest (`num_samples` per shard), world size > 1 and `even_ranks=True`, every
-rank is capped to the smallest rank's batch count of that epoch (the tail batches of its longest
-workers are dropped), so DDP does not wait at the epoch end. A worker that damaged samples leave
-short of its cap wraps around: it reads its share of the epoch again, in the same order (its
-faults not counted twice), until the cap is met, as DistributedSampler pads with repeats.
-Without counts, or for certainty, use the resampled mode.
+generator seeded by (seed, epoch, source) - identical on every rank. With sample counts (a
+manifest) the epoch is the concatenation of those shards' samples, dealt by contiguous ranges
+(assign.py): rank r takes the r-th of `world` near-equal ranges, its worker w the w-th of W
+near-equal parts of that, so ranks differ by at most one sample per source and a shard may be
+shared by two neighbouring slots (each reads its own part; the samples before it are passed over
+unread). Without counts whole shards are dealt: rank r takes positions r, r + world, ...; its
+worker w every W-th of those, i.e. global slot r + world * w of world * W (webdataset's
+split_by_node then split_by_worker), and a source with fewer shards than ranks is a DataError
+at construction (a rank without data would hang DDP). Either way every sample is seen exactly
+once per epoch across ranks and workers. Per-rank batch counts can still differ; with counts,
+world size > 1 and `even_ranks=True`, every rank is capped to the smallest rank's batch count of
+that epoch (the tail batches of its longest workers are dropped), so DDP does not wait at the
+epoch end. A worker that damaged samples leave short of its cap wraps around: it reads its share
+of the epoch again, in the same order (its faults not counted twice), until the cap is met, as
+DistributedSampler pads with repeats. Without counts, or for certainty, use the resampled mode.
 
 Resampled. Each (rank, worker) draws shards with replacement from a generator seeded by
 (seed, epoch, rank, worker, source); the rank yields exactly `steps_per_epoch` batches per
@@ -42,13 +44,15 @@ on the resumed epoch worker ids are rotated to continue with the worker that was
 
 Exact: with the same seed, sources, world size, worker count, batch size and shuffle buffer,
 the keys (and images and flips) after resume equal those of an uninterrupted run, in both
-modes; fault counts continue from the saved ones. Not exact: a different world size or worker
-count changes the split, so the saved position is ignored and the saved epoch restarts from its
-beginning (its samples are seen again); a shard rewritten in between changes everything after it.
+modes; fault counts continue from the saved ones. Another world size or worker count, with
+counts: the rest of the interrupted epoch - what no old (rank, worker) had delivered, found by
+replaying their pipelines on positions - is dealt to the new layout (loader.StreamLoader,
+assign.leftover): each sample once, but the order differs. Without counts, or resampled, the
+saved position is ignored and the saved epoch restarts from its beginning (its samples are seen
+again). A shard rewritten in between changes everything after it.
 """
 from __future__ import annotations
 
-import bisect
 import itertools
 import multiprocessing
 import random
@@ -58,7 +62,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..datasets import DataError
-from .assign import Ranges, Span, length, rng_for, slot_ranges
+from .assign import Piece, Ranges, Span, length, pieces_for, rng_for, slot_ranges
 from .mixing import Shuffler, mix, trim_to
 from .samples import FaultCounter, Item, count_samples, decode_into, make_batch, shard_items
 from .urls import Shard, expand_urls
@@ -83,15 +87,6 @@ class WorkerPosition:
     batches: int = 0
     samples: int = 0  # items taken from the shuffle buffer, skipped ones included
     faults: Dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Samples [start, stop) of a shard (stop None: to its end, its count perhaps unknown)."""
-
-    shard: Shard
-    start: int = 0
-    stop: Optional[int] = None
 
 
 @dataclass
@@ -234,7 +229,7 @@ class ShardStream(IterableDataset):
         the epoch were not re-dealt)."""
         samples = [[0] * num_workers for _ in range(self.world_size)]
         if self.ranged:
-            for left in self.epoch_left(epoch, whole):
+            for left in map(Span, self.epoch_left(epoch, whole)):
                 for rank, row in enumerate(samples):
                     for worker in range(num_workers):
                         row[worker] += length(slot_ranges(left, self.world_size, rank, num_workers, worker))
@@ -277,27 +272,6 @@ class ShardStream(IterableDataset):
 def _draw_forever(shards: Sequence[Shard], rng: random.Random) -> Iterator[Shard]:
     while True:
         yield shards[rng.randrange(len(shards))]
-
-
-def shard_offsets(order: Sequence[Shard]) -> List[int]:
-    """Where each shard's samples start in the concatenation of `order`."""
-    return [0, *itertools.accumulate(shard.num_samples for shard in order)][:-1]
-
-
-def pieces_for(order: Sequence[Shard], left: Union[Ranges, Span], world: int, rank: int, workers: int, worker: int,
-               offsets: Optional[List[int]] = None) -> List[Piece]:
-    """What `worker` of `rank` reads of one source (ranged mode): its slot of the positions `left`
-    (assign.slot_ranges) as pieces of the shards in their epoch `order` (`offsets`: their
-    shard_offsets, when dealing often). Pure: tests deal to simulated ranks with it."""
-    offsets = shard_offsets(order) if offsets is None else offsets
-    pieces: List[Piece] = []
-    for start, stop in slot_ranges(left, world, rank, workers, worker):
-        i = bisect.bisect_right(offsets, start) - 1
-        while start < stop:
-            end = min(stop, offsets[i] + order[i].num_samples)
-            pieces.append(Piece(order[i], start - offsets[i], end - offsets[i]))
-            start, i = end, i + 1
-    return pieces
 
 
 @dataclass
