@@ -281,3 +281,37 @@ def test_zero_partitions_re_cut_equal_the_partitions_of_the_new_world(old_world,
         old_size = old[0]["single_partition_of_fp32_groups"][0].numel()
         overlapping = {j for j in range(old_world) if j * old_size < (rank + 1) * size and rank * size < (j + 1) * old_size}
         assert set(reads) == overlapping | {0}
+
+
+def test_training_on_shards_with_another_worker_count_reads_the_epoch_once(tmp_path, monkeypatch):
+    """Through train(): 128 samples, batches of 8, stopped after 3 steps on 2 loader workers,
+    continued for 4 on 1, then 9 on 3 - a new layout each time, so the rest of epoch 0 is re-dealt
+    (the checkpoint's position, applied when the loader is built; Lightning's epoch length counts
+    the restored batches): the 16 steps trained on each sample once."""
+    import tarfile
+
+    from dgm_scale.data.shards.loader import StreamLoader
+    from dgm_scale.data.shards.stream import ShardStream
+    from dgm_scale.data.shards.writer import BuildOptions, build_shards
+    from dgm_scale.train import quiet_lightning, train
+    from helpers import TINY
+
+    images = np.random.default_rng(0).integers(0, 256, (128, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "noise.npz", x=images)
+    build_shards(str(tmp_path / "noise.npz"), tmp_path / "shards", BuildOptions(samples_per_shard=16, progress=False))
+    every = set()
+    for path in (tmp_path / "shards").glob("*.tar"):
+        with tarfile.open(path) as tar:
+            every |= {member.name.split(".", 1)[0] for member in tar.getmembers()}
+    seen, init, consumed = [], ShardStream.__init__, StreamLoader.consumed
+    monkeypatch.setattr(ShardStream, "__init__", lambda self, *a, **k: init(self, *a, **{**k, "return_keys": True}))
+    monkeypatch.setattr(StreamLoader, "consumed", lambda self, info: seen.append(list(info["keys"])) or consumed(self, info))
+    quiet_lightning()
+    common = [*TINY, "data.name=shards", "data.channels=1", "data.shuffle_buffer=16", f"data.path={tmp_path / 'shards'}",
+              "run.checkpoint_every=1", f"run.dir={tmp_path / 'run'}"]
+    for leg, (workers, steps) in enumerate(((2, 3), (1, 7), (3, 16))):
+        train(load_config("configs/nsgan.yaml", common + [f"data.num_workers={workers}", f"trainer.max_steps={steps}",
+                                                          *(["resume=auto"] if leg else [])]))
+        assert len(seen) == steps
+    keys = [key for batch in seen for key in batch]
+    assert len(keys) == len(set(keys)) == 128 and set(keys) == every

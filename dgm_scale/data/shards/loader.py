@@ -118,6 +118,7 @@ class StreamLoader:
         # A re-dealt epoch: Lightning's count of its batches before the current deal (it counts
         # the restored ones as part of the epoch)
         self.batches_before = 0
+        self._loaded: Optional[Dict[str, Any]] = None  # the state last loaded
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch of the next `iter(loader)`; without calls, iterations count 0, 1, 2, ..."""
@@ -168,6 +169,11 @@ class StreamLoader:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue after the saved position (call before iterating): exactly, on the layout that
         saved it; re-dealt (ranged streams), on another world size or worker count."""
+        # Lightning restores a stateful train loader itself too (its fit loop saves our state_dict),
+        # and the DataPosition callback does, earlier: a re-deal must happen once.
+        if state == self._loaded:
+            return
+        self._loaded = state
         ranks = state.get("ranks", {}) if state.get("format") == STATE_FORMAT else {}
         if not ranks:
             log.warning("stream state has no positions: starting the epoch afresh")
