@@ -6,7 +6,7 @@ import torch
 
 from dgm_scale.config import load_config
 from dgm_scale.train import quiet_lightning, train
-from helpers import ActivationDtypes, with_callback
+from helpers import ActivationDtypes, ElasticProbe, with_callback
 
 
 def record_stream_keys() -> list:
@@ -52,6 +52,12 @@ if __name__ == "__main__":
     with_callback(activations)
     bucket_launches = record_bucket_launches()
     stream_keys = record_stream_keys() if os.environ.get("DGM_TEST_KEYS") else None
+    if os.environ.get("DGM_TEST_ELASTIC"):  # tests/test_elastic.py: state after loading, batches trained
+        with_callback(ElasticProbe(out_dir))
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("dgm_scale").setLevel(logging.INFO)  # the resume's world-size line
     result = train(load_config(config_path, overrides))
     params = {name: p.detach().clone() for name, p in result.module.named_parameters()}
     # Each rank draws its own noise stream (the ranks' latents must differ to be worth two ranks).

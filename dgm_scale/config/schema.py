@@ -118,6 +118,10 @@ class TrainerConfig:
     # convolutional networks and image batches in channels_last (NHWC) memory layout, which
     # tensor-core convolutions prefer under bf16/fp16
     channels_last: bool = False
+    # On a resume with another number of processes: true = keep the checkpoint's global batch (the
+    # per-device batch becomes global / processes, so the optimisation is unchanged); false = keep
+    # data.batch_size per device (the global batch changes with the world size). A log line says which.
+    keep_global_batch: bool = False
 
 
 @dataclass

@@ -84,7 +84,7 @@ class DataModule(L.LightningDataModule):
         sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         for callback in trainer.callbacks if trainer is not None else []:
             if isinstance(callback, DataPosition):  # a resumed run: start the loader where it stopped
-                callback.apply_to(sampler)
+                callback.apply_to(sampler, self.batch_size)
         return sampler
 
     @property
@@ -130,6 +130,9 @@ class DataModule(L.LightningDataModule):
         loader = make_stream_loader(stream, num_workers=int(cfg.num_workers),
                                     pin_memory=pin_memory_for(self.device, cfg.pin_memory))
         loader.prefetch_device = self._prefetch_device(train)
+        for callback in trainer.callbacks if trainer is not None and train else []:
+            if isinstance(callback, DataPosition):  # a resumed run: start the stream where it stopped
+                callback.apply_to_stream(loader)
         return loader
 
     # ------------------------------------------------------------------ loaders

@@ -13,9 +13,9 @@ The checkpoint names its shard folder (`{"zero_shards": {"dir": "zero/<token>", 
 in its optimizer states). The shards are written first (each atomically), then - once every rank
 is done (a barrier) - the checkpoint itself, atomically: a checkpoint that exists is complete, and
 a run killed mid-save keeps the previous checkpoint and the shards it names. Shard folders no
-checkpoint names any more are deleted at the next save. A resumed run reads only its own rank's
-files; the world size must be the one that wrote them (a one-line error says so before training:
-resume.check_compatible). `dgm-scale checkpoint to-plain` folds the shards into one file (the
+checkpoint names any more are deleted at the next save. A resumed run on the same world size reads
+only its own rank's files; on another, each rank reads the old files its new partition overlaps
+(zero_reshard.py). `dgm-scale checkpoint to-plain` folds the shards into one file (the
 older format with every partition embedded), e.g. to copy a checkpoint elsewhere.
 """
 from __future__ import annotations
