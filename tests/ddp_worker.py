@@ -2,6 +2,7 @@
 import os
 import sys
 
+import lightning as L
 import torch
 
 from dgm_scale.config import load_config
@@ -27,6 +28,15 @@ def record_stream_keys() -> list:
     return recorded
 
 
+class FullParameters(L.Callback):
+    """The trained weights at the end of training, gathered from FSDP's shards (a collective,
+    while the processes still form a group); plain tensors as they are."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.params = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                       for name, p in pl_module.named_parameters()}
+
+
 if __name__ == "__main__":
     config_path, out_dir, *overrides = sys.argv[1:]
     quiet_lightning()
@@ -36,9 +46,11 @@ if __name__ == "__main__":
         install(os.environ["DGM_TEST_NAN"])
     activations = ActivationDtypes()  # what the training steps computed in (trainer.precision)
     with_callback(activations)
+    full = FullParameters()
+    with_callback(full)
     stream_keys = record_stream_keys() if os.environ.get("DGM_TEST_KEYS") else None
     result = train(load_config(config_path, overrides))
-    params = {name: p.detach().clone() for name, p in result.module.named_parameters()}
+    params = full.params
     # Each rank draws its own noise stream (the ranks' latents must differ to be worth two ranks).
     noise_probe = torch.randn(4)
     optimizer_types = [type(opt).__name__ for opt in result.module.trainer.strategy.optimizers]
