@@ -7,6 +7,7 @@ import torch
 
 from dgm_scale.config import load_config
 from dgm_scale.train import quiet_lightning, train
+from fsdp_state import full
 from helpers import ActivationDtypes, with_callback
 
 
@@ -33,8 +34,7 @@ class FullParameters(L.Callback):
     while the processes still form a group); plain tensors as they are."""
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.params = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-                       for name, p in pl_module.named_parameters()}
+        self.params = {name: full(p) for name, p in pl_module.named_parameters()}
 
 
 if __name__ == "__main__":

@@ -70,12 +70,15 @@ def read_into(state: Dict[str, Any], checkpoint: Dict[str, Any], directory: Opti
 
 def read_full(folder: Path, keys: Optional[set] = None) -> Dict[str, Any]:
     """Everything (or the top-level `keys`) of a shard folder as full, plain tensors, in this
-    process alone (no process group)."""
-    import torch.distributed.checkpoint as dcp
+    process alone, without a collective even inside a process group (as torch's own
+    `dcp_to_torch_save` reads one)."""
+    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     full: Dict[str, Any] = {}
-    dcp.load(full, checkpoint_id=folder, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    _load_state_dict(full, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(keys=keys),
+                     no_dist=True)
     return full
 
 

@@ -1,0 +1,125 @@
+"""trainer.strategy=fsdp (FSDP2, 2 CPU processes, gloo): every family trains as under our DDP,
+its DCP checkpoints survive kill -9 mid-write and reshard onto another number of processes.
+
+Tolerance: fsdp's gathered weights after 3 iterations must equal ddp's within rtol 1e-5,
+atol 1e-6 (float32; measured on CPU: identical to the last bit, a 2-rank reduce-scatter averages
+the same two numbers as the all-reduce).
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsdp_state import full, full_optimizer_states
+from helpers import TINY, TINY_RUN, adapt, torchrun, train_here
+from dgm_scale.config import ConfigError, load_config
+from dgm_scale.modules import load_module
+
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+CASES = {  # name: (config, overrides): every family, R1 and the gradient penalty, your own networks
+    "gan_r1": ("configs/nsgan.yaml", ["loss.r1_gamma=1.0"]),
+    "wgan_gp": ("configs/wgan_gp.yaml", []),
+    "vae": ("configs/vae.yaml", []),
+    "autoregressive": ("configs/autoregressive.yaml", ["model.width=8", "model.embed_dim=4"]),
+    "ssgan": ("configs/ssgan.yaml", []),
+    "user_networks": ("examples/custom_nets/config.yaml", ["model.generator.kwargs.width=8",
+                                                          "model.discriminator.kwargs.width=8"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Every case under ddp, then fsdp, in one torchrun launch (tests/fsdp_worker.py)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    tiny = {"autoregressive": TINY_RUN}  # its network has other settings (given in CASES)
+    cases = [[name, config, adapt(config, tiny.get(name, TINY)) + ["trainer.devices=2"] + extra]
+             for name, (config, extra) in CASES.items()]
+    (out / "cases.json").write_text(json.dumps(cases))
+    proc = torchrun(["tests/fsdp_worker.py", str(out), str(out / "cases.json")], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fsdp_trains_every_family_as_ddp_does(case, runs):
+    ddp, fsdp = (torch.load(runs / f"{case}-{strategy}.pt", weights_only=True) for strategy in ("ddp", "fsdp"))
+    assert ddp["iterations"] == fsdp["iterations"] == 3
+    assert fsdp["sharded"] == ["DTensor"] and ddp["sharded"] == ["Parameter"]  # really sharded, and not
+    assert ddp["params"].keys() == fsdp["params"].keys()
+    for name, tensor in ddp["params"].items():
+        torch.testing.assert_close(fsdp["params"][name], tensor, **TOLERANCE, msg=name)
+    for ddp_state, fsdp_state in zip(ddp["optimizer_states"], fsdp["optimizer_states"]):
+        for name, state in ddp_state.items():
+            for key, value in state.items():
+                torch.testing.assert_close(fsdp_state[name][key], value, **TOLERANCE, msg=f"{name}.{key}")
+    # The sharded checkpoint holds the trained weights: load_module folds its DCP shards.
+    reloaded = load_module(runs / f"{case}-fsdp" / "checkpoints" / "last.ckpt", trust_code=True)
+    for name, param in reloaded.named_parameters():
+        torch.testing.assert_close(param.detach(), fsdp["params"][name], rtol=0, atol=0, msg=name)
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_one(runs, tmp_path, monkeypatch):
+    """DCP reshards: right after loading, one process holds exactly the weights and optimizer
+    states the two processes had gathered when they saved; then it trains on."""
+    import lightning as L
+
+    from helpers import with_callback
+
+    class Loaded(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.params = {name: full(p) for name, p in pl_module.named_parameters()}
+            self.states = full_optimizer_states(pl_module, trainer.strategy.optimizers)
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "wgan_gp-fsdp", run)
+    saved = torch.load(runs / "wgan_gp-fsdp.pt", weights_only=True)
+    loaded = Loaded()
+    with_callback(loaded, monkeypatch.setattr)
+    train_here(["configs/wgan_gp.yaml", *TINY, "trainer.strategy=fsdp", "trainer.max_steps=4", "resume=auto"], run)
+    for name, tensor in saved["params"].items():
+        torch.testing.assert_close(loaded.params[name], tensor, rtol=0, atol=0, msg=name)
+    assert [sorted(state) for state in loaded.states] == [sorted(state) for state in saved["optimizer_states"]]
+    for loaded_state, saved_state in zip(loaded.states, saved["optimizer_states"]):
+        for name, state in saved_state.items():
+            for key, value in state.items():
+                torch.testing.assert_close(loaded_state[name][key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+    assert load_module(run / "checkpoints" / "last.ckpt").checkpoint_iteration == 4
+
+
+def test_sharded_checkpoints_resume_only_under_fsdp_or_folded(runs, tmp_path):
+    from dgm_scale.distributed.dcp_checkpoint import to_plain
+    from dgm_scale.resume import check_compatible
+
+    sharded = runs / "vae-fsdp" / "checkpoints" / "last.ckpt"
+    config = ["configs/vae.yaml", adapt("configs/vae.yaml", TINY)]
+    with pytest.raises(ConfigError, match="holds FSDP shards; resume it under fsdp, or fold it"):
+        check_compatible(sharded, load_config(*config))
+    check_compatible(sharded, load_config(config[0], config[1] + ["trainer.strategy=fsdp"]))
+    plain = to_plain(sharded, tmp_path / "plain.ckpt")
+    check_compatible(plain, load_config(*config))  # a folded one resumes under ddp
+    with pytest.raises(ConfigError, match="fsdp resumes only its own sharded checkpoints"):
+        check_compatible(plain, load_config(config[0], config[1] + ["trainer.strategy=fsdp"]))
+    states = torch.load(plain, weights_only=True)["optimizer_states"]
+    saved = torch.load(runs / "vae-fsdp.pt", weights_only=True)["optimizer_states"][0]
+    names = [name for group in torch.load(plain, weights_only=True)["optimizer_states"][0]["param_groups"]
+             for name in group["params"]]
+    assert names == list(range(len(saved)))  # torch's own numbering
+    for index, (name, state) in enumerate(saved.items()):  # in the optimizer's parameter order
+        torch.testing.assert_close(states[0]["state"][index]["exp_avg"], state["exp_avg"], rtol=0, atol=0, msg=name)
+
+
+def test_fsdp_settings_are_checked():
+    from dgm_scale.distributed import build_strategy
+    from dgm_scale.distributed.fsdp import FullyShardedStrategy
+
+    strategy = build_strategy(load_config(overrides=["trainer.strategy=fsdp", "trainer.fsdp.param_dtype=bfloat16",
+                                                     "trainer.fsdp.reshard_after_forward=false"]).trainer, seed=0)
+    assert isinstance(strategy, FullyShardedStrategy) and strategy.param_dtype == "bfloat16"
+    assert strategy.reshard_after_forward is False
+    for override, key in (("trainer.fsdp.param_dtype=float16", "trainer.fsdp.param_dtype"),
+                          ("trainer.precision=16-mixed", "trainer.precision"),
+                          ("trainer.fsdp.cpu_offload=true", "trainer.fsdp.cpu_offload")):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            load_config(overrides=["trainer.strategy=fsdp", "trainer.accelerator=cpu", override])
