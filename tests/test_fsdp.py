@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fsdp_state import full, full_optimizer_states
-from helpers import TINY, TINY_RUN, adapt, torchrun, train_here
+from helpers import TINY, TINY_RUN, adapt, assert_same_final_run, torchrun, train_here
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.modules import load_module
 
@@ -123,3 +123,30 @@ def test_fsdp_settings_are_checked():
                           ("trainer.fsdp.cpu_offload=true", "trainer.fsdp.cpu_offload")):
         with pytest.raises(ConfigError, match=f"'{key}'"):
             load_config(overrides=["trainer.strategy=fsdp", "trainer.accelerator=cpu", override])
+
+
+def test_killed_while_writing_its_shards_an_fsdp_run_resumes_exactly(tmp_path):
+    """Rank 1 is SIGKILLed half-way through its shard file of save 5 (iter_0000003.ckpt's; save
+    2k-1 / 2k are iteration k's iter_ / last.ckpt): last.ckpt stays iteration 2's, with its whole
+    shard folder; the resumed run equals the uninterrupted one bit for bit, and shard folders no
+    checkpoint names (the half-written one) are deleted."""
+    from test_kill_resume import checkpoint_iteration, finish, launch
+
+    from dgm_scale.distributed.dcp_checkpoint import DCP_SHARDS
+    from dgm_scale.distributed.zero_checkpoint import shards_of
+
+    args = ["configs/wgan_gp.yaml", *TINY, "loss.n_critic=2", "trainer.max_steps=4", "run.checkpoint_every=1",
+            "run.sample_every=100", "run.keep_checkpoints=1", "trainer.devices=2", "trainer.strategy=fsdp"]
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    killed = launch(args, victim, nproc=2, driver="tests/kill_in_save.py", env={"DGM_TEST_KILL_IN_SHARDS": "5"})
+    finish(launch(args, reference, nproc=2), reference)
+    assert killed.wait(timeout=180) != 0
+    checkpoints = victim / "checkpoints"
+    assert checkpoint_iteration(victim) == 2
+    # (rank 0, whose collective failed, may have deleted the half folder on its way out)
+    assert all((checkpoints / shards_of(path, DCP_SHARDS)["dir"] / ".metadata").is_file()
+               for path in checkpoints.glob("*.ckpt"))
+    finish(launch([*args, "resume=auto"], victim, nproc=2), victim)
+    assert_same_final_run(reference, victim, 4)
+    named = {shards_of(path, DCP_SHARDS)["dir"] for path in checkpoints.glob("*.ckpt")}
+    assert {f"dcp/{folder.name}" for folder in (checkpoints / "dcp").iterdir()} == named and len(named) == 2
