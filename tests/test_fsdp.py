@@ -150,3 +150,17 @@ def test_killed_while_writing_its_shards_an_fsdp_run_resumes_exactly(tmp_path):
     assert_same_final_run(reference, victim, 4)
     named = {shards_of(path, DCP_SHARDS)["dir"] for path in checkpoints.glob("*.ckpt")}
     assert {f"dcp/{folder.name}" for folder in (checkpoints / "dcp").iterdir()} == named and len(named) == 2
+
+
+def test_bf16_parameters_compute_in_bf16_and_keep_float32_weights(tmp_path):
+    """trainer.fsdp.param_dtype=bfloat16 on one process: the layers compute in bf16 (batch norm,
+    in G here, in float32 as its statistics), the sharded weights and the checkpoint stay float32."""
+    from helpers import train_computing
+
+    result, dtypes = train_computing("configs/nsgan.yaml", [*TINY, "trainer.strategy=fsdp", "trainer.max_steps=2",
+                                                            "trainer.fsdp.param_dtype=bfloat16",
+                                                            f"run.dir={tmp_path / 'run'}"])
+    assert dtypes == {"bfloat16"}
+    reloaded = load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
+    assert reloaded.checkpoint_iteration == 2 and (tmp_path / "run" / "samples" / "final.png").is_file()

@@ -65,6 +65,11 @@ def blocks_of(network: nn.Module) -> List[nn.Module]:
     return [part for part in parts if _has_parameters(part)]
 
 
+def batchnorm_layers(network: nn.Module) -> List[nn.Module]:
+    return [layer for layer in network.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)
+            and _has_parameters(layer)]
+
+
 def fsdp_modules(module: nn.Module) -> List[nn.Module]:
     from torch.distributed.fsdp import FSDPModule
 
@@ -85,14 +90,15 @@ class FullyShardedStrategy(GradientAllReduceDDP):
     def restore_checkpoint_after_setup(self) -> bool:
         return True  # the saved shards load into the sharded networks
 
-    def _shard_options(self) -> Dict[str, Any]:
+    def _shard_options(self, param_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
         options: Dict[str, Any] = {
             "mesh": init_device_mesh(self.root_device.type, (self.world_size,)),
-            # bf16 all-gathers and compute with the gradients reduced in float32
-            "mp_policy": MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[self.param_dtype], reduce_dtype=torch.float32),
+            # e.g. bf16 all-gathers and compute, with the gradients reduced in float32
+            "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+            "reshard_after_forward": self.reshard_after_forward,
         }
         if self.cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy()
@@ -100,13 +106,19 @@ class FullyShardedStrategy(GradientAllReduceDDP):
 
     def configure_ddp(self) -> None:
         super().configure_ddp()  # identical replicas (rank 0's weights), per-rank seeds
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
-        options = self._shard_options()
+        options, float32 = self._shard_options(PARAM_DTYPES[self.param_dtype]), self._shard_options(None)
         for network in sharded_roots(self.lightning_module):
+            if self.param_dtype != "float32":
+                # Batch norm stays float32, as its running statistics (torch.batch_norm refuses
+                # bf16 weights with float32 statistics: "expected scalar type BFloat16 but found Float").
+                for layer in batchnorm_layers(network):
+                    fully_shard(layer, **float32)
             for block in blocks_of(network):
-                fully_shard(block, reshard_after_forward=self.reshard_after_forward, **options)
-            fully_shard(network, reshard_after_forward=self.reshard_after_forward, **options)
+                if not isinstance(block, FSDPModule):
+                    fully_shard(block, **options)
+            fully_shard(network, **options)
         # A gradient penalty / R1 differentiates twice: its first backward (autograd.grad) must
         # not free the gathered weights its second one needs ("The tensor has a non-zero number
         # of elements, but its data is not allocated yet", seen on CPU). So the gathered weights
