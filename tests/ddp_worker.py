@@ -46,11 +46,11 @@ if __name__ == "__main__":
         install(os.environ["DGM_TEST_NAN"])
     activations = ActivationDtypes()  # what the training steps computed in (trainer.precision)
     with_callback(activations)
-    full = FullParameters()
-    with_callback(full)
+    gathered = FullParameters()
+    with_callback(gathered)
     stream_keys = record_stream_keys() if os.environ.get("DGM_TEST_KEYS") else None
     result = train(load_config(config_path, overrides))
-    params = full.params
+    params = gathered.params
     # Each rank draws its own noise stream (the ranks' latents must differ to be worth two ranks).
     noise_probe = torch.randn(4)
     optimizer_types = [type(opt).__name__ for opt in result.module.trainer.strategy.optimizers]
