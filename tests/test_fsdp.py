@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fsdp_state import full, full_optimizer_states
-from helpers import TINY, TINY_RUN, adapt, assert_same_final_run, torchrun, train_here
+from helpers import TINY, TINY_RUN, adapt, assert_same_final_run, metrics_rows, torchrun, train_here
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.modules import load_module
 
@@ -21,6 +21,7 @@ TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 CASES = {  # name: (config, overrides): every family, R1 and the gradient penalty, your own networks
     "gan_r1": ("configs/nsgan.yaml", ["loss.r1_gamma=1.0"]),
     "wgan_gp": ("configs/wgan_gp.yaml", []),
+    "wgan_clipped": ("configs/wgan.yaml", []),
     "vae": ("configs/vae.yaml", []),
     "autoregressive": ("configs/autoregressive.yaml", ["model.width=8", "model.embed_dim=4"]),
     "ssgan": ("configs/ssgan.yaml", []),
@@ -54,6 +55,13 @@ def test_fsdp_trains_every_family_as_ddp_does(case, runs):
         for name, state in ddp_state.items():
             for key, value in state.items():
                 torch.testing.assert_close(fsdp_state[name][key], value, **TOLERANCE, msg=f"{name}.{key}")
+    # The logged values, global gradient norms included (summed over the ranks' shards), too.
+    ddp_rows, fsdp_rows = metrics_rows(runs / f"{case}-ddp"), metrics_rows(runs / f"{case}-fsdp")
+    assert len(ddp_rows) == len(fsdp_rows) == 3 and ddp_rows[0].keys() == fsdp_rows[0].keys()
+    assert any(key.endswith("grad_norm") for key in ddp_rows[0]) or case in ("vae", "autoregressive")  # (they log none)
+    for ddp_row, fsdp_row in zip(ddp_rows, fsdp_rows):
+        for key, value in ddp_row.items():
+            torch.testing.assert_close(float(fsdp_row[key]), float(value), **TOLERANCE, equal_nan=True, msg=key)
     # The sharded checkpoint holds the trained weights: load_module folds its DCP shards.
     reloaded = load_module(runs / f"{case}-fsdp" / "checkpoints" / "last.ckpt", trust_code=True)
     for name, param in reloaded.named_parameters():
