@@ -15,6 +15,7 @@ import torch
 from fsdp_state import full, full_optimizer_states
 from helpers import TINY, TINY_RUN, adapt, assert_same_final_run, metrics_rows, torchrun, train_here
 from dgm_scale.config import ConfigError, load_config
+from dgm_scale.families.gan.module import GANModule
 from dgm_scale.modules import load_module
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
@@ -172,3 +173,19 @@ def test_bf16_parameters_compute_in_bf16_and_keep_float32_weights(tmp_path):
     reloaded = load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
     assert reloaded.checkpoint_iteration == 2 and (tmp_path / "run" / "samples" / "final.png").is_file()
+
+
+class GANWithALooseParameter(GANModule):
+    """A parameter outside every network: FSDP would leave its gradient unsynchronised."""
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.loose = torch.nn.Parameter(torch.zeros(1))
+
+
+def test_a_parameter_outside_the_networks_is_refused(tmp_path):
+    from dgm_scale.train import train
+
+    with pytest.raises(RuntimeError, match="parameter 'loose' is in no network the module names"):
+        train(load_config(overrides=[*TINY, "trainer.strategy=fsdp", "model.module=test_fsdp:GANWithALooseParameter",
+                                     f"run.dir={tmp_path / 'run'}"]))

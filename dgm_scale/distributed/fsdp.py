@@ -125,6 +125,10 @@ class FullyShardedStrategy(GradientAllReduceDDP):
         # are kept from a backward until the next optimizer step, which frees them.
         for unit in fsdp_modules(self.lightning_module):
             unit.set_reshard_after_backward(False, recurse=False)
+        unsharded = next((name for name, p in self.lightning_module.named_parameters() if not hasattr(p, "to_local")), None)
+        if unsharded is not None:  # FSDP would not reduce its gradient, and our all-reduce is off
+            raise RuntimeError(f"trainer.strategy=fsdp: parameter '{unsharded}' is in no network the module names "
+                               "(networks()) nor in a top-level child module, so nothing would synchronise it")
 
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
                        model: Optional[Any] = None, **kwargs: Any) -> Any:
