@@ -10,6 +10,9 @@
 6. the training step itself (gpu_step_checks.py): model FLOPs utilisation of a DCGAN >= 100M
    parameters, the sync-free check of the iterations that log nothing, the loader-wait fraction,
    and the input pipeline options' speed-ups.
+7. FSDP2 (trainer.strategy=fsdp) on CUDA: WGAN-GP (double backward through sharded D) with bf16
+   parameters, then its DCP checkpoint folded by `checkpoint to-plain` and sampled; and with
+   CPU offload (GPU only).
 
 Each check judges against a stated threshold (the constants below) and says "yes" or "NO", or says
 "skipped" where it cannot judge: never a pass it did not earn. `--dry-run` runs every step on the
@@ -135,6 +138,28 @@ def check_deepspeed_fp16(s: dict, scratch: Path) -> tuple[str, str]:
     return verdict(finite_losses(rows[5:], ("train/d_loss", "train/g_loss"))), f"ZeRO-2, fp16, {len(rows)} iterations"
 
 
+def check_fsdp(s: dict, scratch: Path, offload: bool) -> tuple[str, str]:
+    """trainer.strategy=fsdp, one process: trains with finite losses, and its sharded checkpoint
+    folds into a plain one that `dgm-scale sample` reads."""
+    if offload and s["tiny"]:
+        return SKIPPED, "dry run: CPU offload moves GPU memory to the CPU"
+    run_dir = scratch / f"fsdp-{'offload' if offload else 'bf16'}"
+    proc = run(["-m", "dgm_scale.cli", "train", "configs/wgan_gp.yaml", "trainer.strategy=fsdp",
+                "trainer.fsdp.param_dtype=bfloat16", f"trainer.fsdp.cpu_offload={str(offload).lower()}",
+                *common(s, run_dir, min(50, s["iterations"]))])
+    if proc.returncode != 0:
+        return failed(proc)
+    plain = run_dir / "plain.ckpt"
+    for step in (["checkpoint", "to-plain", str(run_dir / "checkpoints" / "last.ckpt"), str(plain)],
+                 ["sample", str(plain), "--num", "16", "--out", str(run_dir / "grid.png")]):
+        folded = run(["-m", "dgm_scale.cli", *step])
+        if folded.returncode != 0:
+            return failed(folded)
+    rows = rows_of(run_dir)
+    finite = finite_losses(rows, ("train/d_loss", "train/g_loss", "train/gradient_penalty"))
+    return verdict(finite), f"bf16 parameters{', CPU offload' if offload else ''}, {len(rows)} iterations, to-plain + sample"
+
+
 def count_syncs(fit: Callable[[], None], counting: bool) -> int:
     """Host-device synchronisations during `fit()`: CUDA's sync debug mode warns at each (0 when
     not `counting`: the CPU has none to count)."""
@@ -232,6 +257,8 @@ CHECKS: list[tuple[str, Callable]] = [
     ("sync-free steps", lambda s, d: step_checks.check_sync_free(s, d, common)),
     ("loader-wait fraction", lambda s, d: step_checks.check_loader_wait(s, d, common)),
     ("input pipeline options", lambda s, d: step_checks.check_pipeline_options(s, d, common)),
+    ("FSDP WGAN-GP, bf16 parameters", lambda s, d: check_fsdp(s, d, offload=False)),
+    ("FSDP WGAN-GP, CPU offload", lambda s, d: check_fsdp(s, d, offload=True)),
 ]
 
 

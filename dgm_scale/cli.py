@@ -171,15 +171,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoint_to_plain(args: argparse.Namespace) -> int:
-    from dgm_scale.distributed.zero_checkpoint import to_plain
+    from dgm_scale.distributed import dcp_checkpoint, zero_checkpoint
 
     if not args.src.is_file():
         raise ConfigError(f"checkpoint '{args.src}' does not exist")
+    fsdp = zero_checkpoint.shards_of(args.src, dcp_checkpoint.DCP_SHARDS) is not None
     try:
-        out = to_plain(args.src, args.out)
+        out = (dcp_checkpoint if fsdp else zero_checkpoint).to_plain(args.src, args.out)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
-    print(f"wrote {out} (every ZeRO partition embedded: it needs no zero/ folder beside it)")
+    held = "full weights and optimizer states" if fsdp else "every ZeRO partition embedded"
+    print(f"wrote {out} ({held}: it needs no {'dcp' if fsdp else 'zero'}/ folder beside it)")
     return 0
 
 
@@ -344,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare_p.set_defaults(func=cmd_compare)
     checkpoint_p = commands.add_parser("checkpoint", help="checkpoint tools")
     checkpoint_sub = checkpoint_p.add_subparsers(dest="checkpoint_command", required=True)
-    plain = checkpoint_sub.add_parser("to-plain", help="fold a sharded DeepSpeed checkpoint's per-rank ZeRO files "
-                                                       "into one self-contained file")
+    plain = checkpoint_sub.add_parser("to-plain", help="fold a sharded checkpoint's per-rank files (DeepSpeed "
+                                                       "ZeRO, FSDP) into one self-contained file")
     plain.add_argument("src", type=Path, metavar="SHARDED.ckpt")
     plain.add_argument("out", type=Path, metavar="OUT.ckpt")
     plain.set_defaults(func=cmd_checkpoint_to_plain)

@@ -104,6 +104,15 @@ def check_compatible(checkpoint_path: Path, cfg) -> None:
     if was_deepspeed != is_deepspeed:
         raise ConfigError(f"config key 'trainer.strategy': the checkpoint '{checkpoint_path}' was written under "
                           f"{stored.get('trainer.strategy')!r}, which cannot resume under {cfg.trainer.strategy!r}")
+    # FSDP keeps weights and optimizer states as DCP shards, which only it reads (on any number of processes).
+    from dgm_scale.distributed.dcp_checkpoint import is_sharded
+
+    if is_sharded(checkpoint) and cfg.trainer.strategy != "fsdp":
+        raise ConfigError(f"config key 'trainer.strategy': the checkpoint '{checkpoint_path}' holds FSDP shards; resume "
+                          "it under fsdp, or fold it into a plain one first (dgm-scale checkpoint to-plain)")
+    if cfg.trainer.strategy == "fsdp" and not is_sharded(checkpoint):
+        raise ConfigError(f"config key 'trainer.strategy': fsdp resumes only its own sharded checkpoints; resume "
+                          f"'{checkpoint_path}' under {stored.get('trainer.strategy')!r}, the strategy that wrote it")
     for key in sorted(current):
         if must_match(key):
             if key in stored and stored[key] != current[key]:

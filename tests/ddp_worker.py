@@ -2,10 +2,12 @@
 import os
 import sys
 
+import lightning as L
 import torch
 
 from dgm_scale.config import load_config
 from dgm_scale.train import quiet_lightning, train
+from fsdp_state import full
 from helpers import ActivationDtypes, ElasticProbe, with_callback
 
 
@@ -41,6 +43,14 @@ def record_bucket_launches() -> list:
     return launched
 
 
+class FullParameters(L.Callback):
+    """The trained weights at the end of training, gathered from FSDP's shards (a collective,
+    while the processes still form a group); plain tensors as they are."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.params = {name: full(p) for name, p in pl_module.named_parameters()}
+
+
 if __name__ == "__main__":
     config_path, out_dir, *overrides = sys.argv[1:]
     quiet_lightning()
@@ -51,6 +61,8 @@ if __name__ == "__main__":
     activations = ActivationDtypes()  # what the training steps computed in (trainer.precision)
     with_callback(activations)
     bucket_launches = record_bucket_launches()
+    gathered = FullParameters()
+    with_callback(gathered)
     stream_keys = record_stream_keys() if os.environ.get("DGM_TEST_KEYS") else None
     if os.environ.get("DGM_TEST_ELASTIC"):  # tests/test_elastic.py: state after loading, batches trained
         with_callback(ElasticProbe(out_dir))
@@ -59,7 +71,7 @@ if __name__ == "__main__":
         logging.basicConfig(level=logging.WARNING)
         logging.getLogger("dgm_scale").setLevel(logging.INFO)  # the resume's world-size line
     result = train(load_config(config_path, overrides))
-    params = {name: p.detach().clone() for name, p in result.module.named_parameters()}
+    params = gathered.params
     # Each rank draws its own noise stream (the ranks' latents must differ to be worth two ranks).
     noise_probe = torch.randn(4)
     optimizer_types = [type(opt).__name__ for opt in result.module.trainer.strategy.optimizers]

@@ -20,7 +20,8 @@ DRY_RUN_STATUS = {"DCGAN bf16 throughput": "skipped", "WGAN-GP 16-mixed": "yes",
                   "DeepSpeed ZeRO-2 GAN, bf16": "yes", "DeepSpeed ZeRO-2 WGAN-GP, fp16": "skipped",
                   "host syncs, peak memory": "skipped", "torch.compile": "skipped",
                   "MFU, DCGAN >= 100M parameters": "skipped", "sync-free steps": "skipped",
-                  "loader-wait fraction": "skipped", "input pipeline options": "skipped"}
+                  "loader-wait fraction": "skipped", "input pipeline options": "skipped",
+                  "FSDP WGAN-GP, bf16 parameters": "yes", "FSDP WGAN-GP, CPU offload": "skipped"}
 
 
 def test_the_dry_run_passes_what_the_cpu_can_judge_and_skips_the_rest():

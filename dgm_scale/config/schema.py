@@ -91,16 +91,29 @@ class DDPConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """trainer.strategy=fsdp: PyTorch FSDP2 settings (dgm_scale/distributed/fsdp.py)."""
+    # free each block's gathered weights after its forward (gathered again for the backward):
+    # less memory, one more all-gather per block and step
+    reshard_after_forward: bool = True
+    # float32 | bfloat16: the dtype weights are gathered and computed in (gradients are reduced
+    # and the optimizer steps in float32 either way)
+    param_dtype: str = "float32"
+    cpu_offload: bool = False  # shards, gradients and optimizer state live in CPU memory (GPU runs)
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 3000  # training iterations: one iteration = n_critic D steps + one G step
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: int = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | deepspeed
+    strategy: str = "auto"  # auto | ddp | deepspeed | fsdp
     # DeepSpeed config block (trainer.strategy=deepspeed), merged over our defaults; e.g.
     # {zero_optimization: {stage: 2, offload_optimizer: {device: cpu}}}
     deepspeed: Dict[str, Any] = field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
     ddp: DDPConfig = field(default_factory=DDPConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # trainer.strategy=fsdp
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     # Batch norm statistics over all ranks' batches (our GlobalBatchNorm: CPU and GPU) instead of
     # each rank's own; only matters with more than one process and norm=batch.

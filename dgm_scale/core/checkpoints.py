@@ -24,12 +24,15 @@ class DirectCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, handle)
 
 
-def check_weights_finite(pl_module, path: Path) -> None:
+def check_weights_finite(trainer, path: Path) -> None:
     """Refuse to write `path` when a weight or buffer (EMA included: it is a submodule) is NaN/Inf,
     so the last good checkpoint is never replaced by a broken one. Every rank checks its own
-    replica (identical under our DDP), so under DDP all ranks refuse together, before the
-    collective save."""
+    replica (under FSDP: its shards), and one decision over all ranks makes them all refuse
+    together, before the collective save."""
+    pl_module = trainer.lightning_module
     bad = first_nonfinite(pl_module.state_dict().items())
+    if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
+        bad = bad or "a weight on another rank"
     if bad is not None:
         raise NonFiniteError(f"refusing to write checkpoint '{path.name}' at iteration {pl_module.iteration}: "
                              f"'{bad}' is not finite (the previous checkpoints are kept)")
@@ -41,7 +44,7 @@ def save_checkpoint_atomic(trainer, path: Path) -> None:
     file, and a full disk leaves the previous `path` whole and raises a one-line DiskFullError
     (core.files.atomic_path). Weights with a NaN/Inf are refused (NonFiniteError) before anything
     is written."""
-    check_weights_finite(trainer.lightning_module, path)
+    check_weights_finite(trainer, path)
     if not trainer.is_global_zero:  # only joins the collective save: rank 0 names, commits, cleans up
         trainer.save_checkpoint(temporary_path(path), weights_only=False)
         return

@@ -32,8 +32,10 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
 
 
 def first_nonfinite(named: Iterable[tuple[str, Tensor]]) -> str | None:
-    """The name of the first floating tensor with a NaN/Inf element, or None."""
+    """The name of the first floating tensor with a NaN/Inf element, or None. Of a sharded
+    tensor (a DTensor: FSDP), only this rank's shard is checked: no collective."""
     for name, tensor in named:
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         if tensor.is_floating_point() and not bool(tensor.detach().isfinite().all()):
             return name
     return None

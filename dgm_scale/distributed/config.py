@@ -24,6 +24,16 @@ def validate_trainer(trainer: Any) -> None:
                                     "trainer.strategy=fsdp)")
         require(not (trainer.precision == "16-mixed" and trainer.accelerator == "cpu"),
                 "config key 'trainer.precision': DeepSpeed's fp16 needs a GPU; on CPU use bf16-mixed or 32-true")
+    if trainer.strategy == "fsdp":
+        from dgm_scale.distributed.fsdp import PARAM_DTYPES
+
+        choice("trainer.fsdp.param_dtype", trainer.fsdp.param_dtype, list(PARAM_DTYPES))
+        # One GradScaler per optimizer cannot see the other ranks' gradient shards (an overflow
+        # on one rank must skip the step on all): use bf16.
+        require(trainer.precision != "16-mixed", "config key 'trainer.precision': 16-mixed is not supported under "
+                                                 "trainer.strategy=fsdp; use bf16-mixed or trainer.fsdp.param_dtype=bfloat16")
+        require(not (trainer.fsdp.cpu_offload and trainer.accelerator == "cpu"),
+                "config key 'trainer.fsdp.cpu_offload': offloads GPU memory to the CPU; the run is on the CPU already")
     require(trainer.devices >= 1 and trainer.num_nodes >= 1,
             f"config key 'trainer.devices' / 'trainer.num_nodes' must be >= 1, got {trainer.devices} / {trainer.num_nodes}")
     require(0 < trainer.ddp.bucket_mb <= 2 ** 20,  # written so that NaN fails too

@@ -9,13 +9,16 @@ One small interface instead of checks for concrete strategy classes in the calle
   (then only the loss is a NaN guard's business).
 - `local_gradients(opt, network)`: the gradients this rank is about to step with.
 - `gradient_norm(opt, network)`: the global norm of the gradient `opt` just stepped with.
+- `full_weights(module)`: a block inside which the module's networks hold their full weights
+  (FSDP gathers its shards; every rank must enter it, then one rank alone may sample).
 
 `step_interface(trainer)` returns the strategy's own (DeepSpeed: all four live in its engines)
 or the default below, with the precision plugin's loss scalers where it has them (`scaler_of`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +46,10 @@ class StepInterface:
         averages and the scaler unscales `.grad` in place inside step())."""
         norms = [p.grad.detach().float().norm() for p in network.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+    def full_weights(self, module: nn.Module) -> ContextManager[None]:
+        """Every rank holds every weight already."""
+        return nullcontext()
 
 
 DEFAULT = StepInterface()

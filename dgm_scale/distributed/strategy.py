@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from dgm_scale.distributed.buckets import GradientBuckets
 
-STRATEGIES = ("auto", "ddp", "deepspeed")
+STRATEGIES = ("auto", "ddp", "deepspeed", "fsdp")
 
 
 def all_reduce_gradients(params: Iterable[torch.nn.Parameter], world_size: int) -> None:
@@ -92,6 +92,12 @@ def build_strategy(trainer_cfg, seed: int, micro_batch: int = 1):
 
         return MultiEngineDeepSpeed(seed=seed, deepspeed_config=dict(trainer_cfg.deepspeed),
                                     precision=trainer_cfg.precision, micro_batch=micro_batch)
+    if name == "fsdp":
+        from dgm_scale.distributed.fsdp import FullyShardedStrategy
+
+        fsdp = trainer_cfg.fsdp
+        return FullyShardedStrategy(seed=seed, reshard_after_forward=fsdp.reshard_after_forward,
+                                    param_dtype=fsdp.param_dtype, cpu_offload=fsdp.cpu_offload)
     processes = trainer_cfg.devices * trainer_cfg.num_nodes
     if name == "ddp" or processes > 1:
         ddp = trainer_cfg.ddp

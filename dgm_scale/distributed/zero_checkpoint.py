@@ -74,24 +74,29 @@ def read_shard(checkpoint_dir: Path, folder: str, rank: int, optimizer_index: in
     return load_partition(path, str(path))
 
 
-def shards_of(checkpoint: Path) -> Optional[dict]:
-    """The {"dir", "world_size"} a checkpoint file names, or None (not sharded / unreadable)."""
+def shards_of(checkpoint: Path, key: str = ZERO_SHARDS) -> Optional[dict]:
+    """The {"dir", "world_size"} a checkpoint file names under `key` (ZeRO's; FSDP's DCP shards:
+    dcp_checkpoint.py), top-level or in its optimizer states, or None (not sharded / unreadable)."""
     try:
-        states = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("optimizer_states", [])
+        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - a half-written or foreign file names nothing
         return None
-    return next((state[ZERO_SHARDS] for state in states if isinstance(state, dict) and ZERO_SHARDS in state), None)
+    if isinstance(loaded.get(key), dict):
+        return loaded[key]
+    states = loaded.get("optimizer_states", [])
+    return next((state[key] for state in states if isinstance(state, dict) and key in state), None)
 
 
-def prune_shards(checkpoint_dir: Path, keep: Iterable[str] = ()) -> List[Path]:
-    """Delete the shard folders in `checkpoint_dir/zero` that no checkpoint file there names
-    (`keep`: folders being written now); returns the deleted ones."""
-    root = checkpoint_dir / SHARD_FOLDER
+def prune_shards(checkpoint_dir: Path, keep: Iterable[str] = (), folder_name: str = SHARD_FOLDER,
+                 key: str = ZERO_SHARDS) -> List[Path]:
+    """Delete the shard folders in `checkpoint_dir/<folder_name>` that no checkpoint file there
+    names (`keep`: folders being written now); returns the deleted ones."""
+    root = checkpoint_dir / folder_name
     if not root.is_dir():
         return []
-    named = {info["dir"] for path in checkpoint_dir.glob("*.ckpt") if (info := shards_of(path)) is not None}
+    named = {info["dir"] for path in checkpoint_dir.glob("*.ckpt") if (info := shards_of(path, key)) is not None}
     named |= set(keep)
-    doomed = [folder for folder in root.iterdir() if f"{SHARD_FOLDER}/{folder.name}" not in named]
+    doomed = [folder for folder in root.iterdir() if f"{folder_name}/{folder.name}" not in named]
     for folder in doomed:
         shutil.rmtree(folder, ignore_errors=True)
     return doomed

@@ -10,6 +10,7 @@ from dgm_scale.core.errors import described, first_line
 from dgm_scale.config import ConfigError, to_dict
 from dgm_scale.core.imports import import_object, run_imports
 from dgm_scale.core.trust import require_trusted
+from dgm_scale.distributed import dcp_checkpoint
 from dgm_scale.families.registry import get_family
 from dgm_scale.modules.base import GenerativeModule, LatentModule
 
@@ -38,6 +39,11 @@ def _read_checkpoint(path: Path, map_location: str) -> tuple[dict, dict]:
         config = checkpoint["hyper_parameters"]["config"]
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file
         raise ConfigError(f"checkpoint '{path}' is not a dgm_scale checkpoint: {first_line(exc)}") from None
+    if dcp_checkpoint.is_sharded(checkpoint):  # FSDP: the weights are in its shard folder
+        try:
+            checkpoint = dcp_checkpoint.fold(checkpoint, path.parent, optimizers=False)
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(f"checkpoint '{path}': {error}") from None
     if not isinstance(config, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ConfigError(f"checkpoint '{path}' is not a dgm_scale checkpoint: no stored config and state_dict")
     return checkpoint, config

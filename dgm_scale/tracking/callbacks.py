@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from dgm_scale.core.checkpoints import save_checkpoint_atomic
 from dgm_scale.core.files import save_png_atomic, write_text_atomic
 from dgm_scale.core.logs import log_media_now
+from dgm_scale.distributed.interface import step_interface
 from dgm_scale.modules.sampling import STRIP
 from dgm_scale.tracking.images import image_grid, samples_to_image, samples_to_text
 
@@ -30,40 +31,50 @@ class SampleGrids(L.Callback):
         self.out_dir, self.every, self.num_samples, self.seed = Path(out_dir), every, num_samples, seed
         self.reference = reference  # optional [K, 2] mode centres drawn on toy scatter plots
 
-    def save(self, trainer, pl_module, name: str) -> Path:
-        """Write samples/NAME.* and latest.*, and send them to the loggers that take media."""
+    def draw(self, trainer, pl_module) -> tuple:
+        """(samples, interpolation strip frames or None), drawn on every rank: with sharded
+        weights (FSDP) the forwards are collective, and lazily refreshed sampling state (a GAN's
+        EMA statistics) must stay the same on every rank."""
+        with step_interface(trainer).full_weights(pl_module):
+            if pl_module.modality == "text":
+                return pl_module.sample(min(self.num_samples, TEXT_SAMPLES), seed=self.seed), None
+            samples = pl_module.sample(self.num_samples, seed=self.seed)
+            return samples, pl_module.interpolate(*STRIP) if pl_module.modality == "images" else None
+
+    def save(self, trainer, pl_module, name: str) -> Optional[Path]:
+        """Write samples/NAME.* and latest.*, and send them to the loggers that take media (rank 0;
+        every rank calls it)."""
+        samples, frames = self.draw(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return None
         caption = f"{name} (iteration {pl_module.iteration})"
         if pl_module.modality == "text":
-            texts = samples_to_text(pl_module.sample(min(self.num_samples, TEXT_SAMPLES), seed=self.seed))
+            texts = samples_to_text(samples)
             body = "\n\n".join(f"--- sample {i} ---\n{text}" for i, text in enumerate(texts)) + "\n"
             write_text_atomic(self.out_dir / "latest.txt", body)
             log_media_now(trainer, "samples", text=texts, caption=caption)
             return write_text_atomic(self.out_dir / f"{name}.txt", body)
-        image = samples_to_image(pl_module.sample(self.num_samples, seed=self.seed), self.reference)
+        image = samples_to_image(samples, self.reference)
         save_png_atomic(image, self.out_dir / "latest.png")
         path = save_png_atomic(image, self.out_dir / f"{name}.png")
         log_media_now(trainer, "samples", image=image, caption=caption)
-        if pl_module.modality == "images":
-            self.save_strip(trainer, pl_module, caption)
+        if frames is not None:
+            self.save_strip(trainer, frames, caption)
         return path
 
-    def save_strip(self, trainer, pl_module, caption: str) -> None:
-        """samples/interpolation.png (and W&B's `interpolation`), when the model has a latent space."""
+    def save_strip(self, trainer, frames, caption: str) -> None:
+        """samples/interpolation.png (and W&B's `interpolation`) of the strip's frames."""
         seed_a, seed_b, steps = STRIP
-        frames = pl_module.interpolate(seed_a, seed_b, steps)
-        if frames is None:
-            return
         strip = image_grid(frames, nrow=steps, scale=max(1, 64 // frames.shape[-1]))
         save_png_atomic(strip, self.out_dir / "interpolation.png")
         log_media_now(trainer, "interpolation", image=strip, caption=f"seed {seed_a} -> {seed_b}, {caption}")
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if pl_module.iteration % self.every == 0 and trainer.is_global_zero:
+        if pl_module.iteration % self.every == 0:
             self.save(trainer, pl_module, f"iter_{pl_module.iteration:07d}")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            self.save(trainer, pl_module, "final")
+        self.save(trainer, pl_module, "final")
 
 
 class PeriodicCheckpoint(L.Callback):

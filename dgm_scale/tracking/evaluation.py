@@ -25,6 +25,7 @@ import lightning as L
 from dgm_scale.core.checkpoints import save_checkpoint_atomic
 from dgm_scale.core.files import append_text, write_json_atomic
 from dgm_scale.core.logs import log_media_now, log_now
+from dgm_scale.distributed.interface import step_interface
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class PeriodicEvaluation(L.Callback):
         iteration = pl_module.iteration
         datamodule = getattr(trainer, "datamodule", None)
         heldout = datamodule.val_dataloader() if pl_module.uses_heldout and datamodule is not None else None
-        results = evaluate_module(pl_module, self.evaluator, heldout, self.probe)
+        with step_interface(trainer).full_weights(pl_module):  # collective: every rank runs evaluations
+            results = evaluate_module(pl_module, self.evaluator, heldout, self.probe)
         self.last_evaluated = iteration
         log_now(trainer, {logged_name(name): value for name, value in results.items()})
         if trainer.is_global_zero and self.probe is not None:

@@ -1,0 +1,191 @@
+"""trainer.strategy=fsdp (FSDP2, 2 CPU processes, gloo): every family trains as under our DDP,
+its DCP checkpoints survive kill -9 mid-write and reshard onto another number of processes.
+
+Tolerance: fsdp's gathered weights after 3 iterations must equal ddp's within rtol 1e-5,
+atol 1e-6 (float32; measured on CPU: identical to the last bit, a 2-rank reduce-scatter averages
+the same two numbers as the all-reduce).
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsdp_state import full, full_optimizer_states
+from helpers import TINY, TINY_RUN, adapt, assert_same_final_run, metrics_rows, torchrun, train_here
+from dgm_scale.config import ConfigError, load_config
+from dgm_scale.families.gan.module import GANModule
+from dgm_scale.modules import load_module
+
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+CASES = {  # name: (config, overrides): every family, R1 and the gradient penalty, your own networks
+    "gan_r1": ("configs/nsgan.yaml", ["loss.r1_gamma=1.0"]),
+    "wgan_gp": ("configs/wgan_gp.yaml", []),
+    "wgan_clipped": ("configs/wgan.yaml", []),
+    "vae": ("configs/vae.yaml", []),
+    "autoregressive": ("configs/autoregressive.yaml", ["model.width=8", "model.embed_dim=4"]),
+    "ssgan": ("configs/ssgan.yaml", []),
+    "user_networks": ("examples/custom_nets/config.yaml", ["model.generator.kwargs.width=8",
+                                                          "model.discriminator.kwargs.width=8"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Every case under ddp, then fsdp, in one torchrun launch (tests/fsdp_worker.py)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    tiny = {"autoregressive": TINY_RUN}  # its network has other settings (given in CASES)
+    cases = [[name, config, adapt(config, tiny.get(name, TINY)) + ["trainer.devices=2"] + extra]
+             for name, (config, extra) in CASES.items()]
+    (out / "cases.json").write_text(json.dumps(cases))
+    proc = torchrun(["tests/fsdp_worker.py", str(out), str(out / "cases.json")], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fsdp_trains_every_family_as_ddp_does(case, runs):
+    ddp, fsdp = (torch.load(runs / f"{case}-{strategy}.pt", weights_only=True) for strategy in ("ddp", "fsdp"))
+    assert ddp["iterations"] == fsdp["iterations"] == 3
+    assert fsdp["sharded"] == ["DTensor"] and ddp["sharded"] == ["Parameter"]  # really sharded, and not
+    assert ddp["params"].keys() == fsdp["params"].keys()
+    for name, tensor in ddp["params"].items():
+        torch.testing.assert_close(fsdp["params"][name], tensor, **TOLERANCE, msg=name)
+    for ddp_state, fsdp_state in zip(ddp["optimizer_states"], fsdp["optimizer_states"]):
+        for name, state in ddp_state.items():
+            for key, value in state.items():
+                torch.testing.assert_close(fsdp_state[name][key], value, **TOLERANCE, msg=f"{name}.{key}")
+    # The logged values, global gradient norms included (summed over the ranks' shards), too.
+    ddp_rows, fsdp_rows = metrics_rows(runs / f"{case}-ddp"), metrics_rows(runs / f"{case}-fsdp")
+    assert len(ddp_rows) == len(fsdp_rows) == 3 and ddp_rows[0].keys() == fsdp_rows[0].keys()
+    assert any(key.endswith("grad_norm") for key in ddp_rows[0]) or case in ("vae", "autoregressive")  # (they log none)
+    for ddp_row, fsdp_row in zip(ddp_rows, fsdp_rows):
+        for key, value in ddp_row.items():
+            torch.testing.assert_close(float(fsdp_row[key]), float(value), **TOLERANCE, equal_nan=True, msg=key)
+    # The sharded checkpoint holds the trained weights: load_module folds its DCP shards.
+    reloaded = load_module(runs / f"{case}-fsdp" / "checkpoints" / "last.ckpt", trust_code=True)
+    for name, param in reloaded.named_parameters():
+        torch.testing.assert_close(param.detach(), fsdp["params"][name], rtol=0, atol=0, msg=name)
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_one(runs, tmp_path, monkeypatch):
+    """DCP reshards: right after loading, one process holds exactly the weights and optimizer
+    states the two processes had gathered when they saved; then it trains on."""
+    import lightning as L
+
+    from helpers import with_callback
+
+    class Loaded(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.params = {name: full(p) for name, p in pl_module.named_parameters()}
+            self.states = full_optimizer_states(pl_module, trainer.strategy.optimizers)
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "wgan_gp-fsdp", run)
+    saved = torch.load(runs / "wgan_gp-fsdp.pt", weights_only=True)
+    loaded = Loaded()
+    with_callback(loaded, monkeypatch.setattr)
+    train_here(["configs/wgan_gp.yaml", *TINY, "trainer.strategy=fsdp", "trainer.max_steps=4", "resume=auto"], run)
+    for name, tensor in saved["params"].items():
+        torch.testing.assert_close(loaded.params[name], tensor, rtol=0, atol=0, msg=name)
+    assert [sorted(state) for state in loaded.states] == [sorted(state) for state in saved["optimizer_states"]]
+    for loaded_state, saved_state in zip(loaded.states, saved["optimizer_states"]):
+        for name, state in saved_state.items():
+            for key, value in state.items():
+                torch.testing.assert_close(loaded_state[name][key], value, rtol=0, atol=0, msg=f"{name}.{key}")
+    assert load_module(run / "checkpoints" / "last.ckpt").checkpoint_iteration == 4
+
+
+def test_sharded_checkpoints_resume_only_under_fsdp_or_folded(runs, tmp_path):
+    from dgm_scale.distributed.dcp_checkpoint import to_plain
+    from dgm_scale.resume import check_compatible
+
+    sharded = runs / "vae-fsdp" / "checkpoints" / "last.ckpt"
+    config = ["configs/vae.yaml", adapt("configs/vae.yaml", TINY)]
+    with pytest.raises(ConfigError, match="holds FSDP shards; resume it under fsdp, or fold it"):
+        check_compatible(sharded, load_config(*config))
+    check_compatible(sharded, load_config(config[0], config[1] + ["trainer.strategy=fsdp"]))
+    plain = to_plain(sharded, tmp_path / "plain.ckpt")
+    check_compatible(plain, load_config(*config))  # a folded one resumes under ddp
+    with pytest.raises(ConfigError, match="fsdp resumes only its own sharded checkpoints"):
+        check_compatible(plain, load_config(config[0], config[1] + ["trainer.strategy=fsdp"]))
+    states = torch.load(plain, weights_only=True)["optimizer_states"]
+    saved = torch.load(runs / "vae-fsdp.pt", weights_only=True)["optimizer_states"][0]
+    names = [name for group in torch.load(plain, weights_only=True)["optimizer_states"][0]["param_groups"]
+             for name in group["params"]]
+    assert names == list(range(len(saved)))  # torch's own numbering
+    for index, (name, state) in enumerate(saved.items()):  # in the optimizer's parameter order
+        torch.testing.assert_close(states[0]["state"][index]["exp_avg"], state["exp_avg"], rtol=0, atol=0, msg=name)
+
+
+def test_fsdp_settings_are_checked():
+    from dgm_scale.distributed import build_strategy
+    from dgm_scale.distributed.fsdp import FullyShardedStrategy
+
+    strategy = build_strategy(load_config(overrides=["trainer.strategy=fsdp", "trainer.fsdp.param_dtype=bfloat16",
+                                                     "trainer.fsdp.reshard_after_forward=false"]).trainer, seed=0)
+    assert isinstance(strategy, FullyShardedStrategy) and strategy.param_dtype == "bfloat16"
+    assert strategy.reshard_after_forward is False
+    for override, key in (("trainer.fsdp.param_dtype=float16", "trainer.fsdp.param_dtype"),
+                          ("trainer.precision=16-mixed", "trainer.precision"),
+                          ("trainer.fsdp.cpu_offload=true", "trainer.fsdp.cpu_offload")):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            load_config(overrides=["trainer.strategy=fsdp", "trainer.accelerator=cpu", override])
+
+
+def test_killed_while_writing_its_shards_an_fsdp_run_resumes_exactly(tmp_path):
+    """Rank 1 is SIGKILLed half-way through its shard file of save 5 (iter_0000003.ckpt's; save
+    2k-1 / 2k are iteration k's iter_ / last.ckpt): last.ckpt stays iteration 2's, with its whole
+    shard folder; the resumed run equals the uninterrupted one bit for bit, and shard folders no
+    checkpoint names (the half-written one) are deleted."""
+    from test_kill_resume import checkpoint_iteration, finish, launch
+
+    from dgm_scale.distributed.dcp_checkpoint import DCP_SHARDS
+    from dgm_scale.distributed.zero_checkpoint import shards_of
+
+    args = ["configs/wgan_gp.yaml", *TINY, "loss.n_critic=2", "trainer.max_steps=4", "run.checkpoint_every=1",
+            "run.sample_every=100", "run.keep_checkpoints=1", "trainer.devices=2", "trainer.strategy=fsdp"]
+    reference, victim = tmp_path / "reference", tmp_path / "victim"
+    killed = launch(args, victim, nproc=2, driver="tests/kill_in_save.py", env={"DGM_TEST_KILL_IN_SHARDS": "5"})
+    finish(launch(args, reference, nproc=2), reference)
+    assert killed.wait(timeout=180) != 0
+    checkpoints = victim / "checkpoints"
+    assert checkpoint_iteration(victim) == 2
+    # (rank 0, whose collective failed, may have deleted the half folder on its way out)
+    assert all((checkpoints / shards_of(path, DCP_SHARDS)["dir"] / ".metadata").is_file()
+               for path in checkpoints.glob("*.ckpt"))
+    finish(launch([*args, "resume=auto"], victim, nproc=2), victim)
+    assert_same_final_run(reference, victim, 4)
+    named = {shards_of(path, DCP_SHARDS)["dir"] for path in checkpoints.glob("*.ckpt")}
+    assert {f"dcp/{folder.name}" for folder in (checkpoints / "dcp").iterdir()} == named and len(named) == 2
+
+
+def test_bf16_parameters_compute_in_bf16_and_keep_float32_weights(tmp_path):
+    """trainer.fsdp.param_dtype=bfloat16 on one process: the layers compute in bf16 (batch norm,
+    in G here, in float32 as its statistics), the sharded weights and the checkpoint stay float32."""
+    from helpers import train_computing
+
+    result, dtypes = train_computing("configs/nsgan.yaml", [*TINY, "trainer.strategy=fsdp", "trainer.max_steps=2",
+                                                            "trainer.fsdp.param_dtype=bfloat16",
+                                                            f"run.dir={tmp_path / 'run'}"])
+    assert dtypes == {"bfloat16"}
+    reloaded = load_module(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
+    assert reloaded.checkpoint_iteration == 2 and (tmp_path / "run" / "samples" / "final.png").is_file()
+
+
+class GANWithALooseParameter(GANModule):
+    """A parameter outside every network: FSDP would leave its gradient unsynchronised."""
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.loose = torch.nn.Parameter(torch.zeros(1))
+
+
+def test_a_parameter_outside_the_networks_is_refused(tmp_path):
+    from dgm_scale.train import train
+
+    with pytest.raises(RuntimeError, match="parameter 'loose' is in no network the module names"):
+        train(load_config(overrides=[*TINY, "trainer.strategy=fsdp", "model.module=test_fsdp:GANWithALooseParameter",
+                                     f"run.dir={tmp_path / 'run'}"]))
