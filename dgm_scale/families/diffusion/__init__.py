@@ -88,7 +88,7 @@ class LikelihoodConfig:
     about (vlb_steps, or 2 ode_steps x (1 + probes)) denoiser passes x repeats per held-out batch."""
     method: str = "auto"  # auto (vlb for eps / v, ode for edm / flow) | vlb | ode | none (no bits/dim)
     vlb_steps: int = 0  # vlb: the ddpm sampler's levels it bounds; 0 = loss.timesteps (discrete), else 1000
-    ode_steps: int = 50  # ode: Heun steps from ratio_min to ratio_max
+    ode_steps: int = 100  # ode: Heun steps from ratio_min to ratio_max
     probes: int = 1  # ode: Rademacher probes of Hutchinson's trace estimator per image
     repeats: int = 1  # draws per image averaged (vlb: noise; ode: dequantisation and probes)
     ratio_min: float = 0.002  # ode (and encode): the range of sigma / alpha it integrates over,
@@ -215,7 +215,7 @@ def likelihood_label(setting: Callable[..., Any]) -> str:
         steps = setting("likelihood.vlb_steps", 0) or "all"
         return f"VLB over {steps} levels, discretised Gaussian decoder (an upper bound)"
     if method == "ode":
-        return f"probability-flow ODE, {setting('likelihood.ode_steps', 50)} Heun steps, Hutchinson " \
+        return f"probability-flow ODE, {setting('likelihood.ode_steps', 100)} Heun steps, Hutchinson " \
                f"({setting('likelihood.probes', 1)} probe(s)), uniform dequantisation (an estimated upper bound)"
     return "none"
 
