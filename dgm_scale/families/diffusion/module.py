@@ -24,7 +24,7 @@ from dgm_scale.families.diffusion import SamplerConfig, likelihood_method, valid
 from dgm_scale.families.diffusion.likelihood import ode_log_density, ode_nll, rademacher, ratio_bounds, ratio_grid, \
     vlb_terms
 from dgm_scale.families.diffusion.processes import build_process
-from dgm_scale.families.diffusion.samplers import generate, levels
+from dgm_scale.families.diffusion.samplers import SAMPLERS, generate, levels
 from dgm_scale.losses.diffusion import build_objective, denoising_loss
 from dgm_scale.modules.base import GenerativeModule
 from dgm_scale.modules.ema import make_ema_copy, ramped_decay, update_ema
@@ -42,6 +42,10 @@ def stream_seed(seed: int, stream: int) -> int:
     apart from the sequences of other seeds and streams."""
     return (int(seed) * 2_147_483_647 + int(stream) * 1_000_000_007 + 1) % (2 ** 62)
 
+
+#: the most steps and the largest guidance weight a live page offers: one request holds the model
+#: for steps x samples denoiser passes (ddpm at 250 of 1,000 levels is already close to all of them)
+MAX_PAGE_STEPS, MAX_PAGE_GUIDANCE = 250, 10.0
 
 #: the noise-to-signal ratios sigma / alpha that bound the bins of the logged loss by noise level
 NOISE_BINS = (0.1, 1.0, 10.0)
@@ -237,6 +241,18 @@ class DiffusionModule(GenerativeModule):
         except ConfigError as error:
             raise ValueError(str(error)) from None
         return settings
+
+    def sampling_controls(self) -> Dict[str, Dict[str, Any]]:
+        """The sampler, its steps (up to a discrete model's loss.timesteps, at most
+        MAX_PAGE_STEPS) and, for a model trained with label dropout, the guidance weight."""
+        settings, loss = self.cfg.sampler, self.cfg.loss
+        discrete = loss.objective in ("eps", "v") and loss.timesteps > 0
+        controls = {"sampler": {"type": "choice", "default": settings.name, "choices": sorted(SAMPLERS)},
+                    "steps": {"type": "integer", "default": settings.steps, "min": 1,
+                              "max": min(loss.timesteps, MAX_PAGE_STEPS) if discrete else MAX_PAGE_STEPS}}
+        if self.num_classes > 0 and self.cfg.model.label_dropout > 0:
+            controls["guidance"] = {"default": float(settings.guidance), "min": 0.0, "max": MAX_PAGE_GUIDANCE}
+        return controls
 
     @torch.no_grad()
     def sample_batch(self, num: int, seed: int = 0, start: int = 0, labels: Optional[Tensor] = None,
