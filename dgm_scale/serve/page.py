@@ -90,22 +90,22 @@ function updateStrip() {
 // One control per sampling option the model's family offers (see GenerativeModule.sampling_controls):
 // a choice is a menu, an integer a number box, a number a slider; the page's query string sets it.
 function addOption(name, spec) {
-  const kind = spec.type || "number", label = document.createElement("label");
+  const form = spec.type || "number", label = document.createElement("label");
   let input;
-  if (kind === "choice") {
+  if (form === "choice") {
     input = document.createElement("select");
     for (const choice of spec.choices) input.add(new Option(choice, choice));
   } else {
     input = document.createElement("input");
-    input.type = kind === "integer" ? "number" : "range";
+    input.type = form === "integer" ? "number" : "range";
     input.min = spec.min !== undefined ? spec.min : 0.05;
     input.max = spec.max;
-    input.step = kind === "integer" ? 1 : 0.05;
+    input.step = form === "integer" ? 1 : 0.05;
   }
   input.id = "option-" + name;
   input.value = initial.has(name) ? initial.get(name) : spec.default;
   label.append(name + " ", input);
-  if (kind === "number") {
+  if (form === "number") {
     const shown = document.createElement("span");
     shown.textContent = input.value;
     input.addEventListener("input", () => { shown.textContent = input.value; });
