@@ -40,7 +40,8 @@ class GenerativeModule(L.LightningModule):
     `sample_batch()`; optionally `sampler_variants()` (e.g. a GAN's EMA and raw generators) and
     `heldout_nll()` (families with a likelihood: the evaluation's bits per dim / char),
     `heldout_scores()` (other averages over the held-out split, e.g. a classifier's accuracy) and
-    `encode_features()` (features of real data: `dgm-scale encode` / `probe`).
+    `encode_features()` (features of real data: `dgm-scale encode` / `probe`) and
+    `sampling_controls()` (the sampling options a live page offers).
     """
 
     #: optimizer.step() calls per training iteration; Lightning's global_step counts those calls.
