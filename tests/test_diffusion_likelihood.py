@@ -164,9 +164,15 @@ def gaussian_denoiser(process, mean, covariance):
     """The exact E[x0 | x] for x0 ~ N(mean, covariance) (vectors [D], x [N, D])."""
     def denoise(x, t):
         alpha, sigma = (float(v) for v in process.alpha_sigma(torch.tensor(t, dtype=torch.float64)))
-        gain = alpha * covariance @ torch.linalg.inv(alpha ** 2 * covariance + sigma ** 2 * torch.eye(len(mean), dtype=torch.float64))
+        eye = torch.eye(len(mean), dtype=torch.float64)
+        gain = alpha * covariance @ torch.linalg.inv(alpha ** 2 * covariance + sigma ** 2 * eye)
         return mean + (x - alpha * mean) @ gain.T
     return denoise
+
+
+def isotropic_denoiser(process, mean, std, dims):
+    return gaussian_denoiser(process, torch.full((dims,), mean, dtype=torch.float64),
+                             std ** 2 * torch.eye(dims, dtype=torch.float64))
 
 
 ODE_PROCESSES = {"edm": EDM(-1.2, 1.2, 0.002, 80.0, 7.0), "vp-discrete": VPDiscrete("cosine", 1000),
@@ -207,7 +213,7 @@ def test_the_ode_latent_is_the_closed_form_map_of_isotropic_gaussian_data():
     """x0 ~ N(m, c^2 I): the ODE carries y0 at r to m + sqrt((c^2 + R^2) / (c^2 + r^2)) (y0 - m)
     at R (80 Heun steps: within 0.5%)."""
     process, c, m = VPDiscrete("linear", 1000), 0.4, 0.3
-    denoise = gaussian_denoiser(process, torch.full((3,), m, dtype=torch.float64), c ** 2 * torch.eye(3, dtype=torch.float64))
+    denoise = isotropic_denoiser(process, m, c, 3)
     ratios = ratio_grid(0.02, 50.0, 80)
     y0 = m + 0.5 * torch.randn(10, 3, generator=generator(5), dtype=torch.float64)
     _, latent = ode_log_density(denoise, process, y0, ratios)
@@ -225,7 +231,7 @@ def test_the_dequantised_ode_bound_meets_the_quantised_gaussians_nll():
     images = LEVELS[index.round().clamp(0, 255).long()]
     mass = torch.special.ndtr((images + HALF_BIN - MU) / std) - torch.special.ndtr((images - HALF_BIN - MU) / std)
     nll = -mass.log().sum(dim=1)
-    denoise = gaussian_denoiser(process, torch.full((dims,), MU, dtype=torch.float64), std ** 2 * torch.eye(dims, dtype=torch.float64))
+    denoise = isotropic_denoiser(process, MU, std, dims)
     uniform = torch.rand(count, dims, generator=generator(7), dtype=torch.float64)
 
     def gap(steps):
@@ -243,7 +249,8 @@ GAUSSIAN_DENOISERS = ROOT / "tests" / "gaussian_denoisers.py"
 
 def gaussian_module(objective, target, *likelihood):
     return build_module(load_config(overrides=[
-        *TINY_RUN, "model.kind=diffusion", f"loss.objective={objective}", f"model.denoiser.target={GAUSSIAN_DENOISERS}:{target}",
+        *TINY_RUN, "model.kind=diffusion", f"loss.objective={objective}",
+        f"model.denoiser.target={GAUSSIAN_DENOISERS}:{target}",
         "model.denoiser.kwargs={mean: 0.1, std: 0.3}", *likelihood]))
 
 
