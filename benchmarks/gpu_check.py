@@ -6,7 +6,10 @@
 3. DeepSpeed ZeRO-2 on CUDA for a GAN, bf16 autocast and DeepSpeed's own fp16: trains, finite;
 4. host-device synchronisations per training iteration (CUDA's sync debug mode warns at each
    `.item()`, `bool()` or `.cpu()` of a CUDA tensor) and peak memory;
-5. torch.compile on CUDA: trainer.compile=true vs eager on the DCGAN of (1), images/s ratio.
+5. torch.compile on CUDA: trainer.compile=true vs eager on the DCGAN of (1), images/s ratio;
+6. the training step itself (gpu_step_checks.py): model FLOPs utilisation of a DCGAN >= 100M
+   parameters, the sync-free check of the iterations that log nothing, the loader-wait fraction,
+   and the input pipeline options' speed-ups.
 
 Each check judges against a stated threshold (the constants below) and says "yes" or "NO", or says
 "skipped" where it cannot judge: never a pass it did not earn. `--dry-run` runs every step on the
@@ -30,6 +33,8 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_step_checks as step_checks  # noqa: E402
 PASSED, FAILED, SKIPPED = "yes", "NO", "skipped"
 MIN_LOOP_RATIO = 0.97  # ours / hand-written images/s: scaling.py's target for our loop's overhead
 MIN_COMPILE_RATIO = 1.0  # compiled / eager images/s: trainer.compile is offered for speed
@@ -223,6 +228,10 @@ CHECKS: list[tuple[str, Callable]] = [
     ("DeepSpeed ZeRO-2 WGAN-GP, fp16", check_deepspeed_fp16),
     ("host syncs, peak memory", check_syncs_and_memory),
     ("torch.compile", check_compile),
+    ("MFU, DCGAN >= 100M parameters", lambda s, d: step_checks.check_mfu(s, d, common)),
+    ("sync-free steps", lambda s, d: step_checks.check_sync_free(s, d, common)),
+    ("loader-wait fraction", lambda s, d: step_checks.check_loader_wait(s, d, common)),
+    ("input pipeline options", lambda s, d: step_checks.check_pipeline_options(s, d, common)),
 ]
 
 

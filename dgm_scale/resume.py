@@ -10,6 +10,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
+from dgm_scale.core.errors import first_line
 from dgm_scale.config import ConfigError, to_dict
 from dgm_scale.distributed.preemption import requeue_checkpoint
 
@@ -64,18 +65,29 @@ def _flatten(tree: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]
             yield f"{prefix}{key}", value
 
 
-def _check_zero_world_size(checkpoint: dict, checkpoint_path: Path, cfg) -> None:
-    """DeepSpeed ZeRO-1/2 partitions resume only on as many processes as wrote them."""
-    from dgm_scale.distributed.zero_checkpoint import ZERO_PARTITIONS, ZERO_SHARDS
+def _world(trainer: Dict[str, Any]) -> int:
+    return int(trainer.get("devices", 1)) * int(trainer.get("num_nodes", 1))
 
-    states = [state for state in checkpoint.get("optimizer_states", []) if isinstance(state, dict)]
-    written = next((int(s[ZERO_SHARDS]["world_size"]) if ZERO_SHARDS in s and s[ZERO_SHARDS] else len(s[ZERO_PARTITIONS])
-                    for s in states if ZERO_SHARDS in s or ZERO_PARTITIONS in s), None)
-    world = cfg.trainer.devices * cfg.trainer.num_nodes
-    if written is not None and written != world:
-        raise ConfigError(f"config key 'trainer.devices': the checkpoint '{checkpoint_path}' holds the DeepSpeed ZeRO "
-                          f"partitions of {written} processes; resume it with {written} (trainer.devices x "
-                          f"trainer.num_nodes), not {world}, or start a new run from its weights")
+
+def adapt_to_world(checkpoint_path: Path, cfg) -> str:
+    """The resume's line on world size and global batch; with `trainer.keep_global_batch`, sets
+    data.batch_size so that the checkpoint's global batch is kept (a ConfigError if it does not
+    divide). A ZeRO or plain checkpoint of any world size resumes (the data position and ZeRO
+    partitions reshard: data/position.py, distributed/zero_reshard.py)."""
+    stored = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]["config"]
+    old_world, world = _world(stored["trainer"]), _world(to_dict(cfg)["trainer"])
+    old_batch = int(stored["data"]["batch_size"])
+    old_global = old_batch * old_world
+    if cfg.trainer.keep_global_batch and world != old_world:
+        if old_global % world:
+            raise ConfigError(f"config key 'trainer.keep_global_batch': the checkpoint's global batch {old_global} "
+                              f"({old_batch} x {old_world} processes) does not divide over {world} processes; "
+                              "set data.batch_size yourself with keep_global_batch=false")
+        cfg.data.batch_size = old_global // world
+    new_global = cfg.data.batch_size * world
+    batch = "kept" if new_global == old_global else f"{old_global} -> {new_global}"
+    per_device = f" ({cfg.data.batch_size} per process)" if world != old_world else ""
+    return f"world size {old_world} -> {world}, global batch {batch}{per_device}"
 
 
 def check_compatible(checkpoint_path: Path, cfg) -> None:
@@ -85,9 +97,8 @@ def check_compatible(checkpoint_path: Path, cfg) -> None:
         stored = dict(_flatten(checkpoint["hyper_parameters"]["config"]))
     except Exception as exc:
         raise ConfigError(f"config key 'run.resume': '{checkpoint_path}' is not a dgm_scale checkpoint: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{first_line(exc)}") from None
     current = dict(_flatten(to_dict(cfg)))
-    _check_zero_world_size(checkpoint, checkpoint_path, cfg)
     # DeepSpeed keeps its optimizer state as ZeRO partitions, the other strategies as plain state.
     was_deepspeed, is_deepspeed = stored.get("trainer.strategy") == "deepspeed", cfg.trainer.strategy == "deepspeed"
     if was_deepspeed != is_deepspeed:

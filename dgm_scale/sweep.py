@@ -30,7 +30,7 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dgm_scale.config.loader import load_config, yaml_value
-from dgm_scale.core.errors import ConfigError
+from dgm_scale.core.errors import ConfigError, first_line
 
 SWEEP_KEYS = {"name", "config", "overrides", "grid", "points"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def read_sweep(path: str | Path) -> Sweep:
     try:
         data = _plain(OmegaConf.load(path))
     except Exception as error:  # YAML syntax
-        raise ConfigError(f"sweep file '{path}': {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"sweep file '{path}': {first_line(error)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"sweep file '{path}' does not hold a mapping")
     unknown = sorted(set(data) - SWEEP_KEYS)

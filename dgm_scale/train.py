@@ -25,7 +25,7 @@ from dgm_scale.distributed.preemption import StopOnSignal
 from dgm_scale.metrics.evaluation import eval_settings, prepare_evaluation, scores_samples
 from dgm_scale.distributed.sync_batchnorm import GlobalBatchNormSync
 from dgm_scale.modules import GenerativeModule, build_module
-from dgm_scale.resume import check_compatible, checkpoint_run_dir, resume_checkpoint
+from dgm_scale.resume import adapt_to_world, check_compatible, checkpoint_run_dir, resume_checkpoint
 from dgm_scale.runlock import RunLock
 from dgm_scale.tracking import (IterationProgress, MetricsResumePoint, PeriodicCheckpoint, PeriodicEvaluation,
                                 RunReport, SampleGrids, ThroughputMonitor, build_loggers)
@@ -184,22 +184,31 @@ def train(cfg) -> RunResult:
     if lock is not None:  # one training per run directory (a second one stops here)
         lock.acquire()
     try:
-        return _fit(cfg, module, datamodule, run_dir, env, extractor, per_iteration_batch)
+        return _fit(cfg, module, datamodule, run_dir, env, extractor)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _fit(cfg, module: GenerativeModule, datamodule: DataModule, run_dir: Path, env: LaunchEnv, extractor,
-         per_iteration_batch: int) -> RunResult:
+def _use_batch_size(cfg, module: GenerativeModule, datamodule: DataModule) -> None:
+    """Hand a data.batch_size that adapt_to_world changed to the module (and its saved config)
+    and the data module, built before the resume was known."""
+    module.cfg.data.batch_size = module.hparams["config"]["data"]["batch_size"] = cfg.data.batch_size
+    datamodule.batch_size = cfg.data.batch_size * module.batches_per_iteration
+
+
+def _fit(cfg, module: GenerativeModule, datamodule: DataModule, run_dir: Path, env: LaunchEnv, extractor) -> RunResult:
+    resume_from = resume_checkpoint(cfg, run_dir, env.requeued)
+    if resume_from is not None:
+        check_compatible(resume_from, cfg)
+        change = adapt_to_world(resume_from, cfg)  # before the trainer: the strategy takes the batch
+        _use_batch_size(cfg, module, datamodule)
     trainer = build_trainer(cfg, module, run_dir, env, extractor)
     log.info("training %s (%s) on %s for %d iterations -> %s", cfg.run.name,
              module.family.headline(lambda key, default=None: OmegaConf.select(cfg, key, default=default)),
              cfg.data.name, cfg.trainer.max_steps, run_dir)
-    resume_from = resume_checkpoint(cfg, run_dir, env.requeued)
     if resume_from is not None:
-        check_compatible(resume_from, cfg)
-        log.info("resuming from %s", resume_from)
+        log.info("resuming from %s: %s", resume_from, change)
     start = time.perf_counter()
     try:
         # weights_only: our checkpoints hold tensors and plain data only (DeepSpeed partitions as bytes)
@@ -217,7 +226,7 @@ def _fit(cfg, module: GenerativeModule, datamodule: DataModule, run_dir: Path, e
             if isinstance(callback, StopOnSignal):
                 callback.requeue()
     # Throughput of this process's share of the run (a resumed run starts past iteration 0).
-    images = (module.iteration - module.start_iteration) * per_iteration_batch * trainer.world_size
+    images = (module.iteration - module.start_iteration) * datamodule.batch_size * trainer.world_size
     position = next(callback for callback in trainer.callbacks if isinstance(callback, DataPosition))
     return RunResult(run_dir=run_dir, iterations=module.iteration, seconds=seconds,
                      images_per_second=images / max(seconds, 1e-9),

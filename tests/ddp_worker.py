@@ -6,7 +6,7 @@ import torch
 
 from dgm_scale.config import load_config
 from dgm_scale.train import quiet_lightning, train
-from helpers import ActivationDtypes, with_callback
+from helpers import ActivationDtypes, ElasticProbe, with_callback
 
 
 def record_stream_keys() -> list:
@@ -27,6 +27,20 @@ def record_stream_keys() -> list:
     return recorded
 
 
+def record_bucket_launches() -> list:
+    """The buckets each optimizer launched during backward, collected when the strategy tears
+    them down (tests/test_ddp_overlap.py)."""
+    from dgm_scale.distributed.buckets import GradientBuckets
+
+    launched, remove = [], GradientBuckets.remove
+
+    def recording_remove(self):
+        launched.append(self.launches)
+        remove(self)
+    GradientBuckets.remove = recording_remove
+    return launched
+
+
 if __name__ == "__main__":
     config_path, out_dir, *overrides = sys.argv[1:]
     quiet_lightning()
@@ -36,7 +50,14 @@ if __name__ == "__main__":
         install(os.environ["DGM_TEST_NAN"])
     activations = ActivationDtypes()  # what the training steps computed in (trainer.precision)
     with_callback(activations)
+    bucket_launches = record_bucket_launches()
     stream_keys = record_stream_keys() if os.environ.get("DGM_TEST_KEYS") else None
+    if os.environ.get("DGM_TEST_ELASTIC"):  # tests/test_elastic.py: state after loading, batches trained
+        with_callback(ElasticProbe(out_dir))
+        import logging
+
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("dgm_scale").setLevel(logging.INFO)  # the resume's world-size line
     result = train(load_config(config_path, overrides))
     params = {name: p.detach().clone() for name, p in result.module.named_parameters()}
     # Each rank draws its own noise stream (the ranks' latents must differ to be worth two ranks).
@@ -45,5 +66,5 @@ if __name__ == "__main__":
     buffers = {name: b.detach().clone() for name, b in result.module.named_buffers()}
     torch.save({"params": params, "buffers": buffers, "iterations": result.iterations, "noise_probe": noise_probe,
                 "optimizer_types": optimizer_types, "activation_dtypes": sorted(activations.dtypes),
-                "stream_keys": stream_keys},
+                "stream_keys": stream_keys, "bucket_launches": bucket_launches},
                os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))

@@ -115,9 +115,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], timeout: int = 240, nproc: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                            f"--master-port={free_port()}", "--rdzv-id=test", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -148,6 +148,44 @@ def with_callback(callback: L.Callback, setattr=setattr) -> None:
 
     build = train_module.build_callbacks
     setattr(train_module, "build_callbacks", lambda *a, **k: [callback] + build(*a, **k))
+
+
+def lean_zero_state(zero_state: dict) -> dict:
+    """A ZeRO-1/2 partition's flat per-group tensors without the end padding: {"fp32", Adam's
+    "exp_avg", "exp_avg_sq"} by group, plus "step" (from DeepSpeed's own state_dict layout)."""
+    groups = {}
+    for group, fp32 in enumerate(zero_state["single_partition_of_fp32_groups"]):
+        state = zero_state["base_optimizer_state"]["state"].get(group)  # none before the first step
+        groups[group] = {"fp32": fp32.reshape(-1).clone()}
+        if state is not None:
+            groups[group].update({"step": float(state["step"]), **{
+                k: state[k].reshape(-1)[:fp32.numel()].clone() for k in ("exp_avg", "exp_avg_sq")}})
+    return groups
+
+
+class ElasticProbe(L.Callback):
+    """What a (resumed) run holds right after loading - its weights and optimizer state (ZeRO:
+    this rank's partition, lean) - and every training batch's first tensor, saved to
+    `out/loaded{rank}.pt` and `out/batches{rank}.pt` (tests/test_elastic.py)."""
+
+    def __init__(self, out: str):
+        self.out, self.batches = Path(out), []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        optimizers = []
+        for optimizer in trainer.strategy.optimizers:
+            if type(optimizer).__name__ == "DeepSpeedZeroOptimizer":
+                optimizers.append(lean_zero_state(optimizer.state_dict()))
+            else:
+                optimizers.append({int(k): {n: v.clone() if torch.is_tensor(v) else v for n, v in st.items()}
+                                   for k, st in optimizer.state_dict()["state"].items()})
+        params = {name: p.detach().clone() for name, p in pl_module.state_dict().items()}
+        torch.save({"params": params, "optimizers": optimizers, "world": trainer.world_size},
+                   self.out / f"loaded{trainer.global_rank}.pt")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches.append(batch[0].detach().clone())
+        torch.save(self.batches, self.out / f"batches{trainer.global_rank}.pt")
 
 
 class ActivationDtypes(L.Callback):
@@ -196,6 +234,20 @@ def assert_same_final_run(reference: Path, resumed: Path, steps: int) -> None:
     assert_same_weights(reference / "checkpoints" / "last.ckpt", resumed / "checkpoints" / "last.ckpt")
     assert metrics_rows(reference) == metrics_rows(resumed)
     assert [float(row["train/iteration"]) for row in metrics_rows(resumed)] == list(range(1, steps + 1))
+
+
+def assert_same_phema(reference: Path, resumed: Path, iterations: list[int]) -> None:
+    """Two diffusion runs hold the same power-function EMAs (post-hoc EMA): in last.ckpt, and in
+    the snapshots of `iterations` (RUN/phema/), bit for bit."""
+    states = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["phema"] for run in (reference, resumed)]
+    assert states[0]["iteration"] == states[1]["iteration"]
+    for a, b in zip(sum(states[0]["averages"], []), sum(states[1]["averages"], []), strict=True):
+        assert torch.equal(a, b)
+    for iteration in iterations:
+        name = f"phema/phema_{iteration:07d}.pt"
+        a, b = (torch.load(run / name, weights_only=True)["profiles"] for run in (reference, resumed))
+        assert len(a) == len(b) and all(x.keys() == y.keys() for x, y in zip(a, b))
+        assert all(torch.equal(x[key], y[key]) for x, y in zip(a, b) for key in x), name
 
 
 @contextlib.contextmanager
@@ -464,11 +516,12 @@ def sample(index: int, bad: bool = False) -> list[tuple[str, bytes]]:
     return [(f"{key}.png", image), (f"{key}.cls", str(index % 10).encode())]
 
 
-def write_set(root: Path, sizes: list[int], manifest: bool = True, bad: frozenset = frozenset()) -> list[str]:
-    """Shards x-000000.tar ... with sizes[i] samples (global keys; those in `bad` with an
-    undecodable image) and a manifest as our writer makes it; returns all keys."""
+def write_set(root: Path, sizes: list[int], manifest: bool = True, bad: frozenset = frozenset(),
+              first: int = 0) -> list[str]:
+    """Shards x-000000.tar ... with sizes[i] samples (global keys from `first`; those in `bad`
+    with an undecodable image) and a manifest as our writer makes it; returns all keys."""
     root.mkdir(parents=True, exist_ok=True)
-    index, entries = 0, []
+    index, entries = first, []
     for i, size in enumerate(sizes):
         name = f"x-{i:06d}.tar"
         write_tar(root / name, [m for j in range(index, index + size) for m in sample(j, j in bad)])
@@ -477,9 +530,9 @@ def write_set(root: Path, sizes: list[int], manifest: bool = True, bad: frozense
         index += size
     if manifest:
         (root / "manifest.json").write_text(json.dumps({
-            "format": "dgm_scale.shards/1", "name": "x", "num_samples": index, "encoding": "png",
+            "format": "dgm_scale.shards/1", "name": "x", "num_samples": index - first, "encoding": "png",
             "shards": entries, "image": {}, "labels": {"num_classes": 10}}))
-    return [f"{i:09d}" for i in range(index)]
+    return [f"{i:09d}" for i in range(first, index)]
 
 
 def make(spec, workers: int = 2, **kwargs):

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from dgm_scale.core.errors import described, first_line
 from dgm_scale.cli import main
 from dgm_scale.config import ConfigError, load_config
 
@@ -108,3 +109,12 @@ def test_show_config_prints_resolved_yaml(capsys):
 def test_class_count_must_match_the_dataset(capsys, tmp_path):
     assert main(["train", "model.num_classes=5", f"run.root={tmp_path}"]) == 2
     assert "model.num_classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, first, whole", [
+    (ValueError("  bad value\n  traceback detail  "), "bad value", "ValueError: bad value"),
+    (KeyError(), "KeyError", "KeyError"),  # no message: the type, never an empty reason
+    (EOFError("\n\n"), "EOFError", "EOFError"),
+])
+def test_every_error_reason_is_the_first_line_of_its_message_or_its_type(error, first, whole):
+    assert first_line(error) == first and described(error) == whole

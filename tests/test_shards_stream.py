@@ -157,10 +157,19 @@ def test_uneven_shards_give_equal_batches_per_rank(tmp_path):
         assert counts[0] == counts[1] and counts[0][0] == counts[0][1] > 0
 
 
-def test_source_with_fewer_shards_than_ranks_is_an_error(tmp_path):
-    write_set(tmp_path, [5])
+def test_source_with_fewer_shards_than_ranks_is_an_error_without_counts(tmp_path):
+    """Without sample counts shards are dealt whole; with a manifest, by sample ranges, so one
+    shard can feed two ranks, but not fewer samples than ranks."""
+    write_set(tmp_path / "plain", [5], manifest=False)
     with pytest.raises(DataError, match="1 shards for 2 ranks"):
-        ShardStream([str(tmp_path)], batch_size=2, resolution=8, rank=0, world_size=2)
+        ShardStream([str(tmp_path / "plain")], batch_size=2, resolution=8, rank=0, world_size=2)
+    everything = write_set(tmp_path / "counted", [5])
+    seen = [flat(epoch_keys(make(str(tmp_path / "counted"), rank=rank, world_size=2, batch_size=1, drop_last=False,
+                               even_ranks=False)))
+            for rank in range(2)]
+    assert sorted(seen[0] + seen[1]) == everything and [len(keys) for keys in seen] == [3, 2]
+    with pytest.raises(DataError, match="fewer samples than the 6 ranks"):
+        ShardStream([str(tmp_path / "counted")], batch_size=2, resolution=8, rank=0, world_size=6)
 
 
 # ----------------------------------------------------------------------------- faults
@@ -246,8 +255,8 @@ def test_resume_does_not_open_delivered_shards(tmp_path, monkeypatch):
     assert not done & set(opened)
 
 
-def test_resume_with_other_worker_count_restarts_the_epoch(tmp_path, caplog):
-    everything = write_set(tmp_path, [10] * 4)
+def test_resume_with_other_worker_count_without_counts_restarts_the_epoch(tmp_path, caplog):
+    everything = write_set(tmp_path, [10] * 4, manifest=False)
     first = make(str(tmp_path), workers=2, drop_last=False)
     epoch_keys(first, limit=2)
     second = make(str(tmp_path), workers=1, drop_last=False)

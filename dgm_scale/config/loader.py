@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dgm_scale.config.schema import config_class
-from dgm_scale.core.errors import ConfigError
+from dgm_scale.core.errors import ConfigError, first_line
 from dgm_scale.core.imports import absolute_spec, run_imports
 from dgm_scale.core.trust import is_code_key
 from dgm_scale.families.registry import Family, family_names, get_family
@@ -32,17 +32,13 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return f"config key '{key}': {reason}"
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()
-
-
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{source}: {_one_line(exc)}") from None
     except (TypeError, ValueError) as exc:  # e.g. a list where the schema has a mapping
-        raise ConfigError(f"{source}: {_first_line(exc)}") from None
+        raise ConfigError(f"{source}: {first_line(exc)}") from None
 
 
 def _resolved(cfg: DictConfig) -> DictConfig:
@@ -62,7 +58,7 @@ def _read_yaml(path: str | Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except Exception as exc:  # noqa: BLE001 - YAML syntax errors, undecodable bytes
-        raise ConfigError(f"config file '{path}': {_first_line(exc)}") from None
+        raise ConfigError(f"config file '{path}': {first_line(exc)}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file '{path}' does not hold a mapping of sections")
     return loaded
@@ -78,7 +74,7 @@ def _parse_override(item: str) -> tuple[str, DictConfig]:
     except OmegaConfBaseException as exc:
         raise ConfigError(f"override '{item}': {_one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - YAML's scanner / parser errors for the value
-        raise ConfigError(f"override '{item}': not a YAML value: {_first_line(exc)}") from None
+        raise ConfigError(f"override '{item}': not a YAML value: {first_line(exc)}") from None
 
 
 def _normalise_overrides(overrides: Sequence[str] | Mapping[str, Any]) -> list[str]:

@@ -36,6 +36,10 @@ class DataConfig:
     hflip: bool = False  # random horizontal flip (off for digits: flipped digits are not digits)
     batch_size: int = 64  # real images per discriminator step, per device
     num_workers: int = 0
+    # page-locked host batches when training on CUDA (their copies to the GPU then run asynchronously)
+    pin_memory: bool = True
+    # copy the next batch to the device while the current step runs (on CUDA on a side stream)
+    prefetch_to_device: bool = False
     val_fraction: float = 0.1  # held-out share of built-in datasets (used by the VAE's val ELBO)
     toy_samples: int = 50_000  # points drawn for the 2-D toy mixtures
     toy_std: float = 0.02  # standard deviation of each toy mixture component
@@ -71,6 +75,19 @@ class OptimizerConfig:
     betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
     weight_decay: float = 0.0
     eps: float = 1e-8
+    # the update's implementation: auto (torch's choice: foreach on CUDA) | for_loop | foreach |
+    # fused (Adam only: one kernel for all parameters, on CPU and CUDA)
+    impl: str = "auto"
+
+
+@dataclass
+class DDPConfig:
+    """Our data parallel (trainer.strategy=ddp, or auto with several processes)."""
+    # all-reduce gradients in buckets launched during backward, as each bucket's gradients are
+    # ready (overlapping communication with the rest of backward); false: one flat all-reduce of
+    # all of an optimizer's gradients at its step
+    overlap: bool = True
+    bucket_mb: float = 25.0  # bucket size in MB (DDP's default); smaller starts sooner, more calls
 
 
 @dataclass
@@ -83,6 +100,7 @@ class TrainerConfig:
     # DeepSpeed config block (trainer.strategy=deepspeed), merged over our defaults; e.g.
     # {zero_optimization: {stage: 2, offload_optimizer: {device: cpu}}}
     deepspeed: Dict[str, Any] = field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     # Batch norm statistics over all ranks' batches (our GlobalBatchNorm: CPU and GPU) instead of
     # each rank's own; only matters with more than one process and norm=batch.
@@ -97,6 +115,13 @@ class TrainerConfig:
     # torch.compile the networks' training forwards (the gradient penalty and R1, whose double
     # backward torch.compile does not support, stay eager); checkpoints hold the plain modules
     compile: bool = False
+    # convolutional networks and image batches in channels_last (NHWC) memory layout, which
+    # tensor-core convolutions prefer under bf16/fp16
+    channels_last: bool = False
+    # On a resume with another number of processes: true = keep the checkpoint's global batch (the
+    # per-device batch becomes global / processes, so the optimisation is unchanged); false = keep
+    # data.batch_size per device (the global batch changes with the world size). A log line says which.
+    keep_global_batch: bool = False
 
 
 @dataclass

@@ -12,6 +12,19 @@ def worker_message(text: str) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message, stripped; its type's name when the message is empty
+    (a bare `KeyError()`, an `EOFError` from torch.load): never an empty reason."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
+
+
+def described(error: BaseException) -> str:
+    """`Type: first line` of `error` (just `Type` when the message is empty)."""
+    reason = first_line(error)
+    return reason if reason == type(error).__name__ else f"{type(error).__name__}: {reason}"
+
+
 def one_line(text: str) -> str:
     """`text` with line breaks and other control characters escaped (`\\n`, `\\x00`): a message
     that quotes the user's input (an override, a file name) stays one line whatever it holds."""

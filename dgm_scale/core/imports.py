@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dgm_scale.core.errors import ConfigError
+from dgm_scale.core.errors import ConfigError, first_line
 
 
 def _is_file_spec(module: str) -> bool:
@@ -58,7 +58,7 @@ def import_object(spec: str, key: str) -> Any:
     try:
         module = import_module(module_name)
     except Exception as error:  # noqa: BLE001 - any failure of user code is reported in one line
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise ConfigError(f"config key '{key}': cannot import '{module_name}' for '{spec}': "
                           f"{type(error).__name__}: {reason}") from None
     obj = module
@@ -85,7 +85,7 @@ def run_imports(specs: list[str], key: str = "run.imports") -> None:
         try:
             import_module(spec)
         except Exception as error:  # noqa: BLE001
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = first_line(error)
             raise ConfigError(f"config key '{key}': cannot import '{spec}': {type(error).__name__}: {reason}") from None
 
 

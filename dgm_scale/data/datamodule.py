@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from .device import DevicePrefetchLoader, pin_memory_for
 from .datasets import STREAM_DATASETS, TOY_DATASETS, DataError, build_dataset, kept_subset
 from .labels import hide_labels
 from .shards.manifest import read_manifest
@@ -83,20 +84,30 @@ class DataModule(L.LightningDataModule):
         sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         for callback in trainer.callbacks if trainer is not None else []:
             if isinstance(callback, DataPosition):  # a resumed run: start the loader where it stopped
-                callback.apply_to(sampler)
+                callback.apply_to(sampler, self.batch_size)
         return sampler
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        """Where training runs (None outside a Trainer)."""
+        return self.trainer.strategy.root_device if self.trainer is not None else None
+
+    def _prefetch_device(self, train: bool) -> Optional[torch.device]:
+        return self.device if train and self.cfg.prefetch_to_device else None
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = int(self.cfg.num_workers)
-        return DataLoader(
+        loader = DevicePrefetchLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=self._train_sampler(dataset) if train else None,
             drop_last=train,  # fixed batch shapes for G/D steps
             num_workers=workers,
             persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=pin_memory_for(self.device, self.cfg.pin_memory),
         )
+        loader.prefetch_device = self._prefetch_device(train)
+        return loader
 
     # ------------------------------------------------------------------ shard streams
     def _stream_specs(self) -> List[str]:
@@ -116,7 +127,13 @@ class DataModule(L.LightningDataModule):
             weights=list(cfg.weights) or None, hflip=cfg.hflip and train, seed=self.seed, rank=rank,
             world_size=world, shuffle_buffer=cfg.shuffle_buffer if train else 1, resampled=resampled,
             steps_per_epoch=cfg.steps_per_epoch if resampled else None, strict=cfg.strict, drop_last=train)
-        return make_stream_loader(stream, num_workers=int(cfg.num_workers))
+        loader = make_stream_loader(stream, num_workers=int(cfg.num_workers),
+                                    pin_memory=pin_memory_for(self.device, cfg.pin_memory))
+        loader.prefetch_device = self._prefetch_device(train)
+        for callback in trainer.callbacks if trainer is not None and train else []:
+            if isinstance(callback, DataPosition):  # a resumed run: start the stream where it stopped
+                callback.apply_to_stream(loader)
+        return loader
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dgm_scale.core.errors import DataError
+from dgm_scale.core.errors import DataError, first_line
 
 from .datasets import item_key
 from .transforms import mix64
@@ -61,7 +61,7 @@ def _shard_corpus(spec: str) -> np.ndarray:
                     if member.isfile() and member.name.endswith(".txt"):
                         documents.append(archive.extractfile(member).read())
         except (OSError, tarfile.TarError) as error:
-            raise DataError(f"text shard '{shard.url}': {str(error).splitlines()[0]}") from None
+            raise DataError(f"text shard '{shard.url}': {first_line(error)}") from None
     if not documents:
         raise DataError(f"config key 'data.path': no .txt members in the shards of '{spec}'")
     return np.frombuffer(DOCUMENT_SEPARATOR.join(documents), dtype=np.uint8)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from dgm_scale.core.errors import first_line
 from torch import Tensor
 
 PathLike = Union[str, Path]
@@ -87,7 +88,7 @@ MAX_ASPECT = 8
 
 def decode_reason(error: BaseException) -> str:
     """Why a decode failed, in one line (PIL names the in-memory file it read: left out)."""
-    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    first = first_line(error)
     return re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", first)
 
 

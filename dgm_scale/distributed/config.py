@@ -14,14 +14,20 @@ def validate_trainer(trainer: Any) -> None:
     choice("trainer.strategy", trainer.strategy, STRATEGIES)
     if trainer.strategy == "deepspeed":
         stage = trainer.deepspeed.get("zero_optimization", {}).get("stage", 0)
-        # Our forwards use the raw networks (an engine's forward breaks the gradient penalty);
-        # ZeRO-3 partitions the parameters themselves, so those forwards would see empty tensors.
+        # ZeRO-3, tried on 2 CPU processes with its partitioning on (persistence threshold 0): the
+        # GAN's EMA update read released weights ("The size of tensor a (4) must match the size of
+        # tensor b (0)") and WGAN-GP's double backward failed ("expected stride to be a single
+        # integer value ... got stride=[2, 2]"); FSDP2 shards parameters and runs both (README).
         require(stage in (0, 1, 2), f"config key 'trainer.deepspeed.zero_optimization.stage': {stage} is not "
-                                    "supported (use 0, 1 or 2: ZeRO-3 partitions the weights our forwards need)")
+                                    "supported (use 0, 1 or 2; ZeRO-3 releases the weights that the EMA update and the "
+                                    "gradient penalty's double backward read: to shard parameters use FSDP2, "
+                                    "trainer.strategy=fsdp)")
         require(not (trainer.precision == "16-mixed" and trainer.accelerator == "cpu"),
                 "config key 'trainer.precision': DeepSpeed's fp16 needs a GPU; on CPU use bf16-mixed or 32-true")
     require(trainer.devices >= 1 and trainer.num_nodes >= 1,
             f"config key 'trainer.devices' / 'trainer.num_nodes' must be >= 1, got {trainer.devices} / {trainer.num_nodes}")
+    require(0 < trainer.ddp.bucket_mb <= 2 ** 20,  # written so that NaN fails too
+            f"config key 'trainer.ddp.bucket_mb' must be in (0, {2 ** 20}], got {trainer.ddp.bucket_mb}")
     at_least("trainer.log_every", trainer.log_every, 1)
     choice("trainer.nonfinite", trainer.nonfinite, ["stop", "skip"])
     at_least("trainer.max_nonfinite_skips", trainer.max_nonfinite_skips, 0)

@@ -27,6 +27,7 @@ from dgm_scale.distributed.interface import StepInterface
 from dgm_scale.distributed.zero_checkpoint import (SHARD_FOLDER, ZERO_PARTITIONS, ZERO_SHARDS, load_partition,
                                                   prune_shards, read_shard, write_shard)
 from dgm_scale.distributed.strategy import GradientAllReduceDDP
+from dgm_scale.distributed.zero_reshard import repartition
 
 
 
@@ -127,18 +128,33 @@ class MultiEngineDeepSpeed(GradientAllReduceDDP):
         return super().load_checkpoint(checkpoint_path, *args, **kwargs)
 
     def _partitions(self, state: Mapping[str, Any], index: int) -> List[Optional[Dict[str, Any]]]:
-        """What each engine's load_state_dict takes: a list by rank, this rank's entry filled
-        (ZeRO-1/2 checkpoints are rigid: a rank reads only its own partition)."""
+        """What each engine's load_state_dict takes: a list by rank, this rank's entry filled. On
+        the world size that wrote them a rank reads its own partition; on another, the old
+        partitions it overlaps, re-cut (distributed/zero_reshard.py)."""
         if ZERO_PARTITIONS in state:  # the older format: every partition embedded
-            return [load_partition(io.BytesIO(part.numpy().tobytes()), f"{ZERO_PARTITIONS}[{rank}] of optimizer {index}")
-                    for rank, part in enumerate(state[ZERO_PARTITIONS])]
-        info = state[ZERO_SHARDS]
-        if int(info["world_size"]) != self.world_size:
-            raise ValueError(f"this DeepSpeed checkpoint holds the ZeRO partitions of {info['world_size']} "
-                             f"processes; resume it with {info['world_size']}, not {self.world_size}")
+            blobs = state[ZERO_PARTITIONS]
+            old_world = len(blobs)
+            read = lambda rank: load_partition(io.BytesIO(blobs[rank].numpy().tobytes()),  # noqa: E731
+                                               f"{ZERO_PARTITIONS}[{rank}] of optimizer {index}")
+        else:
+            info = state[ZERO_SHARDS]
+            old_world = int(info["world_size"])
+            read = lambda rank: read_shard(self._checkpoint_dir, info["dir"], rank, index)  # noqa: E731
         partitions: List[Optional[Dict[str, Any]]] = [None] * self.world_size
-        partitions[self.global_rank] = read_shard(self._checkpoint_dir, info["dir"], self.global_rank, index)
+        if old_world == self.world_size:
+            partitions[self.global_rank] = read(self.global_rank)
+        else:
+            partitions[self.global_rank] = self._repartitioned(read, old_world, index)
         return partitions
+
+    def _repartitioned(self, read: Callable[[int], Dict[str, Any]], old_world: int, index: int) -> Dict[str, Any]:
+        zero = self._engine_of(self.optimizers[index]).optimizer
+        if getattr(zero, "round_robin_gradients", False):
+            raise ValueError("config key 'trainer.deepspeed.zero_optimization.round_robin_gradients': its parameter "
+                             f"order depends on the world size, so its checkpoint resumes only on {old_world} processes")
+        lengths = [int(flat.numel()) for flat in zero.single_partition_of_fp32_groups]
+        return repartition(read, old_world, self.global_rank, self.world_size, lengths, list(zero.groups_padding),
+                           f"ZeRO partitions of optimizer {index} in '{self._checkpoint_dir}'")
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         """Give each engine's ZeRO optimizer its saved partition (fp32 master weights included)."""

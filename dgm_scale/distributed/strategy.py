@@ -7,6 +7,8 @@ backward), so stock DDP fails with "parameters that were not used in producing t
 do not wrap at all: replicas start from rank 0's weights and, at every optimizer step, the
 gradients of exactly that optimizer's parameters are averaged across ranks in one flat
 all-reduce. Any number of networks, forwards and backwards per step work the same way.
+With `trainer.ddp.overlap` (the default) that all-reduce runs in buckets launched during backward
+(distributed/buckets.py); off, in one flat all-reduce at the step.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.optim import Optimizer
+
+from dgm_scale.distributed.buckets import GradientBuckets
 
 STRATEGIES = ("auto", "ddp", "deepspeed")
 
@@ -37,9 +41,11 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], world_size: int) 
 class GradientAllReduceDDP(DDPStrategy):
     """Data parallel without a DistributedDataParallel wrapper (see the module docstring)."""
 
-    def __init__(self, seed: int, **kwargs: Any):
+    def __init__(self, seed: int, bucket_mb: Optional[float] = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.seed = seed
+        self.bucket_mb = bucket_mb  # None: one flat all-reduce at the step
+        self._buckets: dict = {}  # id(optimizer) -> GradientBuckets
 
     def configure_ddp(self) -> None:
         # Identical replicas: every rank takes rank 0's parameters and buffers.
@@ -48,11 +54,34 @@ class GradientAllReduceDDP(DDPStrategy):
         # with one global seed every rank would draw the same latents and waste its batch.
         torch.manual_seed(self.seed + self.global_rank)
 
+    def setup(self, trainer) -> None:
+        super().setup(trainer)  # builds the optimizers when fitting
+        if self.bucket_mb is not None and self.world_size > 1:
+            self._buckets = {id(opt): GradientBuckets([p for g in opt.param_groups for p in g["params"]],
+                                                      self.world_size, self.bucket_mb) for opt in self.optimizers}
+
+    def backward(self, closure_loss, optimizer, *args: Any, **kwargs: Any):
+        # manual_backward(loss, opt) arrives as backward(loss, None, opt): arm opt's buckets only.
+        target = optimizer if optimizer is not None else (args[0] if args else None)
+        target = getattr(target, "optimizer", target)  # a LightningOptimizer wraps the optimizer
+        for key, buckets in self._buckets.items():
+            buckets.arm() if key == id(target) else buckets.disarm()
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
                        model: Optional[Any] = None, **kwargs: Any) -> Any:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        all_reduce_gradients(params, self.world_size)
+        buckets = self._buckets.get(id(optimizer))
+        if buckets is not None:
+            buckets.finish()
+        else:
+            all_reduce_gradients([p for group in optimizer.param_groups for p in group["params"]], self.world_size)
         return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+    def teardown(self) -> None:
+        for buckets in self._buckets.values():
+            buckets.remove()
+        self._buckets = {}
+        super().teardown()
 
 
 def build_strategy(trainer_cfg, seed: int, micro_batch: int = 1):
@@ -65,5 +94,6 @@ def build_strategy(trainer_cfg, seed: int, micro_batch: int = 1):
                                     precision=trainer_cfg.precision, micro_batch=micro_batch)
     processes = trainer_cfg.devices * trainer_cfg.num_nodes
     if name == "ddp" or processes > 1:
-        return GradientAllReduceDDP(seed=seed)
+        ddp = trainer_cfg.ddp
+        return GradientAllReduceDDP(seed=seed, bucket_mb=ddp.bucket_mb if ddp.overlap else None)
     return "auto"

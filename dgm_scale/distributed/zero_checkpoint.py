@@ -13,9 +13,9 @@ The checkpoint names its shard folder (`{"zero_shards": {"dir": "zero/<token>", 
 in its optimizer states). The shards are written first (each atomically), then - once every rank
 is done (a barrier) - the checkpoint itself, atomically: a checkpoint that exists is complete, and
 a run killed mid-save keeps the previous checkpoint and the shards it names. Shard folders no
-checkpoint names any more are deleted at the next save. A resumed run reads only its own rank's
-files; the world size must be the one that wrote them (a one-line error says so before training:
-resume.check_compatible). `dgm-scale checkpoint to-plain` folds the shards into one file (the
+checkpoint names any more are deleted at the next save. A resumed run on the same world size reads
+only its own rank's files; on another, each rank reads the old files its new partition overlaps
+(zero_reshard.py). `dgm-scale checkpoint to-plain` folds the shards into one file (the
 older format with every partition embedded), e.g. to copy a checkpoint elsewhere.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
+from dgm_scale.core.errors import first_line
 from dgm_scale.core.files import torch_save_atomic
 
 ZERO_SHARDS = "zero_shards"  # a checkpoint's optimizer state: where its per-rank files are
@@ -63,8 +64,7 @@ def load_partition(source: Any, name: str) -> Dict[str, Any]:
         with torch.serialization.safe_globals(_deepspeed_classes()):
             return torch.load(source, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"ZeRO partition '{name}' does not load: {reason}") from None
+        raise ValueError(f"ZeRO partition '{name}' does not load: {first_line(error)}") from None
 
 
 def read_shard(checkpoint_dir: Path, folder: str, rank: int, optimizer_index: int) -> Dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from dgm_scale.core.errors import ConfigError
+from dgm_scale.core.errors import ConfigError, described, first_line
 from dgm_scale.core.files import atomic_path, write_json_atomic
 from dgm_scale.export import FORMATS, PRECISIONS
 from dgm_scale.export.runtime import QUANTIZED_ENGINE, load_runner, sidecar_path
@@ -62,7 +62,7 @@ def quantize_int8(network: nn.Module, calibration: list[tuple[Tensor, ...]]) -> 
                                   calibration[0])
         except Exception as exc:  # a network FX cannot trace (data-dependent Python control flow)
             raise ConfigError(f"--precision int8: the network does not trace for quantization: "
-                              f"{str(exc).splitlines()[0]}") from None
+                              f"{first_line(exc)}") from None
         with torch.no_grad():
             for batch in calibration:
                 prepared(*batch)
@@ -111,7 +111,7 @@ def _check(path: Path, fmt: str, precision: str, reference: nn.Module, inputs: t
         got = load_runner(path, fmt, precision)(*inputs)
     except Exception as exc:
         raise ConfigError(f"--format {fmt} --precision {precision}: the written file does not run "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+                          f"({described(exc)})") from None
     with torch.no_grad():
         expected = reference(*inputs).float()
     if got.shape != expected.shape:
@@ -164,7 +164,7 @@ def export_module(module, out: str | Path, fmt: str = "torchscript", precision: 
             raise
         except Exception as exc:
             raise ConfigError(f"--format {fmt} --precision {precision}: export failed "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+                              f"({described(exc)})") from None
         error = _check(tmp, fmt, precision, traced, check)
         if precision in ("fp32", "int8") and error > TOLERANCE[fmt]:
             raise ConfigError(f"--format {fmt}: the written file differs from the network by {error:.2e} "

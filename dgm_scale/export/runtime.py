@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dgm_scale.core.errors import ConfigError
+from dgm_scale.core.errors import ConfigError, first_line
 
 #: the quantized kernels an int8 export was converted for. Packed int8 weights are re-packed for
 #: the engine active when the file loads, and the x86 engine's transposed convolution gives wrong
@@ -34,7 +34,7 @@ def read_sidecar(path: str | Path) -> Dict[str, Any]:
         return json.loads(side.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"export '{path}': its sidecar '{side}' is missing or unreadable "
-                          f"({str(exc).splitlines()[0]})") from None
+                          f"({first_line(exc)})") from None
 
 
 def load_runner(path: str | Path, fmt: str, precision: str) -> Callable[..., Tensor]:

@@ -52,6 +52,8 @@ class Family:
     `chart_groups`: extra (file stem, title, column predicate) groups for the report's curves.
     `sections`: more config sections of its own, name -> dataclass (e.g. the GAN's `aug`).
     `sampler_names`: what its samplers are called in the report ("" = the default one).
+    `report_charts(run_dir)`: more charts for the report, from files of its own in the run
+    directory: a list of (file stem, title, x label, [(curve name, x array, y array)]).
     """
 
     name: str
@@ -68,6 +70,7 @@ class Family:
     chart_groups: Tuple[Tuple[str, str, Callable[[str], bool]], ...] = ()
     sections: Mapping[str, type] = field(default_factory=dict)
     sampler_names: Mapping[str, str] = field(default_factory=dict)
+    report_charts: Optional[Callable[[Any], List[Tuple[str, str, str, List[Tuple[str, Any, Any]]]]]] = None
 
     def headline(self, setting: Callable[..., Any]) -> str:
         """The one-line description of a configured model (log line, report title row)."""

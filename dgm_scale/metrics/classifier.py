@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dgm_scale.core.errors import first_line
 from dgm_scale.core.files import torch_save_atomic
 from dgm_scale.metrics.extractors import Extracted, FeatureExtractor
 
@@ -126,7 +127,7 @@ def load_classifier_extractor(path: Path, sample_shape: tuple[int, ...] = ()) ->
         model = DomainClassifier(**{k: int(v) for k, v in entry["config"].items()})
         model.load_state_dict(entry["state_dict"])
     except Exception as error:  # noqa: BLE001 - any failure means "not a classifier file"
-        raise ValueError(f"classifier file '{path}' is not usable: {str(error).splitlines()[0]}") from None
+        raise ValueError(f"classifier file '{path}' is not usable: {first_line(error)}") from None
     if len(sample_shape) == 3 and sample_shape[0] not in (1, 3):
         raise ValueError(f"classifier '{path}': samples of shape {sample_shape} are not images")
     return ClassifierExtractor(model, hashlib.sha256(data).hexdigest(), str(path))

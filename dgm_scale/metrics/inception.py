@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dgm_scale.core.errors import first_line
 from dgm_scale.core.files import atomic_open
 from dgm_scale.metrics.extractors import Extracted, FeatureExtractor, to_uint8
 from dgm_scale.metrics.inception_net import FIDInceptionV3, fold_batchnorm
@@ -157,8 +158,7 @@ def load_inception(path_or_url: str | None = None, cache_dir: str | Path = "~/.c
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for a bad file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InceptionWeightsError(f"Inception weights {path}: not a readable torch file ({reason})") from error
+        raise InceptionWeightsError(f"Inception weights {path}: not a readable torch file ({first_line(error)})") from error
     with torch.device("meta"):  # no random init of 24M parameters that are overwritten next
         model = FIDInceptionV3()
     _check_state_dict(state, model, str(path))

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dgm_scale.core.errors import ConfigError
+from dgm_scale.core.errors import ConfigError, first_line
 from dgm_scale.metrics.gather import all_gather_features, broadcast_object, rank_and_world
 from dgm_scale.metrics.real_data import labelled_real_images, to_model_space
 from dgm_scale.metrics.registry import resolve_options
@@ -67,7 +67,7 @@ def encode_images(module, images: Tensor, labels: Optional[Tensor], context: str
     except NotImplementedError as error:  # a family or custom network without features: its reason
         raise ConfigError(f"{context}{error}") from None
     except ValueError as error:  # e.g. a class-conditional model given unlabelled data
-        raise ConfigError(f"{context}encoding failed: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"{context}encoding failed: {first_line(error)}") from None
     return {name: value.detach().float().cpu() for name, value in features.items()}
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from dgm_scale.core.errors import described, first_line
 from dgm_scale.config import ConfigError, to_dict
 from dgm_scale.core.imports import import_object, run_imports
 from dgm_scale.core.trust import require_trusted
@@ -36,8 +37,7 @@ def _read_checkpoint(path: Path, map_location: str) -> tuple[dict, dict]:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         config = checkpoint["hyper_parameters"]["config"]
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file
-        reason = (str(exc).splitlines() or [""])[0] or type(exc).__name__
-        raise ConfigError(f"checkpoint '{path}' is not a dgm_scale checkpoint: {reason}") from None
+        raise ConfigError(f"checkpoint '{path}' is not a dgm_scale checkpoint: {first_line(exc)}") from None
     if not isinstance(config, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ConfigError(f"checkpoint '{path}' is not a dgm_scale checkpoint: no stored config and state_dict")
     return checkpoint, config
@@ -60,8 +60,7 @@ def load_module(checkpoint_path: str | Path, map_location: str = "cpu", trust_co
     except ConfigError as error:
         raise ConfigError(f"checkpoint '{path}': {error}") from None
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as error:  # a damaged stored config / weights
-        reason = (str(error).splitlines() or [""])[0] or type(error).__name__
-        raise ConfigError(f"checkpoint '{path}' does not load: {type(error).__name__}: {reason}") from None
+        raise ConfigError(f"checkpoint '{path}' does not load: {described(error)}") from None
     module.checkpoint_iteration = int(checkpoint.get("global_step", 0)) // module.optimizer_steps_per_iteration
     return module
 

@@ -101,6 +101,12 @@ class GenerativeModule(L.LightningModule):
         global_noise = draw(num * world, *shape, generator=generator)
         return global_noise[self.global_rank::world].to(self.device)
 
+    def setup(self, stage: str) -> None:
+        if self.cfg.trainer.channels_last and len(self.sample_shape) == 3:
+            # Every 4-D weight (the convolutions') in NHWC: a convolution's output takes its
+            # weight's layout, so the activations follow without converting each batch.
+            self.to(memory_format=torch.channels_last)
+
     def on_fit_start(self) -> None:
         """Log what a run's numbers depend on: parameter counts and the global batch."""
         per_device = self.cfg.data.batch_size

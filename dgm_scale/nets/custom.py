@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from dgm_scale.core.errors import ConfigError
+from dgm_scale.core.errors import ConfigError, described
 from dgm_scale.core.imports import import_object
 
 
@@ -42,11 +42,6 @@ def _buildable(target: Any) -> bool:
     if isinstance(target, type):
         return issubclass(target, nn.Module)
     return callable(target) and getattr(target, FACTORY_MARK, False) is True
-
-
-def _reason(error: BaseException) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _accepted(cls: type, provided: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,7 +65,7 @@ def build_within_memory(key: str, build: Callable[[], nn.Module]) -> nn.Module:
         with torch.device("meta"):
             shell = build()
     except (RuntimeError, ValueError, OverflowError, MemoryError) as error:  # e.g. sizes overflowing int64
-        raise ConfigError(f"config key '{key}': cannot build a network of these sizes: {_reason(error)}") from None
+        raise ConfigError(f"config key '{key}': cannot build a network of these sizes: {described(error)}") from None
     tensors = itertools.chain(shell.parameters(), shell.buffers())
     needed = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
     if needed > _memory_bytes():
@@ -96,7 +91,7 @@ def build_network(key: str, net: Any, builtin: Callable[[], nn.Module], provided
         module = cls(**kwargs, **_accepted(cls, provided, kwargs))
     except Exception as error:  # noqa: BLE001 - user code: report in one line
         raise ConfigError(f"config key '{key}.kwargs': building {target}({', '.join(kwargs)}) failed: "
-                          f"{_reason(error)}") from None
+                          f"{described(error)}") from None
     if not isinstance(module, nn.Module):
         raise ConfigError(f"config key '{key}.target': {target} made a {type(module).__name__}, not a torch nn.Module")
     return module
@@ -119,7 +114,7 @@ def check_network(key: str, target: str, network: nn.Module, inputs: Mapping[str
         output = network(*inputs.values())
     except Exception as error:  # noqa: BLE001
         raise ConfigError(f"config key '{key}.target': {target} failed on inputs {described} (expected output "
-                          f"{wanted}): {_reason(error)}") from None
+                          f"{wanted}): {described(error)}") from None
     finally:
         network.train(was_training)
     if not isinstance(output, Tensor):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dgm_scale.core.errors import ConfigError, DataError
+from dgm_scale.core.errors import ConfigError, DataError, first_line
 from dgm_scale.metrics.gather import rank_and_world
 
 #: a sample the encoder could not use: (index in the source's order, name, reason)
@@ -101,7 +101,7 @@ def decode(raw, channels: int, resolution: int) -> tuple[np.ndarray | None, str 
     try:
         return raw_to_image(raw, channels, resolution), None
     except DECODE_ERRORS as error:
-        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        text = first_line(error)
         return None, f"cannot decode: {re.sub(r' <_io.[A-Za-z]+ object at 0x[0-9a-f]+>', '', text)}"  # PIL's buffer
 
 

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from dgm_scale.core.errors import ConfigError
+from dgm_scale.core.errors import ConfigError, described, first_line
 from dgm_scale.dump import npz_bytes, png_bytes
 from dgm_scale.serve.limits import BoundedHTTPServer, Limits, SampleQueue
 from dgm_scale.serve.page import PAGE
@@ -176,7 +176,7 @@ def _single_values(url: str) -> tuple[str, dict]:
     try:
         pairs = parse_qs(parts.query, keep_blank_values=True, max_num_fields=64)
     except ValueError as error:
-        raise BadRequest(f"malformed query: {str(error).splitlines()[0][:80]}") from None
+        raise BadRequest(f"malformed query: {first_line(error)[:80]}") from None
     twice = [name for name, values in pairs.items() if len(values) > 1]
     if twice:
         raise BadRequest(f"{twice[0][:40]}: given more than once")
@@ -204,9 +204,8 @@ class Handler(BaseHTTPRequestHandler):
             body = f"{error}\n".encode()
         except Exception as error:  # a bug or a failing model: say so, keep serving
             log.exception("serve: %s failed", self.path[:MAX_URL])
-            first = (str(error).splitlines() or [""])[0][:200]
             status, kind, headers = 500, "text/plain; charset=utf-8", {}
-            body = f"internal error: {type(error).__name__}: {first}\n".encode()
+            body = f"internal error: {described(error)[:240]}\n".encode()
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))

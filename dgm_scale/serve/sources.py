@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dgm_scale.core.errors import ConfigError
+from dgm_scale.core.errors import ConfigError, described, first_line
 from dgm_scale.dump import as_array
 from dgm_scale.modules.sampling import TRUNCATION, class_labels, interpolation_inputs, sampler_inputs
 
@@ -134,7 +134,7 @@ class CheckpointSource(ModuleSource):
         try:
             module.to(torch.device(device))
         except (RuntimeError, AssertionError) as error:  # an unknown device, CUDA missing
-            raise ConfigError(f"--device {device}: {(str(error).splitlines() or [''])[0]}") from None
+            raise ConfigError(f"--device {device}: {first_line(error)}") from None
         super().__init__(module, name=Path(path).name)
 
 
@@ -155,8 +155,7 @@ class ExportSource(SampleSource):
         except ConfigError:
             raise
         except Exception as error:  # noqa: BLE001 - a damaged file: torch / onnxruntime cannot load it
-            raise ConfigError(f"export '{path}' does not load: {type(error).__name__}: "
-                              f"{(str(error).splitlines() or [''])[0]}") from None
+            raise ConfigError(f"export '{path}' does not load: {described(error)}") from None
         side = self.sampler.meta
         noise = side["inputs"][0]
         self.noise, self.noise_shape = noise["name"], noise["shape"][1:]

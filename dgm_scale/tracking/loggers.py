@@ -21,7 +21,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import DummyExperiment, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from dgm_scale.core.errors import DiskFullError
+from dgm_scale.core.errors import DiskFullError, described
 from dgm_scale.core.files import appending, atomic_open, write_text_atomic
 from dgm_scale.core.lightning_internals import logger_step
 
@@ -222,7 +222,7 @@ class RunWandbLogger(WandbLogger):
         try:
             return call(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any W&B failure: keep training without it
-            self._failed = f"{type(error).__name__}: {first_line(error)}"
+            self._failed = described(error)
             log.warning("W&B failed in %s (%s); training continues without W&B, metrics.csv has every value",
                         what, self._failed)
             return None
@@ -262,8 +262,8 @@ class RunWandbLogger(WandbLogger):
                 raise
             import wandb
 
-            log.warning("W&B server not reachable (%s: %s); this run logs to W&B offline instead, upload it later "
-                        "with `wandb sync %s`", type(error).__name__, first_line(error),
+            log.warning("W&B server not reachable (%s); this run logs to W&B offline instead, upload it later "
+                        "with `wandb sync %s`", described(error),
                         self._run_dir / "wandb" / "offline-run-*")
             wandb.teardown()  # the failed online run holds its id in the W&B service ("run ID is in use")
             self._wandb_init["mode"] = "offline"
@@ -294,10 +294,6 @@ class RunWandbLogger(WandbLogger):
         for path in files:
             artifact.add_file(str(path), name=path.name)
         return self.experiment.log_artifact(artifact, aliases=["latest"])
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0]
 
 
 def build_wandb_logger(cfg, run_dir: Path) -> Optional[RunWandbLogger]:

@@ -1,7 +1,8 @@
 """A local report of a run, for people without W&B: RUN/plots/*.png and RUN/report.html.
 
 `build_report(run_dir)` reads only the run directory (config.yaml, metrics.csv, hparams.yaml,
-eval/metrics.jsonl, eval/projection.npz, checkpoints/best.json, samples/), so it works for a
+eval/metrics.jsonl, eval/projection.npz, checkpoints/best.json, samples/, and files of the
+family's own through `Family.report_charts`, e.g. a diffusion run's phema/fid.json), so it works for a
 running, finished or crashed run alike (`dgm-scale report RUN`). During training, `RunReport` refreshes it on rank 0
 at every evaluation and at the end, adding the metric rows the CSV logger still holds in memory.
 Every file is written to a temporary name and renamed, so a browser never sees half a file.
@@ -265,6 +266,15 @@ def evaluation_groups(evaluations: Sequence[dict]) -> List[Tuple[str, str, List[
     return groups
 
 
+def family_charts(run: RunData) -> list:
+    """The family's own charts of this run (Family.report_charts), where it has any to draw."""
+    family = family_of_run(run)
+    if family is None or family.report_charts is None:
+        return []
+    return [chart for chart in family.report_charts(run.run_dir)
+            if any(np.isfinite(np.asarray(y, dtype=float)).any() for _, _, y in chart[3])]
+
+
 def write_plots(run: RunData) -> List[Plot]:
     """Draw every chart into RUN/plots/<stem>.png; returns them in report order (the curves;
     then plots/projection.png when the run has a projection)."""
@@ -272,6 +282,10 @@ def write_plots(run: RunData) -> List[Plot]:
     for stem, title, series in training_groups(run.rows, family_of_run(run)) + evaluation_groups(run.evaluations):
         path = run.run_dir / "plots" / f"{stem}.png"
         save_png_atomic(line_chart(series, title).image, path)
+        plots.append(Plot(path.relative_to(run.run_dir).as_posix(), title))
+    for stem, title, x_label, curves in family_charts(run):
+        path = run.run_dir / "plots" / f"{stem}.png"
+        save_png_atomic(line_chart([Series(name, x, y) for name, x, y in curves], title, x_label).image, path)
         plots.append(Plot(path.relative_to(run.run_dir).as_posix(), title))
     if run.projection is not None and len(run.projection["labels"]):
         save_png_atomic(projection_image(run.projection), run.run_dir / PROJECTION_PNG)

@@ -15,9 +15,11 @@ it finished. In Lightning, call it from `on_train_batch_end` (`StreamPositionCal
 
 State format ("dgm_scale.stream/1"): {"format", "ranks": {"<rank>": {"epoch", "world_size",
 "num_workers", "next_worker", "workers": {"<worker>": {"batches", "samples", "faults"}}}}}.
-Every rank's position differs, so `state_dict` gathers all ranks (all_gather_object when a
-process group is running: call it on every rank, as Lightning's checkpointing does), and each
-rank loads its own entry.
+In an epoch re-dealt after a change of world size or worker count, also "left": {"epoch",
+"ranges" (per source, the position ranges being dealt), "batches_before"}. Every rank's position
+differs, so `state_dict` gathers all ranks (all_gather_object when a process group is running:
+call it on every rank, as Lightning's checkpointing does); on the same layout each rank loads its
+own entry, on another every rank derives the epoch's rest from all entries (assign.leftover).
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ..datasets import DataError
+from ..device import prefetched
 from .samples import FAULT_KINDS
+from .assign import leftover, length
 from .stream import ResumePoint, ShardStream, WorkerPosition
 
 STATE_FORMAT = "dgm_scale.stream/1"
@@ -112,6 +116,11 @@ class StreamLoader:
         self.tracker = StreamTracker(stream.rank, stream.world_size, workers)
         self.sampler = _EpochSetter(self)
         self._next_epoch = self._len_epoch = 0  # next to iterate; current (for len)
+        self.prefetch_device: Optional[torch.device] = None  # batches copied there one ahead (data/device.py)
+        # A re-dealt epoch: Lightning's count of its batches before the current deal (it counts
+        # the restored ones as part of the epoch)
+        self.batches_before = 0
+        self._loaded: Optional[Dict[str, Any]] = None  # the state last loaded
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch of the next `iter(loader)`; without calls, iterations count 0, 1, 2, ..."""
@@ -127,7 +136,8 @@ class StreamLoader:
         self.tracker.begin_epoch(epoch)
         resumed = self.stream.resuming(epoch)  # its batches may all have been delivered already
         batches = 0
-        for batch in self.loader:
+        source = self.loader if self.prefetch_device is None else prefetched(self.loader, self.prefetch_device)
+        for batch in source:
             batches += 1
             yield batch
         if batches == 0 and self.stream.drop_last and not resumed:
@@ -140,6 +150,10 @@ class StreamLoader:
         batches = self.stream.batches_per_epoch(self._len_epoch, self.loader.num_workers)
         if batches is None:
             raise TypeError("batch count unknown before reading (no manifest counts)")
+        if self.stream.ranged and self.stream.epoch_left(self._len_epoch) != self.stream.epoch_left(self._len_epoch, True):
+            # Lightning sizes every epoch from this once, at the resumed one, counting its restored
+            # batches: the restored ones plus this deal's, or a whole epoch's if more.
+            return max(self.batches_before + batches, self.stream.whole_epoch_batches(self._len_epoch, self.loader.num_workers))
         return batches
 
     def consumed(self, info: Dict[str, Any]) -> Dict[str, int]:
@@ -149,28 +163,54 @@ class StreamLoader:
 
     def state_dict(self) -> Dict[str, Any]:
         states = self.gather(self.tracker.state())
-        return {"format": STATE_FORMAT, "ranks": {str(s["rank"]): s for s in states}}
+        state = {"format": STATE_FORMAT, "ranks": {str(s["rank"]): s for s in states}}
+        left = self.stream._left
+        if left is not None and left[0] == self.tracker.epoch:
+            state["left"] = {"epoch": left[0], "ranges": left[1], "batches_before": self.batches_before}
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continue after the saved position (call before iterating)."""
-        mine = None
-        if state.get("format") == STATE_FORMAT:
-            mine = state.get("ranks", {}).get(str(self.stream.rank))
-        if mine is None:
-            log.warning("stream state has no position for rank %d: starting its epoch afresh",
-                        self.stream.rank)
+        """Continue after the saved position (call before iterating): exactly, on the layout that
+        saved it; re-dealt (ranged streams), on another world size or worker count."""
+        # Lightning restores a stateful train loader itself too (its fit loop saves our state_dict),
+        # and the DataPosition callback does, earlier: a re-deal must happen once.
+        if state == self._loaded:
             return
-        saved = (mine["world_size"], mine["num_workers"])
-        now = (self.stream.world_size, self.tracker.num_workers)
-        if saved != now:
-            log.warning("stream state saved with world size %s x %s workers, now %s x %s: the "
-                        "split differs, so epoch %s restarts from its beginning", *saved, *now,
-                        mine["epoch"])
-            self.tracker.begin_epoch(int(mine["epoch"]))
-            self.set_epoch(int(mine["epoch"]))
+        self._loaded = state
+        ranks = state.get("ranks", {}) if state.get("format") == STATE_FORMAT else {}
+        if not ranks:
+            log.warning("stream state has no positions: starting the epoch afresh")
             return
-        self.stream.resume_from(self.tracker.restore(mine))
-        self.set_epoch(int(mine["epoch"]))
+        first = ranks[min(ranks, key=int)]
+        epoch, layout = int(first["epoch"]), (int(first["world_size"]), int(first["num_workers"]))
+        left = state.get("left")
+        if left is not None and int(left["epoch"]) == epoch:
+            self.stream.deal_from(epoch, left["ranges"])
+            self.batches_before = int(left["batches_before"])
+        self.set_epoch(epoch)
+        if layout == (self.stream.world_size, self.tracker.num_workers) and str(self.stream.rank) in ranks:
+            self.stream.resume_from(self.tracker.restore(ranks[str(self.stream.rank)]))
+        elif self.stream.ranged and len(ranks) == layout[0]:
+            self._redeal(epoch, layout, ranks)
+        else:
+            log.warning("stream state saved with world size %s x %s workers, now %s x %s, and its sample "
+                        "counts are unknown (no manifest) or resampled: epoch %s restarts from its beginning",
+                        *layout, self.stream.world_size, self.tracker.num_workers, epoch)
+            self.tracker.begin_epoch(epoch)
+
+    def _redeal(self, epoch: int, layout: Tuple[int, int], ranks: Dict[str, Any]) -> None:
+        """Deal what the saved layout had not delivered of `epoch` to this one (assign.py)."""
+        s = self.stream
+        delivered = {(int(rank), int(worker)): int(position["samples"])
+                     for rank, saved in ranks.items() for worker, position in saved["workers"].items()}
+        left = leftover(s.epoch_left(epoch), *layout, delivered, [source.weight for source in s.sources],
+                        s.shuffle_buffer, s.seed, epoch)
+        # Every rank took the same number of steps: any rank's batches are Lightning's count.
+        self.batches_before += sum(int(p["batches"]) for p in next(iter(ranks.values()))["workers"].values())
+        s.deal_from(epoch, left)
+        self.tracker.begin_epoch(epoch)
+        log.info("stream: epoch %d re-dealt from %d x %d workers to %d x %d (%d samples left)", epoch, *layout,
+                 s.world_size, self.tracker.num_workers, sum(length(ranges) for ranges in left))
 
 
 def make_stream_loader(stream: ShardStream, num_workers: int = 2, prefetch_factor: int = 2,

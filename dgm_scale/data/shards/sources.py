@@ -29,6 +29,7 @@ from ..transforms import from_model_range
 from .encode import Payload, RawSample
 from .tario import TarError
 from .layout import LABEL_EXT, READ_IMAGE_EXTS, SHARD_RE, iter_tar_samples
+from dgm_scale.core.errors import first_line
 from .manifest import MANIFEST_NAME, read_manifest
 
 NPZ_IMAGE_KEYS = ("x", "images", "samples")  # samples: `dgm-scale sample --format npz`
@@ -103,7 +104,7 @@ def _array_source(src: str, path: Path) -> Source:
                 label_key = _npz_key(src, npz.files, NPZ_LABEL_KEYS, required=False)
                 labels = npz[label_key] if label_key else None
     except (OSError, ValueError, EOFError) as err:
-        raise DataError(f"SRC '{src}': cannot read: {str(err).splitlines()[0]}") from None
+        raise DataError(f"SRC '{src}': cannot read: {first_line(err)}") from None
     _check_images(src, images)
     if labels is not None:
         _check_labels(src, labels, len(images))

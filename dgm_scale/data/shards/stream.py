@@ -7,19 +7,21 @@ Pipeline inside each DataLoader worker, per epoch:
       -> decode + label  ->  batch of B: (x [B, C, R, R] in [-1, 1], labels [B] int64, info)
 
 Splitting (non-resampled). Every epoch the shard list of each source is permuted with a
-generator seeded by (seed, epoch, source) - identical on every rank - then split by rank and
-then by worker: rank r takes positions r, r + world, ...; its worker w takes every W-th of
-those, i.e. global slot r + world * w of world * W (webdataset's split_by_node then
-split_by_worker). Every sample is seen exactly once per epoch across ranks and workers. Shard
-counts need not be divisible: ranks then differ by at most one shard, and some workers may get
-none (they yield nothing). A source with fewer shards than ranks is a DataError at
-construction (a rank without data would hang DDP). Per-rank batch counts still differ when the
-shards do; with a manifest (`num_samples` per shard), world size > 1 and `even_ranks=True`, every
-rank is capped to the smallest rank's batch count of that epoch (the tail batches of its longest
-workers are dropped), so DDP does not wait at the epoch end. A worker that damaged samples leave
-short of its cap wraps around: it reads its share of the epoch again, in the same order (its
-faults not counted twice), until the cap is met, as DistributedSampler pads with repeats.
-Without counts, or for certainty, use the resampled mode.
+generator seeded by (seed, epoch, source) - identical on every rank. With sample counts (a
+manifest) the epoch is the concatenation of those shards' samples, dealt by contiguous ranges
+(assign.py): rank r takes the r-th of `world` near-equal ranges, its worker w the w-th of W
+near-equal parts of that, so ranks differ by at most one sample per source and a shard may be
+shared by two neighbouring slots (each reads its own part; the samples before it are passed over
+unread). Without counts whole shards are dealt: rank r takes positions r, r + world, ...; its
+worker w every W-th of those, i.e. global slot r + world * w of world * W (webdataset's
+split_by_node then split_by_worker), and a source with fewer shards than ranks is a DataError
+at construction (a rank without data would hang DDP). Either way every sample is seen exactly
+once per epoch across ranks and workers. Per-rank batch counts can still differ; with counts,
+world size > 1 and `even_ranks=True`, every rank is capped to the smallest rank's batch count of
+that epoch (the tail batches of its longest workers are dropped), so DDP does not wait at the
+epoch end. A worker that damaged samples leave short of its cap wraps around: it reads its share
+of the epoch again, in the same order (its faults not counted twice), until the cap is met, as
+DistributedSampler pads with repeats. Without counts, or for certainty, use the resampled mode.
 
 Resampled. Each (rank, worker) draws shards with replacement from a generator seeded by
 (seed, epoch, rank, worker, source); the rank yields exactly `steps_per_epoch` batches per
@@ -42,9 +44,12 @@ on the resumed epoch worker ids are rotated to continue with the worker that was
 
 Exact: with the same seed, sources, world size, worker count, batch size and shuffle buffer,
 the keys (and images and flips) after resume equal those of an uninterrupted run, in both
-modes; fault counts continue from the saved ones. Not exact: a different world size or worker
-count changes the split, so the saved position is ignored and the saved epoch restarts from its
-beginning (its samples are seen again); a shard rewritten in between changes everything after it.
+modes; fault counts continue from the saved ones. Another world size or worker count, with
+counts: the rest of the interrupted epoch - what no old (rank, worker) had delivered, found by
+replaying their pipelines on positions - is dealt to the new layout (loader.StreamLoader,
+assign.leftover): each sample once, but the order differs. Without counts, or resampled, the
+saved position is ignored and the saved epoch restarts from its beginning (its samples are seen
+again). A shard rewritten in between changes everything after it.
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..datasets import DataError
+from .assign import Piece, Ranges, Span, length, pieces_for, rng_for, slot_ranges
 from .mixing import Shuffler, mix, trim_to
 from .samples import FaultCounter, Item, count_samples, decode_into, make_batch, shard_items
 from .urls import Shard, expand_urls
@@ -93,11 +99,6 @@ class ResumePoint:
     workers: Dict[int, WorkerPosition]
 
 
-def rng_for(*parts: object) -> random.Random:
-    """A generator seeded by a tuple of values (string seeds are hashed with SHA-512)."""
-    return random.Random("/".join(map(str, parts)))
-
-
 def as_source(spec: Union[str, Source], weight: float = 1.0) -> Source:
     return spec if isinstance(spec, Source) else Source(tuple(expand_urls(spec)), float(weight))
 
@@ -132,6 +133,7 @@ class ShardStream(IterableDataset):
         # Shared with the worker processes (persistent workers keep their copy of `self`).
         self._epoch = multiprocessing.RawValue("q", 0)
         self._resume: Optional[ResumePoint] = None
+        self._left: Optional[Tuple[int, List[Ranges]]] = None  # (epoch, per source): a re-dealt epoch
 
     def _validate(self) -> None:
         if self.batch_size < 1 or self.resolution < 1 or self.channels not in (1, 3):
@@ -145,7 +147,10 @@ class ShardStream(IterableDataset):
             raise DataError("stream: steps_per_epoch >= 1 is required with resampled=True "
                             "and only allowed with it")
         for source in self.sources:
-            if not self.resampled and len(source.shards) < self.world_size:
+            if self.ranged and sum(shard.num_samples for shard in source.shards) < self.world_size:
+                raise DataError(f"shards '{source.shards[0].url}'...: fewer samples than the {self.world_size} "
+                                "ranks - a rank without data would hang DDP")
+            if not self.resampled and not self.ranged and len(source.shards) < self.world_size:
                 raise DataError(
                     f"shards '{source.shards[0].url}'...: {len(source.shards)} shards for "
                     f"{self.world_size} ranks - a rank without data would hang DDP; add shards "
@@ -164,18 +169,39 @@ class ShardStream(IterableDataset):
         """Continue `point.epoch` after what was delivered (before the workers start)."""
         self._resume = point
 
+    def deal_from(self, epoch: int, left: Optional[List[Ranges]]) -> None:
+        """Deal only `left` (per source: position ranges, see assign.py) in `epoch` - what an
+        interrupted epoch had left - instead of the whole epoch (before the workers start)."""
+        self._left = None if left is None else (int(epoch), [[tuple(r) for r in ranges] for ranges in left])
+
+    @property
+    def ranged(self) -> bool:
+        """Whether epochs are dealt by sample ranges (counts known, not resampled) rather than by
+        whole shards; only a ranged epoch can be re-dealt to another world size."""
+        return not self.resampled and self._known_counts() is not None
+
+    def epoch_left(self, epoch: int, whole: bool = False) -> List[Ranges]:
+        """Per source, the position ranges dealt in `epoch` (ranged mode): all, or a re-dealt rest
+        (unless `whole`)."""
+        if self._left is not None and self._left[0] == epoch and not whole:
+            return self._left[1]
+        return [[(0, sum(shard.num_samples for shard in source.shards))] for source in self.sources]
+
     def resuming(self, epoch: int) -> bool:
         """Whether `epoch` continues a saved position (rather than starting afresh)."""
         return self._resume is not None and self._resume.epoch == epoch
 
     # ------------------------------------------------------------------ sizes
-    def shard_sequences(self, epoch: int, worker: int, num_workers: int) -> List[Iterable[Shard]]:
-        """Per source, the shards this rank's `worker` reads in `epoch`, in order."""
+    def shard_sequences(self, epoch: int, worker: int, num_workers: int) -> List[Iterable[Piece]]:
+        """Per source, the pieces of shards this rank's `worker` reads in `epoch`, in order."""
         if self.resampled:
-            return [_draw_forever(s.shards, rng_for(self.seed, epoch, self.rank, worker, k))
+            return [map(Piece, _draw_forever(s.shards, rng_for(self.seed, epoch, self.rank, worker, k)))
                     for k, s in enumerate(self.sources)]
+        if self.ranged:
+            return [pieces_for(self._epoch_order(k, epoch), left, self.world_size, self.rank, num_workers, worker)
+                    for k, left in enumerate(self.epoch_left(epoch))]
         slot, stride = self.rank + self.world_size * worker, self.world_size * num_workers
-        return [list(self._epoch_order(k, epoch)[slot::stride]) for k in range(len(self.sources))]
+        return [[Piece(shard) for shard in self._epoch_order(k, epoch)[slot::stride]] for k in range(len(self.sources))]
 
     def _epoch_order(self, k: int, epoch: int) -> List[Shard]:
         shards = list(self.sources[k].shards)
@@ -198,13 +224,20 @@ class ShardStream(IterableDataset):
         counts = [[sh.num_samples for sh in s.shards] for s in self.sources]
         return None if any(c is None for row in counts for c in row) else counts
 
-    def _batch_table(self, epoch: int, num_workers: int) -> List[List[int]]:
-        """[rank][worker] -> batches available in `epoch` (manifest counts required)."""
-        stride = self.world_size * num_workers
+    def _batch_table(self, epoch: int, num_workers: int, whole: bool = False) -> List[List[int]]:
+        """[rank][worker] -> batches available in `epoch` (manifest counts required; `whole`: as if
+        the epoch were not re-dealt)."""
         samples = [[0] * num_workers for _ in range(self.world_size)]
-        for k in range(len(self.sources)):
-            for i, shard in enumerate(self._epoch_order(k, epoch)):
-                samples[i % self.world_size][(i % stride) // self.world_size] += shard.num_samples
+        if self.ranged:
+            for left in map(Span, self.epoch_left(epoch, whole)):
+                for rank, row in enumerate(samples):
+                    for worker in range(num_workers):
+                        row[worker] += length(slot_ranges(left, self.world_size, rank, num_workers, worker))
+        else:
+            stride = self.world_size * num_workers
+            for k in range(len(self.sources)):
+                for i, shard in enumerate(self._epoch_order(k, epoch)):
+                    samples[i % self.world_size][(i % stride) // self.world_size] += shard.num_samples
         rounding = 0 if self.drop_last else self.batch_size - 1
         return [[(n + rounding) // self.batch_size for n in row] for row in samples]
 
@@ -218,6 +251,11 @@ class ShardStream(IterableDataset):
         if self._known_counts() is None:
             return None
         return sum(self._batch_table(epoch, num_workers)[self.rank])
+
+    def whole_epoch_batches(self, epoch: int, num_workers: int) -> int:
+        """Batches this rank would yield in `epoch` were it not re-dealt (ranged mode)."""
+        table = self._batch_table(epoch, max(1, num_workers), whole=True)
+        return min(sum(row) for row in table) if self.even_ranks and self.world_size > 1 else sum(table[self.rank])
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Tuple]:
@@ -287,32 +325,45 @@ class WorkerEpoch:
         shuffler = Shuffler(self.s.shuffle_buffer, self._rng("shuffle"))
         return shuffler, shuffler.run(mixed)
 
-    def _source_items(self, k: int, shards: Iterable[Shard],
+    def _source_items(self, k: int, pieces: Iterable[Piece],
                       plan: Optional[SkipPlan]) -> Iterator[Item]:
         first, empty_run = 0, 0
-        for shard in shards:
-            count = self._count(shard) if plan else None
+        for piece in pieces:
+            count = self._piece_count(piece) if plan else None
             if plan and count is not None and plan.skippable(k, first, count):
-                yield from (("", None, shard.url) for _ in range(count))
+                yield from (("", None, piece.shard.url) for _ in range(count))
                 first += count
                 continue
-            keep = plan.keep(k, first) if plan else (lambda i: True)
             before = first
-            for item in shard_items(shard, self.faults, keep):
+            for item in self._piece_items(piece, plan.keep(k, first) if plan else (lambda i: True)):
                 first += 1
                 yield item
             empty_run = empty_run + 1 if first == before else 0
             if self.s.resampled and empty_run > 2 * len(self.s.sources[k].shards) + 8:
-                raise DataError(f"source of '{shard.url}': the last {empty_run} shards drawn "
+                raise DataError(f"source of '{piece.shard.url}': the last {empty_run} shards drawn "
                                 "held no readable sample")
+
+    def _piece_count(self, piece: Piece) -> Optional[int]:
+        return self._count(piece.shard) if piece.stop is None else piece.stop - piece.start
+
+    def _piece_items(self, piece: Piece, keep: Callable[[int], bool]) -> Iterator[Item]:
+        """The items of a piece (`keep` by index within the piece); the shard's samples before it
+        are passed over unread, and reading stops at its end."""
+        start, stop = piece.start, piece.stop
+        inside = lambda i: start <= i and (stop is None or i < stop) and keep(i - start)  # noqa: E731
+        for index, item in enumerate(shard_items(piece.shard, self.faults, inside)):
+            if index >= start:
+                yield item
+            if stop is not None and index + 1 >= stop:
+                return
 
     def _simulate(self, delivered: int) -> Optional[SkipPlan]:
         """Replay the mixing and shuffling on sample indices only (no I/O beyond counts)."""
         pulled = [0] * len(self.s.sources)
 
-        def indices(k: int, shards: Iterable[Shard]) -> Iterator[Tuple[int, int]]:
-            for shard in shards:
-                count = self._count(shard)
+        def indices(k: int, pieces: Iterable[Piece]) -> Iterator[Tuple[int, int]]:
+            for piece in pieces:
+                count = self._piece_count(piece)
                 if count is None:
                     raise _UnknownCount
                 for _ in range(count):

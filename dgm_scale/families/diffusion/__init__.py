@@ -39,6 +39,15 @@ class DenoiserConfig:
 
 
 @dataclass
+class PhemaConfig:
+    """Power-function EMAs (EDM2's post-hoc EMA, modules/phema.py) of the denoiser, tracked every
+    iteration and saved to RUN/phema/ every `snapshot_every` iterations and at the last one;
+    `dgm-scale ema RUN --sigma-rel S` then builds the EMA of any width S from them."""
+    snapshot_every: int = 0  # iterations between snapshots; 0 = off (nothing tracked)
+    sigma_rels: List[float] = field(default_factory=lambda: [0.05, 0.10])  # the tracked widths (EDM2's)
+
+
+@dataclass
 class DiffusionModelConfig:
     kind: str = "diffusion"
     module: Optional[str] = None  # your own module class (a DiffusionModule subclass)
@@ -48,6 +57,7 @@ class DiffusionModelConfig:
     label_dropout: float = 0.0
     ema_decay: float = 0.999  # the EMA denoiser that samples (0 = none); ramped like the GAN's
     ema_rampup: float = 0.05
+    phema: PhemaConfig = field(default_factory=PhemaConfig)
 
 
 @dataclass
@@ -159,6 +169,18 @@ def validate_likelihood(likelihood: Any, loss: Any, sampler: Any) -> None:
         raise ConfigError(str(error)) from None
 
 
+def validate_phema(phema: Any) -> None:
+    from dgm_scale.modules.phema import MAX_SIGMA_REL
+
+    at_least("model.phema.snapshot_every", phema.snapshot_every, 0)
+    require(len(phema.sigma_rels) > 0, "config key 'model.phema.sigma_rels' needs at least one width")
+    for width in phema.sigma_rels:
+        require(0 < width <= MAX_SIGMA_REL, f"config key 'model.phema.sigma_rels': {width} is not in "
+                                            f"(0, {MAX_SIGMA_REL:.4f}] (1/sqrt(12): the average of the whole run)")
+    require(len(set(phema.sigma_rels)) == len(phema.sigma_rels),
+            f"config key 'model.phema.sigma_rels': {list(phema.sigma_rels)} repeats a width")
+
+
 def validate(cfg: Any) -> None:
     from dgm_scale.losses.diffusion import OBJECTIVES
     from dgm_scale.modules.optim import validate_optimizer
@@ -184,6 +206,7 @@ def validate(cfg: Any) -> None:
             "config key 'model.label_dropout': label dropout is for class-conditional models (model.num_classes > 0)")
     require(0.0 <= model.ema_decay < 1.0, f"config key 'model.ema_decay' must be in [0, 1), got {model.ema_decay}")
     at_least("model.ema_rampup", model.ema_rampup, 0)
+    validate_phema(model.phema)
     validate_sampler(cfg.sampler, loss, model)
     validate_likelihood(cfg.likelihood, loss, cfg.sampler)
     validate_optimizer("optim", cfg.optim)
@@ -227,6 +250,14 @@ def _denoiser_label(setting: Callable[..., Any]) -> str:
     return f"U-Net width {setting('model.denoiser.width')} x {setting('model.denoiser.channel_mult')}"
 
 
+def _phema_label(setting: Callable[..., Any]) -> str:
+    every = setting("model.phema.snapshot_every") or 0
+    if not every:
+        return "off"
+    return f"power-function EMAs of sigma_rel {setting('model.phema.sigma_rels')}, snapshots every {every} " \
+           "iterations in phema/ (dgm-scale ema)"
+
+
 def describe(setting: Callable[..., Any]) -> List[Tuple[str, str]]:
     classes, ema = setting("model.num_classes") or 0, setting("model.ema_decay") or 0
     return [("model", f"diffusion: {_denoiser_label(setting)}" + (f", {classes} classes, label dropout "
@@ -235,11 +266,18 @@ def describe(setting: Callable[..., Any]) -> List[Tuple[str, str]]:
             ("sampler", sampler_label(setting)),
             ("held-out likelihood", likelihood_label(setting)),
             ("EMA of the denoiser", f"decay up to {ema}, ramp-up {setting('model.ema_rampup', 0)}" if ema else "none"),
+            ("post-hoc EMA", _phema_label(setting)),
             ("optimizer", f"{setting('optim.name')} lr {setting('optim.lr')}")]
 
 
 def summary(setting: Callable[..., Any]) -> str:
     return f"diffusion, {objective_label(setting)}; {_denoiser_label(setting)}; sampler {sampler_label(setting)}"
+
+
+def _report_charts(run_dir: Any) -> list:
+    from dgm_scale.families.diffusion.posthoc import fid_chart
+
+    return fid_chart(run_dir)
 
 
 FAMILY = Family(
@@ -253,4 +291,5 @@ FAMILY = Family(
                    lambda k: k.startswith("train/loss_sigma_")),),
     sections={"sampler": SamplerConfig, "likelihood": LikelihoodConfig},
     sampler_names={"": "EMA denoiser", "raw": "raw denoiser"},
+    report_charts=_report_charts,
 )

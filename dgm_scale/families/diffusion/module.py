@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -23,12 +24,14 @@ from dgm_scale.distributed.interface import step_interface
 from dgm_scale.families.diffusion import SamplerConfig, likelihood_method, validate_sampler, vlb_steps
 from dgm_scale.families.diffusion.likelihood import ode_log_density, ode_nll, rademacher, ratio_bounds, ratio_grid, \
     vlb_terms
+from dgm_scale.families.diffusion.posthoc import write_snapshot
 from dgm_scale.families.diffusion.processes import build_process
 from dgm_scale.families.diffusion.samplers import SAMPLERS, generate, levels
 from dgm_scale.losses.diffusion import build_objective, denoising_loss
 from dgm_scale.modules.base import GenerativeModule
 from dgm_scale.modules.ema import make_ema_copy, ramped_decay, update_ema
 from dgm_scale.modules.optim import build_optimizer
+from dgm_scale.modules.phema import PowerFunctionEMA
 from dgm_scale.modules.sampling import keyed_noise, sampler_inputs
 from dgm_scale.nets.custom import build_network, check_network
 from dgm_scale.nets.unet import build_unet
@@ -151,6 +154,9 @@ class DiffusionModule(GenerativeModule):
         self.objective = build_objective(cfg.loss)
         self.denoiser = self._build_denoiser()
         self.denoiser_ema = make_ema_copy(self.denoiser) if cfg.model.ema_decay > 0 else None
+        # post-hoc EMA: not a submodule (its averages stay out of the state dict sampling loads)
+        phema = cfg.model.phema
+        self.phema = PowerFunctionEMA(phema.sigma_rels) if phema.snapshot_every > 0 else None
 
     def _build_denoiser(self) -> nn.Module:
         net, shape, classes = self.cfg.model.denoiser, self.sample_shape, self.num_classes
@@ -189,6 +195,7 @@ class DiffusionModule(GenerativeModule):
 
     def training_step(self, batch, batch_idx: int) -> None:
         opt = self.optimizers()
+        iteration = self.iteration + 1  # the one this step completes (1-based)
         images = batch[0]
         count = images.shape[0]
         labels = self.training_labels(batch[1], self.draw_noise(count, uniform=True))
@@ -199,6 +206,7 @@ class DiffusionModule(GenerativeModule):
         self.manual_backward(loss, opt)
         stepped = self.guarded_step(loss, opt, self.denoiser, "denoiser")
         decay = self._step_ema(stepped)
+        self._step_phema(iteration)
         if not self.logging_due():
             return
         norm = step_interface(self._trainer).gradient_norm(opt, self.denoiser) if stepped else torch.tensor(float("nan"))
@@ -216,6 +224,37 @@ class DiffusionModule(GenerativeModule):
         decay = ramped_decay(self.cfg.model.ema_decay, self.cfg.model.ema_rampup, self.iteration + 1)
         update_ema(self.denoiser_ema, self.denoiser, decay, copy_batchnorm=True)
         return decay
+
+    def _step_phema(self, iteration: int) -> None:
+        """Every iteration, stepped or skipped (a skipped one holds the weights a second
+        iteration): the power-function EMAs take the weights, and on schedule rank 0 writes a
+        snapshot - here, before the checkpoint of this iteration, so that a run killed in
+        between and resumed from that checkpoint has the snapshot."""
+        if self.phema is None:
+            return
+        self.phema.update(list(self.denoiser.parameters()), iteration)
+        every, last = self.cfg.model.phema.snapshot_every, self.cfg.trainer.max_steps
+        if (iteration % every == 0 or iteration == last) and self._trainer is not None and self.trainer.is_global_zero:
+            names = [name for name, _ in self.denoiser.named_parameters()]
+            write_snapshot(Path(self.trainer.default_root_dir), self.phema, names, iteration)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.phema is not None:
+            checkpoint["phema"] = self.phema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.phema is None:
+            return
+        if "phema" not in checkpoint:
+            raise ConfigError("config key 'model.phema.snapshot_every': the checkpoint resumed from holds no "
+                              "power-function EMAs (it was written without them): resume with "
+                              "model.phema.snapshot_every=0, or start a new run")
+        try:
+            self.phema.load_state_dict(checkpoint["phema"])
+        except ValueError as error:
+            raise ConfigError(f"config key 'model.phema.sigma_rels': {error}") from None
 
     # ------------------------------------------------------------------ sampling
     def sampler_variants(self) -> Dict[str, str]:
