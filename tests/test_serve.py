@@ -182,15 +182,57 @@ def test_an_autoregressive_model_takes_a_temperature_and_has_no_interpolation():
         ModuleSource(text)
 
 
-def test_a_diffusion_model_serves_its_configured_samplers_images():
-    module = build_module(load_config(overrides=[*TINY_RUN, "model.kind=diffusion", "model.denoiser.width=8",
-                                                 "model.denoiser.channel_mult=[1,2]", "loss.objective=flow",
-                                                 "sampler.steps=2"]))
+DIFFUSION = [*TINY_RUN, "model.kind=diffusion", "model.denoiser.width=8", "model.denoiser.channel_mult=[1,2]",
+             "loss.objective=flow", "sampler.steps=2"]
+GUIDED = ["model.num_classes=10", "model.label_dropout=0.2"]
+SAMPLERS = ["ddim", "ddpm", "dpmpp_2m", "euler", "heun"]
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    """An untrained, guided diffusion model (sampling is what is tested) and its page's URL."""
+    module = build_module(load_config(overrides=[*DIFFUSION, *GUIDED]))
     with running(ModuleSource(module)) as url:
-        meta = json.loads(get(url + "api/meta")[2])
-        assert meta["family"] == "diffusion" and meta["options"] == {} and meta["latent_dim"] is None
-        np.testing.assert_array_equal(cells(png(get(url + "api/grid.png?seed=2&num=4")[2]), 4, 2),
-                                      pixels(module.sample_batch(4, 2)))
+        yield module, url
+
+
+def test_a_diffusion_model_offers_its_sampler_steps_and_guidance(diffusion):
+    """The family's controls: the page's images are sample_batch's with the sampler, steps and
+    guidance asked for (and the configured ones by default)."""
+    module, url = diffusion
+    meta = json.loads(get(url + "api/meta")[2])
+    assert meta["family"] == "diffusion" and meta["latent_dim"] is None
+    assert meta["options"] == {"sampler": {"type": "choice", "default": "heun", "choices": SAMPLERS},
+                               "steps": {"type": "integer", "default": 2, "min": 1, "max": 250},
+                               "guidance": {"default": 1.0, "min": 0.0, "max": 10.0}}
+    np.testing.assert_array_equal(cells(png(get(url + "api/grid.png?seed=2&num=4")[2]), 4, 2),
+                                  pixels(module.sample_batch(4, 2)))
+    asked = png(get(url + "api/grid.png?seed=2&num=4&class=3&sampler=ddpm&steps=3&guidance=2.5")[2])
+    np.testing.assert_array_equal(cells(asked, 4, 2), pixels(module.sample_batch(
+        4, 2, labels=torch.full((4,), 3), sampler="ddpm", steps=3, guidance=2.5)))
+    assert not np.array_equal(cells(asked, 4, 2), cells(png(get(url + "api/grid.png?seed=2&num=4&class=3")[2]), 4, 2))
+    unconditional = png(get(url + "api/grid.png?num=4&guidance=0")[2])  # the lower end, included: no class
+    np.testing.assert_array_equal(cells(unconditional, 4, 2), pixels(module.sample_batch(4, 0, guidance=0.0)))
+
+
+@pytest.mark.parametrize("request_, reason", [
+    ("sampler=euler2", "sampler: 'euler2' is not one of ddim, ddpm, dpmpp_2m, euler, heun"),
+    ("steps=0", "steps: 0 is outside 1 .. 250"), ("steps=251", "steps: 251 is outside 1 .. 250"),
+    ("steps=2.5", "steps: '2.5' is not an integer"), ("guidance=-1", "guidance: -1 is outside [0, 10]"),
+    ("guidance=nan", "guidance: nan is outside [0, 10]"), ("guidance=x", "guidance: 'x' is not a number"),
+    ("truncation=0.5", "unknown parameter 'truncation' for /api/grid.png"),
+])
+def test_bad_diffusion_controls_get_a_one_line_400_naming_the_parameter(diffusion, request_, reason):
+    code, _, body = get(diffusion[1] + "api/grid.png?" + request_)
+    assert code == 400 and body.decode() == reason + "\n", body
+
+
+def test_an_unguided_diffusion_model_offers_no_guidance_and_a_discrete_one_its_own_steps():
+    for overrides, steps in ((DIFFUSION, 250), ([*DIFFUSION, "loss.objective=eps", "loss.timesteps=40"], 40)):
+        with running(ModuleSource(build_module(load_config(overrides=overrides)))) as url:
+            assert json.loads(get(url + "api/meta")[2])["options"]["steps"]["max"] == steps
+            assert get(url + "api/grid.png?guidance=2")[2] == b"unknown parameter 'guidance' for /api/grid.png\n"
+            assert get(url + f"api/grid.png?num=1&steps={steps + 1}")[2] == f"steps: {steps + 1} is outside 1 .. {steps}\n".encode()
 
 
 def test_sources_that_cannot_open_and_a_taken_port_are_one_line_errors(tmp_path):
@@ -333,6 +375,20 @@ def test_the_page_renders_the_grid_and_follows_the_seed(gan, chromium, tmp_path)
     assert np.array_equal(one[region][:24, :24], np.zeros((24, 24, 3)))  # the padding corner, enlarged
     assert (one[region] != two[region]).any(axis=2).mean() > 0.2
     # an API error is shown on the page as its one-line text
-    dom = subprocess.run([chromium, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=5000",
-                          "--dump-dom", gan + "?num=999"], check=True, capture_output=True, text=True, timeout=120)
-    assert '<div id="grid-error" class="error">error: num: 999 is outside 1 .. 256</div>' in dom.stdout
+    assert '<div id="grid-error" class="error">error: num: 999 is outside 1 .. 256</div>' in page_dom(chromium, gan + "?num=999")
+
+
+def page_dom(chromium: str, url: str) -> str:
+    return subprocess.run([chromium, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=5000",
+                           "--dump-dom", url], check=True, capture_output=True, text=True, timeout=120).stdout
+
+
+def test_the_page_builds_the_diffusion_controls_and_sends_them(diffusion, chromium):
+    """A menu of samplers, a number box of steps, a guidance slider; a value from the page's
+    query string reaches the API (a bad one comes back as the API's line)."""
+    dom = page_dom(chromium, diffusion[1] + "?steps=999&sampler=ddim")
+    assert '<select id="option-sampler">' in dom and '<option value="dpmpp_2m">dpmpp_2m</option>' in dom
+    assert '<input type="number" min="1" max="250" step="1" id="option-steps">' in dom
+    assert '<input type="range" min="0" max="10" step="0.05" id="option-guidance">' in dom
+    assert 'href="api/batch?format=npz&amp;seed=0&amp;num=16&amp;sampler=ddim&amp;steps=999&amp;guidance=1"' in dom
+    assert '<div id="grid-error" class="error">error: steps: 999 is outside 1 .. 250</div>' in dom

@@ -17,7 +17,8 @@ DESCRIPTIONS = {
     "density": ("density", "higher"), "coverage": ("coverage", "higher"),
     "ndb": ("statistically different bins", "lower"), "ndb_fraction": ("NDB / bins", "lower"),
     "ndb_js": ("JS divergence of bin histograms", "lower"),
-    "bits_per_dim": ("held-out negative log-likelihood, bits per dimension (VAE: an upper bound)", "lower"),
+    "bits_per_dim": ("held-out negative log-likelihood, bits per dimension (VAE, diffusion VLB: "
+                     "upper bounds; diffusion ODE: an estimate of one)", "lower"),
     "bits_per_char": ("held-out negative log-likelihood, bits per character", "lower"),
     "test_accuracy": ("held-out accuracy of the classifier", "higher"),
     "eval_seconds": ("seconds", ""),

@@ -16,7 +16,7 @@ from dgm_scale.config import config_from_dict, to_dict
 from dgm_scale.core.logs import log_now
 from dgm_scale.families.registry import get_family
 from dgm_scale.modules.guards import NonFiniteGuard
-from dgm_scale.modules.sampling import class_labels, interpolation_inputs, keyed_noise, sampler_inputs
+from dgm_scale.modules.sampling import TRUNCATION, class_labels, interpolation_inputs, keyed_noise, sampler_inputs
 from dgm_scale.nets import count_parameters
 
 
@@ -40,7 +40,8 @@ class GenerativeModule(L.LightningModule):
     `sample_batch()`; optionally `sampler_variants()` (e.g. a GAN's EMA and raw generators) and
     `heldout_nll()` (families with a likelihood: the evaluation's bits per dim / char),
     `heldout_scores()` (other averages over the held-out split, e.g. a classifier's accuracy) and
-    `encode_features()` (features of real data: `dgm-scale encode` / `probe`).
+    `encode_features()` (features of real data: `dgm-scale encode` / `probe`) and
+    `sampling_controls()` (the sampling options a live page offers).
     """
 
     #: optimizer.step() calls per training iteration; Lightning's global_step counts those calls.
@@ -250,6 +251,17 @@ class GenerativeModule(L.LightningModule):
         representation, the one `dgm-scale probe` measures; `dgm-scale encode` writes them all."""
         raise NotImplementedError(f"the {self.family.name} family does not encode data")
 
+    # ------------------------------------------------------------------ the controls of a live page
+    def sampling_controls(self) -> Dict[str, Dict[str, Any]]:
+        """The sampling options `sample_batch` takes that a live page (`dgm-scale serve`) may
+        offer: name -> spec, one of
+        - a number: {"default", "max"} and optionally "min" (values in [min, max]; without
+          "min", in (0, max]);
+        - an integer: {"type": "integer", "default", "min", "max"};
+        - a choice: {"type": "choice", "default", "choices": [names]}.
+        Every value within its spec must be one `sample_batch` accepts."""
+        return {}
+
     #: whether `heldout_nll` scores this model (evaluations then read the held-out split)
     has_likelihood: bool = False
     #: the names of the `heldout_scores` this model reports (evaluations then read the held-out split)
@@ -282,6 +294,10 @@ class GenerativeModule(L.LightningModule):
 
 class LatentModule(GenerativeModule):
     """A family whose samples decode latents z ~ N(0, I) [N, latent_dim] (the GAN, the VAE)."""
+
+    def sampling_controls(self) -> Dict[str, Dict[str, Any]]:
+        """Truncation psi in (0, 1]: the latents scaled toward the mean (the page's source applies it)."""
+        return dict(TRUNCATION)
 
     def __init__(self, config: dict):
         super().__init__(config)

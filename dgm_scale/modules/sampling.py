@@ -35,6 +35,11 @@ def keyed_noise(seed: int, start: int, num: int, shape: Sequence[int], uniform: 
     return torch.cat(blocks)[offset:offset + num]
 
 
+#: latent families' page control: psi in (0, 1] scaling every latent toward the mean
+TRUNCATION = {"truncation": {"default": 1.0, "max": 1.0}}
+#: the largest temperature a page offers (autoregressive families): beyond it the samples are noise
+MAX_TEMPERATURE = 10.0
+
 #: the noise input of each kind of sampler, by name -> drawn from U[0, 1) (else N(0, 1));
 #: "noise": a diffusion sampler's starting noise, shaped like a sample
 NOISE_INPUTS = {"latents": False, "uniforms": True, "noise": False}

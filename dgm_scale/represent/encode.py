@@ -5,7 +5,7 @@ source's order:
 - one float32 array [N, D] per feature of the family's `encode_features` (the first is the
   model's representation): the VAE's `mu` and `logvar` (its posterior), a GAN's `features` (the
   discriminator's penultimate layer), the autoregressive model's `hidden` (its top layer's state
-  after reading the image);
+  after reading the image), a diffusion model's `latent` (the ODE-inverted noise);
 - `labels` int64 [N], when the source has labels (class folders, an npz's `y` / `labels`, a
   shard's `.cls`, builtin datasets), and `class_names` str [K] when it names the classes;
 - `keys` str [N], when the samples have names: a folder's file paths (relative to the folder),

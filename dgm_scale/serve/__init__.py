@@ -2,7 +2,8 @@
 [--timeout S]`: a small local web page
 with live samples of a trained image model, from its checkpoint or from a sampler `dgm-scale
 export` wrote (the file beside its FILE.json sidecar; run on the CPU, the same samples as the
-checkpoint it came from): seed, class and truncation / temperature controls, a latent
+checkpoint it came from): seed, class and the controls the model's family offers
+(truncation, temperature, a diffusion model's sampler / steps / guidance), a latent
 interpolation strip, and a batch download.
 
 Built on the standard library's `http.server.ThreadingHTTPServer`, not a web framework: nothing
@@ -14,7 +15,8 @@ parameter, and the server keeps serving; a failure inside the model is a one-lin
 
 - `/`: the page (self-contained HTML; `/?seed=3&class=2` opens it at that seed and class).
 - `/api/meta`: JSON: name, family, modality, num_classes, sample_shape, latent_dim (null without
-  a latent space), iteration, options ({name: {default, max}}) and caps.
+  a latent space), iteration, options (name -> spec: a number {default, max[, min]}, an integer
+  {type: integer, default, min, max} or a choice {type: choice, default, choices}) and caps.
 - `/api/grid.png?seed=S&num=N&class=K&truncation=T|temperature=T`: a PNG grid (square, 2 px black
   padding, native resolution) of samples 0 .. N-1 of seed S: those of `dgm-scale sample --seed S`.
 - `/api/batch?seed=&num=&class=&truncation=|temperature=&format=npz|png`: the same samples to
@@ -28,8 +30,13 @@ Parameters and caps: seed, seed_a, seed_b in 0 .. 2^31-1 (default 0; seed_b 1); 
 (default 16; batch 64); steps in 2 .. 32 (default 8); class in 0 .. num_classes-1, conditional
 models only (default: sample i has class i % num_classes; the strip: class 0); truncation
 (GAN, VAE: latents z * psi, psi in (0, 1], default 1) or temperature (autoregressive: (0, 10],
-default the model's; an autoregressive export's was fixed when it was exported: none); format
-npz | png. Unknown or repeated parameters are refused.
+default the model's; an autoregressive export's was fixed when it was exported: none), or a
+diffusion model's sampler (ddpm, ddim, euler, heun, dpmpp_2m; default its sampler.name), steps
+(1 .. 250, at most a discrete model's loss.timesteps; default sampler.steps) and, for a
+class-conditional model trained with label dropout, guidance ([0, 10], default sampler.guidance;
+a diffusion export's were fixed when it was exported: none); format npz | png. The options are
+the family's (GenerativeModule.sampling_controls), checked here by their spec. Unknown or
+repeated parameters are refused.
 
 The server asks a "source" for samples (sources.py): `open_source(path)` gives an export's (a
 file with a sidecar) or a checkpoint's, and `serve(source, host, port)` takes any object with

@@ -1,7 +1,8 @@
 """The page `dgm-scale serve` shows at `/`: one self-contained HTML file (inline CSS and script,
 no external assets: it works offline). It reads /api/meta to build its controls, initialises
-them from its own query string (`/?seed=3&num=25&class=2&truncation=0.7`, also how a view is
-shared), and loads the images with fetch() so that an API error is shown as its one-line text."""
+them (one per sampling option the model's family offers: a menu, a number box or a slider) from
+its own query string (`/?seed=3&num=25&class=2&truncation=0.7`, `/?sampler=ddim&steps=50`, also how
+a view is shared), and loads the images with fetch() so that an API error is shown as its one-line text."""
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -29,8 +30,7 @@ PAGE = """<!doctype html>
   <button id="random" type="button">random</button>
   <label>samples <input id="num" type="number" min="1" value="16"></label>
   <label id="class-label" class="hidden">class <select id="class"></select></label>
-  <label id="option-label" class="hidden"><span id="option-name"></span>
-    <input id="option" type="range" step="0.05"> <span id="option-value"></span></label>
+  <span id="options"></span>
   <a id="npz" href="#">download as .npz</a>
   <div id="grid-error" class="error"></div>
   <img id="grid" alt="sample grid">
@@ -47,8 +47,8 @@ PAGE = """<!doctype html>
 "use strict";
 const $ = (id) => document.getElementById(id);
 const initial = new URLSearchParams(location.search);
-let meta = null, optionName = null;
-const serials = {};
+let meta = null;
+const serials = {}, optionInputs = {};  // the family's sampling controls: name -> its input
 
 function showImage(img, errorBox, url) {
   const serial = (serials[img.id] || 0) + 1;
@@ -72,7 +72,7 @@ function params(names) {
   const query = new URLSearchParams();
   for (const name of names) query.set(name, $(name).value);
   if ($("class").value !== "") query.set("class", $("class").value);
-  if (optionName) query.set(optionName, $("option").value);
+  for (const [name, input] of Object.entries(optionInputs)) query.set(name, input.value);
   return query.toString();
 }
 
@@ -87,6 +87,35 @@ function updateStrip() {
   showImage($("strip"), $("strip-error"), "api/interpolate.png?" + params(["seed_a", "seed_b", "steps"]));
 }
 
+// One control per sampling option the model's family offers (see GenerativeModule.sampling_controls):
+// a choice is a menu, an integer a number box, a number a slider; the page's query string sets it.
+function addOption(name, spec) {
+  const form = spec.type || "number", label = document.createElement("label");
+  let input;
+  if (form === "choice") {
+    input = document.createElement("select");
+    for (const choice of spec.choices) input.add(new Option(choice, choice));
+  } else {
+    input = document.createElement("input");
+    input.type = form === "integer" ? "number" : "range";
+    input.min = spec.min !== undefined ? spec.min : 0.05;
+    input.max = spec.max;
+    input.step = form === "integer" ? 1 : 0.05;
+  }
+  input.id = "option-" + name;
+  input.value = initial.has(name) ? initial.get(name) : spec.default;
+  label.append(name + " ", input);
+  if (form === "number") {
+    const shown = document.createElement("span");
+    shown.textContent = input.value;
+    input.addEventListener("input", () => { shown.textContent = input.value; });
+    label.append(" ", shown);
+  }
+  input.addEventListener("change", () => { updateGrid(); updateStrip(); });
+  $("options").append(label);
+  optionInputs[name] = input;
+}
+
 function setUp(description) {
   meta = description;
   $("about").textContent = meta.name + ": " + meta.family + " (" + meta.sample_shape.join("x") +
@@ -98,27 +127,18 @@ function setUp(description) {
     for (let k = 0; k < meta.num_classes; k++) select.add(new Option(String(k), String(k)));
     $("class-label").classList.remove("hidden");
   }
-  optionName = Object.keys(meta.options)[0] || null;
-  if (optionName) {
-    const spec = meta.options[optionName], slider = $("option");
-    slider.min = 0.05; slider.max = spec.max; slider.value = spec.default;
-    $("option-name").textContent = optionName;
-    $("option-label").classList.remove("hidden");
+  for (const [name, spec] of Object.entries(meta.options)) addOption(name, spec);
+  for (const name of ["seed", "num", "class", "seed_a", "seed_b", "steps"]) {
+    if (initial.has(name)) $(name).value = initial.get(name);
   }
-  for (const name of ["seed", "num", "class", "seed_a", "seed_b", "steps", "option"]) {
-    const key = name === "option" ? optionName : name;
-    if (key && initial.has(key)) $(name).value = initial.get(key);
-  }
-  $("option-value").textContent = $("option").value;
   if (meta.latent_dim === null) {
     $("strip-error").textContent = "interpolation needs a latent space; this " + meta.family + " model has none";
     $("strip").classList.add("hidden");
   }
-  for (const name of ["seed", "num", "class", "option"]) $(name).addEventListener("change", () => {
+  for (const name of ["seed", "num", "class"]) $(name).addEventListener("change", () => {
     updateGrid(); updateStrip();
   });
   for (const name of ["seed_a", "seed_b", "steps"]) $(name).addEventListener("change", updateStrip);
-  $("option").addEventListener("input", () => { $("option-value").textContent = $("option").value; });
   $("random").addEventListener("click", () => {
     $("seed").value = Math.floor(Math.random() * meta.caps.seed);
     updateGrid();

@@ -43,20 +43,41 @@ def _integer(query: dict, name: str, default: int | None, low: int, high: int) -
     return value
 
 
+def _number(name: str, text: str, spec: dict) -> float:
+    """A number within its spec: [min, max], or (0, max] without a min."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequest(f"{name}: '{text[:40]}' is not a number") from None
+    low = spec.get("min")
+    inside = value >= low if low is not None else value > 0
+    if not (math.isfinite(value) and inside and value <= spec["max"]):
+        span = f"[{low:g}, {spec['max']:g}]" if low is not None else f"(0, {spec['max']:g}]"
+        raise BadRequest(f"{name}: {text[:40]} is outside {span}")
+    return value
+
+
+def _choice(name: str, text: str, spec: dict) -> str:
+    if text not in spec["choices"]:
+        raise BadRequest(f"{name}: '{text[:40]}' is not one of {', '.join(spec['choices'])}")
+    return text
+
+
+def _option_integer(name: str, text: str, spec: dict) -> int:
+    return _integer({name: text}, name, None, spec["min"], spec["max"])
+
+
+#: how a query value of each kind of option is read (see GenerativeModule.sampling_controls)
+OPTION_READERS = {"number": _number, "integer": _option_integer, "choice": _choice}
+
+
 def _options(query: dict, meta: dict) -> dict:
-    """The model's sampling options given in the query: each a number in (0, max]."""
+    """The model's sampling options given in the query, each read and checked by its spec."""
     options = {}
     for name, spec in meta["options"].items():
         text = query.pop(name, None)
-        if text is None:
-            continue
-        try:
-            value = float(text)
-        except ValueError:
-            raise BadRequest(f"{name}: '{text[:40]}' is not a number") from None
-        if not (math.isfinite(value) and 0 < value <= spec["max"]):
-            raise BadRequest(f"{name}: {text[:40]} is outside (0, {spec['max']:g}]")
-        options[name] = value
+        if text is not None:
+            options[name] = OPTION_READERS[spec.get("type", "number")](name, text, spec)
     return options
 
 

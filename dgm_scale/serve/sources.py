@@ -2,8 +2,10 @@
 
 - `meta`: a dict: `name`, `family`, `modality` ("images"), `num_classes` (0: unconditional),
   `sample_shape` [C, H, W], `latent_dim` (None without a latent space), `iteration` (training
-  iterations behind the weights), `options` (the sampling options it takes, name ->
-  {"default", "max"}; the server passes only values in (0, max]).
+  iterations behind the weights), `options` (the sampling options it takes, name -> spec, as
+  GenerativeModule.sampling_controls gives them: a number {"default", "max"[, "min"]}, an
+  integer {"type": "integer", ...} or a choice {"type": "choice", "choices"}; the server passes
+  only values within the spec).
 - `images(seed, num, label=None, **options)` -> uint8 [num, H, W, C]: samples 0 .. num - 1 of
   sequence `seed`, all of class `label`, or sample i of class i % num_classes when `label` is None
   on a conditional model (the same samples as `dgm-scale sample --seed S`).
@@ -27,12 +29,7 @@ import torch
 
 from dgm_scale.core.errors import ConfigError, described, first_line
 from dgm_scale.dump import as_array
-from dgm_scale.modules.sampling import class_labels, interpolation_inputs, sampler_inputs
-
-#: the largest temperature offered (autoregressive families): beyond it the samples are noise
-MAX_TEMPERATURE = 10.0
-#: the option of latent families: psi in (0, 1] scaling every latent toward the mean
-TRUNCATION = {"truncation": {"default": 1.0, "max": 1.0}}
+from dgm_scale.modules.sampling import TRUNCATION, class_labels, interpolation_inputs, sampler_inputs
 
 
 class BadRequest(ValueError):
@@ -100,23 +97,18 @@ class SampleSource:
 
 
 class ModuleSource(SampleSource):
-    """Samples of a GenerativeModule (images only). Latent families (GAN, VAE) take `truncation`
-    psi in (0, 1]: every latent z ~ N(0, I) is scaled toward the mean, z * psi (psi = 1: the
-    model's own samples; smaller: more typical, less varied samples). Autoregressive families take
-    `temperature` in (0, MAX_TEMPERATURE] (the softmax's; default the model's); others none."""
+    """Samples of a GenerativeModule (images only), with the controls its family offers
+    (`sampling_controls`): latent families (GAN, VAE) `truncation` psi in (0, 1] - every latent
+    z ~ N(0, I) scaled toward the mean, z * psi (psi = 1: the model's own samples; smaller: more
+    typical, less varied samples); autoregressive ones the softmax's `temperature`; diffusion
+    its `sampler`, `steps` and (guided models) `guidance`. Options other than truncation go to
+    the module's `sample_batch` as they are."""
 
     def __init__(self, module, name: str = "model"):
         self.module = module  # its sampling methods put the networks in eval mode themselves
-        latent_dim = getattr(module, "latent_dim", None)
-        temperature = getattr(module.cfg.model, "temperature", None)
-        if latent_dim is not None:
-            options = TRUNCATION
-        elif temperature is not None:
-            options = {"temperature": {"default": float(temperature), "max": MAX_TEMPERATURE}}
-        else:  # e.g. a diffusion model: its configured sampler, no control yet
-            options = {}
         super().__init__(name, module.family.name, module.modality, module.num_classes, module.sample_shape,
-                         latent_dim, options, getattr(module, "checkpoint_iteration", 0))
+                         getattr(module, "latent_dim", None), module.sampling_controls(),
+                         getattr(module, "checkpoint_iteration", 0))
 
     def _latents(self, seed: int, num: int) -> torch.Tensor:
         return self.module.latents(num, seed, 0)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from dgm_scale.data.transforms import from_8bit, to_8bit
 from dgm_scale.modules.base import GenerativeModule
 from dgm_scale.modules.optim import build_optimizer
-from dgm_scale.modules.sampling import keyed_noise, sampler_inputs
+from dgm_scale.modules.sampling import MAX_TEMPERATURE, keyed_noise, sampler_inputs
 from dgm_scale.nets.custom import build_within_memory
 from dgm_scale.nets.sequence import START, SYMBOLS, SequenceRNN
 
@@ -117,6 +117,10 @@ class AutoregressiveModule(GenerativeModule):
         return torch.tensor(list(encoded), dtype=torch.long, device=self.device).expand(num, -1)
 
     @torch.no_grad()
+    def sampling_controls(self) -> Dict[str, Dict[str, Any]]:
+        """The softmax's temperature in (0, MAX_TEMPERATURE], default the model's."""
+        return {"temperature": {"default": float(self.cfg.model.temperature), "max": MAX_TEMPERATURE}}
+
     def sample_batch(self, num: int, seed: int = 0, start: int = 0, labels: Optional[Tensor] = None,
                      variant: str = "", temperature: Optional[float] = None, prompt: Optional[str] = None,
                      length: Optional[int] = None, **options: Any) -> Tensor:

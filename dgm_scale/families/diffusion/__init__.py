@@ -11,6 +11,8 @@ noise to data; one family for the parameterisations labs use, chosen by `loss.ob
 Its `sampler` section picks how grids, `dgm-scale sample` and evaluations sample (`ddpm`,
 `ddim`, `euler`, `heun`, `dpmpp_2m`; steps; classifier-free guidance weight); an EMA of the
 denoiser (the GANs' ramped EMA) is what they use, the raw denoiser is scored as `eval_raw/*`.
+Its `likelihood` section sets how evaluations score the held-out bits/dim (likelihood.py: the
+VLB for eps / v, the probability-flow ODE for edm / flow).
 """
 from __future__ import annotations
 
@@ -91,6 +93,19 @@ class SamplerConfig:
 
 
 @dataclass
+class LikelihoodConfig:
+    """The held-out bits/dim of evaluations (families/diffusion/likelihood.py); its cost is
+    about (vlb_steps, or 2 ode_steps x (1 + probes)) denoiser passes x repeats per held-out batch."""
+    method: str = "auto"  # auto (vlb for eps / v, ode for edm / flow) | vlb | ode | none (no bits/dim)
+    vlb_steps: int = 0  # vlb: the ddpm sampler's levels it bounds; 0 = loss.timesteps (discrete), else 1000
+    ode_steps: int = 100  # ode: Heun steps from ratio_min to ratio_max
+    probes: int = 1  # ode: Rademacher probes of Hutchinson's trace estimator per image
+    repeats: int = 1  # draws per image averaged (vlb: noise; ode: dequantisation and probes)
+    ratio_min: float = 0.002  # ode (and encode): the range of sigma / alpha it integrates over,
+    ratio_max: float = 80.0  # within the model's own
+
+
+@dataclass
 class DiffusionOptimConfig(OptimizerConfig):
     lr: float = 2e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -115,6 +130,43 @@ def validate_sampler(sampler: Any, loss: Any, model: Any, key: str = "sampler") 
     require(0 < sampler.sigma_min < sampler.sigma_max,
             f"config key '{key}.sigma_min' must be > 0 and below sampler.sigma_max, got {sampler.sigma_min}")
     require(sampler.rho > 0, f"config key '{key}.rho' must be > 0, got {sampler.rho}")
+
+
+#: likelihood.vlb_steps = 0 on a continuous-time model
+DEFAULT_VLB_STEPS = 1000
+
+
+def likelihood_method(likelihood: Any, loss: Any) -> str:
+    """vlb | ode | none: `likelihood.method`, auto resolved by the objective."""
+    if likelihood.method != "auto":
+        return likelihood.method
+    return "vlb" if loss.objective in ("eps", "v") else "ode"
+
+
+def vlb_steps(likelihood: Any, loss: Any) -> int:
+    discrete = loss.objective in ("eps", "v") and loss.timesteps > 0
+    return likelihood.vlb_steps or (loss.timesteps if discrete else DEFAULT_VLB_STEPS)
+
+
+def validate_likelihood(likelihood: Any, loss: Any, sampler: Any) -> None:
+    choice("likelihood.method", likelihood.method, ["auto", "vlb", "ode", "none"])
+    at_least("likelihood.vlb_steps", likelihood.vlb_steps, 0)
+    discrete = loss.objective in ("eps", "v") and loss.timesteps > 0
+    require(not discrete or likelihood.vlb_steps <= loss.timesteps,
+            f"config key 'likelihood.vlb_steps': {likelihood.vlb_steps} levels is more than the model's "
+            f"loss.timesteps = {loss.timesteps}")
+    for key in ("ode_steps", "probes", "repeats"):
+        at_least(f"likelihood.{key}", getattr(likelihood, key), 1)
+    require(0 < likelihood.ratio_min < likelihood.ratio_max,
+            f"config key 'likelihood.ratio_min' must be > 0 and below likelihood.ratio_max, got {likelihood.ratio_min}")
+    from dgm_scale.core.errors import ConfigError
+    from dgm_scale.families.diffusion.likelihood import ratio_bounds
+    from dgm_scale.families.diffusion.processes import build_process
+
+    try:
+        ratio_bounds(build_process(loss, sampler), likelihood.ratio_min, likelihood.ratio_max)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def validate_phema(phema: Any) -> None:
@@ -156,6 +208,7 @@ def validate(cfg: Any) -> None:
     at_least("model.ema_rampup", model.ema_rampup, 0)
     validate_phema(model.phema)
     validate_sampler(cfg.sampler, loss, model)
+    validate_likelihood(cfg.likelihood, loss, cfg.sampler)
     validate_optimizer("optim", cfg.optim)
 
 
@@ -175,6 +228,19 @@ def sampler_label(setting: Callable[..., Any]) -> str:
     guidance = setting("sampler.guidance")
     return f"{setting('sampler.name')}, {setting('sampler.steps')} steps" + \
         (f", guidance {guidance}" if guidance not in (None, 1.0) else "")
+
+
+def likelihood_label(setting: Callable[..., Any]) -> str:
+    method = setting("likelihood.method", "auto")
+    if method == "auto":
+        method = "vlb" if setting("loss.objective") in ("eps", "v") else "ode"
+    if method == "vlb":
+        steps = setting("likelihood.vlb_steps", 0) or "all"
+        return f"VLB over {steps} levels, discretised Gaussian decoder (an upper bound)"
+    if method == "ode":
+        return f"probability-flow ODE, {setting('likelihood.ode_steps', 100)} Heun steps, Hutchinson " \
+               f"({setting('likelihood.probes', 1)} probe(s)), uniform dequantisation (an estimated upper bound)"
+    return "none"
 
 
 def _denoiser_label(setting: Callable[..., Any]) -> str:
@@ -198,6 +264,7 @@ def describe(setting: Callable[..., Any]) -> List[Tuple[str, str]]:
                                                                  f"{setting('model.label_dropout')}" if classes else "")),
             ("loss", objective_label(setting)),
             ("sampler", sampler_label(setting)),
+            ("held-out likelihood", likelihood_label(setting)),
             ("EMA of the denoiser", f"decay up to {ema}, ramp-up {setting('model.ema_rampup', 0)}" if ema else "none"),
             ("post-hoc EMA", _phema_label(setting)),
             ("optimizer", f"{setting('optim.name')} lr {setting('optim.lr')}")]
@@ -222,7 +289,7 @@ FAMILY = Family(
     modalities=("images",),
     chart_groups=(("loss_by_noise", "Training loss by noise level sigma / alpha (rank 0's batch)",
                    lambda k: k.startswith("train/loss_sigma_")),),
-    sections={"sampler": SamplerConfig},
+    sections={"sampler": SamplerConfig, "likelihood": LikelihoodConfig},
     sampler_names={"": "EMA denoiser", "raw": "raw denoiser"},
     report_charts=_report_charts,
 )

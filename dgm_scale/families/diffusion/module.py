@@ -19,11 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from dgm_scale.core.errors import ConfigError
+from dgm_scale.data.transforms import from_8bit, to_8bit
 from dgm_scale.distributed.interface import step_interface
-from dgm_scale.families.diffusion import SamplerConfig, validate_sampler
+from dgm_scale.families.diffusion import SamplerConfig, likelihood_method, validate_sampler, vlb_steps
+from dgm_scale.families.diffusion.likelihood import ode_log_density, ode_nll, rademacher, ratio_bounds, ratio_grid, \
+    vlb_terms
 from dgm_scale.families.diffusion.posthoc import write_snapshot
 from dgm_scale.families.diffusion.processes import build_process
-from dgm_scale.families.diffusion.samplers import generate, levels
+from dgm_scale.families.diffusion.samplers import SAMPLERS, generate, levels
 from dgm_scale.losses.diffusion import build_objective, denoising_loss
 from dgm_scale.modules.base import GenerativeModule
 from dgm_scale.modules.ema import make_ema_copy, ramped_decay, update_ema
@@ -42,6 +45,10 @@ def stream_seed(seed: int, stream: int) -> int:
     apart from the sequences of other seeds and streams."""
     return (int(seed) * 2_147_483_647 + int(stream) * 1_000_000_007 + 1) % (2 ** 62)
 
+
+#: the most steps and the largest guidance weight a live page offers: one request holds the model
+#: for steps x samples denoiser passes (ddpm at 250 of 1,000 levels is already close to all of them)
+MAX_PAGE_STEPS, MAX_PAGE_GUIDANCE = 250, 10.0
 
 #: the noise-to-signal ratios sigma / alpha that bound the bins of the logged loss by noise level
 NOISE_BINS = (0.1, 1.0, 10.0)
@@ -274,6 +281,18 @@ class DiffusionModule(GenerativeModule):
             raise ValueError(str(error)) from None
         return settings
 
+    def sampling_controls(self) -> Dict[str, Dict[str, Any]]:
+        """The sampler, its steps (up to a discrete model's loss.timesteps, at most
+        MAX_PAGE_STEPS) and, for a model trained with label dropout, the guidance weight."""
+        settings, loss = self.cfg.sampler, self.cfg.loss
+        discrete = loss.objective in ("eps", "v") and loss.timesteps > 0
+        controls = {"sampler": {"type": "choice", "default": settings.name, "choices": sorted(SAMPLERS)},
+                    "steps": {"type": "integer", "default": settings.steps, "min": 1,
+                              "max": min(loss.timesteps, MAX_PAGE_STEPS) if discrete else MAX_PAGE_STEPS}}
+        if self.num_classes > 0 and self.cfg.model.label_dropout > 0:
+            controls["guidance"] = {"default": float(settings.guidance), "min": 0.0, "max": MAX_PAGE_GUIDANCE}
+        return controls
+
     @torch.no_grad()
     def sample_batch(self, num: int, seed: int = 0, start: int = 0, labels: Optional[Tensor] = None,
                      variant: str = "", sampler: Optional[str] = None, steps: Optional[int] = None,
@@ -293,6 +312,61 @@ class DiffusionModule(GenerativeModule):
                                       settings.clip_denoised)
             images = generate(settings, denoise, self.process, noise, step_noise)
         return images.float().clamp(-1.0, 1.0)
+
+    # ------------------------------------------------------------------ likelihood and encoding
+    @property
+    def has_likelihood(self) -> bool:
+        return likelihood_method(self.cfg.likelihood, self.cfg.loss) != "none"
+
+    def _plain_denoiser(self, network: nn.Module, labels: Optional[Tensor], clip: bool):
+        """D(x, t) of `network`, conditioned on `labels` (the true classes: log p(x | class)), no guidance."""
+        return guided_denoiser(network, self.process, self.objective, labels, 1.0, self.num_classes, clip)
+
+    def _ode_ratios(self, steps: int) -> Tensor:
+        likelihood = self.cfg.likelihood
+        return ratio_grid(*ratio_bounds(self.process, likelihood.ratio_min, likelihood.ratio_max), steps)
+
+    @torch.no_grad()
+    def heldout_nll(self, batch, seed: int = 0) -> Optional[Tuple[Tensor, int]]:
+        """An upper bound on -log P(x) (nats, summed over the batch's 8-bit-rounded images; see
+        likelihood.py for which bound), averaged over likelihood.repeats draws keyed to `seed`."""
+        likelihood, method = self.cfg.likelihood, likelihood_method(self.cfg.likelihood, self.cfg.loss)
+        if method == "none":
+            return None
+        images = from_8bit(to_8bit(batch[0].to(self.device)))
+        count, shape = images.shape[0], self.sample_shape
+        labels = self.training_labels(batch[1], torch.ones(count, device=self.device)) if self.num_classes else None
+
+        def draw(stream: int, uniform: bool = False) -> Tensor:
+            return keyed_noise(stream_seed(seed, stream), 0, count, shape, uniform).to(self.device)
+
+        total = torch.zeros(count, dtype=torch.float64, device=self.device)
+        with evaluating(self.sampling_network()) as network:
+            for repeat in range(likelihood.repeats):
+                first = 1 + repeat * 1_000_003  # this draw's streams: first, first + 1, ...
+                if method == "vlb":
+                    denoise = self._plain_denoiser(network, labels, self.cfg.sampler.clip_denoised)
+                    steps = vlb_steps(likelihood, self.cfg.loss)
+                    total += sum(vlb_terms(denoise, self.process, images, steps, lambda k: draw(first + k)).values())
+                else:
+                    probes = [rademacher(draw(first + 1 + p)) for p in range(likelihood.probes)]
+                    total += ode_nll(self._plain_denoiser(network, labels, False), self.process, images,
+                                     self._ode_ratios(likelihood.ode_steps), draw(first, uniform=True), probes)
+        return total.sum() / likelihood.repeats, images.numel()
+
+    @torch.no_grad()
+    def encode_features(self, images: Tensor, labels: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """`latent`: the image carried by the probability-flow ODE (likelihood.ode_steps Heun steps)
+        from sigma / alpha = likelihood.ratio_min to ratio_max and divided by ratio_max - the
+        noise the deterministic samplers would start from (DDIM inversion), ~N(0, I) [N, C*H*W]."""
+        images = images.to(self.device).float()
+        if self.num_classes and labels is None:
+            raise ValueError("a class-conditional diffusion model encodes images with their labels")
+        labels = self.training_labels(labels, torch.ones(len(images), device=self.device)) if self.num_classes else None
+        ratios = self._ode_ratios(self.cfg.likelihood.ode_steps)
+        with evaluating(self.sampling_network()) as network:
+            _, latent = ode_log_density(self._plain_denoiser(network, labels, False), self.process, images, ratios)
+        return {"latent": (latent / float(ratios[-1])).flatten(1).float()}
 
     # ------------------------------------------------------------------ export
     def export_network(self, variant: str = "") -> nn.Module:

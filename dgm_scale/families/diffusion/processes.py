@@ -11,7 +11,8 @@
 What a process answers: (alpha, sigma) at t, the network's noise-level input at t (`noise_input`:
 1000 t, 1000 i / T, or EDM's ln(sigma) / 4), the training times from one uniform and one normal
 draw per sample, the sampling times for N steps (descending; the samplers end at the clean data,
-alpha = 1, sigma = 0) and the time of a given noise-to-signal ratio sigma / alpha (EDM's churn).
+alpha = 1, sigma = 0), the time of a given noise-to-signal ratio sigma / alpha (EDM's churn) and
+the range of ratios it has (`ratio_range`: the likelihood's ODE stays within it).
 Grids and ratios are float64.
 """
 from __future__ import annotations
@@ -83,6 +84,10 @@ class VPDiscrete:
         fraction = ((logsnr - table[low]) / (table[high] - table[low])).clamp(0, 1)
         return (self.steps - 1) - (low + fraction)
 
+    def ratio_range(self) -> Tuple[float, float]:
+        """sigma / alpha at the first and the last step."""
+        return math.exp(-float(self.logsnr[0]) / 2), math.exp(-float(self.logsnr[-1]) / 2)
+
 
 class VPContinuous:
     """The continuous VP process on t in [0, 1]; the network sees 1000 t."""
@@ -119,6 +124,11 @@ class VPContinuous:
             return (-BETA_MIN + (BETA_MIN ** 2 + 4 * half * q).sqrt()) / (2 * half)
         return ((torch.atan(torch.exp(-logsnr / 2)) - self._a) / self._b).clamp(0, 1)
 
+    def ratio_range(self) -> Tuple[float, float]:
+        """sigma / alpha at the smallest training time and at t = 1."""
+        ends = self.logsnr_at(torch.tensor([self.t_min, 1.0], dtype=torch.float64))
+        return math.exp(-float(ends[0]) / 2), math.exp(-float(ends[1]) / 2)
+
 
 class EDM:
     """Karras et al. 2022: t = sigma, alpha = 1; training ln sigma ~ N(p_mean, p_std^2); the
@@ -146,6 +156,9 @@ class EDM:
     def time_of(self, ratio: Tensor) -> Tensor:
         return ratio.double()
 
+    def ratio_range(self) -> Tuple[float, float]:
+        return 0.0, math.inf
+
 
 class Flow:
     """The straight path of rectified flow: alpha = 1 - t, sigma = t; the network sees 1000 t;
@@ -172,6 +185,9 @@ class Flow:
     def time_of(self, ratio: Tensor) -> Tensor:
         ratio = ratio.double()
         return ratio / (1 + ratio)
+
+    def ratio_range(self) -> Tuple[float, float]:
+        return 0.0, math.inf
 
 
 def build_process(loss_cfg, sampler_cfg):
