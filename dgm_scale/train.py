@@ -109,7 +109,8 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
         MetricsResumePoint(),  # metrics.csv rows up to each checkpoint reach the disk with it
     ]
     # SIGUSR1 / SIGTERM -> checkpoint -> stop (-> requeue under SLURM), at an iteration boundary
-    callbacks.append(StopOnSignal(run_dir, env.slurm_job, cfg.run.requeue_on, cfg.run.keep_checkpoints))
+    callbacks.append(StopOnSignal(run_dir, env.slurm_job, cfg.run.requeue_on, cfg.run.keep_checkpoints,
+                                   cfg.trainer.log_every))
     callbacks += [
         SampleGrids(run_dir / "samples", cfg.run.sample_every, cfg.run.num_samples, reference=reference),
     ]
@@ -123,7 +124,7 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
     if cfg.tracking.report:  # after the sample grids and PeriodicEvaluation: shows this iteration's grid and scores
         callbacks.append(RunReport(run_dir, cfg.eval.every, cfg.trainer.max_steps))
     if cfg.trainer.progress_bar:
-        callbacks.append(IterationProgress(cfg.trainer.max_steps))
+        callbacks.append(IterationProgress(cfg.trainer.max_steps, cfg.trainer.log_every))
     return callbacks
 
 
