@@ -6,7 +6,7 @@ import torch
 
 from dgm_scale.config import load_config
 from dgm_scale.train import quiet_lightning, train
-from helpers import ActivationDtypes, with_callback
+from helpers import ActivationDtypes, SyncCounter, with_callback, with_callbacks
 
 
 def record_stream_keys() -> list:
@@ -36,6 +36,9 @@ if __name__ == "__main__":
         install(os.environ["DGM_TEST_NAN"])
     activations = ActivationDtypes()  # what the training steps computed in (trainer.precision)
     with_callback(activations)
+    syncs = SyncCounter(int(os.environ["DGM_TEST_SYNCS"])) if os.environ.get("DGM_TEST_SYNCS") else None
+    if syncs is not None:  # tests/test_sync_free.py
+        with_callbacks(syncs.first, syncs.last)
     stream_keys = record_stream_keys() if os.environ.get("DGM_TEST_KEYS") else None
     result = train(load_config(config_path, overrides))
     params = {name: p.detach().clone() for name, p in result.module.named_parameters()}
@@ -45,5 +48,5 @@ if __name__ == "__main__":
     buffers = {name: b.detach().clone() for name, b in result.module.named_buffers()}
     torch.save({"params": params, "buffers": buffers, "iterations": result.iterations, "noise_probe": noise_probe,
                 "optimizer_types": optimizer_types, "activation_dtypes": sorted(activations.dtypes),
-                "stream_keys": stream_keys},
+                "stream_keys": stream_keys, "syncs": syncs.syncs if syncs is not None else None},
                os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))

@@ -62,9 +62,12 @@ def update_ema(ema: nn.Module, net: nn.Module, decay: float, copy_batchnorm: boo
     `copy_batchnorm` (what this did before: kept for comparison, `model.ema_bn_batches=0`).
     `skip` (a device flag, 1.0: the step was not applied): then nothing changes, decided on
     the device (lerp by exactly 0 leaves the average bit for bit as it was)."""
-    params = [param.detach() for param in net.parameters()]
-    weight = 1.0 - decay if skip is None else (1.0 - skip.reshape(())) * (1.0 - decay)
-    torch._foreach_lerp_(list(ema.parameters()), params, weight)
+    averages, params = list(ema.parameters()), [param.detach() for param in net.parameters()]
+    if skip is None:
+        torch._foreach_lerp_(averages, params, 1.0 - decay)
+    else:  # one weight tensor per parameter: a single tensor weight is read on the host
+        weight = (1.0 - skip.reshape(())) * (1.0 - decay)
+        torch._foreach_lerp_(averages, params, [weight] * len(averages))
     skip_ids = set() if copy_batchnorm else _batchnorm_buffer_ids(ema)
     for ema_buffer, buffer in zip(ema.buffers(), net.buffers()):
         if id(ema_buffer) not in skip_ids:

@@ -182,6 +182,7 @@ class DiffusionModule(GenerativeModule):
 
     def training_step(self, batch, batch_idx: int) -> None:
         opt = self.optimizers()
+        log_now = self.logging_due()  # before the step, which advances the iteration
         images = batch[0]
         count = images.shape[0]
         labels = self.training_labels(batch[1], self.draw_noise(count, uniform=True))
@@ -192,7 +193,7 @@ class DiffusionModule(GenerativeModule):
         self.manual_backward(loss, opt)
         skipped = self.guarded_step(loss, opt, self.denoiser, "denoiser")
         decay = self._step_ema(skipped)
-        if not self.logging_due():
+        if not log_now:
             return
         stepped = not bool(skipped)  # (a logged iteration: reading the flag may sync)
         decay = decay if stepped else None
