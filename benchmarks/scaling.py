@@ -2,7 +2,7 @@
 then ours on 1 vs 2 CPU processes (data parallel, same per-process batch), DDP vs DeepSpeed ZeRO-2.
 
     python benchmarks/scaling.py [--iterations 300] [--warmup 30] [--trials 5] [--no-distributed] \
-        [--compile] [CONFIG] [key=value ...]
+        [--compile] [--tiny] [CONFIG] [key=value ...]
 
 Both sides build the same generator/discriminator (dgm_scale.nets), the same optimizers, the same
 loss functions and read the same DataLoader; ours runs through the Lightning Trainer with the
@@ -11,6 +11,10 @@ loop. Time is measured after `--warmup` iterations, over the same number of iter
 process; the two sides alternate, `--trials` pairs, and the ratio reported is the median of the
 pairs' ratios (CPU speed drifts by several % within minutes on shared machines; a pair measured
 back to back sees the same machine). Prints a table with the ratio ours / reference (target >= 0.97).
+
+`--tiny`: networks of width 2 on 8x8 images, batch 2, so that the compute is close to nothing and
+what remains is the per-iteration host overhead; it reports ours minus the reference in ms per
+iteration (target < 0.3 ms), every pair, and implies --no-distributed.
 """
 from __future__ import annotations
 
@@ -110,6 +114,25 @@ def time_reference(cfg, iterations: int, warmup: int) -> float:
     return (iterations - warmup) / (time.perf_counter() - start)
 
 
+#: `--tiny`: the default job's networks shrunk until their compute is close to nothing
+TINY = ["data.resolution=8", "data.batch_size=2", "model.generator.width=2", "model.discriminator.width=2",
+        "model.latent_dim=2"]
+
+
+def report_overhead(rows: list[tuple[float, float]]) -> None:
+    """Per pair (iterations/s of ours, of the reference): ms per iteration each, and ours minus it."""
+    ms = [(1e3 / ours, 1e3 / reference) for ours, reference in rows]
+    extra = [o - r for o, r in ms]
+    print("pairs (ours ms/it, reference ms/it, overhead ms/it): "
+          + ", ".join(f"({o:.3f}, {r:.3f}, {o - r:+.3f})" for o, r in ms))
+    print(f"| {'tiny networks':<28} | {'ms/iteration (median)':>22} |")
+    print(f"|{'-' * 30}|{'-' * 24}|")
+    print(f"| {'dgm_scale (Lightning)':<28} | {statistics.median(o for o, _ in ms):>22.3f} |")
+    print(f"| {'hand-written PyTorch loop':<28} | {statistics.median(r for _, r in ms):>22.3f} |")
+    print(f"| {'overhead (median of pairs)':<28} | {statistics.median(extra):>22.3f} |")
+    print(f"| {'overhead, min - max':<28} | {f'{min(extra):.3f} - {max(extra):.3f}':>22} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=300)
@@ -118,6 +141,7 @@ def main() -> None:
     parser.add_argument("--no-distributed", action="store_true", help="only ours vs the hand-written loop")
     parser.add_argument("--compile", action="store_true", help="also ours with trainer.compile=true vs eager "
                         "(compilation happens in the warm-up, which should be long enough to hold it)")
+    parser.add_argument("--tiny", action="store_true", help="tiny networks: report the host overhead in ms/iteration")
     parser.add_argument("--ours-only", metavar="JSON", help=argparse.SUPPRESS)  # worker mode, see above
     parser.add_argument("config_and_overrides", nargs="*")
     args = parser.parse_args()
@@ -129,7 +153,8 @@ def main() -> None:
     overrides = ["model.ema_decay=0", "trainer.progress_bar=false", "trainer.accelerator=cpu",
                  "tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false",
                  f"trainer.max_steps={args.iterations}", f"run.sample_every={10 ** 9}",
-                 f"run.checkpoint_every={10 ** 9}", "run.root=/tmp/dgm_scale_bench", *overrides]
+                 f"run.checkpoint_every={10 ** 9}", "run.root=/tmp/dgm_scale_bench", *(TINY if args.tiny else []),
+                 *overrides]
     cfg = load_config(path, overrides)
     quiet_lightning()
     if args.ours_only:
@@ -145,6 +170,9 @@ def main() -> None:
         L.seed_everything(trial, verbose=False)
         ours = time_ours(cfg, args.warmup)
         rows.append((ours, reference))
+    if args.tiny:
+        report_overhead(rows)
+        return
     ratio = statistics.median(o / r for o, r in rows)
     ours, reference = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
     batch = cfg.data.batch_size * cfg.loss.n_critic
