@@ -99,7 +99,7 @@ class GenerativeModule(L.LightningModule):
         generator = torch.Generator().manual_seed(key)
         draw = torch.rand if uniform else torch.randn
         global_noise = draw(num * world, *shape, generator=generator)
-        return global_noise[self.global_rank::world].to(self.device)
+        return (global_noise if world == 1 else global_noise[self.global_rank::world]).to(self.device)
 
     def on_fit_start(self) -> None:
         """Log what a run's numbers depend on: parameter counts and the global batch."""

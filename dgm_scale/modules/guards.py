@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from dgm_scale.core.errors import NonFiniteError
-from dgm_scale.core.finite import all_finite, first_nonfinite, nonfinite_flag
+from dgm_scale.core.finite import all_finite, first_nonfinite, gradient_flag
 from dgm_scale.distributed.interface import step_interface
 from dgm_scale.distributed.strategy import all_reduce_on_device
 
@@ -51,8 +51,8 @@ class NonFiniteGuard:
     def __init__(self, policy: str, max_skips: int):
         self.policy, self.max_skips = policy, max_skips
         self.skips = 0  # settled skips of the run
-        # Steps not yet settled: (iteration, network, flags [loss, gradient, global] on the device)
-        self._pending: List[Tuple[int, str, Tensor]] = []
+        # Steps not yet settled: (iteration, network, [loss, gradient] flags, the global flag), on the device
+        self._pending: List[Tuple[int, str, Tensor, Tensor]] = []
         self._halted: Optional[Tensor] = None  # `stop`: 1.0 from the first non-finite step on
 
     def flag(self, module, loss: Tensor, network: nn.Module, name: str, opt: Any,
@@ -65,15 +65,18 @@ class NonFiniteGuard:
         trainer = module._trainer
         steps = step_interface(trainer)
         unscaled = not steps.owns_overflow
-        device = loss.device
-        # Copies of the loss terms (the fused check writes in place).
-        loss_bad = nonfinite_flag([term.detach().clone() for term in (loss, *(scaled_terms if unscaled else ()))],
-                                  device)
-        grad_bad = nonfinite_flag(steps.local_gradients(opt, network), device) if unscaled else torch.zeros_like(loss_bad)
-        found = torch.maximum(loss_bad, grad_bad)
+        terms = (loss, *(scaled_terms if unscaled else ()))
+        # [loss, gradient] flags in one tensor; the losses stacked (a copy: the fused check writes in place)
+        local = torch.zeros(2, device=loss.device)
+        one = torch.ones(1, device=loss.device)
+        torch._amp_foreach_non_finite_check_and_unscale_([torch.stack([t.detach().float() for t in terms])],
+                                                         local[:1], one)
+        if unscaled:
+            gradient_flag(steps.local_gradients(opt, network), local[1:], one)
+        found = local.amax().reshape(1)
         if trainer is not None and trainer.world_size > 1:
             found = all_reduce_on_device(found, "max")
-        self._pending.append((module.iteration + 1, name, torch.cat([loss_bad, grad_bad, found])))
+        self._pending.append((module.iteration + 1, name, local, found))
         if self.policy == "stop":
             self._halted = found if self._halted is None else torch.maximum(self._halted, found)
             return self._halted
@@ -85,8 +88,8 @@ class NonFiniteGuard:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        flags = torch.stack([flags for _, _, flags in pending]).cpu().tolist()
-        for (iteration, name, _), (loss_bad, grad_bad, found) in zip(pending, flags):
+        flags = torch.stack([torch.cat([local, found]) for _, _, local, found in pending]).cpu().tolist()
+        for (iteration, name, _, _), (loss_bad, grad_bad, found) in zip(pending, flags):
             if found:
                 self._act(iteration, name, bool(loss_bad), bool(grad_bad))
 
