@@ -36,6 +36,8 @@ class CallbackChain(L.Callback):
             if has_state(member):
                 raise ValueError(f"{type(member).__name__} has checkpoint state: give it to the Trainer itself")
         self.members = list(members)
+        # Lightning reads the key at every hook call (its profiler's names): built once.
+        self._state_key = "CallbackChain[" + ",".join(type(member).__qualname__ for member in self.members) + "]"
         for hook in HOOKS:
             implementing = [getattr(member, hook) for member in self.members if _implements(member, hook)]
             if implementing:
@@ -50,7 +52,7 @@ class CallbackChain(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return "CallbackChain[" + ",".join(type(member).__qualname__ for member in self.members) + "]"
+        return self._state_key
 
 
 def callbacks_of(trainer, cls: Type[T]) -> Iterator[T]:

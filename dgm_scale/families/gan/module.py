@@ -64,12 +64,14 @@ def build_augmenter(aug) -> Optional[Augmenter]:
 @contextmanager
 def frozen(net: nn.Module) -> Iterator[None]:
     """Keep `net`'s parameters out of the autograd graph (no wasted grads, no stale .grad)."""
-    flags = [p.requires_grad for p in net.parameters()]
-    net.requires_grad_(False)
+    params = list(net.parameters())  # (one walk of the module tree, not three: this runs every step)
+    flags = [p.requires_grad for p in params]
+    for param in params:
+        param.requires_grad_(False)
     try:
         yield
     finally:
-        for param, flag in zip(net.parameters(), flags):
+        for param, flag in zip(params, flags):
             param.requires_grad_(flag)
 
 
