@@ -15,6 +15,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
 from dgm_scale.config import ConfigError, to_yaml
+from dgm_scale.core.chain import CallbackChain, callbacks_of, has_state
 from dgm_scale.core.checkpoints import DirectCheckpointIO
 from dgm_scale.core.errors import DiskFullError
 from dgm_scale.core.files import write_text_atomic
@@ -99,18 +100,17 @@ def make_run_dir(cfg, env: Optional[LaunchEnv] = None) -> Path:
 def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEnv,
                     extractor=None) -> List[L.Callback]:
     """The run's callbacks, in the order their batch-end work must happen; `extractor`: the
-    evaluation's feature extractor when already built (prepare_evaluation)."""
+    evaluation's feature extractor when already built (prepare_evaluation). Consecutive ones
+    without checkpoint state go to Lightning as one (core/chain.py: fewer hook calls per step)."""
     reference = toy_centers(cfg.data.name) if cfg.data.name in TOY_DATASETS else None
     callbacks: List[L.Callback] = [
         DataPosition(cfg.trainer.log_every),  # first: a checkpoint written at a batch's end must count it
+        MetricsResumePoint(),  # metrics.csv rows up to each checkpoint reach the disk with it
         # Next, so that its step time is the training step alone (sample grids, evaluations and
         # checkpoints after it count as the next iteration's data wait).
         ThroughputMonitor(cfg.trainer.log_every, images_per_iteration),
-        MetricsResumePoint(),  # metrics.csv rows up to each checkpoint reach the disk with it
-    ]
-    # SIGUSR1 / SIGTERM -> checkpoint -> stop (-> requeue under SLURM), at an iteration boundary
-    callbacks.append(StopOnSignal(run_dir, env.slurm_job, cfg.run.requeue_on, cfg.run.keep_checkpoints))
-    callbacks += [
+        # SIGUSR1 / SIGTERM -> checkpoint -> stop (-> requeue under SLURM), at an iteration boundary
+        StopOnSignal(run_dir, env.slurm_job, cfg.run.requeue_on, cfg.run.keep_checkpoints, cfg.trainer.log_every),
         SampleGrids(run_dir / "samples", cfg.run.sample_every, cfg.run.num_samples, reference=reference),
     ]
     if cfg.eval.every > 0 or cfg.eval.at_end:  # before the checkpoint, which saves its best-so-far
@@ -123,8 +123,23 @@ def build_callbacks(cfg, run_dir: Path, images_per_iteration: int, env: LaunchEn
     if cfg.tracking.report:  # after the sample grids and PeriodicEvaluation: shows this iteration's grid and scores
         callbacks.append(RunReport(run_dir, cfg.eval.every, cfg.trainer.max_steps))
     if cfg.trainer.progress_bar:
-        callbacks.append(IterationProgress(cfg.trainer.max_steps))
-    return callbacks
+        callbacks.append(IterationProgress(cfg.trainer.max_steps, cfg.trainer.log_every))
+    return chained(callbacks)
+
+
+def chained(callbacks: List[L.Callback]) -> List[L.Callback]:
+    """`callbacks` in order, each run of two or more without checkpoint state as one CallbackChain."""
+    out: List[L.Callback] = []
+    run: List[L.Callback] = []
+    for callback in callbacks + [None]:
+        if callback is not None and not has_state(callback):
+            run.append(callback)
+            continue
+        out += [CallbackChain(run)] if len(run) > 1 else run
+        run = []
+        if callback is not None:
+            out.append(callback)
+    return out
 
 
 def global_batch_per_iteration(cfg, module: GenerativeModule) -> int:
@@ -222,12 +237,11 @@ def _fit(cfg, module: GenerativeModule, datamodule: DataModule, run_dir: Path, e
             torch.distributed.destroy_process_group()
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:  # stopped for a SLURM signal: requeue now that the loggers are closed
-        for callback in trainer.callbacks:
-            if isinstance(callback, StopOnSignal):
-                callback.requeue()
+        for callback in callbacks_of(trainer, StopOnSignal):
+            callback.requeue()
     # Throughput of this process's share of the run (a resumed run starts past iteration 0).
     images = (module.iteration - module.start_iteration) * datamodule.batch_size * trainer.world_size
-    position = next(callback for callback in trainer.callbacks if isinstance(callback, DataPosition))
+    position = next(callbacks_of(trainer, DataPosition))
     return RunResult(run_dir=run_dir, iterations=module.iteration, seconds=seconds,
                      images_per_second=images / max(seconds, 1e-9),
                      checkpoint=run_dir / "checkpoints" / "last.ckpt",

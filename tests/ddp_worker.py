@@ -8,7 +8,7 @@ import torch
 from dgm_scale.config import load_config
 from dgm_scale.train import quiet_lightning, train
 from fsdp_state import full
-from helpers import ActivationDtypes, ElasticProbe, with_callback
+from helpers import ActivationDtypes, ElasticProbe, SyncCounter, with_callback, with_callbacks
 
 
 def record_stream_keys() -> list:
@@ -63,6 +63,9 @@ if __name__ == "__main__":
     bucket_launches = record_bucket_launches()
     gathered = FullParameters()
     with_callback(gathered)
+    syncs = SyncCounter(int(os.environ["DGM_TEST_SYNCS"])) if os.environ.get("DGM_TEST_SYNCS") else None
+    if syncs is not None:  # tests/test_sync_free.py
+        with_callbacks(syncs.first, syncs.last)
     stream_keys = record_stream_keys() if os.environ.get("DGM_TEST_KEYS") else None
     if os.environ.get("DGM_TEST_ELASTIC"):  # tests/test_elastic.py: state after loading, batches trained
         with_callback(ElasticProbe(out_dir))
@@ -78,5 +81,6 @@ if __name__ == "__main__":
     buffers = {name: b.detach().clone() for name, b in result.module.named_buffers()}
     torch.save({"params": params, "buffers": buffers, "iterations": result.iterations, "noise_probe": noise_probe,
                 "optimizer_types": optimizer_types, "activation_dtypes": sorted(activations.dtypes),
-                "stream_keys": stream_keys, "bucket_launches": bucket_launches},
+                "stream_keys": stream_keys, "bucket_launches": bucket_launches,
+                "syncs": syncs.syncs if syncs is not None else None},
                os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))

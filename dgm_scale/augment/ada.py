@@ -124,25 +124,32 @@ class AdaptiveProbability(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.register_buffer("last_rt", torch.tensor(float("nan"), dtype=torch.float64))
+        self._host_steps = 0  # `steps` on the host
 
     def accumulate(self, real_logits: Tensor) -> None:
         """Count sign(D(real)) of this rank's batch (one discriminator step)."""
         self.sign_sum += real_logits.detach().sign().sum().to(self.sign_sum)
         self.count += real_logits.numel()
         self.steps += 1
+        self._host_steps += 1
 
     def adjust(self, reduce_sum: Callable[[Tensor], Tensor]) -> bool:
         """Every `interval` steps: r_t over all ranks' counts (`reduce_sum`: a sum over ranks), then
-        p moves towards keeping r_t at the target; returns whether it adjusted."""
-        if int(self.steps) < self.interval:
+        p moves towards keeping r_t at the target; returns whether it adjusted. On the device:
+        nothing here waits for it (the step count is mirrored on the host)."""
+        if self._host_steps < self.interval:
             return False
         totals = reduce_sum(torch.stack([self.sign_sum, self.count]))
-        rt = float(totals[0] / totals[1].clamp(min=1.0))
-        if self.speed_images > 0:
-            step = math.copysign(float(totals[1]) / self.speed_images, rt - self.target) if rt != self.target else 0.0
-            self.p.copy_(torch.tensor(min(max(float(self.p) + step, 0.0), 1.0), dtype=torch.float64))
-        self.last_rt.fill_(rt)
+        rt = totals[0] / totals[1].clamp(min=1.0)
+        if self.speed_images > 0:  # (float64 throughout, as the host arithmetic this replaced)
+            self.p.copy_((self.p + torch.sign(rt - self.target) * totals[1] / self.speed_images).clamp(0.0, 1.0))
+        self.last_rt.copy_(rt)
         self.sign_sum.zero_()
         self.count.zero_()
         self.steps.zero_()
+        self._host_steps = 0
         return True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host_steps = int(self.steps)  # (a checkpoint load, not a training step)

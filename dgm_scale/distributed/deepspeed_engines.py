@@ -23,7 +23,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 from torch.optim import Optimizer
 
-from dgm_scale.distributed.interface import StepInterface
+from dgm_scale.distributed.interface import StepInterface, gated_step
 from dgm_scale.distributed.zero_checkpoint import (SHARD_FOLDER, ZERO_PARTITIONS, ZERO_SHARDS, load_partition,
                                                   prune_shards, read_shard, write_shard)
 from dgm_scale.distributed.strategy import GradientAllReduceDDP
@@ -188,6 +188,15 @@ class DeepSpeedSteps(StepInterface):
         """The global gradient norm the engine computed in its last step (ZeRO-2 keeps .grad empty)."""
         norm = self.strategy._engine_of(optimizer).get_global_grad_norm()
         return torch.tensor(float("nan") if norm is None else float(norm))
+
+    def grad_scale(self, optimizer: Any) -> float:
+        return self.loss_scale(optimizer)  # a number on the host already
+
+    def step(self, optimizer: Any, skip: torch.Tensor) -> None:
+        """The engine's step, gated by `skip` through the torch optimizer ZeRO wraps (fused Adam
+        takes it as `found_inf`, and then leaves this rank's partition and its state as they are)."""
+        zero = self.strategy._engine_of(optimizer).optimizer
+        gated_step(optimizer, getattr(zero, "optimizer", zero), skip)
 
     def local_gradients(self, optimizer: Any, network: nn.Module) -> List[torch.Tensor]:
         """This rank's share of the reduced gradients the engine's next `step()` will apply.

@@ -11,6 +11,9 @@ One small interface instead of checks for concrete strategy classes in the calle
 - `gradient_norm(opt, network)`: the global norm of the gradient `opt` just stepped with.
 - `full_weights(module)`: a block inside which the module's networks hold their full weights
   (FSDP gathers its shards; every rank must enter it, then one rank alone may sample).
+- `step(opt, skip)`: `opt.step()` gated by a device flag (a NaN guard's), without a host sync
+  where the optimizer takes a `found_inf` (fused ones).
+- `grad_scale(opt)`: `loss_scale` as a device tensor (reading the scale would sync the host).
 
 `step_interface(trainer)` returns the strategy's own (DeepSpeed: all four live in its engines)
 or the default below, with the precision plugin's loss scalers where it has them (`scaler_of`).
@@ -22,6 +25,8 @@ from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
+
+from dgm_scale.core.lightning_internals import count_skipped_optimizer_step
 
 
 class StepInterface:
@@ -38,8 +43,18 @@ class StepInterface:
     def loss_scale(self, optimizer: Any) -> float:
         return 1.0 if self._scaler_of is None else float(self._scaler_of(optimizer).get_scale())
 
+    def grad_scale(self, optimizer: Any) -> float | Tensor:
+        if self._scaler_of is None:
+            return 1.0
+        return self._scaler_of(optimizer).scale(torch.ones((), device=_device_of(optimizer)))
+
     def local_gradients(self, optimizer: Any, network: nn.Module) -> list[Tensor]:
         return [p.grad for p in network.parameters() if p.grad is not None]
+
+    def step(self, optimizer: Any, skip: Tensor) -> None:
+        """`optimizer.step()` where `skip` (float [1] on the device) is 0.0; where it is 1.0 the
+        weights and the optimizer's state stay exactly as they are (see gated_step)."""
+        gated_step(optimizer, unwrap(optimizer), skip)
 
     def gradient_norm(self, optimizer: Any, network: nn.Module) -> Tensor:
         """L2 norm of the gradient just stepped with: all ranks' average, unscaled (our DDP
@@ -50,6 +65,37 @@ class StepInterface:
     def full_weights(self, module: nn.Module) -> ContextManager[None]:
         """Every rank holds every weight already."""
         return nullcontext()
+
+
+def unwrap(optimizer: Any) -> Any:
+    """The torch optimizer inside Lightning's wrapper."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+def _device_of(optimizer: Any) -> torch.device:
+    return unwrap(optimizer).param_groups[0]["params"][0].device
+
+
+def gated_step(optimizer: Any, inner: Any, skip: Tensor) -> None:
+    """`optimizer.step()` gated by `skip`, which the torch optimizer `inner` applies.
+
+    A fused optimizer (`_step_supports_amp_scaling`) reads `found_inf` as under torch's
+    GradScaler: at 1.0 it updates neither weights nor state (Adam undoes its step-count
+    increment): no host sync. Others are gated on the host (one sync); a skipped step then
+    clears the gradients and advances Lightning's step counter as a real step would."""
+    if getattr(inner, "_step_supports_amp_scaling", False):
+        inner.found_inf = skip.reshape(())  # (the shape of a GradScaler's)
+        try:
+            optimizer.step()
+        finally:
+            inner.__dict__.pop("found_inf", None)  # (a GradScaler's step may have removed it)
+    elif not bool(skip):
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        # Our iterations are global_step // steps per iteration, and the noise is keyed to them:
+        # a skipped step must still count, or every later iteration would be numbered (and seeded) anew.
+        count_skipped_optimizer_step(optimizer)
 
 
 DEFAULT = StepInterface()

@@ -61,6 +61,9 @@ class PerOptimizerScaledPrecision(MixedPrecision):
     def optimizer_step(self, optimizer: Optimizer, model, closure: Callable[[], Any], **kwargs: Any) -> Any:
         closure()  # manual optimisation: gradients are already there
         scaler = self.scaler_of(optimizer)
+        skip = getattr(_unwrap(optimizer), "found_inf", None)  # a NaN guard's verdict (interface.gated_step)
+        if skip is not None:
+            _poison_gradient(optimizer, skip)
         scaler.unscale_(optimizer)  # before _after_closure: gradient clipping sees true gradients
         self._after_closure(model, optimizer)
         step_output = scaler.step(optimizer)  # skipped when a gradient is inf/NaN
@@ -77,6 +80,18 @@ class PerOptimizerScaledPrecision(MixedPrecision):
                 scaler.load_state_dict(state)
         else:  # restored before setup: applied when the optimizers connect
             self._pending_state = states
+
+
+def _poison_gradient(optimizer: Any, skip: Tensor) -> None:
+    """An inf in one gradient element where `skip` is 1.0 (no host sync): the scaler, which sets
+    the fused optimizer's `found_inf` itself, then skips the step, as it would for the NaN
+    gradients a NaN loss makes (and lowers its scale the same way)."""
+    for group in _unwrap(optimizer).param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                first = param.grad[(0,) * param.grad.dim()]
+                first.add_(torch.where(skip.reshape(()) > 0, float("inf"), 0.0).to(first.dtype))
+                return
 
 
 def build_precision_plugins(precision: str, accelerator: str, strategy: str) -> list:

@@ -7,8 +7,10 @@ sends SIGTERM to its workers when it is stopped; `kill` sends SIGTERM. Lightning
 save a checkpoint inside the signal handler (SIGUSR1) or ignore the signal (SIGTERM, under
 SLURM). Under DDP each rank runs a handler wherever its main thread happens to be, so one rank's
 checkpoint collectives could meet another rank's gradient all-reduce: a hang, seen under CPU
-load. Here the handler only records the signal; after each iteration the ranks agree (one
-boolean all-reduce: any rank signalled) and all of them save `RUN/hpc_ckpt_N.ckpt` together, at
+load. Here the handler only records the signal; after each iteration (with several processes:
+each logged one, every `trainer.log_every` iterations, since the agreement - one boolean
+all-reduce: any rank signalled - is read on the host, which waits for the device) the ranks
+agree and all of them save `RUN/hpc_ckpt_N.ckpt` together, at
 the same point, and training stops; older `hpc_ckpt_*` files are pruned like `iter_*` ones.
 Only after `fit` returns - the loggers finalized, so the W&B run is finished and flushed - does
 rank 0 call `scontrol requeue` (`requeue()`, called by train.py) when the signal asks for it:
@@ -62,12 +64,13 @@ def prune_requeue_checkpoints(run_dir: Path, keep: int) -> list[Path]:
 
 
 class StopOnSignal(L.Callback):
-    """Checkpoint + stop one iteration after SIGUSR1 or SIGTERM reached any rank; then, under
+    """Checkpoint + stop at the end of the iteration in which SIGUSR1 or SIGTERM reached any rank
+    (several processes: of the next iteration that is a multiple of `log_every`); then, under
     SLURM and for the signals in `requeue_on`, `requeue()`."""
 
     def __init__(self, run_dir: str | Path, slurm_job: Optional[str], requeue_on: Sequence[str] = ("USR1",),
-                 keep: int = 5):
-        self.run_dir, self.slurm_job, self.keep = Path(run_dir), slurm_job, keep
+                 keep: int = 5, log_every: int = 1):
+        self.run_dir, self.slurm_job, self.keep, self.log_every = Path(run_dir), slurm_job, keep, log_every
         self.requeue_on = {SIGNALS[name] for name in requeue_on}
         self.received: Optional[int] = None
         self.stopped_at: Optional[int] = None  # the iteration it stopped at, once it did
@@ -85,6 +88,8 @@ class StopOnSignal(L.Callback):
         self.received = signum  # nothing else here: see the module docstring
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, *args) -> None:
+        if trainer.world_size > 1 and pl_module.iteration % self.log_every != 0:
+            return
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         path = next_requeue_path(self.run_dir)

@@ -38,6 +38,17 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], world_size: int) 
         grad.copy_(synced)
 
 
+def all_reduce_on_device(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`tensor` reduced over all ranks ("sum", "mean" or "max"), as a new tensor, without a host
+    sync: Lightning's `strategy.reduce` puts a barrier before its all-reduce, and a barrier
+    synchronises the device under NCCL. One process: `tensor` itself."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    reduced = tensor.clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return reduced / dist.get_world_size() if op == "mean" else reduced
+
+
 class GradientAllReduceDDP(DDPStrategy):
     """Data parallel without a DistributedDataParallel wrapper (see the module docstring)."""
 

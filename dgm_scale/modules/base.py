@@ -14,6 +14,7 @@ from torch import Tensor
 
 from dgm_scale.config import config_from_dict, to_dict
 from dgm_scale.core.logs import log_now
+from dgm_scale.distributed.interface import step_interface
 from dgm_scale.families.registry import get_family
 from dgm_scale.modules.guards import NonFiniteGuard
 from dgm_scale.modules.sampling import TRUNCATION, class_labels, interpolation_inputs, keyed_noise, sampler_inputs
@@ -99,7 +100,7 @@ class GenerativeModule(L.LightningModule):
         generator = torch.Generator().manual_seed(key)
         draw = torch.rand if uniform else torch.randn
         global_noise = draw(num * world, *shape, generator=generator)
-        return global_noise[self.global_rank::world].to(self.device)
+        return (global_noise if world == 1 else global_noise[self.global_rank::world]).to(self.device)
 
     def setup(self, stage: str) -> None:
         if self.cfg.trainer.channels_last and len(self.sample_shape) == 3:
@@ -128,20 +129,25 @@ class GenerativeModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.start_iteration = self.iteration  # after any checkpoint was restored
 
-    def guarded_step(self, loss: Tensor, opt, network: torch.nn.Module, name: str, scaled_terms=()) -> bool:
+    def guarded_step(self, loss: Tensor, opt, network: torch.nn.Module, name: str, scaled_terms=()) -> Tensor:
         """`opt.step()` unless `loss` or the gradient of `network` is NaN/Inf on any rank (then
-        stop or skip, see modules/guards.py). Call it after backward; returns whether it stepped."""
-        if not self.nonfinite_guard.check(self, loss, network, name, opt, scaled_terms):
-            return False
-        opt.step()
-        return True
+        stop or skip, see modules/guards.py). Call it after backward; returns the skip flag, a
+        device tensor (1.0: not applied), so that nothing here waits for the device."""
+        skipped = self.nonfinite_guard.flag(self, loss, network, name, opt, scaled_terms)
+        step_interface(self._trainer).step(opt, skipped)
+        return skipped
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The skip budget spans the whole run, resumes included.
+        # No checkpoint past a non-finite step that was not acted on yet. The skip budget spans
+        # the whole run, resumes included.
+        self.nonfinite_guard.settle()
         checkpoint["nonfinite_skips"] = self.nonfinite_guard.skips
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.nonfinite_guard.skips = int(checkpoint.get("nonfinite_skips", 0))
+
+    def on_train_end(self) -> None:
+        self.nonfinite_guard.settle()  # the steps after the last logged iteration
 
     def compiled(self, name: str) -> torch.nn.Module:
         """Network attribute `name` (dotted for a part: `discriminator.body`) for a training
@@ -179,6 +185,7 @@ class GenerativeModule(L.LightningModule):
         """
         if self._trainer is None:
             return
+        self.nonfinite_guard.settle()  # raises here under `stop`; counts the skips
         metrics = {f"train/{key}": float(value.detach() if isinstance(value, Tensor) else value)
                    for key, value in values.items()}
         metrics.update(named or {})

@@ -19,7 +19,7 @@ Two things make an EMA generator better than the raw one rather than worse:
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -54,17 +54,24 @@ def ramped_decay(decay: float, rampup: float, step: int) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, net: nn.Module, decay: float, copy_batchnorm: bool = False) -> None:
+def update_ema(ema: nn.Module, net: nn.Module, decay: float, copy_batchnorm: bool = False,
+               skip: Optional[torch.Tensor] = None) -> None:
     """ema <- decay * ema + (1 - decay) * net for parameters. Buffers that are not batch-norm
     statistics (e.g. spectral norm's power-iteration vectors) are copied; batch-norm statistics
     are left to `standing_statistics` (see the module docstring), or copied from `net` too with
-    `copy_batchnorm` (what this did before: kept for comparison, `model.ema_bn_batches=0`)."""
-    for ema_param, param in zip(ema.parameters(), net.parameters()):
-        ema_param.lerp_(param.detach(), 1.0 - decay)
-    skip = set() if copy_batchnorm else _batchnorm_buffer_ids(ema)
+    `copy_batchnorm` (what this did before: kept for comparison, `model.ema_bn_batches=0`).
+    `skip` (a device flag, 1.0: the step was not applied): then nothing changes, decided on
+    the device (lerp by exactly 0 leaves the average bit for bit as it was)."""
+    averages, params = list(ema.parameters()), [param.detach() for param in net.parameters()]
+    if skip is None:
+        torch._foreach_lerp_(averages, params, 1.0 - decay)
+    else:  # one weight tensor per parameter: a single tensor weight is read on the host
+        weight = (1.0 - skip.reshape(())) * (1.0 - decay)
+        torch._foreach_lerp_(averages, params, [weight] * len(averages))
+    skip_ids = set() if copy_batchnorm else _batchnorm_buffer_ids(ema)
     for ema_buffer, buffer in zip(ema.buffers(), net.buffers()):
-        if id(ema_buffer) not in skip:
-            ema_buffer.copy_(buffer)
+        if id(ema_buffer) not in skip_ids:
+            ema_buffer.copy_(buffer if skip is None else torch.where(skip.reshape(()) > 0, ema_buffer, buffer))
 
 
 @torch.no_grad()

@@ -127,10 +127,11 @@ def prune_iteration_checkpoints(dirpath: Path, keep: int) -> list[Path]:
 
 
 class IterationProgress(L.Callback):
-    """One progress bar over all iterations (Lightning's resets every epoch, of ~25 batches here)."""
+    """One progress bar over all iterations (Lightning's resets every epoch, of ~25 batches here);
+    its values (the modules' `prog_bar` logs) are shown every `log_every` iterations."""
 
-    def __init__(self, total: int):
-        self.total = total
+    def __init__(self, total: int, log_every: int = 10):
+        self.total, self.log_every = total, log_every
         self.bar: Optional[tqdm] = None
         self.start_time = 0.0
         self.start_iteration = 0
@@ -143,7 +144,7 @@ class IterationProgress(L.Callback):
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         self.bar.update(pl_module.iteration - self.bar.n)
-        if pl_module.iteration % 10 == 0:
+        if pl_module.iteration % self.log_every == 0:  # the values' only iterations: reading them syncs
             metrics = {k: f"{float(v):.3f}" for k, v in trainer.progress_bar_metrics.items()}
             self.bar.set_postfix(metrics, refresh=False)
 

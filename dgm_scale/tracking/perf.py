@@ -49,27 +49,30 @@ class ThroughputMonitor(L.Callback):
     size) over that mean step time, i.e. compute throughput without the loader wait. Rank 0
     writes its own values (memory is rank 0's device) in a row of their own at Lightning's step.
 
-    On CUDA the batch end synchronises the device (`cuda_sync`), or the step time would only be
-    the time to queue the kernels; this costs the overlap of one iteration's tail with the next
-    batch's loading. The step time includes the batch-end work of callbacks listed before this
-    one; the batch-end work of those after it counts as data wait.
+    Nothing here waits for the device on iterations that log nothing: on CUDA the batch end
+    synchronises the device (`cuda_sync`) only at a window's end, and the window's step time is
+    its wall time from the previous window's end (or the first batch's start) to that
+    synchronised end, less the loader waits measured in it (host gaps between a batch's end and
+    the next one's start). On the CPU this is the sum of the batches' own times. The step time
+    includes the batch-end work of callbacks listed before this one; the batch-end work of
+    those after it counts as data wait.
     """
 
     def __init__(self, log_every: int, images_per_iteration: int, cuda_sync: bool = True):
         if log_every < 1 or images_per_iteration < 1:
             raise ValueError(f"log_every={log_every} and images_per_iteration={images_per_iteration} must be >= 1")
         self.log_every, self.images_per_iteration, self.cuda_sync = log_every, images_per_iteration, cuda_sync
-        self._batch_start: float | None = None
+        self._window_start: float | None = None  # where the current window's wall time starts
         self._last_end: float | None = None  # None: no previous batch, so no wait to measure
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self._step_total, self._steps = 0.0, 0
+        self._steps = 0
         self._wait_total, self._waits = 0.0, 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset_window()
-        self._last_end = None
+        self._last_end = self._window_start = None
         reset_peak_memory(pl_module.device)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
@@ -77,25 +80,27 @@ class ThroughputMonitor(L.Callback):
         if self._last_end is not None:
             self._wait_total += now - self._last_end
             self._waits += 1
-        self._batch_start = now
+        if self._window_start is None:
+            self._window_start = now
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        device = pl_module.device
-        if self.cuda_sync and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if self._batch_start is not None:
-            self._step_total += time.perf_counter() - self._batch_start
-            self._steps += 1
-        if pl_module.iteration % self.log_every == 0 and self._steps > 0:
-            log_now(trainer, self.window_metrics(device))
+        self._steps += 1
+        if pl_module.iteration % self.log_every == 0:
+            device = pl_module.device
+            if self.cuda_sync and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_total = time.perf_counter() - self._window_start - self._wait_total
+            log_now(trainer, self.window_metrics(device, step_total))
             self._reset_window()
             reset_peak_memory(device)
+            self._last_end = self._window_start = time.perf_counter()
+            return
         self._last_end = time.perf_counter()
 
-    def window_metrics(self, device: torch.device) -> dict[str, float]:
-        """The current window's means (needs at least one measured step)."""
-        step_time = self._step_total / self._steps
+    def window_metrics(self, device: torch.device, step_total: float) -> dict[str, float]:
+        """The current window's means (needs at least one step), its steps having taken `step_total` s."""
+        step_time = step_total / self._steps
         return {
             "perf/step_time_s": step_time,
             "perf/images_per_s": self.images_per_iteration / step_time,

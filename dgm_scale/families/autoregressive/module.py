@@ -95,11 +95,12 @@ class AutoregressiveModule(GenerativeModule):
 
     def training_step(self, batch, batch_idx: int) -> None:
         opt = self.optimizers()
+        log_now = self.logging_due()  # before the step, which advances the iteration
         loss = self.nll_per_symbol(batch).mean()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss, opt)
         self.guarded_step(loss, opt, self.rnn, "autoregressive model")
-        if not self.logging_due():
+        if not log_now:
             return
         unit = "bits_per_char" if self.modality == "text" else "bits_per_dim"
         self.log_train({"nll": loss.detach(), unit: loss.detach() / math.log(2.0)})

@@ -195,6 +195,7 @@ class DiffusionModule(GenerativeModule):
 
     def training_step(self, batch, batch_idx: int) -> None:
         opt = self.optimizers()
+        log_now = self.logging_due()  # before the step, which advances the iteration
         iteration = self.iteration + 1  # the one this step completes (1-based)
         images = batch[0]
         count = images.shape[0]
@@ -204,11 +205,13 @@ class DiffusionModule(GenerativeModule):
         loss = losses.mean()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss, opt)
-        stepped = self.guarded_step(loss, opt, self.denoiser, "denoiser")
-        decay = self._step_ema(stepped)
+        skipped = self.guarded_step(loss, opt, self.denoiser, "denoiser")
+        decay = self._step_ema(skipped)
         self._step_phema(iteration)
-        if not self.logging_due():
+        if not log_now:
             return
+        stepped = not bool(skipped)  # (a logged iteration: reading the flag may sync)
+        decay = decay if stepped else None
         norm = step_interface(self._trainer).gradient_norm(opt, self.denoiser) if stepped else torch.tensor(float("nan"))
         alpha, sigma = self.process.alpha_sigma(t.detach())
         logs = {"loss": loss.detach(), "grad_norm": norm, **loss_by_noise_level(losses.detach(), sigma / alpha)}
@@ -217,12 +220,13 @@ class DiffusionModule(GenerativeModule):
         self.log_train(logs)
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
 
-    def _step_ema(self, stepped: bool) -> Optional[float]:
-        """After an applied step the EMA takes the new weights (ramped decay, as the GAN's G)."""
-        if not stepped or self.denoiser_ema is None:
+    def _step_ema(self, skipped: Tensor) -> Optional[float]:
+        """After an applied step the EMA takes the new weights (ramped decay, as the GAN's G);
+        gated on the device by `skipped`."""
+        if self.denoiser_ema is None:
             return None
         decay = ramped_decay(self.cfg.model.ema_decay, self.cfg.model.ema_rampup, self.iteration + 1)
-        update_ema(self.denoiser_ema, self.denoiser, decay, copy_batchnorm=True)
+        update_ema(self.denoiser_ema, self.denoiser, decay, copy_batchnorm=True, skip=skipped)
         return decay
 
     def _step_phema(self, iteration: int) -> None:

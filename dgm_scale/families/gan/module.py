@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from dgm_scale.distributed.interface import step_interface
+from dgm_scale.distributed.strategy import all_reduce_on_device
 from dgm_scale.augment import AdaptiveProbability, Augmenter
 from dgm_scale.losses import build_adversarial_loss, clip_weights, gradient_penalty
 from dgm_scale.losses.regularizers import lecam_penalty, r1_penalty
@@ -63,12 +64,14 @@ def build_augmenter(aug) -> Optional[Augmenter]:
 @contextmanager
 def frozen(net: nn.Module) -> Iterator[None]:
     """Keep `net`'s parameters out of the autograd graph (no wasted grads, no stale .grad)."""
-    flags = [p.requires_grad for p in net.parameters()]
-    net.requires_grad_(False)
+    params = list(net.parameters())  # (one walk of the module tree, not three: this runs every step)
+    flags = [p.requires_grad for p in params]
+    for param in params:
+        param.requires_grad_(False)
     try:
         yield
     finally:
-        for param, flag in zip(net.parameters(), flags):
+        for param, flag in zip(params, flags):
             param.requires_grad_(flag)
 
 
@@ -193,39 +196,40 @@ class AdversarialModule(LatentModule):
     def seen_eagerly(self, images: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         return self.seen(images, labels, eager=True)
 
-    def _stepped_norm(self, stepped: bool, opt, network: nn.Module) -> Tensor:
-        """The stepped gradient's global norm; NaN for a skipped step (its gradient is gone)."""
-        return step_interface(self._trainer).gradient_norm(opt, network) if stepped else torch.tensor(float("nan"))
+    def _stepped_norm(self, skipped: Tensor, opt, network: nn.Module) -> Tensor:
+        """The stepped gradient's global norm; NaN for a skipped step (for logged iterations:
+        reads `skipped` on the host)."""
+        if bool(skipped):
+            return torch.tensor(float("nan"))
+        return step_interface(self._trainer).gradient_norm(opt, network)
 
     def step_generator(self, g_loss: Tensor, opt, with_logs: bool) -> Dict[str, Tensor]:
         """G's backward and (guarded) step on `g_loss`, then its EMA; G's logs when `with_logs`."""
         opt.zero_grad(set_to_none=True)
         self.manual_backward(g_loss, opt)
-        stepped = self.guarded_step(g_loss, opt, self.generator, "generator")
+        skipped = self.guarded_step(g_loss, opt, self.generator, "generator")
         logs = {"g_loss": g_loss.detach(),
-                "g_grad_norm": self._stepped_norm(stepped, opt, self.generator)} if with_logs else {}
-        self.step_ema(stepped, logs, with_logs)
+                "g_grad_norm": self._stepped_norm(skipped, opt, self.generator)} if with_logs else {}
+        self.step_ema(skipped, logs, with_logs)
         return logs
 
-    def step_ema(self, stepped: bool, logs: Dict[str, Tensor], with_logs: bool) -> None:
+    def step_ema(self, skipped: Tensor, logs: Dict[str, Tensor], with_logs: bool) -> None:
         """After a G step: G's moving average takes the new weights (a skipped step leaves G, so
-        its average, as is)."""
-        if not stepped or self.generator_ema is None:
+        its average, as is: gated on the device by `skipped`)."""
+        if self.generator_ema is None:
             return
         model = self.cfg.model
         decay = ramped_decay(model.ema_decay, model.ema_rampup, self.iteration + 1)
-        update_ema(self.generator_ema, self.generator, decay, copy_batchnorm=model.ema_bn_batches == 0)
+        update_ema(self.generator_ema, self.generator, decay, copy_batchnorm=model.ema_bn_batches == 0, skip=skipped)
         self._ema_statistics_fresh = False
-        if with_logs:
+        if with_logs and not bool(skipped):
             logs["ema_decay"] = torch.tensor(decay)
 
     def _adjust_augmentation(self) -> None:
         """ADA: every `aug.ada_interval` D steps, p follows r_t over all ranks' real batches."""
         if self.augmenter is None:
             return
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        reduce_sum = (lambda t: strategy.reduce(t, reduce_op="sum")) if strategy is not None else (lambda t: t)
-        self.augmenter.adjust(reduce_sum)
+        self.augmenter.adjust(lambda t: all_reduce_on_device(t, "sum"))
 
     def step_labels(self, labels: Tensor) -> Optional[Tensor]:
         """The labels the D and G steps take (the GAN: only a class-conditional one's)."""
@@ -298,12 +302,12 @@ class GANModule(AdversarialModule):
             self.augmenter.accumulate(real_logits)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(total, opt)
-        stepped = self.guarded_step(d_loss, opt, self.discriminator, "discriminator", scaled_terms=scaled)
+        skipped = self.guarded_step(d_loss, opt, self.discriminator, "discriminator", scaled_terms=scaled)
         if with_logs:  # values of this rank's batch; the gradient norm is the global gradient's
             logs.update(d_loss=d_loss.detach(), d_real=real_logits.detach().mean(),
                         d_fake=fake_logits.detach().mean(), wasserstein=wasserstein_estimate(real_logits, fake_logits),
-                        d_grad_norm=self._stepped_norm(stepped, opt, self.discriminator))
-        if stepped and self.cfg.loss.clip_value > 0:
+                        d_grad_norm=self._stepped_norm(skipped, opt, self.discriminator))
+        if self.cfg.loss.clip_value > 0:  # (after a skipped step: weights clipped already, unchanged)
             clip_weights(self.discriminator, self.cfg.loss.clip_value)
         return logs
 
@@ -312,7 +316,7 @@ class GANModule(AdversarialModule):
         """D's loss plus the configured regularisers (gradient penalty, R1, LeCam); returns it and
         the terms computed from loss-scaled gradients (the guard leaves those to an fp16 scaler)."""
         loss, scaled = self.cfg.loss, []
-        grad_scale = step_interface(self._trainer).loss_scale(opt)
+        grad_scale = step_interface(self._trainer).grad_scale(opt)
         if loss.gp_weight > 0:
             mix = self.draw_noise(real_images.shape[0], uniform=True)
             penalty = gradient_penalty(self.seen_eagerly, real_images, fake_images, labels, mix=mix, grad_scale=grad_scale)
@@ -330,9 +334,8 @@ class GANModule(AdversarialModule):
             lecam = lecam_penalty(real_logits, fake_logits, self.lecam.real, self.lecam.fake)
             total = total + loss.lecam_weight * lecam
             logs["lecam"] = lecam.detach()
-            strategy = self._trainer.strategy if self._trainer is not None else None
             means = torch.stack([real_logits.detach().mean(), fake_logits.detach().mean()])
-            means = strategy.reduce(means, reduce_op="mean") if strategy is not None else means  # same on every rank
+            means = all_reduce_on_device(means, "mean")  # same on every rank
             self.lecam.update(means[0], means[1])
         return total, tuple(scaled)
 

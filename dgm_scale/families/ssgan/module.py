@@ -112,13 +112,13 @@ class SSGANModule(AdversarialModule):
             self.augmenter.accumulate(real_lse)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(d_loss, opt)
-        stepped = self.guarded_step(d_loss, opt, self.discriminator, "discriminator")
+        skipped = self.guarded_step(d_loss, opt, self.discriminator, "discriminator")
         if not with_logs:
             return {}
         return {"d_loss": d_loss.detach(), "d_supervised": supervised.detach(), "d_unsupervised": unsupervised.detach(),
                 "d_real": real_lse.mean(), "d_fake": fake_logits.detach().logsumexp(1).mean(),
                 "labelled_accuracy": labelled_accuracy(real_logits.detach(), labels),
-                "d_grad_norm": self._stepped_norm(stepped, opt, self.discriminator)}
+                "d_grad_norm": self._stepped_norm(skipped, opt, self.discriminator)}
 
     def generator_step(self, real_images: Tensor, labels: Optional[Tensor], opt,
                        with_logs: bool = True) -> Dict[str, Tensor]:
