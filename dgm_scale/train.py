@@ -223,7 +223,7 @@ def _fit(cfg, module: GenerativeModule, datamodule: DataModule, run_dir: Path, e
              module.family.headline(lambda key, default=None: OmegaConf.select(cfg, key, default=default)),
              cfg.data.name, cfg.trainer.max_steps, run_dir)
     if resume_from is not None:
-        log.info("resuming from %s: %s", resume_from, change)
+        log.info("resuming from %s (%s)", resume_from, change)
     start = time.perf_counter()
     try:
         # weights_only: our checkpoints hold tensors and plain data only (DeepSpeed partitions as bytes)

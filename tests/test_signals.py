@@ -50,5 +50,5 @@ def test_sigterm_and_sigusr1_checkpoint_stop_and_resume_exactly(tmp_path):
     train_here(args, reference)  # meanwhile
     out, _ = last_part.communicate(timeout=180)
     assert last_part.returncode == 0, out[-2000:]
-    assert f"resuming from {run_dir / 'hpc_ckpt_2.ckpt'}\n" in out
+    assert f"resuming from {run_dir / 'hpc_ckpt_2.ckpt'} (world size 1 -> 1" in out
     assert_same_final_run(reference, run_dir, STEPS)  # each iteration exactly once across the three parts
