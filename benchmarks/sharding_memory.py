@@ -36,13 +36,15 @@ class Peak(Callback):
     def on_train_start(self, trainer, pl_module):
         self.params = sum(p.numel() for p in pl_module.parameters())  # a DTensor counts its whole tensor
         self.setup_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        with open("/proc/self/statm") as statm:  # resident now: what setup left behind
+            self.setup_rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     def on_train_batch_end(self, trainer, pl_module, *args):
         self.ends.append(time.perf_counter())
         if len(self.ends) == self.steps:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             steps = [b - a for a, b in zip(self.ends, self.ends[1:])]
             with open(f"{self.out}/rank{os.environ['RANK']}.json", "w") as handle:
-                json.dump({"peak": peak, "setup_peak": self.setup_peak, "params": self.params,
+                json.dump({"peak": peak, "setup_peak": self.setup_peak, "setup_rss": self.setup_rss, "params": self.params,
                            "step_s": sum(steps) / len(steps)}, handle)
             os._exit(0)  # every collective of the run is done; skip the closing checkpoint (GBs)
 
@@ -89,15 +91,15 @@ def main() -> None:
     gib = lambda v: v / 2**30  # noqa: E731
     peaks = {}
     print(f"ring8 MLP GAN, width {args.width}, depth {args.depth}, {args.loss}, batch 8 per process, CPU + gloo")
-    print("| strategy | processes | G+D parameters | rank | peak RSS after setup (GiB) | peak RSS in training (GiB) "
-          "| bytes / parameter | step (s) |\n|---|---|---|---|---|---|---|---|", flush=True)
+    print("| strategy | processes | G+D parameters | rank | RSS after setup (GiB) | peak RSS in setup (GiB) "
+          "| peak RSS in training (GiB) | bytes / parameter | step (s) |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         for world in (int(w) for w in args.worlds.split(",")):
             for strategy in args.strategies.split(","):
                 ranks = measure(strategy, world, args, Path(scratch))
                 peaks[strategy, world] = max(r["peak"] for r in ranks)
                 for rank, r in enumerate(ranks):
-                    print(f"| {strategy} | {world} | {r['params'] / 1e6:.0f}M | {rank} | {gib(r['setup_peak']):.2f} | "
+                    print(f"| {strategy} | {world} | {r['params'] / 1e6:.0f}M | {rank} | {gib(r['setup_rss']):.2f} | {gib(r['setup_peak']):.2f} | "
                           f"{gib(r['peak']):.2f} | {r['peak'] / r['params']:.1f} | {r['step_s']:.2f} |", flush=True)
     if ("fsdp", 2) in peaks and ("ddp", 2) in peaks:
         ratio = peaks["fsdp", 2] / peaks["ddp", 2]
