@@ -165,21 +165,23 @@ def lean_zero_state(zero_state: dict) -> dict:
 
 class ElasticProbe(L.Callback):
     """What a (resumed) run holds right after loading - its weights and optimizer state (ZeRO:
-    this rank's partition, lean) - and every training batch's first tensor, saved to
+    this rank's partition, lean; FSDP: gathered) - and every training batch's first tensor, saved to
     `out/loaded{rank}.pt` and `out/batches{rank}.pt` (tests/test_elastic.py)."""
 
     def __init__(self, out: str):
         self.out, self.batches = Path(out), []
 
     def on_train_start(self, trainer, pl_module) -> None:
+        from fsdp_state import full  # FSDP's shards gathered (a collective on every rank, in one order)
+
         optimizers = []
         for optimizer in trainer.strategy.optimizers:
             if type(optimizer).__name__ == "DeepSpeedZeroOptimizer":
                 optimizers.append(lean_zero_state(optimizer.state_dict()))
             else:
-                optimizers.append({int(k): {n: v.clone() if torch.is_tensor(v) else v for n, v in st.items()}
+                optimizers.append({int(k): {n: full(v) for n, v in st.items()}
                                    for k, st in optimizer.state_dict()["state"].items()})
-        params = {name: p.detach().clone() for name, p in pl_module.state_dict().items()}
+        params = {name: full(p) for name, p in pl_module.state_dict().items()}
         torch.save({"params": params, "optimizers": optimizers, "world": trainer.world_size},
                    self.out / f"loaded{trainer.global_rank}.pt")
 

@@ -1,10 +1,10 @@
-"""Resume on another world size (issue 20): 2 -> 1 -> 3 processes under ddp and DeepSpeed ZeRO-2.
+"""Resume on another world size (issue 20): 2 -> 1 -> 3 processes under ddp, DeepSpeed ZeRO-2 and fsdp.
 
 One run on the 2-D toy (104 points, 8 per process and step) is stopped and resumed twice:
 2 processes for 1 step (16 points), 1 process with trainer.keep_global_batch (16 per step:
 1 step; its weights equal those of 2 processes for 2 steps), 3 processes at 8 each (24 per
 step: 3 steps) - together exactly the 104 points of epoch 0. At every resume the state right after loading must equal the checkpoint's (weights on
-every rank; optimizer state, ZeRO's re-cut partitions gathered), and the trained points,
+every rank; optimizer state, ZeRO's re-cut partitions and FSDP's re-cut shards gathered), and the trained points,
 identified by value, must be the epoch's, each once.
 """
 from pathlib import Path
@@ -37,10 +37,14 @@ def _flat(per_rank: list) -> dict:
 
 
 def saved_state(checkpoint: Path) -> dict:
-    """Weights and optimizer state a checkpoint holds (ZeRO: every rank's shard file, joined)."""
+    """Weights and optimizer state a checkpoint holds (ZeRO: every rank's shard file, joined;
+    FSDP: every rank's DCP shards, read whole)."""
+    from dgm_scale.distributed.dcp_checkpoint import fold, is_sharded
     from dgm_scale.distributed.zero_checkpoint import ZERO_SHARDS, read_shard
 
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if is_sharded(ckpt):  # FSDP: the DCP shard folder it names, folded (full weights, torch's optimizer format)
+        ckpt = fold(ckpt, checkpoint.parent)
     optimizers = []
     for index, state in enumerate(ckpt["optimizer_states"]):
         if ZERO_SHARDS in state:
@@ -81,7 +85,7 @@ def trained_points(outs: list, worlds: list) -> list:
     return seen
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed", "fsdp"])
 def test_two_one_three_processes_resume_with_state_and_epoch_intact(strategy, tmp_path, monkeypatch):
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed")

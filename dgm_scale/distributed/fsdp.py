@@ -122,9 +122,11 @@ class FullyShardedStrategy(GradientAllReduceDDP):
         # A gradient penalty / R1 differentiates twice: its first backward (autograd.grad) must
         # not free the gathered weights its second one needs ("The tensor has a non-zero number
         # of elements, but its data is not allocated yet", seen on CPU). So the gathered weights
-        # are kept from a backward until the next optimizer step, which frees them.
-        for unit in fsdp_modules(self.lightning_module):
-            unit.set_reshard_after_backward(False, recurse=False)
+        # are then kept from a backward until the next optimizer step, which frees them: a full
+        # copy of the networks per rank (benchmarks/sharding_memory.py), only where needed.
+        if getattr(self.lightning_module, "differentiates_twice", True):  # unknown modules: the safe way
+            for unit in fsdp_modules(self.lightning_module):
+                unit.set_reshard_after_backward(False, recurse=False)
         unsharded = next((name for name, p in self.lightning_module.named_parameters() if not hasattr(p, "to_local")), None)
         if unsharded is not None:  # FSDP would not reduce its gradient, and our all-reduce is off
             raise RuntimeError(f"trainer.strategy=fsdp: parameter '{unsharded}' is in no network the module names "

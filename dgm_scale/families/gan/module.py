@@ -274,6 +274,10 @@ class GANModule(AdversarialModule):
     """The GAN: D's one logit under the adversarial loss pair `loss.name`, with the configured
     regularisers (gradient penalty, weight clipping, R1, LeCam)."""
 
+    @property
+    def differentiates_twice(self) -> bool:
+        return self.cfg.loss.gp_weight > 0 or self.cfg.loss.r1_gamma > 0
+
     def __init__(self, config: dict):
         super().__init__(config)
         self.adversarial = build_adversarial_loss(self.cfg.loss)
