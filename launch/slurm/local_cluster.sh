@@ -24,7 +24,9 @@ start() {
   chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
   install -d -o slurm -g slurm /run/slurm /var/spool/slurmctld /var/log/slurm
   install -d /var/spool/slurmd /etc/slurm
-  cpus=$(nproc)
+  # nproc honours OMP_NUM_THREADS: a test run with OMP_NUM_THREADS=1 got a 1-CPU node, and the
+  # 2-task job then waited forever
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
   cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=localci
 SlurmctldHost=$node
