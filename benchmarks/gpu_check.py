@@ -64,9 +64,16 @@ def settings(dry_run: bool) -> dict:
             "--warmup", "20", "--trials", "3"], "tiny": []}
 
 
+# A launcher's rendezvous settings are not the child's: an inherited MASTER_PORT that the parent
+# still listens on (a test process with a process group) made every child fail with EADDRINUSE.
+LAUNCHER_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                 "GROUP_RANK", "NODE_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def run(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    inherited = {key: value for key, value in os.environ.items() if key not in LAUNCHER_KEYS}
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
+                          env=dict(inherited, PYTHONPATH=str(ROOT), **(env or {})))
 
 
 def common(s: dict, run_dir: Path, iterations: int) -> list[str]:

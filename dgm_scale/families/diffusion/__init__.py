@@ -163,8 +163,12 @@ def validate_likelihood(likelihood: Any, loss: Any, sampler: Any) -> None:
     from dgm_scale.families.diffusion.likelihood import ratio_bounds
     from dgm_scale.families.diffusion.processes import build_process
 
+    import torch
+
     try:
-        ratio_bounds(build_process(loss, sampler), likelihood.ratio_min, likelihood.ratio_max)
+        # on the CPU whatever device a caller builds under (a meta-device build sizes the networks)
+        with torch.device("cpu"):
+            ratio_bounds(build_process(loss, sampler), likelihood.ratio_min, likelihood.ratio_max)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
