@@ -85,7 +85,10 @@ def trained_points(outs: list, worlds: list) -> list:
     return seen
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed", "fsdp"])
+# ddp in CI; deepspeed and fsdp under -m slow (suite time): their loads are covered in CI by the
+# ZeRO re-cut tests below and by tests/test_fsdp.py's 2 -> 1 process resume
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed", marks=pytest.mark.slow),
+                                      pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_one_three_processes_resume_with_state_and_epoch_intact(strategy, tmp_path, monkeypatch):
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed")
