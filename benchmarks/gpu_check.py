@@ -293,7 +293,9 @@ def main() -> int:
             try:
                 status, detail = check(s, Path(scratch))
             except Exception as error:  # noqa: BLE001 - a failed check is reported, the rest still run
-                status, detail = FAILED, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                from dgm_scale.core.errors import described
+
+                status, detail = FAILED, described(error)
             results.append((name, status, detail, time.perf_counter() - start))
     print("\n| check | ok | result | seconds |\n|---|---|---|---|")
     for name, status, detail, seconds in results:

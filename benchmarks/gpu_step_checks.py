@@ -159,7 +159,9 @@ def check_sync_free(s: dict, scratch: Path, common: Callable) -> tuple[str, str]
             fit(s, run_dir, [*common(s, run_dir, 30 if counting else 6), "trainer.log_every=10" if counting else
                              "trainer.log_every=3"], [window], config)
         except RuntimeError as error:
-            return FAILED, f"{config or 'default job'}: {str(error).splitlines()[0]}"
+            from dgm_scale.core.errors import first_line
+
+            return FAILED, f"{config or 'default job'}: {first_line(error)}"
         finally:
             if counting:
                 torch.cuda.set_sync_debug_mode("default")

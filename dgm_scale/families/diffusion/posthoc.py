@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from dgm_scale.core.errors import ConfigError
+from dgm_scale.core.errors import ConfigError, first_line
 from dgm_scale.core.files import torch_save_atomic
 from dgm_scale.modules.phema import MAX_SIGMA_REL, PowerFunctionEMA, exponent_of, profile_error, solve_weights
 
@@ -58,8 +58,7 @@ def _load(path: Path, what: str, keys: Sequence[str]) -> dict:
         if missing:
             raise KeyError(f"no {missing[0]}")
     except Exception as error:  # noqa: BLE001 - torch.load raises many types for a bad file
-        reason = (str(error).splitlines() or [""])[0] or type(error).__name__
-        raise ConfigError(f"{what} '{path}' does not load: {reason}") from None
+        raise ConfigError(f"{what} '{path}' does not load: {first_line(error)}") from None
     return loaded
 
 
