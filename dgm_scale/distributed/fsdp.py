@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.optim import Optimizer
 
 from dgm_scale.distributed import dcp_checkpoint
 from dgm_scale.distributed.interface import StepInterface
-from dgm_scale.distributed.strategy import GradientAllReduceDDP
+from dgm_scale.distributed.strategy import GradientAllReduceDDP, all_reduce_on_device
 
 PARAM_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: FSDP keeps the parameters' own dtype
 
@@ -201,9 +200,7 @@ class FSDPSteps(StepInterface):
         """The L2 norm of the whole (reduced) gradient: the shards' squared norms summed over ranks."""
         squares = [_local(p.grad).detach().float().square().sum() for p in network.parameters() if p.grad is not None]
         total = torch.stack(squares).sum() if squares else torch.zeros(())
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total)
-        return total.sqrt()
+        return all_reduce_on_device(total).sqrt()
 
     @contextmanager
     def full_weights(self, module: nn.Module) -> Iterator[None]:
