@@ -13,6 +13,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from dgm_scale.core.chain import callbacks_of
+
 from .device import DevicePrefetchLoader, pin_memory_for
 from .datasets import STREAM_DATASETS, TOY_DATASETS, DataError, build_dataset, kept_subset
 from .labels import hide_labels
@@ -82,9 +84,8 @@ class DataModule(L.LightningDataModule):
         trainer = self.trainer  # None outside a Trainer (e.g. a loader built by hand)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ResumableDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        for callback in trainer.callbacks if trainer is not None else []:
-            if isinstance(callback, DataPosition):  # a resumed run: start the loader where it stopped
-                callback.apply_to(sampler, self.batch_size)
+        for position in callbacks_of(trainer, DataPosition) if trainer is not None else []:
+            position.apply_to(sampler, self.batch_size)  # a resumed run: start the loader where it stopped
         return sampler
 
     @property
@@ -130,9 +131,8 @@ class DataModule(L.LightningDataModule):
         loader = make_stream_loader(stream, num_workers=int(cfg.num_workers),
                                     pin_memory=pin_memory_for(self.device, cfg.pin_memory))
         loader.prefetch_device = self._prefetch_device(train)
-        for callback in trainer.callbacks if trainer is not None and train else []:
-            if isinstance(callback, DataPosition):  # a resumed run: start the stream where it stopped
-                callback.apply_to_stream(loader)
+        for position in callbacks_of(trainer, DataPosition) if trainer is not None and train else []:
+            position.apply_to_stream(loader)  # a resumed run: start the stream where it stopped
         return loader
 
     # ------------------------------------------------------------------ loaders
