@@ -45,13 +45,26 @@ def job_field(job_id: str, field: str) -> str:
     return next((item.split("=", 1)[1] for item in out.split() if item.startswith(f"{field}=")), "")
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def wait_for(condition, timeout: float, what: str, job: str = "", output: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}" + situation(job, output))
+
+
+def situation(job: str, output: Path | None) -> str:
+    """What a timed-out wait saw: the job's state and reason, the node, the busiest processes and
+    the job's output, so a failure on a CI machine says whether the job pended, ran slowly or hung."""
+    if not job:
+        return ""
+    state = " ".join(f"{name}={job_field(job, name)}" for name in ("JobState", "Reason", "RunTime", "Restarts"))
+    nodes = subprocess.run(["sinfo", "-N", "-o", "%N %T %C"], capture_output=True, text=True).stdout.strip()
+    busiest = subprocess.run(["ps", "-eo", "pcpu,etimes,args", "--sort=-pcpu"], capture_output=True,
+                             text=True).stdout.splitlines()[:8]
+    log = output.read_text()[-2000:] if output is not None and output.exists() else "(no output yet)"
+    return f"\njob: {state}\nnodes: {nodes}\nbusiest:\n" + "\n".join(line[:160] for line in busiest) + f"\nlog:\n{log}"
 
 
 def start_requeued_now(job: str, *settings: str) -> None:
@@ -104,10 +117,10 @@ def test_sbatch_trains_two_ranks_checkpoints_on_a_signal_requeues_and_resumes(sl
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
     try:
-        wait_for(lambda: len(logged_iterations(run_dir)) >= 30, 240, "the job to train 30 iterations")
+        wait_for(lambda: len(logged_iterations(run_dir)) >= 30, 240, "the job to train 30 iterations", job, output)
         subprocess.run(["scancel", f"--signal={signal_name}", job], check=True)
         wait_for(lambda: (run_dir / "hpc_ckpt_1.ckpt").exists() and job_field(job, "Restarts") == "1", 120,
-                 f"the {signal_name} checkpoint and the requeue")
+                 f"the {signal_name} checkpoint and the requeue", job, output)
         start_requeued_now(job)
         wait_for_state(job, "COMPLETED", 400)
     finally:
