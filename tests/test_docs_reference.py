@@ -224,7 +224,7 @@ def _site(tmp_path: Path, hook: Path, pages: Dict[str, str]) -> Path:
 
 
 def _build(site: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site / "site")],
+    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site / "site")],
                           cwd=site, capture_output=True, text=True, timeout=120)
 
 
