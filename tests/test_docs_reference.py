@@ -34,8 +34,8 @@ def ref():
 
 
 def _cells(row: str) -> List[str]:
-    """A markdown table row's cells (a `\\|` inside a cell is not a separator)."""
-    return [cell.strip() for cell in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
+    """A markdown table row's cells (a `\\|`, or a pipe in a code span, is not a separator)."""
+    return [cell.strip() for cell in re.split(r"(?<!\\)\|(?=(?:[^`]*`[^`]*`)*[^`]*$)", row.strip())[1:-1]]
 
 
 def _unquote(cell: str) -> str:

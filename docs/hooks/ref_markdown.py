@@ -13,16 +13,17 @@ _CODE_SPAN = re.compile(r"(`[^`]*`)")
 
 def text(words: str) -> str:
     """`words` as markdown text: special characters escaped except inside `code spans`, which
-    are kept (a pipe in one is escaped too: the tables extension splits on it)."""
+    are kept as they are."""
     parts = _CODE_SPAN.split(words)
-    return "".join(part.replace("|", "\\|") if index % 2 else _SPECIAL.sub(r"\\\1", part).replace("<", "&lt;")
+    return "".join(part if index % 2 else _SPECIAL.sub(r"\\\1", part).replace("<", "&lt;")
                    for index, part in enumerate(parts))
 
 
 def code(value: str) -> str:
-    """`value` as a code span (a longer fence when it holds backticks, as markdown allows)."""
-    fence = "``" if "`" in value else "`"
-    return f"{fence} {value} {fence}" if fence == "``" else f"`{value.replace('|', chr(92) + '|')}`"
+    """`value` as a code span (a double fence when it holds a backtick, as markdown allows; the
+    tables extension does not split a cell at a pipe inside one)."""
+    fence, pad = ("``", " ") if "`" in value else ("`", "")
+    return f"{fence}{pad}{value}{pad}{fence}"
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> List[str]:
