@@ -92,7 +92,8 @@ def _command_section(command: Command, depth: int) -> List[str]:
         lines += [*table(("Argument", "Default", "Description"), _rows(command)), ""]
     subs = command.subcommands()
     if subs:
-        lines += ["Subcommands: " + ", ".join(f"[`{name}`](#{_anchor(command.path + ' ' + name)})" for name in subs), ""]
+        links = [f"[`{name}`](#{_anchor(command.path + ' ' + name)})" for name in subs]
+        lines += ["Subcommands: " + ", ".join(links), ""]
     return lines
 
 
@@ -114,4 +115,5 @@ def cli_reference() -> str:
 def described(command: Command) -> List[Tuple[str, Any]]:
     """What the reference would show without a description: (command path, argument or None)."""
     missing = [(command.path, None)] if not command.about.strip() else []
-    return missing + [(command.path, invocation(action)) for action in command.arguments() if not help_of(action).strip()]
+    return missing + [(command.path, invocation(action)) for action in command.arguments()
+                      if not help_of(action).strip()]

@@ -8,6 +8,7 @@ is edited where the key is defined and the page cannot drift from the code.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import io
@@ -41,17 +42,13 @@ def field_comments(cls: type) -> Dict[str, str]:
     right above the field (no blank line between) and the comment ending its line, joined."""
     source = textwrap.dedent(inspect.getsource(cls))
     comments: Dict[int, Tuple[str, bool]] = {}  # line -> (text, alone on its line)
-    code_lines = set()
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
             alone = token.line[:token.start[1]].strip() == ""
             comments[token.start[0]] = (token.string.lstrip("#").strip(), alone)
-        elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
-            code_lines.update(range(token.start[0], token.end[0] + 1))
     found = {}
     for line, name, last in _fields_in_source(source):
-        above = []
-        row = line - 1
+        above, row = [], line - 1
         while row in comments and comments[row][1]:
             above.insert(0, comments[row][0])
             row -= 1
@@ -62,8 +59,6 @@ def field_comments(cls: type) -> Dict[str, str]:
 
 def _fields_in_source(source: str) -> Iterator[Tuple[int, str, int]]:
     """(first line, name, last line) of each annotated field in the class body of `source`."""
-    import ast
-
     body = ast.parse(source).body[0].body
     for node in body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
@@ -129,7 +124,8 @@ def builtin_families() -> List[Family]:
 
 def family_sections(family: Family) -> List[Tuple[str, type]]:
     """The sections `config_class(family)` adds to the shared ones: model, loss, optim, its own."""
-    return [(field.name, field.type) for field in dataclasses.fields(config_class(family)) if field.name not in SHARED_SECTIONS]
+    return [(field.name, field.type) for field in dataclasses.fields(config_class(family))
+            if field.name not in SHARED_SECTIONS]
 
 
 def all_keys() -> Dict[str, List[Key]]:
