@@ -363,7 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     plain.set_defaults(func=cmd_checkpoint_to_plain)
     add_shards_parser(commands)
     _add_evaluate_parsers(commands)
+    _describe_subcommands(parser)
     return parser
+
+
+def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Each subcommand's `help=` (its line in the parent's list) also heads its own `-h`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                sub.description = sub.description or helps.get(name)
+                _describe_subcommands(sub)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

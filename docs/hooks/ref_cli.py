@@ -19,7 +19,7 @@ USAGE_WIDTH = 100  # a fixed width: the page must not depend on the terminal tha
 
 @dataclass(frozen=True)
 class Command:
-    """One parser of the tree: `path` as typed (`dgm-scale checkpoint to-plain`), `about` its help."""
+    """One parser of the tree: `path` as typed (`dgm-scale checkpoint to-plain`), `about` its description."""
 
     path: str
     about: str
@@ -35,16 +35,15 @@ class Command:
                 for name in action.choices]
 
 
-def commands(parser: Optional[argparse.ArgumentParser] = None, path: str = "dgm-scale",
-             about: str = "") -> Iterator[Command]:
-    """The parser and every (nested) subcommand parser, depth first, in the order they were added."""
+def commands(parser: Optional[argparse.ArgumentParser] = None, path: str = "dgm-scale") -> Iterator[Command]:
+    """The parser and every (nested) subcommand parser, depth first, in the order they were added
+    (a subcommand's description is its `help=`: dgm_scale.cli._describe_subcommands)."""
     parser = parser or build_parser()
-    yield Command(path, about or parser.description or "", parser)
+    yield Command(path, parser.description or "", parser)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            helps = {choice.dest: choice.help for choice in action._choices_actions}
             for name, sub in action.choices.items():
-                yield from commands(sub, f"{path} {name}", sub.description or helps.get(name) or "")
+                yield from commands(sub, f"{path} {name}")
 
 
 def usage(parser: argparse.ArgumentParser) -> str:
