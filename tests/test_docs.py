@@ -54,7 +54,8 @@ def test_every_code_block_is_marked_run_or_not_run():
     assert not unmarked, f"code blocks without <!-- run: tests/FILE.py --> or <!-- not run: REASON -->: {unmarked}"
     for block in BLOCKS:
         if block.runner and block.runner != "tests/test_docs.py":
-            # another test file runs it: that file must read the page the block is on
+            # another test file runs it: that file must exist and read the page the block is on
+            assert (ROOT / block.runner).is_file(), f"{block.where}: no test file {block.runner}"
             assert block.page in (ROOT / block.runner).read_text(), f"{block.where}: {block.runner} never reads {block.page}"
 
 
