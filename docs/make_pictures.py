@@ -13,7 +13,8 @@ the `probe` metric, then writes:
 
 - samples.png: the grid `dgm-scale sample CHECKPOINT --num 64 --seed 0` writes;
 - report.png: the run's own report.html in headless Chromium;
-- serve.png: the page of `dgm-scale serve CHECKPOINT` (127.0.0.1, a free port) in headless Chromium;
+- serve.png: the page of `dgm-scale serve CHECKPOINT` (its server, on 127.0.0.1 at a free port) in
+  headless Chromium;
 - projection.png: the report's plots/projection.png (the 2-D PCA of the probe's test images,
   encoded by the discriminator, coloured by class).
 
@@ -26,14 +27,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from PIL import Image, PngImagePlugin
 
@@ -73,9 +74,9 @@ def run_overrides(run_dir: Path, steps: int) -> list[str]:
 
 def train_run(run_dir: Path, steps: int = STEPS, extra: tuple[str, ...] = ()) -> Path:
     """Train the picture run into `run_dir`; returns its checkpoint."""
-    import dgm_scale
+    from dgm_scale.api import train  # not dgm_scale.train: once imported, that name is the module
 
-    return dgm_scale.train(None, [*run_overrides(run_dir, steps), *extra]).checkpoint
+    return train(None, [*run_overrides(run_dir, steps), *extra]).checkpoint
 
 
 def save_optimised(image: Image.Image, out: Path, what: str, colours: Optional[int] = None) -> Path:
@@ -98,7 +99,9 @@ def samples_picture(checkpoint: Path, out: Path, num: int = 64, seed: int = 0) -
 
     with tempfile.TemporaryDirectory() as scratch:
         grid = Path(scratch) / "samples.png"
-        if main(["sample", str(checkpoint), "--num", str(num), "--seed", str(seed), "--out", str(grid)]) != 0:
+        with contextlib.redirect_stdout(io.StringIO()):  # its "wrote ... to SCRATCH" line
+            status = main(["sample", str(checkpoint), "--num", str(num), "--seed", str(seed), "--out", str(grid)])
+        if status != 0:
             raise PictureError(f"dgm-scale sample {checkpoint} failed")
         with Image.open(grid) as image:
             return save_optimised(image.copy(), out, f"dgm-scale sample --num {num} --seed {seed}")
@@ -127,31 +130,12 @@ def report_picture(chromium: str, run_dir: Path, out: Path) -> Path:
     return screenshot(chromium, page.resolve().as_uri(), out, REPORT_WINDOW, "RUN/report.html in Chromium")
 
 
-@contextlib.contextmanager
-def serving(checkpoint: Path) -> Iterator[str]:
-    """`dgm-scale serve CHECKPOINT` on 127.0.0.1 at a free port (--port 0); yields its URL and
-    stops it with Ctrl-C (SIGINT) as a person would."""
-    command = [sys.executable, "-m", "dgm_scale", "serve", str(checkpoint), "--port", "0", "--device", "cpu"]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()  # "serving NAME at http://127.0.0.1:PORT/ (Ctrl-C stops)"
-        if " at http://" not in line:
-            error = (proc.stderr.read().strip().splitlines() or ["no output"])[-1] if proc.poll() is not None else line
-            raise PictureError(f"dgm-scale serve {checkpoint} did not start: {error.strip()}")
-        yield line.split(" at ")[1].split()[0]
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def serve_picture(chromium: str, checkpoint: Path, out: Path) -> Path:
-    """The `dgm-scale serve` page of `checkpoint` in headless Chromium (seed 0)."""
-    with serving(checkpoint) as url:
+    """The page `dgm-scale serve CHECKPOINT --device cpu` shows (seed 0), in headless Chromium:
+    served by the command's own server in a thread, on 127.0.0.1 at a free port, then stopped."""
+    from dgm_scale.serve import open_source, serving
+
+    with serving(open_source(checkpoint, "cpu"), "127.0.0.1", 0) as url:
         return screenshot(chromium, url, out, SERVE_WINDOW, "the dgm-scale serve page in Chromium")
 
 
@@ -161,7 +145,7 @@ def projection_picture(run_dir: Path, out: Path) -> Path:
     if not chart.is_file():
         raise PictureError(f"{chart}: no projection (the run's eval.metrics lacks probe?)")
     with Image.open(chart) as image:
-        return save_optimised(image.copy(), out, "RUN/plots/projection.png (the probe's 2-D PCA)", colours=PALETTE)
+        return save_optimised(image.copy(), out, "RUN/plots/projection.png (the probe's 2-D PCA)")
 
 
 def make_pictures(out_dir: Path = IMG, steps: int = STEPS, keep_run: Optional[Path] = None) -> dict[str, Path]:
