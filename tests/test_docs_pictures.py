@@ -110,11 +110,14 @@ def test_serve_picture_shows_the_page_and_stops_the_server(run, chromium, tmp_pa
     with opened(out) as image:
         assert image.size == make_pictures.SERVE_WINDOW
         page = np.asarray(image.convert("L")).astype(int)
-    # the grid: 16 samples of 8 px (42 px with padding) shown 12 times enlarged, 504 px of dark
-    # padding across its top, many grey levels inside
+    # the grid: 16 samples of 8 px, 4 a row, 2 px padding (42 px) shown 12 times enlarged (504 px):
+    # its padding lines, 10 px (120 shown) apart, are dark across it; many grey levels inside
     dark = page < 16
     top = np.nonzero(dark.sum(axis=1) >= 500)[0].min()
     left = np.nonzero(dark[top])[0].min()
+    grid = dark[top:top + 504, left:left + 504]
+    lines = [12 + 120 * k for k in range(5)]  # the middle of each 24 px padding band
+    assert grid.shape == (504, 504) and grid[lines].all() and grid[:, lines].all()
     assert len(np.unique(page[top:top + 504, left:left + 504])) > 20
 
 
