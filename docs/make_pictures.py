@@ -43,7 +43,7 @@ IMG = ROOT / "docs" / "img"
 PICTURES = ("samples.png", "report.png", "serve.png", "projection.png")
 #: the PNG text chunk every picture carries (tests check it): which code made it
 SOFTWARE = "dgm_scale docs/make_pictures.py"
-STEPS = 400  # iterations of the run: digits that read as digits, in well under a minute
+STEPS = 400  # iterations of the run: enough for digits that read as digits
 REPORT_WINDOW = (1200, 1400)
 SERVE_WINDOW = (900, 1000)
 PALETTE = 128  # colours of a screenshot
