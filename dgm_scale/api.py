@@ -1,4 +1,4 @@
-"""The Python API: `import dgm_scale` and call these (see the README's "Python API").
+"""The Python API: `import dgm_scale` and call these (see docs/python-api.md).
 
     cfg = dgm_scale.load_config("configs/vae.yaml", {"trainer.max_steps": 500})
     result = dgm_scale.train(cfg)                      # a RunResult: run_dir, checkpoint, ...

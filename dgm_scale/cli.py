@@ -13,6 +13,10 @@ from dgm_scale.core.trust import add_trust_option
 from dgm_scale.shards_cli import add_shards_parser
 
 
+CONFIG_HELP = ("a YAML config file (optional: the defaults train the default job), then key=value "
+               "overrides of any config key (docs/reference/config.md)")
+
+
 def _split_config_args(args: Sequence[str]) -> tuple[Optional[str], List[str]]:
     """`[CONFIG] [key=value ...]`: the first argument is a config file unless it is an override."""
     if args and "=" not in args[0]:
@@ -222,20 +226,23 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+INCEPTION_HELP = "the pt_inception-2015-12-05 weights (default: eval.inception_weights, else the reference URL)"
+
+
 def _add_evaluate_parsers(commands: argparse._SubParsersAction) -> None:
     """`dgm-scale evaluate CKPT ...` and `dgm-scale train-classifier SRC OUT ...`."""
     ev = commands.add_parser("evaluate", help="FID / KID / IS / precision-recall / NDB of a checkpoint's generator "
                                               "(torchrun: all processes share the work)")
-    ev.add_argument("checkpoint", type=Path)
+    ev.add_argument("checkpoint", type=Path, help="a run's checkpoint")
     ev.add_argument("--real", metavar="SRC", help="real data: image folder, shards, .npz, builtin:NAME "
                                                   "(default: the run's training data)")
     ev.add_argument("--num-samples", type=int, metavar="N", help="generated samples (default: the run's eval.num_samples)")
     ev.add_argument("--num-real", type=int, metavar="M", help="real samples (0 = as many as N, at most all)")
     ev.add_argument("--metrics", help="comma-separated: fid,kid,is,pr,dc,ndb,probe (default: fid,kid,pr,ndb + is)")
     ev.add_argument("--extractor", help="auto | inception | inception:PATH_OR_URL | classifier:PATH | digits | identity")
-    ev.add_argument("--inception-weights", metavar="PATH_OR_URL")
+    ev.add_argument("--inception-weights", metavar="PATH_OR_URL", help=INCEPTION_HELP)
     ev.add_argument("--cache-dir", help="feature statistics, weights and classifiers (default ~/.cache/dgm_scale)")
-    ev.add_argument("--seed", type=int)
+    ev.add_argument("--seed", type=int, help="the generated samples' noise and the real subset (default: eval.seed)")
     ev.add_argument("--batch-size", type=int, help="per process")
     ev.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     ev.add_argument("--out", type=Path, help="JSON report (default: CKPT with suffix .eval.json)")
@@ -253,10 +260,10 @@ def _add_evaluate_parsers(commands: argparse._SubParsersAction) -> None:
     fid_p.add_argument("--num-b", type=int, default=0, help="a seeded subset of B (default: all)")
     fid_p.add_argument("--resolution", type=int, help="images are resized to it (default: A's first image)")
     fid_p.add_argument("--channels", type=int, choices=(1, 3), help="default: A's first image")
-    fid_p.add_argument("--seed", type=int, default=0)
+    fid_p.add_argument("--seed", type=int, default=0, help="of the seeded subsets (--num-a, --num-b)")
     fid_p.add_argument("--batch-size", type=int, default=250, help="per process")
-    fid_p.add_argument("--cache-dir", default="~/.cache/dgm_scale")
-    fid_p.add_argument("--inception-weights", metavar="PATH_OR_URL")
+    fid_p.add_argument("--cache-dir", default="~/.cache/dgm_scale", help="feature statistics, weights and classifiers")
+    fid_p.add_argument("--inception-weights", metavar="PATH_OR_URL", help=INCEPTION_HELP)
     fid_p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     fid_p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     fid_p.set_defaults(func=cmd_fid)
@@ -264,12 +271,12 @@ def _add_evaluate_parsers(commands: argparse._SubParsersAction) -> None:
                                                       "(an FID feature extractor: eval.extractor=classifier:OUT)")
     tc.add_argument("src", metavar="SRC", help="labelled data: image folder with class folders, .npz with labels, "
                                                "labelled shards, builtin:NAME")
-    tc.add_argument("out", metavar="OUT", type=Path)
-    tc.add_argument("--resolution", type=int, required=True)
-    tc.add_argument("--channels", type=int, choices=(1, 3), required=True)
-    tc.add_argument("--epochs", type=int, default=15)
-    tc.add_argument("--val-fraction", type=float, default=0.1)
-    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("out", metavar="OUT", type=Path, help="the classifier file to write")
+    tc.add_argument("--resolution", type=int, required=True, help="images are resized to it (the generator's)")
+    tc.add_argument("--channels", type=int, choices=(1, 3), required=True, help="1 = greyscale, 3 = RGB")
+    tc.add_argument("--epochs", type=int, default=15, help="passes over the training split")
+    tc.add_argument("--val-fraction", type=float, default=0.1, help="held-out share, for the reported accuracy")
+    tc.add_argument("--seed", type=int, default=0, help="of the split, the initialisation and the batch order")
     tc.set_defaults(func=cmd_train_classifier)
 
 
@@ -289,20 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgm-scale", description="Train and sample deep generative models.")
     commands = parser.add_subparsers(dest="command", required=True)
     train_p = commands.add_parser("train", help="train a model: dgm-scale train [CONFIG.yaml] [key=value ...]")
-    train_p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key=value]")
+    train_p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key=value]", help=CONFIG_HELP)
     _add_import_option(train_p)
     train_p.add_argument("--strict", action="store_true", help="stop at the first unreadable image or shard, "
                          "naming it (data.strict=true), instead of skipping and counting it")
     train_p.set_defaults(func=cmd_train)
     show_p = commands.add_parser("show-config", help="print the resolved config")
-    show_p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key=value]")
+    show_p.add_argument("config_and_overrides", nargs="*", metavar="[CONFIG] [key=value]", help=CONFIG_HELP)
     _add_import_option(show_p)
     show_p.set_defaults(func=cmd_show_config)
     sample_p = commands.add_parser("sample", help="generate samples from a checkpoint: an image grid or text")
-    sample_p.add_argument("checkpoint", type=Path)
+    sample_p.add_argument("checkpoint", type=Path, help="a run's checkpoint (e.g. RUN/checkpoints/last.ckpt)")
     # (--num-samples too: under torchrun, its own parser mistakes `--num` for its `--numa-binding`)
-    sample_p.add_argument("--num", "--num-samples", dest="num", type=int, default=64)
-    sample_p.add_argument("--seed", type=int, default=0)
+    sample_p.add_argument("--num", "--num-samples", dest="num", type=int, default=64, help="samples to generate")
+    sample_p.add_argument("--seed", type=int, default=0, help="the samples' noise (same seed, same samples)")
     sample_p.add_argument("--out", type=Path, help="PNG grid (images) or text file (default samples.png / .txt)")
     sample_p.add_argument("--out-dir", type=Path, help="instead of a grid: one file per sample (DIR/000000.png, "
                                                        "text: .txt) or DIR/samples.npz; torchrun splits the work")
@@ -327,11 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     report_p = commands.add_parser("report", help="(re)build RUN_DIR/report.html and RUN_DIR/plots/*.png "
                                                   "from a run directory (running, finished or crashed)")
-    report_p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report_p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (config.yaml, metrics.csv)")
     report_p.set_defaults(func=cmd_report)
     sweep_p = commands.add_parser("sweep", help="a grid of override sets: list / check them, train one point "
                                                 "(--point I, what each array task runs), or --submit a SLURM array")
-    sweep_p.add_argument("file", type=Path, metavar="SWEEP.yaml")
+    sweep_p.add_argument("file", type=Path, metavar="SWEEP.yaml", help="the sweep: a name, an optional base config, "
+                                                                      "a grid and / or a list of override sets")
     sweep_p.add_argument("overrides", nargs="*", metavar="key=value", help="added to every point")
     sweep_p.add_argument("--root", default="runs", help="the sweep's folder goes below it (default runs)")
     sweep_p.add_argument("--point", type=int, metavar="I", help="train point I")
@@ -340,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_p.set_defaults(func=cmd_sweep)
     compare_p = commands.add_parser("compare", help="tabulate runs (a sweep's folder, or run directories): best "
                                                     "metric, status, differing settings -> CSV, HTML, plot")
-    compare_p.add_argument("runs", nargs="+", type=Path, metavar="RUN_OR_SWEEP_DIR")
+    compare_p.add_argument("runs", nargs="+", type=Path, metavar="RUN_OR_SWEEP_DIR",
+                           help="run directories, or folders of them (a sweep's)")
     compare_p.add_argument("--out", type=Path, help="where compare.csv / .html / .png go (default: the first path)")
     compare_p.add_argument("--metric", default="auto", help="auto (fid, else bits/dim or bits/char) or a metric name")
     compare_p.set_defaults(func=cmd_compare)
@@ -348,12 +357,24 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_sub = checkpoint_p.add_subparsers(dest="checkpoint_command", required=True)
     plain = checkpoint_sub.add_parser("to-plain", help="fold a sharded checkpoint's per-rank files (DeepSpeed "
                                                        "ZeRO, FSDP) into one self-contained file")
-    plain.add_argument("src", type=Path, metavar="SHARDED.ckpt")
-    plain.add_argument("out", type=Path, metavar="OUT.ckpt")
+    plain.add_argument("src", type=Path, metavar="SHARDED.ckpt", help="a checkpoint saved under deepspeed or fsdp "
+                                                                      "(its zero/ or dcp/ folder beside it)")
+    plain.add_argument("out", type=Path, metavar="OUT.ckpt", help="the self-contained checkpoint to write")
     plain.set_defaults(func=cmd_checkpoint_to_plain)
     add_shards_parser(commands)
     _add_evaluate_parsers(commands)
+    _describe_subcommands(parser)
     return parser
+
+
+def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Each subcommand's `help=` (its line in the parent's list) also heads its own `-h`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                sub.description = sub.description or helps.get(name)
+                _describe_subcommands(sub)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

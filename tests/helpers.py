@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +26,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from dgm_scale.config.loader import family_of
+from dgm_scale.data.transforms import to_8bit
 from dgm_scale.modules import load_module
 
 
@@ -425,21 +425,12 @@ def fill_disk(directory: Path, leave: int = 0) -> Path:
 
 
 # ----------------------------------------------------------------------------- serve
-@contextlib.contextmanager
 def running(source, limits=None):
-    """`source` served on 127.0.0.1 in a thread (dgm_scale.serve.make_server, `limits` as there);
-    yields the server's URL."""
-    from dgm_scale.serve import make_server, url_of
+    """`source` served on 127.0.0.1 in a thread (`limits` as make_server's); a context manager
+    yielding the server's URL. Port 0: a free port, no race with other tests."""
+    from dgm_scale.serve import serving
 
-    server = make_server(source, "127.0.0.1", 0, limits)  # port 0: a free port, no race with other tests
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield url_of(server)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    return serving(source, "127.0.0.1", 0, limits)
 
 
 def response(url: str, timeout: float = 60):
@@ -683,3 +674,17 @@ def with_callbacks(first: L.Callback, last: L.Callback, setattr=setattr) -> None
 
     build = train_module.build_callbacks
     setattr(train_module, "build_callbacks", lambda *a, **k: [first] + build(*a, **k) + [last])
+
+
+# ----------------------------------------------------------------------------- sample grids
+def grid_cells(grid: np.ndarray, num: int, nrow: int, size: int = 8, padding: int = 2) -> np.ndarray:
+    """The images [num, size, size] tiled in a grey grid (2 px padding, nrow columns), as
+    `dgm-scale sample` and `dgm-scale serve` tile them (at native resolution)."""
+    step = size + padding
+    return np.stack([grid[padding + (i // nrow) * step:][:size, padding + (i % nrow) * step:][:, :size]
+                     for i in range(num)])
+
+
+def grey_8bit(samples: torch.Tensor) -> np.ndarray:
+    """Model-range grey images [N, 1, H, W] -> the uint8 [N, H, W] they are saved and served as."""
+    return to_8bit(samples)[:, 0].to(torch.uint8).numpy()

@@ -1,9 +1,9 @@
-"""The README's Python API block and the examples/ scripts run as written (shortened by overrides)."""
+"""The Python API page's block (docs/python-api.md) and the examples/ scripts run as written (shortened by overrides)."""
 import os
-import re
 import subprocess
 import sys
 
+from doc_blocks import code_blocks
 from helpers import ROOT
 
 
@@ -15,12 +15,10 @@ def run_python(args: list[str], cwd, timeout: int = 300) -> str:
     return proc.stdout
 
 
-def test_the_readme_python_api_block_runs(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Python API"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def test_the_python_api_page_block_runs(tmp_path):
+    (block,) = [block for block in code_blocks("docs/python-api.md") if block.runner == "tests/test_examples.py"]
     (tmp_path / "configs").symlink_to(ROOT / "configs")
-    (tmp_path / "api.py").write_text(code)
+    (tmp_path / "api.py").write_text(block.code)
     out = run_python(["api.py"], tmp_path)
     assert "runs/vae-" in out  # print(result.run_dir, scores["fid"])
     assert float(out.split()[-1]) > 0

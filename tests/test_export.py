@@ -16,7 +16,7 @@ from helpers import TINY, TINY_RUN, plain_site, run_plain
 
 CONDITIONAL_GAN = TINY + ["model.num_classes=10", "data.resolution=16", "model.generator.width=8"]
 
-# What a user without dgm_scale runs (the README's Export section): plain torch / onnxruntime.
+# What a user without dgm_scale runs (docs/generators.md, "Export"): plain torch / onnxruntime.
 PLAIN_LOADER = """
 import json, sys
 import numpy as np

@@ -15,11 +15,10 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY, TINY_RUN, get, running
+from helpers import ROOT, TINY, TINY_RUN, get, grey_8bit, grid_cells, running
 from PIL import Image
 
 from dgm_scale.config import ConfigError, load_config
-from dgm_scale.data.transforms import to_8bit
 from dgm_scale.export import export_module
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.modules.sampling import sampler_inputs
@@ -54,18 +53,6 @@ def png(body: bytes) -> np.ndarray:
         return np.asarray(image)
 
 
-def cells(grid: np.ndarray, num: int, nrow: int, size: int = 8, padding: int = 2) -> np.ndarray:
-    """The images [num, size, size] tiled in a grey grid (2 px padding, nrow columns)."""
-    step = size + padding
-    return np.stack([grid[padding + (i // nrow) * step:][:size, padding + (i % nrow) * step:][:, :size]
-                     for i in range(num)])
-
-
-def pixels(samples: torch.Tensor) -> np.ndarray:
-    """Model-range grey images [N, 1, H, W] -> the uint8 [N, H, W] they are served as."""
-    return to_8bit(samples)[:, 0].to(torch.uint8).numpy()
-
-
 def test_meta_describes_the_model(gan):
     status, kind, body = get(gan + "api/meta")
     assert status == 200 and kind == "application/json"
@@ -84,19 +71,19 @@ def test_grid_and_batch_are_the_model_samples(gan, checkpoint):
     assert get(gan + "api/grid.png?seed=3&num=10")[2] == body
     assert get(gan + "api/grid.png?seed=4&num=10")[2] != body
     # sample i has class i % 10 unless a class is given: those of `dgm-scale sample --seed 3`
-    np.testing.assert_array_equal(cells(grid, 10, 4), pixels(module.sample_batch(10, seed=3)))
+    np.testing.assert_array_equal(grid_cells(grid, 10, 4), grey_8bit(module.sample_batch(10, seed=3)))
     seven = torch.full((5,), 7)
     class_grid = png(get(gan + "api/grid.png?seed=3&num=5&class=7")[2])
-    np.testing.assert_array_equal(cells(class_grid, 5, 3), pixels(module.sample_batch(5, 3, 0, seven)))
+    np.testing.assert_array_equal(grid_cells(class_grid, 5, 3), grey_8bit(module.sample_batch(5, 3, 0, seven)))
     archive = np.load(io.BytesIO(get(gan + "api/batch?seed=3&num=5&class=7&format=npz")[2]))
     assert archive["samples"].shape == (5, 8, 8, 1) and archive["samples"].dtype == np.uint8
-    np.testing.assert_array_equal(archive["samples"][..., 0], cells(class_grid, 5, 3))
+    np.testing.assert_array_equal(archive["samples"][..., 0], grid_cells(class_grid, 5, 3))
     assert archive["labels"].tolist() == [7] * 5
     assert np.load(io.BytesIO(get(gan + "api/batch?seed=3&num=12")[2]))["labels"].tolist() == [i % 10 for i in range(12)]
     assert get(gan + "api/batch?seed=3&num=5&class=7&format=png")[2] == get(gan + "api/grid.png?seed=3&num=5&class=7")[2]
     # truncation psi: the latents scaled toward the mean
     truncated = np.load(io.BytesIO(get(gan + "api/batch?seed=3&num=5&class=7&truncation=0.5")[2]))["samples"]
-    expected = pixels(module.generate(module.latents(5, 3) * 0.5, seven))
+    expected = grey_8bit(module.generate(module.latents(5, 3) * 0.5, seven))
     np.testing.assert_array_equal(truncated[..., 0], expected)
     assert not np.array_equal(truncated, archive["samples"])
 
@@ -106,12 +93,12 @@ def test_interpolation_runs_from_one_seed_to_the_other(gan, checkpoint):
     status, _, body = get(gan + "api/interpolate.png?seed_a=3&seed_b=4&steps=5&class=2")
     strip = png(body)
     assert status == 200 and strip.shape == (12, 5 * 10 + 2)
-    frames = cells(strip, 5, 5).astype(int)
+    frames = grid_cells(strip, 5, 5).astype(int)
     two = torch.tensor([2])
-    first, last = pixels(module.sample_batch(1, 3, 0, two))[0], pixels(module.sample_batch(1, 4, 0, two))[0]
+    first, last = grey_8bit(module.sample_batch(1, 3, 0, two))[0], grey_8bit(module.sample_batch(1, 4, 0, two))[0]
     assert np.abs(frames[0] - first).max() <= 1 and np.abs(frames[-1] - last).max() <= 1  # batch-size rounding
     assert not np.array_equal(frames[2], frames[0]) and not np.array_equal(frames[2], frames[-1])
-    same = cells(png(get(gan + "api/interpolate.png?seed_a=3&seed_b=3&steps=3&class=2")[2]), 3, 3)
+    same = grid_cells(png(get(gan + "api/interpolate.png?seed_a=3&seed_b=3&steps=3&class=2")[2]), 3, 3)
     assert (same == same[0]).all()  # one latent: no direction to turn in, every frame is it
 
 
@@ -169,7 +156,7 @@ def test_an_autoregressive_model_takes_a_temperature_and_has_no_interpolation():
         meta = json.loads(get(url + "api/meta")[2])
         assert meta["latent_dim"] is None and list(meta["options"]) == ["temperature"]
         grid = png(get(url + "api/grid.png?seed=2&num=4&temperature=0.5")[2])
-        np.testing.assert_array_equal(cells(grid, 4, 2), pixels(module.sample_batch(4, 2, temperature=0.5)))
+        np.testing.assert_array_equal(grid_cells(grid, 4, 2), grey_8bit(module.sample_batch(4, 2, temperature=0.5)))
         for request, reason in [("api/interpolate.png", "interpolation needs a latent space"),
                                 ("api/grid.png?class=1", "class: this model is unconditional"),
                                 ("api/grid.png?truncation=0.5", "unknown parameter 'truncation'"),
@@ -205,14 +192,14 @@ def test_a_diffusion_model_offers_its_sampler_steps_and_guidance(diffusion):
     assert meta["options"] == {"sampler": {"type": "choice", "default": "heun", "choices": SAMPLERS},
                                "steps": {"type": "integer", "default": 2, "min": 1, "max": 250},
                                "guidance": {"default": 1.0, "min": 0.0, "max": 10.0}}
-    np.testing.assert_array_equal(cells(png(get(url + "api/grid.png?seed=2&num=4")[2]), 4, 2),
-                                  pixels(module.sample_batch(4, 2)))
+    np.testing.assert_array_equal(grid_cells(png(get(url + "api/grid.png?seed=2&num=4")[2]), 4, 2),
+                                  grey_8bit(module.sample_batch(4, 2)))
     asked = png(get(url + "api/grid.png?seed=2&num=4&class=3&sampler=ddpm&steps=3&guidance=2.5")[2])
-    np.testing.assert_array_equal(cells(asked, 4, 2), pixels(module.sample_batch(
+    np.testing.assert_array_equal(grid_cells(asked, 4, 2), grey_8bit(module.sample_batch(
         4, 2, labels=torch.full((4,), 3), sampler="ddpm", steps=3, guidance=2.5)))
-    assert not np.array_equal(cells(asked, 4, 2), cells(png(get(url + "api/grid.png?seed=2&num=4&class=3")[2]), 4, 2))
+    assert not np.array_equal(grid_cells(asked, 4, 2), grid_cells(png(get(url + "api/grid.png?seed=2&num=4&class=3")[2]), 4, 2))
     unconditional = png(get(url + "api/grid.png?num=4&guidance=0")[2])  # the lower end, included: no class
-    np.testing.assert_array_equal(cells(unconditional, 4, 2), pixels(module.sample_batch(4, 0, guidance=0.0)))
+    np.testing.assert_array_equal(grid_cells(unconditional, 4, 2), grey_8bit(module.sample_batch(4, 0, guidance=0.0)))
 
 
 @pytest.mark.parametrize("request_, reason", [
@@ -309,7 +296,7 @@ def test_an_autoregressive_export_has_its_fixed_temperature_and_no_interpolation
     source = open_source(tmp_path / "ar.pt", "cpu")
     assert isinstance(source, ExportSource)
     assert (source.meta["family"], source.meta["latent_dim"], source.meta["options"]) == ("autoregressive", None, {})
-    np.testing.assert_array_equal(source.images(2, 4)[..., 0], pixels(module.sample_batch(4, 2)))
+    np.testing.assert_array_equal(source.images(2, 4)[..., 0], grey_8bit(module.sample_batch(4, 2)))
     with running(source) as url:
         for request, reason in [("api/interpolate.png", "interpolation needs a latent space"),
                                 ("api/grid.png?temperature=0.5", "unknown parameter 'temperature'")]:

@@ -25,7 +25,7 @@ class DataConfig:
     path: Optional[str] = None
     # shards only: more datasets mixed with data.path, by data.weights (one weight per dataset)
     mix: List[str] = field(default_factory=list)
-    weights: List[float] = field(default_factory=list)
+    weights: List[float] = field(default_factory=list)  # shards: one per dataset (data.path, *data.mix); empty = equal
     shuffle_buffer: int = 1000  # shards: samples held per worker for shuffling
     resampled: bool = False  # shards: draw shards with replacement; epochs of data.steps_per_epoch batches
     steps_per_epoch: int = 0  # shards, resampled: batches per rank per epoch
@@ -35,7 +35,7 @@ class DataConfig:
     channels: int = 1  # 1 = greyscale, 3 = RGB (folder images are converted)
     hflip: bool = False  # random horizontal flip (off for digits: flipped digits are not digits)
     batch_size: int = 64  # real images per discriminator step, per device
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per rank (0 = load in the training process)
     # page-locked host batches when training on CUDA (their copies to the GPU then run asynchronously)
     pin_memory: bool = True
     # copy the next batch to the device while the current step runs (on CUDA on a side stream)
@@ -61,7 +61,7 @@ class NetConfig:
     width: int = 64  # base channel count (conv) or hidden units (mlp)
     depth: int = 3  # hidden layers (mlp only)
     norm: str = "batch"  # none | batch | layer | instance
-    spectral_norm: bool = False
+    spectral_norm: bool = False  # spectral normalisation of every linear / conv weight (SNGAN)
     # your own nn.Module instead of `arch`: package.module:Class or path/to/file.py:Class
     target: Optional[str] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for `target`
@@ -71,10 +71,10 @@ class NetConfig:
 class OptimizerConfig:
     """One optimizer: `optim.g` / `optim.d` of a GAN, `optim` of a single-optimizer family."""
     name: str = "adam"  # adam | rmsprop
-    lr: float = 2e-4
-    betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
-    weight_decay: float = 0.0
-    eps: float = 1e-8
+    lr: float = 2e-4  # learning rate
+    betas: List[float] = field(default_factory=lambda: [0.5, 0.999])  # Adam's (beta1, beta2); unused by rmsprop
+    weight_decay: float = 0.0  # L2 penalty added to the gradients (torch's weight_decay)
+    eps: float = 1e-8  # added to the denominator for numerical stability
     # the update's implementation: auto (torch's choice: foreach on CUDA) | for_loop | foreach |
     # fused (Adam only: one kernel for all parameters, on CPU and CUDA)
     impl: str = "auto"
@@ -106,14 +106,14 @@ class FSDPConfig:
 class TrainerConfig:
     max_steps: int = 3000  # training iterations: one iteration = n_critic D steps + one G step
     accelerator: str = "auto"  # auto | cpu | gpu
-    devices: int = 1
-    num_nodes: int = 1
+    devices: int = 1  # processes (GPUs) per node
+    num_nodes: int = 1  # machines; the world size is devices x num_nodes
     strategy: str = "auto"  # auto | ddp | deepspeed | fsdp
     # DeepSpeed config block (trainer.strategy=deepspeed), merged over our defaults; e.g.
     # {zero_optimization: {stage: 2, offload_optimizer: {device: cpu}}}
     deepspeed: Dict[str, Any] = field(default_factory=lambda: {"zero_optimization": {"stage": 2}})
     ddp: DDPConfig = field(default_factory=DDPConfig)
-    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # trainer.strategy=fsdp
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     # Batch norm statistics over all ranks' batches (our GlobalBatchNorm: CPU and GPU) instead of
     # each rank's own; only matters with more than one process and norm=batch.
@@ -123,8 +123,8 @@ class TrainerConfig:
     # (the step is not applied, counted in train/nonfinite_skips; at most max_nonfinite_skips steps are
     # skipped, the next non-finite one stops).
     nonfinite: str = "stop"
-    max_nonfinite_skips: int = 100
-    progress_bar: bool = True
+    max_nonfinite_skips: int = 100  # nonfinite=skip: skipped steps allowed before a non-finite one stops the run
+    progress_bar: bool = True  # a progress bar of iterations on the terminal (rank 0)
     # torch.compile the networks' training forwards (the gradient penalty and R1, whose double
     # backward torch.compile does not support, stay eager); checkpoints hold the plain modules
     compile: bool = False
@@ -142,7 +142,7 @@ class RunConfig:
     name: str = ""  # run name; empty = derived from the config file name
     root: str = "runs"  # parent folder of run directories
     dir: Optional[str] = None  # explicit run directory (overrides root/name)
-    seed: int = 0
+    seed: int = 0  # seeds initialisation, data order and the sample grids' fixed latents
     sample_every: int = 250  # iterations between sample grids
     checkpoint_every: int = 500  # iterations between kept checkpoints (last.ckpt is always kept)
     keep_checkpoints: int = 5  # newest iter_XXXXXXX.ckpt files kept (0 = all); last/best are always kept
@@ -161,12 +161,15 @@ class RunConfig:
 
 @dataclass
 class WandbConfig:
-    # auto = online when an API key is configured (WANDB_API_KEY or `wandb login`), else offline;
-    # the default job never needs an account. A resumed run continues the same W&B run.
-    mode: str = "auto"  # auto | online | offline | disabled
-    project: str = "dgm_scale"
-    entity: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    """Weights & Biases logging (beside the CSV metrics every run writes)."""
+
+    # auto | online | offline | disabled. auto = online when an API key is configured
+    # (WANDB_API_KEY or `wandb login`), else offline; the default job never needs an account. A
+    # resumed run continues the same W&B run.
+    mode: str = "auto"
+    project: str = "dgm_scale"  # the W&B project runs are logged to
+    entity: Optional[str] = None  # W&B user or team owning the project; none = your default entity
+    tags: List[str] = field(default_factory=list)  # tags of the W&B run
     log_checkpoints: bool = False  # upload checkpoints as W&B artifacts
     # Seconds wandb.init may wait for the server (online); then the run logs offline instead
     # (one warning; `wandb sync` uploads it later), so an unreachable server never holds up training.
@@ -181,9 +184,10 @@ class TrackingConfig:
 
 @dataclass
 class EvalConfig:
-    # Sample quality during training (FID, KID, precision/recall, IS, NDB) of every sampler the
-    # family offers (a GAN with an EMA: eval/* the EMA generator, eval_raw/* the raw one), and
-    # the held-out likelihood of families that have one; computed across all ranks.
+    """Sample quality during training (FID, KID, precision/recall, IS, NDB) of every sampler the
+    family offers (a GAN with an EMA: eval/* the EMA generator, eval_raw/* the raw one), and
+    the held-out likelihood of families that have one; computed across all ranks."""
+
     every: int = 1000  # iterations between evaluations; 0 = none during training
     at_end: bool = True  # also evaluate the final model
     metrics: List[str] = field(default_factory=list)  # empty = fid, kid, pr, ndb (+ is with logits)

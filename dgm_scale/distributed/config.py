@@ -17,7 +17,7 @@ def validate_trainer(trainer: Any) -> None:
         # ZeRO-3, tried on 2 CPU processes with its partitioning on (persistence threshold 0): the
         # GAN's EMA update read released weights ("The size of tensor a (4) must match the size of
         # tensor b (0)") and WGAN-GP's double backward failed ("expected stride to be a single
-        # integer value ... got stride=[2, 2]"); FSDP2 shards parameters and runs both (README).
+        # integer value ... got stride=[2, 2]"); FSDP2 shards parameters and runs both (docs/scale.md).
         require(stage in (0, 1, 2), f"config key 'trainer.deepspeed.zero_optimization.stage': {stage} is not "
                                     "supported (use 0, 1 or 2; ZeRO-3 releases the weights that the EMA update and the "
                                     "gradient penalty's double backward read: to shard parameters use FSDP2, "

@@ -11,10 +11,11 @@ def add_export_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     """Register `dgm-scale export` on the CLI's subcommands (no torch import here)."""
     parser = commands.add_parser("export", help="the (EMA) generator / decoder / autoregressive sampler as a "
                                                 "file that runs without dgm_scale (TorchScript, ONNX, torch.export)")
-    parser.add_argument("checkpoint", metavar="CKPT")
+    parser.add_argument("checkpoint", metavar="CKPT", help="the checkpoint to export (a run's checkpoints/*.ckpt)")
     parser.add_argument("--out", help="the file (default: CKPT-PRECISION.pt / .onnx / .pt2); FILE.json "
                                       "beside it holds the inputs, shapes, value range and training config")
-    parser.add_argument("--format", default="torchscript", choices=FORMATS)
+    parser.add_argument("--format", default="torchscript", choices=FORMATS,
+                        help="torchscript (.pt), onnx (.onnx: needs the export extra) or exported (torch.export .pt2)")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="fp16/bf16: computed in that type, float32 in and out; int8: post-training "
                              "static quantization calibrated on the network's activations (torchscript only)")

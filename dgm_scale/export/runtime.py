@@ -1,5 +1,5 @@
 """Loading an exported sampler back: what `dgm-scale serve`, the sampling benchmark and the tests
-use. The files themselves need no dgm_scale (see the README's Export section for the plain
+use. The files themselves need no dgm_scale (see docs/generators.md, "Export", for the plain
 PyTorch / onnxruntime lines); this adds the sidecar's checks and one calling convention.
 """
 from __future__ import annotations

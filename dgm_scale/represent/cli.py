@@ -12,11 +12,12 @@ def add_encode_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     parser = commands.add_parser("encode", help="features of real data from a trained model (a VAE's posterior, "
                                                 "a GAN's discriminator features, ...) as one .npz; torchrun "
                                                 "splits the work")
-    parser.add_argument("checkpoint", metavar="CKPT")
+    parser.add_argument("checkpoint", metavar="CKPT", help="the trained model's checkpoint")
     parser.add_argument("--data", required=True, metavar="SRC", help="image folder, .npy / .npz, shards or "
                                                                      "builtin:NAME")
-    parser.add_argument("--out", required=True, type=Path, metavar="FILE.npz")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--out", required=True, type=Path, metavar="FILE.npz", help="the features (and labels, "
+                                                                                 "if the data has them)")
+    parser.add_argument("--batch-size", type=int, default=256, help="samples per forward pass")
     parser.add_argument("--strict", action="store_true", help="stop at the first unreadable sample "
                                                               "(default: skip and count it)")
     parser.add_argument("--device", help="e.g. cpu, cuda:1 (default: this process's GPU, else the CPU)")
@@ -44,7 +45,7 @@ def add_probe_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     """Register `dgm-scale probe CKPT --data SRC --labels-per-class K[,K2...]`."""
     parser = commands.add_parser("probe", help="k-means accuracy / NMI and few-label linear-probe accuracy of a "
                                                "model's features vs raw pixels and PCA")
-    parser.add_argument("checkpoint", metavar="CKPT")
+    parser.add_argument("checkpoint", metavar="CKPT", help="the trained model's checkpoint")
     parser.add_argument("--data", required=True, metavar="SRC", help="labelled images: the train split, and the "
                                                                      "test split too without --test")
     parser.add_argument("--test", metavar="SRC2", help="held-out labelled images (default: a seeded split of --data)")
@@ -54,7 +55,7 @@ def add_probe_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--seeds", type=int, default=5, help="label draws per K (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="of the split, k-means and the draws")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="samples per forward pass")
     parser.add_argument("--device", help="e.g. cpu, cuda:1 (default: the GPU, else the CPU)")
     add_trust_option(parser)
     parser.set_defaults(func=cmd_probe)

@@ -40,7 +40,7 @@ repeated parameters are refused.
 
 The server asks a "source" for samples (sources.py): `open_source(path)` gives an export's (a
 file with a sidecar) or a checkpoint's, and `serve(source, host, port)` takes any object with
-the source interface.
+the source interface; `serving(source)` serves it in a thread while a `with` block runs.
 
 Load and abuse (limits.py; `--queue`, `--connections`, `--timeout`, defaults 8, 32, 10 s): at most
 `queue` sample requests (grid, batch, interpolate) are in the server at once, generating one at a
@@ -60,7 +60,7 @@ from dgm_scale.core.trust import add_trust_option
 
 # The server and sources import torch: loaded on first use, so that the CLI's parser stays light.
 _LAZY = {name: f"{__name__}.{module}" for name, module in (
-    ("serve", "server"), ("make_server", "server"), ("url_of", "server"), ("CAPS", "server"), ("Limits", "limits"),
+    ("serve", "server"), ("serving", "server"), ("make_server", "server"), ("url_of", "server"), ("CAPS", "server"), ("Limits", "limits"),
     ("open_source", "sources"), ("CheckpointSource", "sources"), ("ModuleSource", "sources"),
     ("ExportSource", "sources"), ("SampleSource", "sources"), ("BadRequest", "sources"))}
 __getattr__ = lazy_attributes(__name__, _LAZY)
@@ -115,5 +115,6 @@ __all__ = [
     "make_server",
     "open_source",
     "serve",
+    "serving",
     "url_of",
 ]

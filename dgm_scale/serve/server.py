@@ -4,10 +4,12 @@ any source (see sources.py) and samples through a bounded queue (limits.py: one 
 request threads)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
@@ -235,6 +237,21 @@ def url_of(server: BoundedHTTPServer) -> str:
     return f"http://{host}:{port}/"
 
 
+@contextlib.contextmanager
+def serving(source, host: str = "127.0.0.1", port: int = 0, limits: Limits | None = None) -> Iterator[str]:
+    """`source` served in a background thread while the block runs (port 0: a free port);
+    yields the page's URL. For code that shows the page itself (the tests, the docs' pictures)."""
+    server = make_server(source, host, port, limits)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield url_of(server)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
 def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> None:
     """Serve `source` until Ctrl-C; prints one line with the URL first."""
     try:
@@ -250,4 +267,4 @@ def serve(source, host: str = "127.0.0.1", port: int = 8000, limits: Limits | No
         server.server_close()
 
 
-__all__ = ["CAPS", "Endpoints", "make_server", "serve", "url_of"]
+__all__ = ["CAPS", "Endpoints", "make_server", "serve", "serving", "url_of"]

@@ -22,10 +22,10 @@ from dgm_scale.families.registry import Family
 
 @dataclass
 class AutoregressiveModelConfig:
-    kind: str = "autoregressive"
+    kind: str = "autoregressive"  # the model family: a built-in or registered name, or package.module:FAMILY
     module: Optional[str] = None  # your own module class (a subclass of AutoregressiveModule)
     cell: str = "lstm"  # lstm | gru
-    layers: int = 2
+    layers: int = 2  # stacked recurrent layers
     width: int = 256  # hidden units per layer
     embed_dim: int = 64  # symbol / position / class embedding size
     dropout: float = 0.0  # between recurrent layers

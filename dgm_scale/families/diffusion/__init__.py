@@ -28,14 +28,14 @@ from dgm_scale.families.registry import Family
 class DenoiserConfig:
     """The built-in U-Net (nets/unet.py), or your own network by class path: `target` with
     `kwargs`, called as net(noisy x [N, C, H, W], noise level [N], labels [N] or None) -> [N, C, H, W]."""
-    arch: str = "unet"
+    arch: str = "unet"  # unet (the only built-in denoiser)
     width: int = 32  # channels of the first level
     channel_mult: List[int] = field(default_factory=lambda: [1, 2, 2])  # width multiplier per level (each halves H, W)
     blocks: int = 2  # residual blocks per level
     attention: List[int] = field(default_factory=lambda: [4])  # resolutions with self-attention
-    dropout: float = 0.0
-    target: Optional[str] = None
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    dropout: float = 0.0  # dropout probability in the residual blocks
+    target: Optional[str] = None  # your own denoiser instead of `arch`: package.module:Class or path/to/file.py:Class
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments for `target`
 
 
 @dataclass
@@ -49,14 +49,14 @@ class PhemaConfig:
 
 @dataclass
 class DiffusionModelConfig:
-    kind: str = "diffusion"
+    kind: str = "diffusion"  # the model family: a built-in or registered name, or package.module:FAMILY
     module: Optional[str] = None  # your own module class (a DiffusionModule subclass)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     num_classes: int = 0  # > 0: class-conditional (a class embedding; "no class" is row K)
     # classifier-free guidance: the share of training samples whose label is dropped to "no class"
     label_dropout: float = 0.0
     ema_decay: float = 0.999  # the EMA denoiser that samples (0 = none); ramped like the GAN's
-    ema_rampup: float = 0.05
+    ema_rampup: float = 0.05  # the EMA's half-life is at most this fraction of the iterations so far (0 = no ramp)
     phema: PhemaConfig = field(default_factory=PhemaConfig)
 
 
@@ -67,10 +67,10 @@ class DiffusionLossConfig:
     timesteps: int = 1000  # eps, v: discrete time with this many steps; 0 = continuous time
     sigma_data: float = 0.5  # edm: the data's standard deviation
     p_mean: float = -1.2  # edm: ln(sigma) ~ N(p_mean, p_std^2) in training
-    p_std: float = 1.2
+    p_std: float = 1.2  # edm: the standard deviation of ln(sigma) in training
     time_sampling: str = "uniform"  # flow: uniform | logit_normal
     logit_mean: float = 0.0  # flow, logit_normal: t = sigmoid(logit_mean + logit_std * n)
-    logit_std: float = 1.0
+    logit_std: float = 1.0  # flow, logit_normal: the standard deviation of the logit of t
 
 
 @dataclass
@@ -85,11 +85,11 @@ class SamplerConfig:
     eta: float = 0.0  # ddim: 0 deterministic .. 1 ancestral
     churn: float = 0.0  # heun: EDM's S_churn (0 = deterministic)
     churn_min: float = 0.05  # heun: churn only where sigma / alpha is in [churn_min, churn_max]
-    churn_max: float = 50.0
+    churn_max: float = 50.0  # heun: the upper end of churn's range of sigma / alpha
     churn_noise: float = 1.003  # heun: EDM's S_noise
-    sigma_min: float = 0.002  # edm: the sampling grid's noise levels and its rho
-    sigma_max: float = 80.0
-    rho: float = 7.0
+    sigma_min: float = 0.002  # edm: the lowest noise level of the sampling grid
+    sigma_max: float = 80.0  # edm: the highest noise level of the sampling grid (where sampling starts)
+    rho: float = 7.0  # edm: the grid's spacing exponent (larger: more steps at low noise)
 
 
 @dataclass
@@ -101,8 +101,10 @@ class LikelihoodConfig:
     ode_steps: int = 100  # ode: Heun steps from ratio_min to ratio_max
     probes: int = 1  # ode: Rademacher probes of Hutchinson's trace estimator per image
     repeats: int = 1  # draws per image averaged (vlb: noise; ode: dequantisation and probes)
-    ratio_min: float = 0.002  # ode (and encode): the range of sigma / alpha it integrates over,
-    ratio_max: float = 80.0  # within the model's own
+    # ode (and encode): the range [ratio_min, ratio_max] of sigma / alpha it integrates over,
+    # within the model's own
+    ratio_min: float = 0.002
+    ratio_max: float = 80.0  # ode (and encode): the upper end of the range (see ratio_min)
 
 
 @dataclass

@@ -11,7 +11,7 @@ def add_ema_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPar
     """Register `dgm-scale ema` on the CLI's subcommands (no torch import here)."""
     parser = commands.add_parser("ema", help="post-hoc EMA: a checkpoint with the EMA of any width, built from a "
                                              "diffusion run's snapshots (model.phema.snapshot_every > 0)")
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the diffusion run's directory (with phema/)")
     parser.add_argument("--sigma-rel", type=float, required=True, metavar="S",
                         help="the EMA's width: the standard deviation of its averaging profile relative to the "
                              "training time (EDM2: 0.05-0.15 typical; up to 0.2887, the uniform average)")

@@ -17,16 +17,16 @@ from dgm_scale.families.registry import Family
 @dataclass
 class AdversarialModelConfig:
     """The `model` section of a family of a generator against a discriminator (the GAN, the SSGAN)."""
-    kind: str = "gan"
+    kind: str = "gan"  # the model family: a built-in or registered name, or package.module:FAMILY
     module: Optional[str] = None  # your own module class (a subclass of the family's): package.module:Class
-    latent_dim: int = 64
-    generator: NetConfig = field(default_factory=NetConfig)
-    discriminator: NetConfig = field(default_factory=NetConfig)
+    latent_dim: int = 64  # size of the latent vector z that G maps to a sample
+    generator: NetConfig = field(default_factory=NetConfig)  # G: maps a latent z (and a class) to a sample
+    discriminator: NetConfig = field(default_factory=NetConfig)  # D: scores samples as real or fake (the critic)
     # > 0 keeps an exponential moving average of G for sampling and evaluation. The decay is at
     # most ema_decay (0.999: a half-life of ~693 iterations), and early on less: the half-life is
     # at most ema_rampup x the iterations so far (StyleGAN2-ADA's ramp; 0 = the fixed decay).
     ema_decay: float = 0.999
-    ema_rampup: float = 0.05
+    ema_rampup: float = 0.05  # the EMA's half-life is at most this fraction of the iterations so far (0 = no ramp)
     # batches of data.batch_size latents that recompute the EMA generator's batch-norm statistics
     # for its own weights before it samples (modules/ema.py: standing statistics); 0 = copy the
     # raw generator's statistics instead (the old behaviour, worse: kept for comparison)
@@ -50,11 +50,11 @@ class GANLossConfig:
     # R1 (Mescheder et al. 2018): gamma / 2 * E||grad_x D(real)||^2 (0 = off), applied every
     # r1_interval-th discriminator step with weight x r1_interval (lazy regularisation)
     r1_gamma: float = 0.0
-    r1_interval: int = 1
+    r1_interval: int = 1  # R1 every this many discriminator steps, its weight multiplied by it (1 = every step)
     # LeCam (Tseng et al. 2021): lambda * (E(D(real) - a_fake)^2 + E(D(fake) - a_real)^2), a_* the
     # moving averages (decay lecam_decay) of D's mean outputs (0 = off)
     lecam_weight: float = 0.0
-    lecam_decay: float = 0.99
+    lecam_decay: float = 0.99  # decay of LeCam's moving averages a_real, a_fake of D's outputs
 
 
 @dataclass
@@ -62,7 +62,8 @@ class AugConfig:
     """What D sees: DiffAugment's policies (always) and / or ADA's pipeline (probability p)."""
     policy: List[str] = field(default_factory=list)  # DiffAugment: color, translation, cutout (combinable)
     ada: bool = False  # adaptive discriminator augmentation
-    ada_ops: List[str] = field(default_factory=lambda: ["xflip", "rotate90", "translation", "color"])  # + cutout
+    # ADA's operations, applied in the order listed: any of xflip, rotate90, translation, color, cutout
+    ada_ops: List[str] = field(default_factory=lambda: ["xflip", "rotate90", "translation", "color"])
     ada_target: float = 0.6  # the r_t = E[sign(D(real))] that p is adjusted towards
     ada_kimg: float = 100.0  # thousands of real images over which p can move by 1 (0 = p stays ada_p)
     ada_interval: int = 4  # discriminator steps between adjustments

@@ -33,7 +33,7 @@ GENERATOR_LOSSES = ("feature_matching", "nsgan")
 
 @dataclass
 class SSGANModelConfig(AdversarialModelConfig):
-    kind: str = "ssgan"
+    kind: str = "ssgan"  # the model family: a built-in or registered name, or package.module:FAMILY
     # K: the classes D tells apart (its K outputs); must be the training data's classes. G is
     # unconditional (samples are not asked for a class).
     classes: int = 10

@@ -16,12 +16,12 @@ from dgm_scale.families.registry import Family
 
 @dataclass
 class VAEModelConfig:
-    kind: str = "vae"
+    kind: str = "vae"  # the model family: a built-in or registered name, or package.module:FAMILY
     module: Optional[str] = None  # your own module class (a VAEModule subclass): package.module:Class
-    latent_dim: int = 16
+    latent_dim: int = 16  # size of the latent vector z (the posterior is a diagonal Gaussian over it)
     # outputs 2 x latent_dim numbers per image (posterior mean and log-variance)
     encoder: NetConfig = field(default_factory=NetConfig)
-    decoder: NetConfig = field(default_factory=NetConfig)
+    decoder: NetConfig = field(default_factory=NetConfig)  # maps a latent z to the likelihood's parameters
 
 
 @dataclass
