@@ -208,7 +208,7 @@ def check_syncs_and_memory(s: dict, scratch: Path) -> tuple[str, str]:
     from dgm_scale.config import load_config
     from dgm_scale.data import DataModule
     from dgm_scale.modules import build_module
-    from dgm_scale.train import build_trainer, make_run_dir, quiet_lightning
+    from dgm_scale.training import build_trainer, make_run_dir, quiet_lightning
 
     quiet_lightning()
     counting = not s["tiny"] and torch.cuda.is_available()

@@ -67,7 +67,7 @@ def fit(s: dict, run_dir: Path, overrides: list[str], callbacks: list, config: O
     from dgm_scale.config import load_config
     from dgm_scale.data import DataModule
     from dgm_scale.modules import build_module
-    from dgm_scale.train import build_trainer, make_run_dir, quiet_lightning
+    from dgm_scale.training import build_trainer, make_run_dir, quiet_lightning
 
     quiet_lightning()
     cfg = load_config(config, [*overrides, f"run.dir={run_dir}"])

@@ -39,7 +39,7 @@ from dgm_scale.data import DataModule
 from dgm_scale.losses import build_adversarial_loss, gradient_penalty
 from dgm_scale.modules import build_module
 from dgm_scale.modules.optim import build_optimizer
-from dgm_scale.train import build_trainer, make_run_dir, quiet_lightning
+from dgm_scale.training import build_trainer, make_run_dir, quiet_lightning
 
 
 class Timing(NamedTuple):

@@ -36,7 +36,7 @@ REQUEST_TIMEOUT = 60
 
 def small_checkpoint(folder: Path) -> Path:
     from dgm_scale.config import load_config
-    from dgm_scale.train import train
+    from dgm_scale.training import train
 
     overrides = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "trainer.max_steps=4",
                  "trainer.accelerator=cpu", "trainer.progress_bar=false",

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = r"""
 import json, os, resource, sys, time
-import dgm_scale.train as train_module
+import dgm_scale.training as train_module
 from dgm_scale.config import load_config
 from lightning import Callback
 

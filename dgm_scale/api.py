@@ -20,7 +20,7 @@ def train(config: Any = None, overrides: Sequence[str] | Mapping[str, Any] = ())
     `overrides`). Returns a RunResult (run_dir, iterations, seconds, checkpoint, samples, module)."""
     from omegaconf import DictConfig
 
-    from dgm_scale.train import quiet_lightning, train as train_config
+    from dgm_scale.training import quiet_lightning, train as train_config
 
     quiet_lightning()
     cfg = config if isinstance(config, DictConfig) else load_config(config, overrides)

@@ -25,7 +25,7 @@ def _split_config_args(args: Sequence[str]) -> tuple[Optional[str], List[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dgm_scale.train import quiet_lightning, train  # heavy imports only for commands that need them
+    from dgm_scale.training import quiet_lightning, train  # heavy imports only for commands that need them
 
     quiet_lightning()
     from dgm_scale.distributed import launch_env

@@ -74,7 +74,7 @@ def run_overrides(run_dir: Path, steps: int) -> list[str]:
 
 def train_run(run_dir: Path, steps: int = STEPS, extra: tuple[str, ...] = ()) -> Path:
     """Train the picture run into `run_dir`; returns its checkpoint."""
-    from dgm_scale.api import train  # not dgm_scale.train: once imported, that name is the module
+    from dgm_scale.api import train
 
     return train(None, [*run_overrides(run_dir, steps), *extra]).checkpoint
 

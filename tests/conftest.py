@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dgm_scale.train import quiet_lightning
+from dgm_scale.training import quiet_lightning
 from fidelity_reference import load_torch_fidelity
 from helpers import under_ci
 

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 
 from dgm_scale.config import load_config
-from dgm_scale.train import quiet_lightning, train
+from dgm_scale.training import quiet_lightning, train
 from fsdp_state import full
 from helpers import ActivationDtypes, ElasticProbe, SyncCounter, with_callback, with_callbacks
 

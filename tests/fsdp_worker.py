@@ -14,7 +14,7 @@ import torch
 from ddp_worker import FullParameters
 from fsdp_state import full_optimizer_states
 from dgm_scale.config import load_config
-from dgm_scale.train import quiet_lightning, train
+from dgm_scale.training import quiet_lightning, train
 from helpers import with_callback
 
 class OptimizerStates(L.Callback):

@@ -142,9 +142,9 @@ def assert_same_weights(first: Path, second: Path, atol: float = 0.0) -> None:
 
 
 def with_callback(callback: L.Callback, setattr=setattr) -> None:
-    """Runs of `dgm_scale.train.train` get `callback` first among their callbacks (pass
+    """Runs of `dgm_scale.training.train` get `callback` first among their callbacks (pass
     monkeypatch.setattr in a test)."""
-    import dgm_scale.train as train_module
+    import dgm_scale.training as train_module
 
     build = train_module.build_callbacks
     setattr(train_module, "build_callbacks", lambda *a, **k: [callback] + build(*a, **k))
@@ -221,7 +221,7 @@ def train_computing(config: str | Path, overrides: list[str]):
     import pytest
 
     from dgm_scale.config import load_config
-    from dgm_scale.train import train
+    from dgm_scale.training import train
 
     activations = ActivationDtypes()
     with pytest.MonkeyPatch.context() as patch:
@@ -267,7 +267,7 @@ def train_here(args: list[str], run_dir: Path) -> None:
     """`dgm-scale train ARGS run.dir=RUN_DIR` in this process (ARGS: a config file, then
     overrides), computing like a one-thread subprocess, to compare with one."""
     from dgm_scale.config import load_config
-    from dgm_scale.train import train
+    from dgm_scale.training import train
 
     with one_thread():
         train(load_config(args[0], [*args[1:], f"run.dir={run_dir}"]))
@@ -669,8 +669,8 @@ class SyncCounter:
 
 
 def with_callbacks(first: L.Callback, last: L.Callback, setattr=setattr) -> None:
-    """Runs of `dgm_scale.train.train` get `first` before and `last` after all their callbacks."""
-    import dgm_scale.train as train_module
+    """Runs of `dgm_scale.training.train` get `first` before and `last` after all their callbacks."""
+    import dgm_scale.training as train_module
 
     build = train_module.build_callbacks
     setattr(train_module, "build_callbacks", lambda *a, **k: [first] + build(*a, **k) + [last])

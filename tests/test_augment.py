@@ -11,7 +11,7 @@ from dgm_scale.config import ConfigError, load_config
 from dgm_scale.data import DataModule
 from dgm_scale.losses.regularizers import lecam_penalty, r1_penalty
 from dgm_scale.modules import build_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import TINY, torchrun
 
 DIFF_OPS = [diffaugment.brightness, diffaugment.saturation, diffaugment.contrast, diffaugment.translation,

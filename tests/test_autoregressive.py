@@ -19,7 +19,7 @@ from dgm_scale.families.autoregressive.module import image_to_symbols, symbols_t
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.nets.sequence import START
 from dgm_scale.score import heldout_batches
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import ROOT, TINY_RUN, torchrun
 from nan_injection import install
 

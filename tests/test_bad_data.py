@@ -21,7 +21,7 @@ from dgm_scale.config.schema import DataConfig
 from dgm_scale.data import DataError, build_dataset, transforms
 from dgm_scale.data.shards.stream import ShardStream
 from dgm_scale.data.transforms import to_8bit
-from dgm_scale.train import train
+from dgm_scale.training import train
 
 R = 8  # every convertible file is R x R (no resize), so the expected pixels are exact
 

@@ -3,7 +3,7 @@ import lightning as L
 import pytest
 
 from dgm_scale.core.chain import CallbackChain, callbacks_of
-from dgm_scale.train import chained
+from dgm_scale.training import chained
 
 
 class Recorder(L.Callback):

@@ -8,7 +8,7 @@ from dgm_scale.config import load_config
 from dgm_scale.data import DataModule, toy_centers
 from dgm_scale.metrics import mode_coverage
 from dgm_scale.modules import build_module, load_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 
 
 def test_mode_coverage_counts_modes_and_quality():

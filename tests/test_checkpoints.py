@@ -7,7 +7,7 @@ import torch
 from helpers import TINY
 from dgm_scale.config import load_config
 from dgm_scale.tracking.callbacks import prune_iteration_checkpoints
-from dgm_scale.train import train
+from dgm_scale.training import train
 
 
 def names(directory: Path) -> list[str]:

@@ -7,7 +7,7 @@ import torch
 from helpers import TINY
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.data.device import DevicePrefetchLoader, pin_memory_for, prefetched
-from dgm_scale.train import quiet_lightning, train
+from dgm_scale.training import quiet_lightning, train
 
 
 class CountingBatches:

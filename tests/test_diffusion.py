@@ -9,7 +9,7 @@ from dgm_scale.cli import main
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.families.diffusion.module import guided_denoiser
 from dgm_scale.modules import build_module, load_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import ROOT, TINY_RUN, metrics_rows, one_line, torchrun
 
 TINY_DIFFUSION = [*TINY_RUN, "model.kind=diffusion", "model.denoiser.width=8", "model.denoiser.channel_mult=[1,2]",

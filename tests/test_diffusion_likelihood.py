@@ -39,7 +39,7 @@ from dgm_scale.losses.vae import discretized_gaussian_log_likelihood
 from dgm_scale.metrics.evaluation import heldout_likelihood
 from dgm_scale.metrics.real_data import raw_to_image, to_model_space
 from dgm_scale.modules import build_module, load_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import ROOT, TINY_RUN, one_line
 
 LEVELS = from_8bit(torch.arange(256)).double()

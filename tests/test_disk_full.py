@@ -30,7 +30,7 @@ from dgm_scale.data.shards import BuildOptions, build_shards, read_manifest
 from dgm_scale.modules import load_module
 from dgm_scale.tracking.loggers import AppendingCSVLogger, _AppendingWriter
 from dgm_scale.tracking.report import RunReport, build_report
-from dgm_scale.train import train
+from dgm_scale.training import train
 
 MAX_STEPS = 8
 RUN = ["configs/nsgan.yaml", *TINY, f"trainer.max_steps={MAX_STEPS}", "run.checkpoint_every=1",

@@ -99,7 +99,7 @@ def test_vae_on_two_ranks_equals_one_rank_with_the_double_batch(norm, tmp_path):
     from torch.utils.data import DataLoader, DistributedSampler
 
     from dgm_scale.data import DataModule
-    from dgm_scale.train import build_trainer, make_run_dir
+    from dgm_scale.training import build_trainer, make_run_dir
 
     cfg = load_config("configs/vae.yaml", common + ["data.batch_size=16", f"run.dir={tmp_path / 'single'}"])
     import lightning as L

@@ -6,7 +6,7 @@ from PIL import Image
 from dgm_scale.cli import main
 from dgm_scale.config import load_config
 from dgm_scale.modules import load_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import TINY, TINY_RUN, torchrun
 
 

@@ -300,7 +300,7 @@ def test_training_on_shards_with_another_worker_count_reads_the_epoch_once(tmp_p
     from dgm_scale.data.shards.loader import StreamLoader
     from dgm_scale.data.shards.stream import ShardStream
     from dgm_scale.data.shards.writer import BuildOptions, build_shards
-    from dgm_scale.train import quiet_lightning, train
+    from dgm_scale.training import quiet_lightning, train
     from helpers import TINY
 
     images = np.random.default_rng(0).integers(0, 256, (128, 8, 8), dtype=np.uint8)

@@ -9,7 +9,7 @@ from torch import nn
 from dgm_scale.config import load_config
 from dgm_scale.modules import build_module, load_module
 from dgm_scale.modules.ema import make_ema_copy, ramped_decay, standing_statistics, update_ema
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import TINY
 
 

@@ -23,7 +23,7 @@ from dgm_scale.metrics.extractors import build_extractor
 from dgm_scale.metrics.probe_metric import ProbeEvaluator
 from dgm_scale.metrics.real_data import rank_share, real_batches
 from dgm_scale.modules import build_module, load_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 
 TOY = ["trainer.progress_bar=false", "data.toy_samples=2000", "model.generator.width=16",
        "model.discriminator.width=16", "model.generator.depth=1", "model.discriminator.depth=1"]

@@ -33,3 +33,18 @@ def test_train_from_python_then_sample_the_checkpoint(tmp_path):
     out = run_python([str(ROOT / "examples" / "sample_checkpoint.py"), str(run_dir / "checkpoints" / "last.ckpt"),
                       str(tmp_path / "grid.png"), "--num", "9"], tmp_path)
     assert "gan model of iteration 20: 9 samples" in out and (tmp_path / "grid.png").is_file()
+
+
+def test_api_names_stay_the_api_after_the_package_modules_are_imported():
+    """`dgm_scale.train(cfg)` twice in one script: the first call imports the package's modules,
+    and a submodule of the same name would then replace the function on the package."""
+    import importlib
+    import pkgutil
+
+    import dgm_scale
+
+    for module in pkgutil.iter_modules(dgm_scale.__path__):
+        if module.name in dgm_scale.__all__:
+            importlib.import_module(f"dgm_scale.{module.name}")
+    for name in dgm_scale.__all__:
+        assert not isinstance(getattr(dgm_scale, name), type(dgm_scale)), f"dgm_scale.{name} is a module"

@@ -11,7 +11,7 @@ from dgm_scale.core.errors import ConfigError
 from dgm_scale.export import load_export
 from dgm_scale.export.build import export_module
 from dgm_scale.modules import build_module, load_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import TINY, TINY_RUN, plain_site, run_plain
 
 CONDITIONAL_GAN = TINY + ["model.num_classes=10", "data.resolution=16", "model.generator.width=8"]

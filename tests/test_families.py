@@ -15,7 +15,7 @@ from dgm_scale.config import ConfigError, config_from_dict, load_config, to_dict
 from dgm_scale.families import family_names, get_family
 from dgm_scale.families.gan.module import GANModule
 from dgm_scale.modules import build_module, load_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import ROOT, TINY, TINY_RUN, TOY_FAMILY, free_port, one_line
 
 CUSTOM = ROOT / "examples" / "custom_nets"

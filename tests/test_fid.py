@@ -9,7 +9,7 @@ from dgm_scale.cli import main
 from dgm_scale.config import load_config
 from dgm_scale.data.datasets import _digits_tensors
 from dgm_scale.data.transforms import to_8bit
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import TINY
 
 

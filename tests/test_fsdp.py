@@ -184,7 +184,7 @@ class GANWithALooseParameter(GANModule):
 
 
 def test_a_parameter_outside_the_networks_is_refused(tmp_path):
-    from dgm_scale.train import train
+    from dgm_scale.training import train
 
     with pytest.raises(RuntimeError, match="parameter 'loose' is in no network the module names"):
         train(load_config(overrides=[*TINY, "trainer.strategy=fsdp", "model.module=test_fsdp:GANWithALooseParameter",

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from dgm_scale.cli import main
 from dgm_scale.config import ConfigError, load_config, to_dict
 from dgm_scale.modules import build_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import ROOT, TINY, hang_guard, leaf_keys
 
 FUZZ_OVERRIDES, FUZZ_FILES = 500, 200

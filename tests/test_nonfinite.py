@@ -11,7 +11,7 @@ from dgm_scale.config import ConfigError, load_config
 from dgm_scale.distributed.zero_checkpoint import ZERO_SHARDS, read_shard
 from dgm_scale.modules import load_module
 from dgm_scale.modules.guards import NonFiniteError, all_finite
-from dgm_scale.train import train
+from dgm_scale.training import train
 from nan_injection import install
 
 COMMON = TINY + ["trainer.max_steps=6", "run.checkpoint_every=2"]

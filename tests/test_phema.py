@@ -15,7 +15,7 @@ from dgm_scale.families.diffusion.posthoc import reconstruct, snapshot_iteration
 from dgm_scale.modules import load_module
 from dgm_scale.modules.phema import (PowerFunctionEMA, exponent_of, profile_error, profile_inner_products,
                                      sigma_rel_of, solve_weights)
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import ROOT, TINY_RUN, assert_same_phema, one_line, stop_and_resume
 
 WIDTHS = [0.01, 0.05, 0.08, 0.10, 0.2, 0.28]

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from helpers import TINY, adapt, torchrun, train_computing
 from dgm_scale.distributed.precision import PerOptimizerScaledPrecision
 from dgm_scale.losses import gradient_penalty
-from dgm_scale.train import quiet_lightning
+from dgm_scale.training import quiet_lightning
 
 
 def test_gradient_penalty_does_not_depend_on_the_loss_scale():

@@ -18,7 +18,7 @@ from dgm_scale.metrics.probe_metric import Projection
 from dgm_scale.tracking.plots import GRID, PALETTE, Series, format_tick, line_chart, nice_ticks, scatter_chart
 from dgm_scale.families import get_family
 from dgm_scale.tracking.report import build_report, load_run, save_projection, training_groups
-from dgm_scale.train import train
+from dgm_scale.training import train
 
 HOSTILE_NAME = "<script>alert('x')</script>&run"
 

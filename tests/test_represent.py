@@ -25,7 +25,7 @@ from dgm_scale.modules import load_module
 from dgm_scale.nets import build_discriminator, discriminator_features
 from dgm_scale.nets.stylegan2 import MinibatchStd
 from dgm_scale.represent.probe import cluster_accuracy, kmeans_scores, linear_probe, representations
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import TINY, TINY_RUN, TOY_FAMILY, adapt, torchrun
 
 VAE = "configs/vae.yaml"

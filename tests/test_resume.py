@@ -7,7 +7,7 @@ from torch.utils.data import DistributedSampler
 from helpers import TINY, adapt, assert_same_weights, metrics_rows, stop_and_resume, torchrun
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.data import ResumableDistributedSampler
-from dgm_scale.train import quiet_lightning, train
+from dgm_scale.training import quiet_lightning, train
 
 # Large batches so that the 6 iterations cross epoch boundaries (digits: 1,617 training images).
 EPOCHS = {"wgan_gp": ["data.batch_size=128"], "vae": ["data.batch_size=512"], "nsgan": ["data.batch_size=512"]}

@@ -29,7 +29,7 @@ from dgm_scale.serve import (
     open_source,
     serve,
 )
-from dgm_scale.train import train
+from dgm_scale.training import train
 
 AR_IMAGES = ["model.kind=autoregressive", *TINY_RUN, "model.width=8", "model.embed_dim=8", "model.layers=1"]
 

@@ -14,7 +14,7 @@ from dgm_scale.cli import main
 from dgm_scale.config import load_config
 from dgm_scale.data import DataError
 from dgm_scale.data.shards import stream as stream_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 
 SIZES = [16, 16, 16, 16]  # two shards per rank of two
 SHARD_RUN = [*TINY, "data.name=shards", "data.batch_size=4", "data.shuffle_buffer=1", "run.checkpoint_every=3"]

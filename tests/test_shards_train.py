@@ -10,7 +10,7 @@ from dgm_scale.config import load_config
 from dgm_scale.data import DataError
 from dgm_scale.data.shards.samples import FAULT_KINDS
 from dgm_scale.data.shards.writer import BuildOptions, build_shards
-from dgm_scale.train import quiet_lightning, train
+from dgm_scale.training import quiet_lightning, train
 
 SHARDS = ["data.name=shards", "data.resolution=8", "data.channels=1", "data.shuffle_buffer=64"]
 

@@ -15,7 +15,7 @@ from dgm_scale.data.labels import HIDDEN
 from dgm_scale.families.ssgan.module import (d_supervised_loss, d_unsupervised_loss, g_feature_matching_loss,
                                              g_nonsaturating_loss, labelled_accuracy)
 from dgm_scale.modules import load_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import ROOT, TINY
 
 CONFIG = str(ROOT / "configs" / "ssgan.yaml")

@@ -14,7 +14,7 @@ import torch
 
 from helpers import TINY, TINY_RUN, SyncCounter, adapt, torchrun, with_callbacks
 from dgm_scale.config import load_config
-from dgm_scale.train import train
+from dgm_scale.training import train
 
 LOG_EVERY = 3
 #: 6 iterations; logged, sample grids and checkpoints at 3 and 6: counted at 1, 2, 4 and 5

@@ -12,7 +12,7 @@ from helpers import TINY_TRAIN, adapt, train_computing
 from dgm_scale.cli import main
 from dgm_scale.config import load_config
 from dgm_scale.modules import build_module, load_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 
 VARIANTS = ["gan", "nsgan", "lsgan", "wgan", "wgan_gp", "hinge", "vae"]
 

@@ -15,7 +15,7 @@ from dgm_scale.cli import main
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.core.trust import TRUST_ENV, code_names, foreign_code, is_code_key, is_packaged
 from dgm_scale.modules import build_module, load_module
-from dgm_scale.train import train
+from dgm_scale.training import train
 from helpers import ROOT, TINY, one_line
 
 CUSTOM = ROOT / "examples" / "custom_nets"

@@ -15,7 +15,7 @@ from helpers import (ROOT, TINY_TRAIN, config_values, history_keys, metrics_rows
 from dgm_scale.config import ConfigError, load_config
 from dgm_scale.modules import load_module
 from dgm_scale.tracking.loggers import WANDB_RUN_ID_FILE, build_loggers, resolve_wandb_mode
-from dgm_scale.train import train
+from dgm_scale.training import train
 
 # The test suite's TINY_TRAIN turns W&B off; these tests turn it on again (the later value wins).
 OFFLINE = TINY_TRAIN + ["tracking.wandb.mode=offline"]
