@@ -17,7 +17,7 @@ from dgm_scale.tracking import report as report_module
 from dgm_scale.metrics.probe_metric import Projection
 from dgm_scale.tracking.plots import GRID, PALETTE, Series, format_tick, line_chart, nice_ticks, scatter_chart
 from dgm_scale.families import get_family
-from dgm_scale.tracking.report import build_report, load_run, save_projection, training_groups
+from dgm_scale.tracking.report import build_report, iterations, load_run, save_projection, training_groups
 from dgm_scale.training import train
 
 HOSTILE_NAME = "<script>alert('x')</script>&run"
@@ -196,14 +196,18 @@ def test_training_refreshes_the_report_at_evaluations_and_the_end(tmp_path, monk
         return build_report(run_dir, unsaved_rows, status)
 
     monkeypatch.setattr(report_module, "build_report", recording_build)
-    cfg = load_config("configs/ring8.yaml", TOY + [f"run.dir={tmp_path / 'run'}",
+    # evaluations at 3 (periodic) and 4 (eval.at_end: logged after the last batch)
+    cfg = load_config("configs/ring8.yaml", TOY + [f"run.dir={tmp_path / 'run'}", "eval.every=3",
                                                    f"eval.cache_dir={tmp_path / 'cache'}"])
     train(cfg)
-    assert [status for status, _ in calls] == ["running (iteration 2)", "running (iteration 4)", "finished"]
-    assert calls[0][1] > 0  # metrics.csv is not written yet at iteration 2: the logger's rows are used
+    assert [status for status, _ in calls] == ["running (iteration 3)", "finished"]
+    assert calls[0][1] > 0  # metrics.csv is not written yet at iteration 3: the logger's rows are used
     run_dir = tmp_path / "run"
     html = (run_dir / "report.html").read_text()
     assert "<b>4</b> of 4" in html and "finished" in html
+    run = load_run(run_dir)
+    fid_rows = [i for i, row in zip(iterations(run.rows), run.rows) if "eval/fid" in row]
+    assert fid_rows == [3, 4]  # each evaluation's metrics.csv row maps to its own iteration
     for name in ("losses", "critic_outputs", "grad_norms", "eval_fid"):
         assert (run_dir / "plots" / f"{name}.png").is_file(), name
     for source in re.findall(r'<img src="([^"]+)"', html):

@@ -21,6 +21,13 @@ def logger_step(trainer: Any) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
+def last_batch_step(trainer: Any) -> int:
+    """`logger_step` of the last batch, for values logged after the loop (on_train_end), where
+    Lightning's counter has already moved past that batch: an evaluation at the end then shares
+    the last iteration's row instead of claiming one more iteration."""
+    return max(logger_step(trainer) - 1, 0)
+
+
 def count_skipped_optimizer_step(lightning_optimizer: Any) -> None:
     """Advance Lightning's optimizer-step counter (`global_step`) as a real `opt.step()` would,
     without stepping: the hooks its manual-optimisation loop runs around a step."""

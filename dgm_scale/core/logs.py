@@ -6,8 +6,9 @@ from typing import Any, Optional
 from dgm_scale.core.lightning_internals import logger_step
 
 
-def log_now(trainer, metrics: dict[str, float]) -> None:
-    """Write metrics straight to the loggers on rank 0, at Lightning's step for this batch.
+def log_now(trainer, metrics: dict[str, float], step: Optional[int] = None) -> None:
+    """Write metrics straight to the loggers on rank 0, at Lightning's step for this batch
+    (or `step`).
 
     For values logged every k iterations from callbacks. Not `pl_module.log_dict`: Lightning
     keeps a value logged in on_train_batch_end and writes it again with every later batch's row
@@ -15,7 +16,7 @@ def log_now(trainer, metrics: dict[str, float]) -> None:
     """
     if not trainer.is_global_zero:
         return
-    step = logger_step(trainer)
+    step = logger_step(trainer) if step is None else step
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
 

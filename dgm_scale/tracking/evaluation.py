@@ -24,6 +24,7 @@ import lightning as L
 
 from dgm_scale.core.checkpoints import save_checkpoint_atomic
 from dgm_scale.core.files import append_text, write_json_atomic
+from dgm_scale.core.lightning_internals import last_batch_step
 from dgm_scale.core.logs import log_media_now, log_now
 from dgm_scale.distributed.interface import step_interface
 
@@ -83,9 +84,9 @@ class PeriodicEvaluation(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         done = self.final_iteration is not None and pl_module.iteration >= self.final_iteration
         if done and self.last_evaluated != pl_module.iteration:
-            self.run(trainer, pl_module)
+            self.run(trainer, pl_module, step=last_batch_step(trainer))
 
-    def run(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
+    def run(self, trainer: L.Trainer, pl_module, step: Optional[int] = None) -> dict[str, float]:
         from dgm_scale.metrics.evaluation import evaluate_module
 
         iteration = pl_module.iteration
@@ -94,7 +95,7 @@ class PeriodicEvaluation(L.Callback):
         with step_interface(trainer).full_weights(pl_module):  # collective: every rank runs evaluations
             results = evaluate_module(pl_module, self.evaluator, heldout, self.probe)
         self.last_evaluated = iteration
-        log_now(trainer, {logged_name(name): value for name, value in results.items()})
+        log_now(trainer, {logged_name(name): value for name, value in results.items()}, step)
         if trainer.is_global_zero and self.probe is not None:
             self.save_projection(trainer, iteration)
         if trainer.is_global_zero:
