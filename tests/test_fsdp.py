@@ -6,6 +6,7 @@ atol 1e-6 (float32; measured on CPU: identical to the last bit, a 2-rank reduce-
 the same two numbers as the all-reduce).
 """
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -29,15 +30,17 @@ CASES = {  # name: (config, overrides): every family, R1 and the gradient penalt
     "user_networks": ("examples/custom_nets/config.yaml", ["model.generator.kwargs.width=8",
                                                           "model.discriminator.kwargs.width=8"]),
 }
+ASYNC = ["configs/wgan_gp.yaml", [*TINY, "trainer.devices=2", "trainer.fsdp.async_save=true"], ["fsdp"]]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """Every case under ddp, then fsdp, in one torchrun launch (tests/fsdp_worker.py)."""
+    """Every case under ddp, then fsdp, in one torchrun launch (tests/fsdp_worker.py); and
+    wgan_gp under fsdp with asynchronous checkpoints."""
     out = tmp_path_factory.mktemp("fsdp")
     tiny = {"autoregressive": TINY_RUN}  # its network has other settings (given in CASES)
     cases = [[name, config, adapt(config, tiny.get(name, TINY)) + ["trainer.devices=2"] + extra]
-             for name, (config, extra) in CASES.items()]
+             for name, (config, extra) in CASES.items()] + [["wgan_gp_async", *ASYNC]]
     (out / "cases.json").write_text(json.dumps(cases))
     proc = torchrun(["tests/fsdp_worker.py", str(out), str(out / "cases.json")], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,6 +70,28 @@ def test_fsdp_trains_every_family_as_ddp_does(case, runs):
     reloaded = load_module(runs / f"{case}-fsdp" / "checkpoints" / "last.ckpt", trust_code=True)
     for name, param in reloaded.named_parameters():
         torch.testing.assert_close(param.detach(), fsdp["params"][name], rtol=0, atol=0, msg=name)
+
+
+def test_async_checkpoints_equal_synchronous_ones(runs):
+    """trainer.fsdp.async_save=true: every shard folder is written in the background while
+    training goes on (the worker holds each write back until the next iteration has ended), yet
+    the run and each of its checkpoints equal the synchronous run's bit for bit: a write holds
+    the state at its save, not a later one."""
+    from dgm_scale.distributed.dcp_checkpoint import fold
+
+    synchronous, background = (torch.load(runs / f"{run}.pt", weights_only=True) for run in ("wgan_gp-fsdp", "wgan_gp_async-fsdp"))
+    assert synchronous["background_writes"] == 0 and background["background_writes"] == 2  # iterations 2 and 3
+    for name, tensor in synchronous["params"].items():
+        assert torch.equal(background["params"][name], tensor), name
+    assert metrics_rows(runs / "wgan_gp-fsdp") == metrics_rows(runs / "wgan_gp_async-fsdp")
+    for name in ("iter_0000002.ckpt", "last.ckpt"):
+        a, b = (fold(torch.load(path, weights_only=True), path.parent)
+                for path in (runs / run / "checkpoints" / name for run in ("wgan_gp-fsdp", "wgan_gp_async-fsdp")))
+        assert a["global_step"] == b["global_step"] and a["state_dict"].keys() == b["state_dict"].keys()
+        torch.testing.assert_close(b["state_dict"], a["state_dict"], rtol=0, atol=0, msg=name)
+        for state_a, state_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+            torch.testing.assert_close(state_b["state"], state_a["state"], rtol=0, atol=0, msg=name)
+    assert load_module(runs / "wgan_gp_async-fsdp" / "checkpoints" / "iter_0000002.ckpt").checkpoint_iteration == 2
 
 
 def test_a_checkpoint_of_two_processes_resumes_on_one(runs, tmp_path, monkeypatch):
@@ -132,33 +157,95 @@ def test_fsdp_settings_are_checked():
                           ("trainer.fsdp.cpu_offload=true", "trainer.fsdp.cpu_offload")):
         with pytest.raises(ConfigError, match=f"'{key}'"):
             load_config(overrides=["trainer.strategy=fsdp", "trainer.accelerator=cpu", override])
+    assert build_strategy(load_config(overrides=["trainer.strategy=fsdp", "trainer.fsdp.async_save=true"]).trainer,
+                          seed=0)._saves.background
+    for strategy in ("ddp", "deepspeed", "auto"):  # written synchronously there: refused, not ignored
+        with pytest.raises(ConfigError, match=f"'trainer.fsdp.async_save': .* only under trainer.strategy=fsdp \\(not {strategy}\\)"):
+            load_config(overrides=[f"trainer.strategy={strategy}", "trainer.fsdp.async_save=true"])
 
 
-def test_killed_while_writing_its_shards_an_fsdp_run_resumes_exactly(tmp_path):
+KILL_ARGS = ["configs/wgan_gp.yaml", *TINY, "loss.n_critic=2", "trainer.max_steps=4", "run.checkpoint_every=1",
+             "run.sample_every=100", "run.keep_checkpoints=1", "trainer.devices=2", "trainer.strategy=fsdp"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run the kill tests' victims must end as (synchronous checkpoints)."""
+    from test_kill_resume import finish, launch
+
+    reference = tmp_path_factory.mktemp("uninterrupted") / "reference"
+    finish(launch(KILL_ARGS, reference, nproc=2), reference)
+    return reference
+
+
+def assert_checkpoints_name_complete_folders(checkpoints: Path) -> set:
+    """Every checkpoint file names a shard folder whose every rank finished (DCP's .metadata is
+    written last); returns the named folders."""
+    from dgm_scale.distributed.dcp_checkpoint import DCP_SHARDS
+    from dgm_scale.distributed.zero_checkpoint import shards_of
+
+    named = {shards_of(path, DCP_SHARDS)["dir"] for path in checkpoints.glob("*.ckpt")}
+    assert named and all((checkpoints / folder / ".metadata").is_file() for folder in named)
+    return named
+
+
+def test_killed_while_writing_its_shards_an_fsdp_run_resumes_exactly(uninterrupted, tmp_path):
     """Rank 1 is SIGKILLed half-way through its shard file of save 5 (iter_0000003.ckpt's; save
     2k-1 / 2k are iteration k's iter_ / last.ckpt): last.ckpt stays iteration 2's, with its whole
     shard folder; the resumed run equals the uninterrupted one bit for bit, and shard folders no
     checkpoint names (the half-written one) are deleted."""
     from test_kill_resume import checkpoint_iteration, finish, launch
 
-    from dgm_scale.distributed.dcp_checkpoint import DCP_SHARDS
-    from dgm_scale.distributed.zero_checkpoint import shards_of
-
-    args = ["configs/wgan_gp.yaml", *TINY, "loss.n_critic=2", "trainer.max_steps=4", "run.checkpoint_every=1",
-            "run.sample_every=100", "run.keep_checkpoints=1", "trainer.devices=2", "trainer.strategy=fsdp"]
-    reference, victim = tmp_path / "reference", tmp_path / "victim"
-    killed = launch(args, victim, nproc=2, driver="tests/kill_in_save.py", env={"DGM_TEST_KILL_IN_SHARDS": "5"})
-    finish(launch(args, reference, nproc=2), reference)
+    victim = tmp_path / "victim"
+    killed = launch(KILL_ARGS, victim, nproc=2, driver="tests/kill_in_save.py", env={"DGM_TEST_KILL_IN_SHARDS": "5"})
     assert killed.wait(timeout=180) != 0
     checkpoints = victim / "checkpoints"
     assert checkpoint_iteration(victim) == 2
     # (rank 0, whose collective failed, may have deleted the half folder on its way out)
-    assert all((checkpoints / shards_of(path, DCP_SHARDS)["dir"] / ".metadata").is_file()
-               for path in checkpoints.glob("*.ckpt"))
-    finish(launch([*args, "resume=auto"], victim, nproc=2), victim)
-    assert_same_final_run(reference, victim, 4)
-    named = {shards_of(path, DCP_SHARDS)["dir"] for path in checkpoints.glob("*.ckpt")}
+    assert_checkpoints_name_complete_folders(checkpoints)
+    finish(launch([*KILL_ARGS, "resume=auto"], victim, nproc=2), victim)
+    assert_same_final_run(uninterrupted, victim, 4)
+    named = assert_checkpoints_name_complete_folders(checkpoints)
     assert {f"dcp/{folder.name}" for folder in (checkpoints / "dcp").iterdir()} == named and len(named) == 2
+
+
+def test_killed_while_writing_in_the_background_an_fsdp_run_resumes_exactly(uninterrupted, tmp_path):
+    """trainer.fsdp.async_save: rank 1's background writer of iteration 3's shard folder (iter_
+    and last.ckpt of one iteration share one) writes half its file, waits until training has gone
+    on to iteration 4, then the process is SIGKILLed. last.ckpt is iteration 2's (named when
+    iteration 3's save finished iteration 2's), with its whole folder; the resumed (asynchronous)
+    run ends as the synchronous uninterrupted one, bit for bit."""
+    from test_kill_resume import checkpoint_iteration, finish, launch
+
+    victim, args = tmp_path / "victim", [*KILL_ARGS, "trainer.fsdp.async_save=true"]
+    killed = launch(args, victim, nproc=2, driver="tests/kill_in_save.py", env={"DGM_TEST_KILL_IN_ASYNC_SHARDS": "3"})
+    assert killed.wait(timeout=180) != 0
+    checkpoints = victim / "checkpoints"
+    assert (checkpoints / "trained_while_writing").is_file(), Path(f"{victim}.log").read_text()[-3000:]
+    # (iter_0000002.ckpt is gone: with keep_checkpoints=1, the iter_ file in flight counts as the one kept)
+    assert checkpoint_iteration(victim) == 2 and [p.name for p in checkpoints.glob("*.ckpt")] == ["last.ckpt"]
+    assert_checkpoints_name_complete_folders(checkpoints)
+    finish(launch([*args, "resume=auto"], victim, nproc=2), victim)
+    assert_same_final_run(uninterrupted, victim, 4)
+    named = assert_checkpoints_name_complete_folders(checkpoints)
+    assert {f"dcp/{folder.name}" for folder in (checkpoints / "dcp").iterdir()} == named and len(named) == 1
+
+
+def test_a_failed_background_write_stops_the_run_naming_its_folder(tmp_path):
+    """Rank 1's background write of iteration 2's shard folder fails: at the next save both ranks
+    stop with one line naming the folder and the cause; last.ckpt stays iteration 1's, whole."""
+    from test_kill_resume import checkpoint_iteration, launch
+
+    run = tmp_path / "run"
+    failed = launch([*KILL_ARGS, "trainer.fsdp.async_save=true"], run, nproc=2, driver="tests/kill_in_save.py",
+                    env={"DGM_TEST_FAIL_IN_SHARDS": "2"})
+    assert failed.wait(timeout=180) != 0
+    log = Path(f"{run}.log").read_text()
+    pattern = (rf"dgm-scale: error: checkpoint shard folder '{run / 'checkpoints' / 'dcp'}/[0-9a-f]+' was not written completely "
+               r"\(rank 1: OSError: injected write failure\); the checkpoints before it are kept\n")
+    assert len(re.findall(pattern, log)) >= 2, log[-3000:]  # both ranks (each error is one line)
+    assert checkpoint_iteration(run) == 1
+    assert_checkpoints_name_complete_folders(run / "checkpoints")
 
 
 def test_bf16_parameters_compute_in_bf16_and_keep_float32_weights(tmp_path):
