@@ -77,10 +77,14 @@ if __name__ == "__main__":
     params = gathered.params
     # Each rank draws its own noise stream (the ranks' latents must differ to be worth two ranks).
     noise_probe = torch.randn(4)
-    optimizer_types = [type(opt).__name__ for opt in result.module.trainer.strategy.optimizers]
+    optimizers = result.module.trainer.strategy.optimizers
+    optimizer_types = [type(opt).__name__ for opt in optimizers]
+    # Adam's own step count on this rank (torch optimizers: not DeepSpeed's), the steps it applied
+    local_steps = [int(next(iter(opt.state.values()))["step"]) if isinstance(opt, torch.optim.Optimizer) and opt.state
+                   else None for opt in optimizers]
     buffers = {name: b.detach().clone() for name, b in result.module.named_buffers()}
     torch.save({"params": params, "buffers": buffers, "iterations": result.iterations, "noise_probe": noise_probe,
-                "optimizer_types": optimizer_types, "activation_dtypes": sorted(activations.dtypes),
+                "optimizer_types": optimizer_types, "local_steps": local_steps, "activation_dtypes": sorted(activations.dtypes),
                 "stream_keys": stream_keys, "bucket_launches": bucket_launches,
                 "syncs": syncs.syncs if syncs is not None else None},
                os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
