@@ -55,14 +55,24 @@ def _has_parameters(module: nn.Module) -> bool:
 
 def blocks_of(network: nn.Module) -> List[nn.Module]:
     """The per-block units of a built-in architecture (one with `nn.Sequential` parts, e.g.
-    `body` + `head`): each child of those parts, and each other child, that holds parameters.
-    A part called on its own (ssgan runs `body` and `head` apart, never the whole D) then still
-    gathers its weights. None for other networks: they are one unit."""
+    `body` + `head`): each child of those parts, and each other child, that holds parameters -
+    or, for a child the forward never calls itself (a ModuleList, a U-Net's `Level`), the modules
+    inside it that it calls. A part called on its own (ssgan runs `body` and `head` apart, never
+    the whole D) then still gathers its weights. None for other networks: they are one unit."""
     if not any(isinstance(child, nn.Sequential) for child in network.children()):
         return []
     parts = [part for child in network.children()
              for part in (child.children() if isinstance(child, nn.Sequential) else [child])]
-    return [part for part in parts if _has_parameters(part)]
+    return [unit for part in parts for unit in _called(part) if _has_parameters(unit)]
+
+
+def _called(module: nn.Module) -> List[nn.Module]:
+    """The modules a forward calls in place of `module`: itself, or - a container or another
+    module without a forward of its own, which FSDP's forward hooks would never gather - the
+    ones inside it (fully_shard refuses a ModuleList outright)."""
+    if type(module).forward is not nn.Module.forward:
+        return [module]
+    return [unit for child in module.children() for unit in _called(child)]
 
 
 def batchnorm_layers(network: nn.Module) -> List[nn.Module]:
