@@ -282,6 +282,34 @@ def test_killed_while_writing_in_the_background_an_fsdp_run_resumes_exactly(unin
     assert {f"dcp/{folder.name}" for folder in (checkpoints / "dcp").iterdir()} == named and len(named) == 1
 
 
+def test_a_signal_stop_names_the_checkpoints_written_in_the_background(tmp_path, monkeypatch):
+    """trainer.fsdp.async_save, one process, SIGUSR1 in iteration 3: the run stops there and,
+    by the time it returns, hpc_ckpt_1.ckpt and last.ckpt (each saved in the background) name
+    their complete shard folders and hold iteration 3."""
+    import os
+    import signal
+
+    import lightning as L
+
+    from dgm_scale.distributed.preemption import requeue_checkpoint
+    from helpers import with_callback
+
+    class SignalAt3(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+            if pl_module.iteration + 1 == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    with_callback(SignalAt3(), monkeypatch.setattr)
+    run = tmp_path / "run"
+    train_here(["configs/nsgan.yaml", *TINY, "trainer.strategy=fsdp", "trainer.fsdp.async_save=true",
+                "trainer.max_steps=10", "run.checkpoint_every=2"], run)
+    stop = requeue_checkpoint(run)
+    assert stop is not None and stop.name == "hpc_ckpt_1.ckpt"
+    for path in (stop, run / "checkpoints" / "last.ckpt"):
+        assert load_module(path).checkpoint_iteration == 3, path
+        assert_checkpoints_name_complete_folders(path.parent)
+
+
 def test_a_failed_background_write_stops_the_run_naming_its_folder(tmp_path):
     """Rank 1's background write of iteration 2's shard folder fails: at the next save both ranks
     stop with one line naming the folder and the cause; last.ckpt stays iteration 1's, whole."""
