@@ -284,13 +284,17 @@ def test_killed_while_writing_in_the_background_an_fsdp_run_resumes_exactly(unin
 
 def test_a_signal_stop_names_the_checkpoints_written_in_the_background(tmp_path, monkeypatch):
     """trainer.fsdp.async_save, one process, SIGUSR1 in iteration 3: the run stops there and,
-    by the time it returns, hpc_ckpt_1.ckpt and last.ckpt (each saved in the background) name
-    their complete shard folders and hold iteration 3."""
+    by the time it returns, hpc_ckpt_1.ckpt and last.ckpt (each saved in the background, which
+    starts late here) name their complete shard folders and hold iteration 3."""
     import os
     import signal
 
+    import threading
+    import time
+
     import lightning as L
 
+    from dgm_scale.distributed import dcp_checkpoint
     from dgm_scale.distributed.preemption import requeue_checkpoint
     from helpers import with_callback
 
@@ -299,7 +303,21 @@ def test_a_signal_stop_names_the_checkpoints_written_in_the_background(tmp_path,
             if pl_module.iteration + 1 == 3:
                 os.kill(os.getpid(), signal.SIGUSR1)
 
+    def late_writer(folder):  # each background write starts late: training is ahead of it
+        writer = shard_writer(folder)
+        plan = writer.prepare_local_plan
+
+        def late_plan(*args):
+            if threading.current_thread() is not threading.main_thread():
+                time.sleep(0.3)
+            return plan(*args)
+
+        writer.prepare_local_plan = late_plan
+        return writer
+
     with_callback(SignalAt3(), monkeypatch.setattr)
+    shard_writer = dcp_checkpoint.shard_writer
+    monkeypatch.setattr(dcp_checkpoint, "shard_writer", late_writer)
     run = tmp_path / "run"
     train_here(["configs/nsgan.yaml", *TINY, "trainer.strategy=fsdp", "trainer.fsdp.async_save=true",
                 "trainer.max_steps=10", "run.checkpoint_every=2"], run)

@@ -56,6 +56,7 @@ class ShardSaves:
     def save(self, checkpoint: Dict[str, Any], path: Path, state: Hashable) -> None:
         """Collective: `checkpoint` to `path` (rank 0) and its shards to a new folder beside it;
         `state` identifies the training state (equal: the same weights and optimizer states)."""
+        path.parent.mkdir(parents=True, exist_ok=True)  # there at once, as for a file written now
         pending = self.pending
         if pending is not None and (pending.state, pending.directory) == (state, path.parent):
             dcp_checkpoint.name_folder(checkpoint, pending.folder, self.strategy.world_size)
