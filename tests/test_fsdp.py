@@ -30,6 +30,9 @@ CASES = {  # name: (config, overrides): every family, R1 and the gradient penalt
     "diffusion": ("configs/diffusion.yaml", ["model.denoiser.width=8", "model.denoiser.channel_mult=[1,2]",
                                              "model.denoiser.blocks=1", "sampler.steps=3", "model.ema_decay=0.9",
                                              "model.phema.snapshot_every=2"]),  # EMA and post-hoc EMA
+    "user_denoiser": ("configs/edm.yaml", ["model.denoiser.target=examples/custom_nets/denoiser.py:Denoiser",
+                                           "model.denoiser.kwargs.width=8", "sampler.steps=3", "model.num_classes=10",
+                                           "model.label_dropout=0.2"]),  # issue 21: your denoiser by class path
     "user_networks": ("examples/custom_nets/config.yaml", ["model.generator.kwargs.width=8",
                                                           "model.discriminator.kwargs.width=8"]),
 }
@@ -41,7 +44,7 @@ def runs(tmp_path_factory) -> Path:
     """Every case under ddp, then fsdp, in one torchrun launch (tests/fsdp_worker.py); and
     wgan_gp under fsdp with asynchronous checkpoints."""
     out = tmp_path_factory.mktemp("fsdp")
-    tiny = {"autoregressive": TINY_RUN, "diffusion": TINY_RUN}  # their networks have other settings (in CASES)
+    tiny = {"autoregressive": TINY_RUN, "diffusion": TINY_RUN, "user_denoiser": TINY_RUN}  # (networks: in CASES)
     cases = [[name, config, adapt(config, tiny.get(name, TINY)) + ["trainer.devices=2"] + extra]
              for name, (config, extra) in CASES.items()] + [["wgan_gp_async", *ASYNC]]
     (out / "cases.json").write_text(json.dumps(cases))
