@@ -51,6 +51,16 @@ class FullParameters(L.Callback):
         self.params = {name: full(p) for name, p in pl_module.named_parameters()}
 
 
+def applied_steps(optimizers: list) -> list:
+    """Adam's own step count on this rank, per optimizer: the steps it applied (None where the
+    optimizer keeps no torch state with a step: DeepSpeed's)."""
+    steps = []
+    for optimizer in optimizers:
+        state = next(iter(optimizer.state.values()), {}) if isinstance(optimizer, torch.optim.Optimizer) else {}
+        steps.append(int(state["step"]) if "step" in state else None)
+    return steps
+
+
 if __name__ == "__main__":
     config_path, out_dir, *overrides = sys.argv[1:]
     quiet_lightning()
@@ -79,9 +89,7 @@ if __name__ == "__main__":
     noise_probe = torch.randn(4)
     optimizers = result.module.trainer.strategy.optimizers
     optimizer_types = [type(opt).__name__ for opt in optimizers]
-    # Adam's own step count on this rank (torch optimizers: not DeepSpeed's), the steps it applied
-    local_steps = [int(next(iter(opt.state.values()))["step"]) if isinstance(opt, torch.optim.Optimizer) and opt.state
-                   else None for opt in optimizers]
+    local_steps = applied_steps(optimizers)
     buffers = {name: b.detach().clone() for name, b in result.module.named_buffers()}
     torch.save({"params": params, "buffers": buffers, "iterations": result.iterations, "noise_probe": noise_probe,
                 "optimizer_types": optimizer_types, "local_steps": local_steps, "activation_dtypes": sorted(activations.dtypes),
