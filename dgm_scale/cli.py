@@ -378,7 +378,7 @@ def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from dgm_scale.core.errors import DataError, DiskFullError, NonFiniteError
+    from dgm_scale.core.errors import CheckpointWriteError, DataError, DiskFullError, NonFiniteError
 
     parser = build_parser()
     # Options may sit between the config and its overrides (`train cfg.yaml --import x.py k=v`):
@@ -395,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger("dgm_scale").setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ConfigError, DataError, DiskFullError, NonFiniteError) as exc:  # one line, no traceback
+    except (ConfigError, DataError, DiskFullError, NonFiniteError, CheckpointWriteError) as exc:  # one line, no traceback
         print(f"dgm-scale: error: {exc}", file=sys.stderr)
         return 2
 

@@ -51,6 +51,16 @@ class FullParameters(L.Callback):
         self.params = {name: full(p) for name, p in pl_module.named_parameters()}
 
 
+def applied_steps(optimizers: list) -> list:
+    """Adam's own step count on this rank, per optimizer: the steps it applied (None where the
+    optimizer keeps no torch state with a step: DeepSpeed's)."""
+    steps = []
+    for optimizer in optimizers:
+        state = next(iter(optimizer.state.values()), {}) if isinstance(optimizer, torch.optim.Optimizer) else {}
+        steps.append(int(state["step"]) if "step" in state else None)
+    return steps
+
+
 if __name__ == "__main__":
     config_path, out_dir, *overrides = sys.argv[1:]
     quiet_lightning()
@@ -77,10 +87,12 @@ if __name__ == "__main__":
     params = gathered.params
     # Each rank draws its own noise stream (the ranks' latents must differ to be worth two ranks).
     noise_probe = torch.randn(4)
-    optimizer_types = [type(opt).__name__ for opt in result.module.trainer.strategy.optimizers]
+    optimizers = result.module.trainer.strategy.optimizers
+    optimizer_types = [type(opt).__name__ for opt in optimizers]
+    local_steps = applied_steps(optimizers)
     buffers = {name: b.detach().clone() for name, b in result.module.named_buffers()}
     torch.save({"params": params, "buffers": buffers, "iterations": result.iterations, "noise_probe": noise_probe,
-                "optimizer_types": optimizer_types, "activation_dtypes": sorted(activations.dtypes),
+                "optimizer_types": optimizer_types, "local_steps": local_steps, "activation_dtypes": sorted(activations.dtypes),
                 "stream_keys": stream_keys, "bucket_launches": bucket_launches,
                 "syncs": syncs.syncs if syncs is not None else None},
                os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))

@@ -3,9 +3,10 @@ its DCP checkpoints survive kill -9 mid-write and reshard onto another number of
 
 Tolerance: fsdp's gathered weights after 3 iterations must equal ddp's within rtol 1e-5,
 atol 1e-6 (float32; measured on CPU: identical to the last bit, a 2-rank reduce-scatter averages
-the same two numbers as the all-reduce).
+the same two numbers as the all-reduce; diffusion's U-Net within 1e-8).
 """
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -26,18 +27,26 @@ CASES = {  # name: (config, overrides): every family, R1 and the gradient penalt
     "vae": ("configs/vae.yaml", []),
     "autoregressive": ("configs/autoregressive.yaml", ["model.width=8", "model.embed_dim=4"]),
     "ssgan": ("configs/ssgan.yaml", []),
+    "diffusion": ("configs/diffusion.yaml", ["model.denoiser.width=8", "model.denoiser.channel_mult=[1,2]",
+                                             "model.denoiser.blocks=1", "sampler.steps=3", "model.ema_decay=0.9",
+                                             "model.phema.snapshot_every=2"]),  # EMA and post-hoc EMA
+    "user_denoiser": ("configs/edm.yaml", ["model.denoiser.target=examples/custom_nets/denoiser.py:Denoiser",
+                                           "model.denoiser.kwargs.width=8", "sampler.steps=3", "model.num_classes=10",
+                                           "model.label_dropout=0.2"]),  # issue 21: your denoiser by class path
     "user_networks": ("examples/custom_nets/config.yaml", ["model.generator.kwargs.width=8",
                                                           "model.discriminator.kwargs.width=8"]),
 }
+ASYNC = ["configs/wgan_gp.yaml", [*TINY, "trainer.devices=2", "trainer.fsdp.async_save=true"], ["fsdp"]]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """Every case under ddp, then fsdp, in one torchrun launch (tests/fsdp_worker.py)."""
+    """Every case under ddp, then fsdp, in one torchrun launch (tests/fsdp_worker.py); and
+    wgan_gp under fsdp with asynchronous checkpoints."""
     out = tmp_path_factory.mktemp("fsdp")
-    tiny = {"autoregressive": TINY_RUN}  # its network has other settings (given in CASES)
+    tiny = {"autoregressive": TINY_RUN, "diffusion": TINY_RUN, "user_denoiser": TINY_RUN}  # (networks: in CASES)
     cases = [[name, config, adapt(config, tiny.get(name, TINY)) + ["trainer.devices=2"] + extra]
-             for name, (config, extra) in CASES.items()]
+             for name, (config, extra) in CASES.items()] + [["wgan_gp_async", *ASYNC]]
     (out / "cases.json").write_text(json.dumps(cases))
     proc = torchrun(["tests/fsdp_worker.py", str(out), str(out / "cases.json")], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,11 +71,67 @@ def test_fsdp_trains_every_family_as_ddp_does(case, runs):
     assert any(key.endswith("grad_norm") for key in ddp_rows[0]) or case in ("vae", "autoregressive")  # (they log none)
     for ddp_row, fsdp_row in zip(ddp_rows, fsdp_rows):
         for key, value in ddp_row.items():
+            if value == "" or fsdp_row[key] == "":  # (a diffusion noise-level bucket no sample fell into)
+                assert fsdp_row[key] == value, key
+                continue
             torch.testing.assert_close(float(fsdp_row[key]), float(value), **TOLERANCE, equal_nan=True, msg=key)
     # The sharded checkpoint holds the trained weights: load_module folds its DCP shards.
     reloaded = load_module(runs / f"{case}-fsdp" / "checkpoints" / "last.ckpt", trust_code=True)
     for name, param in reloaded.named_parameters():
         torch.testing.assert_close(param.detach(), fsdp["params"][name], rtol=0, atol=0, msg=name)
+
+
+def test_post_hoc_ema_under_fsdp_is_ddps(runs, tmp_path):
+    """The diffusion family's power-function EMAs under fsdp average each rank's shards; its
+    snapshots (gathered, written by rank 0) and the checkpoint's averages (gathered) equal ddp's.
+    Resumed on one process, the whole averages are cut into that process's shards again and the
+    next update is the power-function EMA's: lerp(average, weights, 1 - beta(iteration))."""
+    from dgm_scale.modules.phema import beta
+
+    for name in ("phema/phema_0000002.pt", "phema/phema_0000003.pt"):
+        ddp, fsdp = (torch.load(runs / f"diffusion-{strategy}" / name, weights_only=True) for strategy in ("ddp", "fsdp"))
+        assert ddp["profiles"][0].keys() == fsdp["profiles"][0].keys() and len(ddp["profiles"]) == 2
+        torch.testing.assert_close(fsdp["profiles"], ddp["profiles"], **TOLERANCE, msg=name)
+    saved = torch.load(runs / "diffusion-fsdp" / "checkpoints" / "last.ckpt", weights_only=True)["phema"]
+    ddp_saved = torch.load(runs / "diffusion-ddp" / "checkpoints" / "last.ckpt", weights_only=True)["phema"]
+    torch.testing.assert_close(saved["averages"], ddp_saved["averages"], **TOLERANCE)
+    run = tmp_path / "run"
+    shutil.copytree(runs / "diffusion-fsdp", run)
+    train_here(["configs/diffusion.yaml", *TINY_RUN, *CASES["diffusion"][1], "trainer.strategy=fsdp",
+                "trainer.max_steps=4", "resume=auto"], run)
+    resumed = load_module(run / "checkpoints" / "last.ckpt")
+    weights = [p.detach() for p in resumed.denoiser.parameters()]
+    snapshot = torch.load(run / "phema" / "phema_0000004.pt", weights_only=True)["profiles"]
+    for profile, exponent, averages in zip(snapshot, resumed.phema.exponents, saved["averages"], strict=True):
+        expected = [torch.lerp(a, w, 1.0 - beta(exponent, 4)) for a, w in zip(averages, weights, strict=True)]
+        torch.testing.assert_close(list(profile.values()), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_async_checkpoints_equal_synchronous_ones(runs):
+    """trainer.fsdp.async_save=true: every shard folder is written in the background while
+    training goes on (the worker holds each write back until the next iteration has ended), yet
+    the run and each of its checkpoints equal the synchronous run's bit for bit: a write holds
+    the state at its save, not a later one."""
+    from dgm_scale.distributed.dcp_checkpoint import fold
+
+    synchronous, background = (torch.load(runs / f"{run}.pt", weights_only=True) for run in ("wgan_gp-fsdp", "wgan_gp_async-fsdp"))
+    assert synchronous["background_writes"] == 0 and background["background_writes"] == 2  # iterations 2 and 3
+    for name, tensor in synchronous["params"].items():
+        assert torch.equal(background["params"][name], tensor), name
+    assert metrics_rows(runs / "wgan_gp-fsdp") == metrics_rows(runs / "wgan_gp_async-fsdp")
+    for name in ("iter_0000002.ckpt", "last.ckpt"):
+        a, b = (fold(torch.load(path, weights_only=True), path.parent)
+                for path in (runs / run / "checkpoints" / name for run in ("wgan_gp-fsdp", "wgan_gp_async-fsdp")))
+        # The file itself, written when the save finished, holds the state at the save (the loops,
+        # the data position), not a later one.
+        for key in ("epoch", "global_step", "loops", "nonfinite_skips"):
+            assert a[key] == b[key], (name, key)
+        assert a["callbacks"]["DataPosition"] == b["callbacks"]["DataPosition"], name
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        torch.testing.assert_close(b["state_dict"], a["state_dict"], rtol=0, atol=0, msg=name)
+        for state_a, state_b in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+            torch.testing.assert_close(state_b["state"], state_a["state"], rtol=0, atol=0, msg=name)
+    assert load_module(runs / "wgan_gp_async-fsdp" / "checkpoints" / "iter_0000002.ckpt").checkpoint_iteration == 2
 
 
 def test_a_checkpoint_of_two_processes_resumes_on_one(runs, tmp_path, monkeypatch):
@@ -132,33 +197,155 @@ def test_fsdp_settings_are_checked():
                           ("trainer.fsdp.cpu_offload=true", "trainer.fsdp.cpu_offload")):
         with pytest.raises(ConfigError, match=f"'{key}'"):
             load_config(overrides=["trainer.strategy=fsdp", "trainer.accelerator=cpu", override])
+    assert build_strategy(load_config(overrides=["trainer.strategy=fsdp", "trainer.fsdp.async_save=true"]).trainer,
+                          seed=0)._saves.background
+    for strategy in ("ddp", "deepspeed", "auto"):  # written synchronously there: refused, not ignored
+        with pytest.raises(ConfigError, match=f"'trainer.fsdp.async_save': .* only under trainer.strategy=fsdp \\(not {strategy}\\)"):
+            load_config(overrides=[f"trainer.strategy={strategy}", "trainer.fsdp.async_save=true"])
 
 
-def test_killed_while_writing_its_shards_an_fsdp_run_resumes_exactly(tmp_path):
+KILL_ARGS = ["configs/wgan_gp.yaml", *TINY, "loss.n_critic=2", "trainer.max_steps=4", "run.checkpoint_every=1",
+             "run.sample_every=100", "run.keep_checkpoints=1", "trainer.devices=2", "trainer.strategy=fsdp"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run the kill tests' victims must end as (synchronous checkpoints)."""
+    from test_kill_resume import finish, launch
+
+    reference = tmp_path_factory.mktemp("uninterrupted") / "reference"
+    finish(launch(KILL_ARGS, reference, nproc=2), reference)
+    return reference
+
+
+def assert_checkpoints_name_complete_folders(checkpoints: Path) -> set:
+    """Every checkpoint file names a shard folder whose every rank finished (DCP's .metadata is
+    written last); returns the named folders."""
+    from dgm_scale.distributed.dcp_checkpoint import DCP_SHARDS
+    from dgm_scale.distributed.zero_checkpoint import shards_of
+
+    named = {shards_of(path, DCP_SHARDS)["dir"] for path in checkpoints.glob("*.ckpt")}
+    assert named and all((checkpoints / folder / ".metadata").is_file() for folder in named)
+    return named
+
+
+def test_killed_while_writing_its_shards_an_fsdp_run_resumes_exactly(uninterrupted, tmp_path):
     """Rank 1 is SIGKILLed half-way through its shard file of save 5 (iter_0000003.ckpt's; save
     2k-1 / 2k are iteration k's iter_ / last.ckpt): last.ckpt stays iteration 2's, with its whole
     shard folder; the resumed run equals the uninterrupted one bit for bit, and shard folders no
     checkpoint names (the half-written one) are deleted."""
     from test_kill_resume import checkpoint_iteration, finish, launch
 
-    from dgm_scale.distributed.dcp_checkpoint import DCP_SHARDS
-    from dgm_scale.distributed.zero_checkpoint import shards_of
-
-    args = ["configs/wgan_gp.yaml", *TINY, "loss.n_critic=2", "trainer.max_steps=4", "run.checkpoint_every=1",
-            "run.sample_every=100", "run.keep_checkpoints=1", "trainer.devices=2", "trainer.strategy=fsdp"]
-    reference, victim = tmp_path / "reference", tmp_path / "victim"
-    killed = launch(args, victim, nproc=2, driver="tests/kill_in_save.py", env={"DGM_TEST_KILL_IN_SHARDS": "5"})
-    finish(launch(args, reference, nproc=2), reference)
+    victim = tmp_path / "victim"
+    killed = launch(KILL_ARGS, victim, nproc=2, driver="tests/kill_in_save.py", env={"DGM_TEST_KILL_IN_SHARDS": "5"})
     assert killed.wait(timeout=180) != 0
     checkpoints = victim / "checkpoints"
     assert checkpoint_iteration(victim) == 2
     # (rank 0, whose collective failed, may have deleted the half folder on its way out)
-    assert all((checkpoints / shards_of(path, DCP_SHARDS)["dir"] / ".metadata").is_file()
-               for path in checkpoints.glob("*.ckpt"))
-    finish(launch([*args, "resume=auto"], victim, nproc=2), victim)
-    assert_same_final_run(reference, victim, 4)
-    named = {shards_of(path, DCP_SHARDS)["dir"] for path in checkpoints.glob("*.ckpt")}
+    assert_checkpoints_name_complete_folders(checkpoints)
+    finish(launch([*KILL_ARGS, "resume=auto"], victim, nproc=2), victim)
+    assert_same_final_run(uninterrupted, victim, 4)
+    named = assert_checkpoints_name_complete_folders(checkpoints)
     assert {f"dcp/{folder.name}" for folder in (checkpoints / "dcp").iterdir()} == named and len(named) == 2
+
+
+def killed_while_writing_in_the_background(tmp_path: Path) -> tuple:
+    """trainer.fsdp.async_save: rank 1's background writer of iteration 3's shard folder (iter_
+    and last.ckpt of one iteration share one) writes half its file, waits until training has gone
+    on to iteration 4, then the process is SIGKILLed. last.ckpt is iteration 2's (named when
+    iteration 3's save finished iteration 2's), with its whole folder. Returns (run, args)."""
+    from test_kill_resume import checkpoint_iteration, launch
+
+    victim, args = tmp_path / "victim", [*KILL_ARGS, "trainer.fsdp.async_save=true"]
+    killed = launch(args, victim, nproc=2, driver="tests/kill_in_save.py", env={"DGM_TEST_KILL_IN_ASYNC_SHARDS": "3"})
+    assert killed.wait(timeout=180) != 0
+    checkpoints = victim / "checkpoints"
+    assert (checkpoints / "trained_while_writing").is_file(), Path(f"{victim}.log").read_text()[-3000:]
+    # (iter_0000002.ckpt is gone: with keep_checkpoints=1, the iter_ file in flight counts as the one kept)
+    assert checkpoint_iteration(victim) == 2 and [p.name for p in checkpoints.glob("*.ckpt")] == ["last.ckpt"]
+    assert_checkpoints_name_complete_folders(checkpoints)
+    return victim, args
+
+
+def test_killed_while_writing_in_the_background_an_fsdp_run_keeps_its_previous_checkpoint(tmp_path):
+    killed_while_writing_in_the_background(tmp_path)
+
+
+@pytest.mark.slow  # (CI: the test above, and the resume of a committed checkpoint in the synchronous kill test)
+def test_killed_while_writing_in_the_background_an_fsdp_run_resumes_exactly(uninterrupted, tmp_path):
+    """The run killed above, resumed (asynchronous still), ends as the synchronous uninterrupted
+    one, bit for bit; only the shard folder the checkpoints name is left."""
+    from test_kill_resume import finish, launch
+
+    victim, args = killed_while_writing_in_the_background(tmp_path)
+    finish(launch([*args, "resume=auto"], victim, nproc=2), victim)
+    assert_same_final_run(uninterrupted, victim, 4)
+    named = assert_checkpoints_name_complete_folders(victim / "checkpoints")
+    checkpoints = victim / "checkpoints"
+    assert {f"dcp/{folder.name}" for folder in (checkpoints / "dcp").iterdir()} == named and len(named) == 1
+
+
+def test_a_signal_stop_names_the_checkpoints_written_in_the_background(tmp_path, monkeypatch):
+    """trainer.fsdp.async_save, one process, SIGUSR1 in iteration 3: the run stops there and,
+    by the time it returns, hpc_ckpt_1.ckpt and last.ckpt (each saved in the background, which
+    starts late here) name their complete shard folders and hold iteration 3."""
+    import os
+    import signal
+
+    import threading
+    import time
+
+    import lightning as L
+
+    from dgm_scale.distributed import dcp_checkpoint
+    from dgm_scale.distributed.preemption import requeue_checkpoint
+    from helpers import with_callback
+
+    class SignalAt3(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+            if pl_module.iteration + 1 == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    def late_writer(folder):  # each background write starts late: training is ahead of it
+        writer = shard_writer(folder)
+        plan = writer.prepare_local_plan
+
+        def late_plan(*args):
+            if threading.current_thread() is not threading.main_thread():
+                time.sleep(0.3)
+            return plan(*args)
+
+        writer.prepare_local_plan = late_plan
+        return writer
+
+    with_callback(SignalAt3(), monkeypatch.setattr)
+    shard_writer = dcp_checkpoint.shard_writer
+    monkeypatch.setattr(dcp_checkpoint, "shard_writer", late_writer)
+    run = tmp_path / "run"
+    train_here(["configs/nsgan.yaml", *TINY, "trainer.strategy=fsdp", "trainer.fsdp.async_save=true",
+                "trainer.max_steps=10", "run.checkpoint_every=2"], run)
+    stop = requeue_checkpoint(run)
+    assert stop is not None and stop.name == "hpc_ckpt_1.ckpt"
+    for path in (stop, run / "checkpoints" / "last.ckpt"):
+        assert load_module(path).checkpoint_iteration == 3, path
+        assert_checkpoints_name_complete_folders(path.parent)
+
+
+def test_a_failed_background_write_stops_the_run_naming_its_folder(tmp_path):
+    """Rank 1's background write of iteration 2's shard folder fails: at the next save both ranks
+    stop with one line naming the folder and the cause; last.ckpt stays iteration 1's, whole."""
+    from test_kill_resume import checkpoint_iteration, launch
+
+    run = tmp_path / "run"
+    failed = launch([*KILL_ARGS, "trainer.fsdp.async_save=true"], run, nproc=2, driver="tests/kill_in_save.py",
+                    env={"DGM_TEST_FAIL_IN_SHARDS": "2"})
+    assert failed.wait(timeout=180) != 0
+    log = Path(f"{run}.log").read_text()
+    pattern = (rf"dgm-scale: error: checkpoint shard folder '{run / 'checkpoints' / 'dcp'}/[0-9a-f]+' was not written completely "
+               r"\(rank 1: OSError: injected write failure\); the checkpoints before it are kept\n")
+    assert len(re.findall(pattern, log)) >= 2, log[-3000:]  # both ranks (each error is one line)
+    assert checkpoint_iteration(run) == 1
+    assert_checkpoints_name_complete_folders(run / "checkpoints")
 
 
 def test_bf16_parameters_compute_in_bf16_and_keep_float32_weights(tmp_path):

@@ -8,6 +8,7 @@ import torch
 
 from helpers import TINY, adapt, torchrun, with_callback
 from dgm_scale.config import ConfigError, load_config
+from dgm_scale.distributed.dcp_checkpoint import fold, is_sharded
 from dgm_scale.distributed.zero_checkpoint import ZERO_SHARDS, read_shard
 from dgm_scale.modules import load_module
 from dgm_scale.modules.guards import NonFiniteError, all_finite
@@ -25,7 +26,10 @@ def csv_column(run_dir: Path, key: str) -> list[str]:
 def adam_steps(checkpoint: Path, rank: int = 0) -> list[int]:
     """Adam's own step counter per optimizer: the steps that were really applied (under DeepSpeed
     ZeRO, read from `rank`'s partition files, which also count no step DeepSpeed itself dropped)."""
-    states = torch.load(checkpoint, weights_only=True)["optimizer_states"]
+    loaded = torch.load(checkpoint, weights_only=True)
+    if is_sharded(loaded):  # FSDP: rank 0's, which every rank's equals (test_nan_on_one_rank...)
+        loaded = fold(loaded, checkpoint.parent)
+    states = loaded["optimizer_states"]
     if ZERO_SHARDS in states[0]:
         states = [read_shard(checkpoint.parent, state[ZERO_SHARDS]["dir"], rank, index)["base_optimizer_state"]
                   for index, state in enumerate(states)]
@@ -139,16 +143,20 @@ def assert_ranks_identical_and_finite(out_dir: Path) -> None:
         assert tensor.isfinite().all(), name
 
 
-@pytest.mark.parametrize("policy, strategy", [("skip", "ddp"), ("stop", "ddp"),
+@pytest.mark.parametrize("policy, strategy", [("skip", "ddp"), ("stop", "ddp"), ("skip", "fsdp"), ("stop", "fsdp"),
                                               pytest.param("skip", "deepspeed", marks=pytest.mark.slow)])
 def test_nan_on_one_rank_gives_the_same_decision_on_both(policy, strategy, tmp_path, monkeypatch):
     """2 processes, a NaN generator loss on rank 1 only: both ranks skip the step (and stay
     identical), or both stop with the error - no hang in the next collective. Under DeepSpeed
-    ZeRO-2 the skipped step's reduced gradient must not leak into the next step either."""
+    ZeRO-2 the skipped step's reduced gradient must not leak into the next step either. Under
+    fsdp each rank holds its own shard of the weights and of Adam's state: every rank's Adam
+    must have left the step out (a rank that applied it would hold NaN or other weights)."""
     proc = train_two_ranks_with_nan("generator:2:1", strategy, policy, tmp_path, monkeypatch)
     if policy == "stop":
         assert proc.returncode != 0
-        assert proc.stderr.count("NonFiniteError: non-finite loss or gradient on another rank in the generator step "
+        # Rank 0's own loss is finite; under fsdp, the reduce-scatter hands it a NaN gradient shard.
+        seen_by_rank_0 = "gradient" if strategy == "fsdp" else "loss or gradient on another rank"
+        assert proc.stderr.count(f"NonFiniteError: non-finite {seen_by_rank_0} in the generator step "
                                  "at iteration 2") >= 1, proc.stderr[-3000:]
         assert proc.stderr.count("NonFiniteError: non-finite loss in the generator step at iteration 2") >= 1
         return
@@ -157,6 +165,8 @@ def test_nan_on_one_rank_gives_the_same_decision_on_both(policy, strategy, tmp_p
     assert csv_column(tmp_path / "run", "train/nonfinite_skips") == ["0.0"] + ["1.0"] * 5
     for rank in (0, 1):  # G missed iteration 2's step, and only that one
         assert adam_steps(tmp_path / "run" / "checkpoints" / "last.ckpt", rank) == [5, 6]
+    if strategy == "fsdp":  # each rank's own Adam, too
+        assert [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["local_steps"] for rank in (0, 1)] == [[5, 6]] * 2
 
 
 @pytest.mark.parametrize("policy, strategy", [("stop", "ddp"), ("stop", "deepspeed"), ("skip", "deepspeed")])

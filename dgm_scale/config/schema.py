@@ -100,6 +100,9 @@ class FSDPConfig:
     # and the optimizer steps in float32 either way)
     param_dtype: str = "float32"
     cpu_offload: bool = False  # shards, gradients and optimizer state live in CPU memory (GPU runs)
+    # checkpoints: the shards are copied to CPU memory, then written while training goes on; the
+    # checkpoint file naming them is written once all are complete (at the next save or the end)
+    async_save: bool = False
 
 
 @dataclass

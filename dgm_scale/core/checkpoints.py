@@ -45,6 +45,9 @@ def save_checkpoint_atomic(trainer, path: Path) -> None:
     (core.files.atomic_path). Weights with a NaN/Inf are refused (NonFiniteError) before anything
     is written."""
     check_weights_finite(trainer, path)
+    if getattr(trainer.strategy, "writes_checkpoint_files", False):  # FSDP: atomically, once its shards are written
+        trainer.save_checkpoint(path, weights_only=False)
+        return
     if not trainer.is_global_zero:  # only joins the collective save: rank 0 names, commits, cleans up
         trainer.save_checkpoint(temporary_path(path), weights_only=False)
         return

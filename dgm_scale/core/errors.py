@@ -52,3 +52,8 @@ class DiskFullError(_OneLineError, OSError):
     """No space left on the device (or the disk quota exceeded) while writing a file; the message
     is one line naming it. Every write goes through core/files, so the file's previous version is
     still whole."""
+
+
+class CheckpointWriteError(_OneLineError, RuntimeError):
+    """A checkpoint's files could not be written completely (e.g. a background shard write
+    failed); the message is one line naming them. The checkpoints before it are still whole."""

@@ -34,6 +34,9 @@ def validate_trainer(trainer: Any) -> None:
                                                  "trainer.strategy=fsdp; use bf16-mixed or trainer.fsdp.param_dtype=bfloat16")
         require(not (trainer.fsdp.cpu_offload and trainer.accelerator == "cpu"),
                 "config key 'trainer.fsdp.cpu_offload': offloads GPU memory to the CPU; the run is on the CPU already")
+    require(not (trainer.fsdp.async_save and trainer.strategy != "fsdp"),
+            f"config key 'trainer.fsdp.async_save': asynchronous checkpoints are written only under "
+            f"trainer.strategy=fsdp (not {trainer.strategy})")
     require(trainer.devices >= 1 and trainer.num_nodes >= 1,
             f"config key 'trainer.devices' / 'trainer.num_nodes' must be >= 1, got {trainer.devices} / {trainer.num_nodes}")
     require(0 < trainer.ddp.bucket_mb <= 2 ** 20,  # written so that NaN fails too

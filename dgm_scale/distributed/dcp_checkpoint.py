@@ -10,7 +10,8 @@ The layout mirrors the DeepSpeed one (zero_checkpoint.py):
     checkpoints/dcp/<token>/.metadata     written last, once every rank's file is complete
 
 Atomic as a whole: the folder is new for every save, and the checkpoint that names it is
-written (atomically, by rank 0) only after every rank finished its files (a barrier). A run
+written (atomically, by rank 0) only after every rank finished its files (dcp_saves.py: at once,
+or with trainer.fsdp.async_save while training goes on, committed at the next save). A run
 killed at any moment keeps its previous checkpoint and the folder that one names; folders no
 checkpoint names are deleted at the next save. DCP reshards on load: each rank reads the slices
 its own sharding needs, so a checkpoint of W processes resumes on any number.
@@ -20,6 +21,7 @@ strategies read; `load_module` folds the weights of a sharded one itself.
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -32,15 +34,41 @@ DCP_SHARDS = "dcp_shards"  # a checkpoint's key: where its shard folder is
 FOLDER = "dcp"
 
 
-def write(checkpoint: Dict[str, Any], directory: Path, folder: str, world_size: int) -> None:
-    """Collective: this rank's shards of `checkpoint`'s weights and optimizer states into
-    `directory/folder`; `checkpoint` keeps only the name of that folder in their place."""
+def shard_writer(folder: Path):
+    """The DCP storage writer of a shard folder (tests put a slow or failing one in its place)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    return FileSystemWriter(folder)
+
+
+def write(checkpoint: Dict[str, Any], directory: Path, folder: str, world_size: int,
+          background: bool = False, group: Optional[Any] = None) -> Future:
+    """Collective: write this rank's shards of `checkpoint`'s weights and optimizer states into
+    `directory/folder`; `checkpoint` keeps only the name of that folder in their place. Returns
+    the write's future: done on return, or (`background`) done once the shards, copied to CPU
+    memory before this returns, are written by a thread of `dcp.async_save`, whose collectives
+    go through `group`."""
     import torch.distributed.checkpoint as dcp
 
     state: Dict[str, Any] = {"state_dict": checkpoint["state_dict"]}
     if "optimizer_states" in checkpoint:
         state["optimizer_states"] = {str(i): s for i, s in enumerate(checkpoint["optimizer_states"])}
-    dcp.save(state, checkpoint_id=directory / folder)
+    writer = shard_writer(directory / folder)
+    if background:
+        future = dcp.async_save(state, storage_writer=writer, process_group=group)
+    else:
+        future = Future()
+        try:
+            dcp.save(state, storage_writer=writer)
+            future.set_result(None)
+        except (Exception, dcp.CheckpointException) as error:  # (a BaseException) DCP raises it on every rank
+            future.set_exception(error)
+    name_folder(checkpoint, folder, world_size)
+    return future
+
+
+def name_folder(checkpoint: Dict[str, Any], folder: str, world_size: int) -> None:
+    """`checkpoint` without its weights and optimizer states: the name of their shard folder instead."""
     info = {"dir": folder, "world_size": world_size}
     checkpoint["state_dict"] = {}
     checkpoint[DCP_SHARDS] = info

@@ -15,11 +15,11 @@ exist at a time in a forward.
 - Sampling needs the full weights: `FSDPSteps.full_weights` gathers them (every rank enters it)
   and keeps them until it exits, so one rank alone may then run forwards (sample grids).
 - Checkpoints: every rank writes its shards through torch.distributed.checkpoint (see
-  dcp_checkpoint.py); DCP reshards them when loaded on another number of processes.
+  dcp_checkpoint.py), at once or in the background (dcp_saves.py); DCP reshards them when
+  loaded on another number of processes.
 """
 from __future__ import annotations
 
-import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -30,6 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dgm_scale.distributed import dcp_checkpoint
+from dgm_scale.distributed.dcp_saves import ShardSaves
 from dgm_scale.distributed.interface import StepInterface
 from dgm_scale.distributed.strategy import GradientAllReduceDDP, all_reduce_on_device
 
@@ -54,14 +55,24 @@ def _has_parameters(module: nn.Module) -> bool:
 
 def blocks_of(network: nn.Module) -> List[nn.Module]:
     """The per-block units of a built-in architecture (one with `nn.Sequential` parts, e.g.
-    `body` + `head`): each child of those parts, and each other child, that holds parameters.
-    A part called on its own (ssgan runs `body` and `head` apart, never the whole D) then still
-    gathers its weights. None for other networks: they are one unit."""
+    `body` + `head`): each child of those parts, and each other child, that holds parameters -
+    or, for a child the forward never calls itself (a ModuleList, a U-Net's `Level`), the modules
+    inside it that it calls. A part called on its own (ssgan runs `body` and `head` apart, never
+    the whole D) then still gathers its weights. None for other networks: they are one unit."""
     if not any(isinstance(child, nn.Sequential) for child in network.children()):
         return []
     parts = [part for child in network.children()
              for part in (child.children() if isinstance(child, nn.Sequential) else [child])]
-    return [part for part in parts if _has_parameters(part)]
+    return [unit for part in parts for unit in _called(part) if _has_parameters(unit)]
+
+
+def _called(module: nn.Module) -> List[nn.Module]:
+    """The modules a forward calls in place of `module`: itself, or - a container or another
+    module without a forward of its own, which FSDP's forward hooks would never gather - the
+    ones inside it (fully_shard refuses a ModuleList outright)."""
+    if type(module).forward is not nn.Module.forward:
+        return [module]
+    return [unit for child in module.children() for unit in _called(child)]
 
 
 def batchnorm_layers(network: nn.Module) -> List[nn.Module]:
@@ -79,11 +90,16 @@ class FullyShardedStrategy(GradientAllReduceDDP):
     """trainer.strategy=fsdp (see the module docstring)."""
 
     def __init__(self, seed: int, reshard_after_forward: bool = True, param_dtype: str = "float32",
-                 cpu_offload: bool = False, **kwargs: Any):
+                 cpu_offload: bool = False, async_save: bool = False, **kwargs: Any):
         super().__init__(seed=seed, **kwargs)
         self.reshard_after_forward, self.param_dtype, self.cpu_offload = reshard_after_forward, param_dtype, cpu_offload
         self._checkpoint_dir: Optional[Path] = None
-        self._shard_dirs: set = set()
+        self._saves = ShardSaves(self, background=async_save)
+        self._failed = False  # the fit raised: no collective at teardown
+
+    #: save_checkpoint_atomic hands the checkpoint's own path: this strategy writes the file
+    #: itself (atomically), once every rank's shards are written (dcp_saves.py)
+    writes_checkpoint_files = True
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -153,22 +169,27 @@ class FullyShardedStrategy(GradientAllReduceDDP):
         return get_optimizer_state_dict(self.lightning_module, optimizer)
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        """Every rank writes its shards into a new folder; once all are written (a barrier),
-        rank 0 writes the checkpoint that names the folder (see dcp_checkpoint.py)."""
-        directory = Path(filepath).parent
-        folder = f"{dcp_checkpoint.FOLDER}/{self.broadcast(secrets.token_hex(8), src=0)}"
-        dcp_checkpoint.write(checkpoint, directory, folder, self.world_size)
-        self.barrier("dcp-shards-written")
-        if self.is_global_zero:
-            dcp_checkpoint.prune(directory, keep=[folder])
-            self._shard_dirs.add(directory)
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        """Every rank writes its shards into a new folder; once all are written, rank 0 writes the
+        checkpoint that names the folder: now, or with async_save later (see dcp_saves.py)."""
+        trainer = self.lightning_module.trainer
+        state = (trainer.global_step, trainer.fit_loop.epoch_loop.total_batch_idx)  # equal: same weights
+        self._saves.save(checkpoint, Path(filepath), state)
+
+    def write_checkpoint_file(self, checkpoint: Dict[str, Any], path: Path) -> None:
+        super().save_checkpoint(checkpoint, path)  # rank 0, through the trainer's checkpoint IO
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._failed = True
+        super().on_exception(exception)
 
     def teardown(self) -> None:
-        """Rank 0 deletes the shard folders no checkpoint names any more."""
-        if self.is_global_zero:
-            for directory in self._shard_dirs:
-                dcp_checkpoint.prune(directory)
+        """The save in flight is finished (after an error: without a collective); rank 0 deletes
+        the shard folders no checkpoint names any more."""
+        if self._failed:
+            self._saves.abandon()
+        else:
+            self._saves.finish()  # raises a failed write's error: the fit fails, teardown runs again
+        self._saves.close(prune=not self._failed)
         super().teardown()
 
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Dict[str, Any]:

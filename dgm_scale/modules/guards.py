@@ -20,8 +20,9 @@ The decision is taken on the device, without a host sync, and acted on later on 
 Optimizers without a `found_inf` input (RMSprop, torch's non-fused Adam) are gated on the host:
 one sync per step, as before.
 
-Under DDP / DeepSpeed the decision is global: each rank checks its own loss and local gradient
-(under DeepSpeed ZeRO: its partition of the reduced gradient, which ZeRO keeps out of `.grad`),
+Under DDP / DeepSpeed / FSDP the decision is global: each rank checks its own loss and local
+gradient (under DeepSpeed ZeRO: its partition of the reduced gradient, which ZeRO keeps out of
+`.grad`; under FSDP: its shard of the reduce-scattered gradient),
 and one 1-element all-reduce (MAX) per optimizer step, on the device, makes every rank take the
 same decision, so a NaN on one rank can neither hang the others nor let the replicas diverge.
 

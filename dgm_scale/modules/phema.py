@@ -119,20 +119,34 @@ class PowerFunctionEMA:
             self.averages = [[value.clone() for value in values] for _ in self.exponents]  # beta_1 = 0: theta_1
         elif self.averages[0][0].device != values[0].device:  # loaded on the CPU
             self.averages = [[average.to(values[0].device) for average in profile] for profile in self.averages]
+        if hasattr(values[0], "device_mesh") and not self.sharded:  # loaded whole under FSDP: keep this rank's slices
+            from torch.distributed.tensor import distribute_tensor
+
+            self.averages = [[distribute_tensor(average, value.device_mesh, value.placements, src_data_rank=None)
+                              for average, value in zip(profile, values)] for profile in self.averages]
         for profile, exponent in zip(self.averages, self.exponents):
             torch._foreach_lerp_(profile, values, 1.0 - beta(exponent, iteration))
         self.iteration = iteration
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the averages are FSDP shards (DTensors, like the parameters they average: each
+        rank updates its own slices); reading them whole is then a collective."""
+        return bool(self.averages) and hasattr(self.averages[0][0], "full_tensor")
+
     def profiles(self, names: Sequence[str]) -> List[Dict[str, Tensor]]:
-        """Each profile's averages by tensor name, on the CPU (a snapshot)."""
+        """Each profile's averages by tensor name, on the CPU (a snapshot); sharded: gathered,
+        every rank must call it."""
         if self.averages is None:
             raise RuntimeError("power-function EMA: nothing averaged yet")
-        return [{name: average.detach().cpu().clone() for name, average in zip(names, profile)}
+        return [{name: _whole(average).detach().cpu().clone() for name, average in zip(names, profile)}
                 for profile in self.averages]
 
     def state_dict(self) -> dict:
+        """The averages whole (sharded: gathered, every rank must call it), so that a checkpoint
+        resumes on any number of processes and under any strategy."""
         return {"sigma_rels": list(self.sigma_rels), "iteration": self.iteration,
-                "averages": [list(profile) for profile in self.averages or []]}
+                "averages": [[_whole(average) for average in profile] for profile in self.averages or []]}
 
     def load_state_dict(self, state: dict) -> None:
         if [float(s) for s in state["sigma_rels"]] != self.sigma_rels:
@@ -140,3 +154,8 @@ class PowerFunctionEMA:
                              f"this model {self.sigma_rels}")
         self.iteration = int(state["iteration"])
         self.averages = [[tensor.float().clone() for tensor in profile] for profile in state["averages"]] or None
+
+
+def _whole(tensor: Tensor) -> Tensor:
+    """A sharded tensor (an FSDP DTensor) gathered whole (a collective); a plain one as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

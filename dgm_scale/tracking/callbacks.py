@@ -106,20 +106,24 @@ class PeriodicCheckpoint(L.Callback):
         if periodic or self._stopping(trainer, iteration):
             self._save(trainer, "last.ckpt")
             self._last_saved_at = iteration
-        if periodic and trainer.is_global_zero:  # after both new files are in place
-            prune_iteration_checkpoints(self.dirpath, self.keep)
+        if periodic and trainer.is_global_zero:  # after both new files are in place (or on their way)
+            prune_iteration_checkpoints(self.dirpath, self.keep, saved=iteration)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._last_saved_at != pl_module.iteration:  # the loop ended some other way
             self._save(trainer, "last.ckpt")
 
 
-def prune_iteration_checkpoints(dirpath: Path, keep: int) -> list[Path]:
+def prune_iteration_checkpoints(dirpath: Path, keep: int, saved: Optional[int] = None) -> list[Path]:
     """Delete all but the `keep` highest-iteration iter_*.ckpt files in `dirpath` (0: keep all);
-    last.ckpt, best.ckpt and other files are never touched. Returns the deleted paths."""
+    last.ckpt, best.ckpt and other files are never touched. Returns the deleted paths. `saved`:
+    the iteration just saved counts among them even while its file is not there yet (written
+    once its shards are, with trainer.fsdp.async_save)."""
     if keep <= 0:
         return []
     found = [(int(m.group(1)), path) for path in dirpath.iterdir() if (m := ITERATION_CHECKPOINT.fullmatch(path.name))]
+    if saved is not None and saved not in {iteration for iteration, _ in found}:
+        found.append((saved, dirpath / f"iter_{saved:07d}.ckpt"))
     doomed = [path for _, path in sorted(found)[:-keep]]
     for path in doomed:
         path.unlink(missing_ok=True)

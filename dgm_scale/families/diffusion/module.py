@@ -238,9 +238,13 @@ class DiffusionModule(GenerativeModule):
             return
         self.phema.update(list(self.denoiser.parameters()), iteration)
         every, last = self.cfg.model.phema.snapshot_every, self.cfg.trainer.max_steps
-        if (iteration % every == 0 or iteration == last) and self._trainer is not None and self.trainer.is_global_zero:
+        due = (iteration % every == 0 or iteration == last) and self._trainer is not None
+        # Under fsdp every rank reads the averages (its shards, gathered: a collective); rank 0 writes.
+        if due and (self.phema.sharded or self.trainer.is_global_zero):
             names = [name for name, _ in self.denoiser.named_parameters()]
-            write_snapshot(Path(self.trainer.default_root_dir), self.phema, names, iteration)
+            profiles = self.phema.profiles(names)
+            if self.trainer.is_global_zero:
+                write_snapshot(Path(self.trainer.default_root_dir), self.phema, names, iteration, profiles)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

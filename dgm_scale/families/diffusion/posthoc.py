@@ -37,9 +37,12 @@ def snapshot_path(run_dir: Path, iteration: int) -> Path:
     return Path(run_dir) / SNAPSHOT_DIR / f"phema_{iteration:07d}.pt"
 
 
-def write_snapshot(run_dir: Path, tracker: PowerFunctionEMA, names: Sequence[str], iteration: int) -> Path:
-    """The tracker's profiles at `iteration` to RUN/phema/phema_<iteration>.pt, atomically."""
-    snapshot = {"iteration": iteration, "sigma_rels": list(tracker.sigma_rels), "profiles": tracker.profiles(names)}
+def write_snapshot(run_dir: Path, tracker: PowerFunctionEMA, names: Sequence[str], iteration: int,
+                   profiles: Optional[List[Dict[str, torch.Tensor]]] = None) -> Path:
+    """The tracker's profiles at `iteration` (`profiles`: read from it already) to
+    RUN/phema/phema_<iteration>.pt, atomically."""
+    profiles = tracker.profiles(names) if profiles is None else profiles
+    snapshot = {"iteration": iteration, "sigma_rels": list(tracker.sigma_rels), "profiles": profiles}
     return torch_save_atomic(snapshot, snapshot_path(run_dir, iteration))
 
 
