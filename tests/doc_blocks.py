@@ -1,7 +1,7 @@
 """The fenced code blocks of the documentation and their run marks, for tests/test_docs.py and the
 tests that run a page's blocks (tests/test_examples.py). The convention is written down in
 docs/architecture.md ("Contributing to these pages"): the line right before a fenced block is
-`<!-- run: tests/FILE.py -->` or `<!-- not run: REASON -->`. Kept apart from helpers.py: these
+`<!-- run: tests/FILE.py -->` or `<!-- not run: REASON -->`. Kept apart from the helpers package: these
 tests need neither torch nor Lightning."""
 from __future__ import annotations
 

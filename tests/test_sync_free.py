@@ -3,7 +3,7 @@
 On a GPU the host queues kernels ahead of the device as long as nothing reads a tensor's value
 on the host; one `.item()`, `bool(tensor)`, `.cpu()`, NaN check decided on the host or
 progress-bar value per iteration stalls that queue, and the host's own overhead is then added to
-every step. SyncCounter (tests/helpers.py) records every such call from the first callback's
+every step. SyncCounter (tests/helpers/syncs.py) records every such call from the first callback's
 batch start to the last callback's batch end - the training step, Lightning's loop around it
 and all our callbacks - on the CPU, where the same calls would sync a GPU.
 """
