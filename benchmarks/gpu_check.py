@@ -37,7 +37,9 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
 import gpu_step_checks as step_checks  # noqa: E402
+from dgm_scale.distributed.env import without_launch  # noqa: E402
 PASSED, FAILED, SKIPPED = "yes", "NO", "skipped"
 MIN_LOOP_RATIO = 0.97  # ours / hand-written images/s: scaling.py's target for our loop's overhead
 MIN_COMPILE_RATIO = 1.0  # compiled / eager images/s: trainer.compile is offered for speed
@@ -64,14 +66,8 @@ def settings(dry_run: bool) -> dict:
             "--warmup", "20", "--trials", "3"], "tiny": []}
 
 
-# A launcher's rendezvous settings are not the child's: an inherited MASTER_PORT that the parent
-# still listens on (a test process with a process group) made every child fail with EADDRINUSE.
-LAUNCHER_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                 "GROUP_RANK", "NODE_RANK", "TORCHELASTIC_RUN_ID")
-
-
 def run(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    inherited = {key: value for key, value in os.environ.items() if key not in LAUNCHER_KEYS}
+    inherited = without_launch(os.environ)  # a test process's own rendezvous is not the child's
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=dict(inherited, PYTHONPATH=str(ROOT), **(env or {})))
 

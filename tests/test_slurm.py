@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from helpers import offline_runs, records_of, wandb_logged_iterations
+from dgm_scale.distributed.env import without_launch
 from dgm_scale.tracking.loggers import WANDB_RUN_ID_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +46,17 @@ def job_field(job_id: str, field: str) -> str:
     return next((item.split("=", 1)[1] for item in out.split() if item.startswith(f"{field}=")), "")
 
 
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
 def wait_for(condition, timeout: float, what: str, job: str = "", output: Path | None = None) -> None:
+    """Poll `condition`; with `job`, a job that ended before it holds fails the wait at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
+        if job and job_field(job, "JobState") in FINAL_STATES:
+            raise AssertionError(f"the job ended before {what}" + situation(job, output))
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}" + situation(job, output))
 
@@ -78,11 +85,9 @@ def start_requeued_now(job: str, *settings: str) -> None:
 
 def wait_for_state(job: str, state: str, timeout: float) -> None:
     """Wait for the job to reach `state`; fail at once if it ends in another final state."""
-    final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
-
     def reached() -> bool:
         current = job_field(job, "JobState")
-        assert current == state or current not in final, f"job {job} ended {current}, not {state}"
+        assert current == state or current not in FINAL_STATES, f"job {job} ended {current}, not {state}"
         return current == state
 
     wait_for(reached, timeout, f"the job to be {state}")
@@ -102,7 +107,7 @@ def logged_iterations(run_dir: Path) -> list[int]:
 def test_sbatch_trains_two_ranks_checkpoints_on_a_signal_requeues_and_resumes(slurm_cluster, tmp_path, signal_name,
                                                                                 extra):
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+    env = dict(without_launch(os.environ), OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONPATH=str(ROOT),
                # W&B offline, its files under tmp_path. The environment may hold this test process's
                # W&B service (WANDB_SERVICE, when an earlier test used W&B): the jobs must not use it.
                NETRC=str(tmp_path / "no-netrc"),
@@ -162,7 +167,7 @@ def test_a_four_point_sweep_runs_as_a_job_array_and_compares(slurm_cluster, tmp_
                      f"overrides: [{', '.join(TINY)}, trainer.max_steps=12, eval.every=6, eval.num_samples=60,"
                      " tracking.wandb.mode=disabled]\n"
                      "grid:\n  optim.g.lr: [1.0e-4, 3.0e-4]\n  loss.name: [nonsaturating, hinge]\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    env = dict(without_launch(os.environ), OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONPATH=str(ROOT))
     submitted = subprocess.run([sys.executable, "-m", "dgm_scale.cli", "sweep", str(sweep), "--submit",
                                 f"--root={tmp_path / 'runs'}", f"--sbatch=--cpus-per-task=1 --output={tmp_path}/%a.out"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -191,7 +196,7 @@ def test_a_job_at_its_time_limit_checkpoints_requeues_and_finishes(slurm_cluster
     run.requeue_on=[USR1,TERM] it checkpoints, requeues itself, and its second part continues
     every iteration once, until `scancel --signal=TERM` makes it checkpoint again."""
     run_dir, output = tmp_path / "run", tmp_path / "job.out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    env = dict(without_launch(os.environ), OMP_NUM_THREADS="1", PYTHON=sys.executable, PYTHONPATH=str(ROOT))
     steps = 100_000  # more than a minute's worth: the first part ends at the limit
     submitted = subprocess.run(
         ["sbatch", "--parsable", "--time=1", "--signal=USR1@0", "--ntasks-per-node=2", "--cpus-per-task=1",

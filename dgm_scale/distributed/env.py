@@ -9,9 +9,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Mapping, Optional
 
 RUN_DIR_VARIABLE = "DGM_SCALE_RUN_DIR"
+
+# The rendezvous of the launch a process belongs to, and the run it joined: never a child launch's.
+# An inherited MASTER_PORT that this process still listens on (Lightning puts a free port into
+# os.environ and keeps its store open) made every rank of a child launch fail with EADDRINUSE.
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                    "GROUP_RANK", "NODE_RANK", "TORCHELASTIC_RUN_ID", RUN_DIR_VARIABLE)
+
+
+def without_launch(environ: Mapping[str, str]) -> Dict[str, str]:
+    """`environ` for starting a new launch (torchrun, sbatch) from this process: its own launch's
+    variables left out."""
+    return {key: value for key, value in environ.items() if key not in LAUNCH_VARIABLES}
 
 
 @dataclass(frozen=True)
