@@ -187,6 +187,9 @@ def test_partition_respects_the_size_and_dtype():
     assert sizes == [[10, 10], [30], [5], [2]]
 
 
+# Under -m slow: test_buckets_give_the_flat_all_reduce_bitwise checks the same equality on the
+# reducer itself, in CI.
+@pytest.mark.slow
 def test_training_with_overlap_equals_the_flat_all_reduce(tmp_path):
     """A whole WGAN-GP run (n_critic D steps with a gradient penalty, then G through a frozen D)
     on 2 ranks: the same weights with buckets during backward as with one flat all-reduce."""

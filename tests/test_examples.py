@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from doc_blocks import code_blocks
 from helpers import ROOT
 
@@ -24,6 +26,9 @@ def test_the_python_api_page_block_runs(tmp_path):
     assert float(out.split()[-1]) > 0
 
 
+# Under -m slow: the Python API page's block (above, in CI) trains, loads, samples and evaluates
+# through the same API calls.
+@pytest.mark.slow
 def test_train_from_python_then_sample_the_checkpoint(tmp_path):
     out = run_python([str(ROOT / "examples" / "train_from_python.py"), "trainer.max_steps=20",
                       f"run.root={tmp_path / 'runs'}", "trainer.progress_bar=false"], tmp_path)
