@@ -1,5 +1,6 @@
 """Training on tar shards end to end: the data module streams them, ranks split them, resume
 continues the stream exactly, and damaged data is skipped and counted in metrics.csv."""
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,12 @@ def keys_by_shard(shard_dir: Path) -> dict[str, set[str]]:
 
 def test_gan_trains_on_shards_with_workers(digit_shards, tmp_path):
     quiet_lightning()
+    children_before = set(multiprocessing.active_children())
     result = train(load_config("configs/nsgan.yaml", TINY + SHARDS + [
         f"data.path={digit_shards}", "data.num_workers=2", f"run.dir={tmp_path / 'run'}"]))
     assert result.iterations == 3 and result.checkpoint.is_file()
+    # The workers stop with the training, not at a later garbage collection (which then waits on each).
+    assert set(multiprocessing.active_children()) <= children_before
     assert all(torch.isfinite(p).all() for p in result.module.parameters())
     rows = metrics_rows(tmp_path / "run")
     for kind in FAULT_KINDS:  # every fault count is logged, and is 0 on clean shards

@@ -38,6 +38,7 @@ class DataModule(L.LightningDataModule):
         self.batch_size = int(batch_size if batch_size is not None else cfg.batch_size)
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
+        self._stream_loaders: List[Any] = []  # shut down at teardown (their workers outlive an epoch)
         self._checked_specs = False
 
     # ------------------------------------------------------------------ setup
@@ -131,9 +132,16 @@ class DataModule(L.LightningDataModule):
         loader = make_stream_loader(stream, num_workers=int(cfg.num_workers),
                                     pin_memory=pin_memory_for(self.device, cfg.pin_memory))
         loader.prefetch_device = self._prefetch_device(train)
+        self._stream_loaders.append(loader)
         for position in callbacks_of(trainer, DataPosition) if trainer is not None and train else []:
             position.apply_to_stream(loader)  # a resumed run: start the stream where it stopped
         return loader
+
+    def teardown(self, stage: str) -> None:
+        # Lightning stops a DataLoader's persistent workers itself, but not a StreamLoader's.
+        for loader in self._stream_loaders:
+            loader.shutdown()
+        self._stream_loaders.clear()
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self):

@@ -121,12 +121,28 @@ class StreamLoader:
         # the restored ones as part of the epoch)
         self.batches_before = 0
         self._loaded: Optional[Dict[str, Any]] = None  # the state last loaded
+        self._live: Optional[Iterator[Any]] = None  # the epoch being iterated
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch of the next `iter(loader)`; without calls, iterations count 0, 1, 2, ..."""
         self._next_epoch = self._len_epoch = int(epoch)
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor, Dict[str, Any]]]:
+        self._live = self._epoch_batches()
+        return self._live
+
+    def shutdown(self) -> None:
+        """Stop the workers now. Left to garbage collection, they stop at some later moment of
+        the process (a next training, an import), which then waits seconds on each worker."""
+        if self._live is not None:
+            self._live.close()
+            self._live = None
+        iterator = getattr(self.loader, "_iterator", None)  # a persistent DataLoader keeps its workers there
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
+    def _epoch_batches(self) -> Iterator[Tuple[Tensor, Tensor, Dict[str, Any]]]:
         # A generator: nothing happens until the first batch is asked for. Lightning calls
         # iter() once just to check the loader is iterable, and for the first epoch before its
         # `sampler.set_epoch`; neither may start workers or consume an epoch number.
