@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import epoch_keys, flat, interrupted, make, png_bytes, sample, write_set, write_tar
+from helpers import epoch_keys, flat, interrupted, make, png_bytes, sample, workers_stop_inside, write_set, write_tar
 from dgm_scale.data.datasets import DataError
 from dgm_scale.data.shards import samples as samples_module
 from dgm_scale.data.shards.loader import StreamPositionCallback, make_stream_loader
@@ -210,9 +210,9 @@ def test_cut_between_samples_is_detected_without_manifest(tmp_path):
 
 def test_strict_errors_name_the_shard_and_sample(tmp_path):
     _damaged_set(tmp_path)
-    # Through a worker process (the message survives the DataLoader's re-raise). PyTorch then
-    # spends ~5 s joining the workers when the loader is collected: one such case is enough.
-    with pytest.raises(DataError, match=r"x-000003.tar'.*data.strict=true"):
+    # Through a worker process (the message survives the DataLoader's re-raise); the failed
+    # epoch stops its workers.
+    with workers_stop_inside(), pytest.raises(DataError, match=r"x-000003.tar'.*data.strict=true"):
         epoch_keys(make(str(tmp_path / "x-000003.tar"), strict=True))
     with pytest.raises(DataError, match=r"x-000002.tar' sample '000000101': bad image"):
         epoch_keys(make(str(tmp_path / "x-000002.tar"), workers=0, strict=True, shuffle_buffer=0))
@@ -339,7 +339,8 @@ def test_lightning_resume_mid_epoch_continues_the_sequence(tmp_path):
     """Through Lightning: epochs via `loader.sampler.set_epoch`, the position via the loader's
     state_dict in the checkpoint, consumed batches via the callback (not the prefetched ones)."""
     write_set(tmp_path / "data", [20] * 4)
-    full = _fit(str(tmp_path / "data"), tmp_path / "run")
+    with workers_stop_inside():  # the callback stops the persistent workers when the fit ends
+        full = _fit(str(tmp_path / "data"), tmp_path / "run")
     assert len(full) == 20  # 2 epochs x 10 batches
     # Step 13 = 3 batches into epoch 1: the resumed epoch number, the skip inside it and the
     # worker rotation (next batch from worker 1) all come from the checkpoint.

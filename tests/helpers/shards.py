@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -58,6 +60,16 @@ def write_set(root: Path, sizes: list[int], manifest: bool = True, bad: frozense
             "format": "dgm_scale.shards/1", "name": "x", "num_samples": index - first, "encoding": "png",
             "shards": entries, "image": {}, "labels": {"num_classes": 10}}))
     return [f"{i:09d}" for i in range(first, index)]
+
+
+@contextmanager
+def workers_stop_inside():
+    """Fails when a worker process started in the block outlives it: left to the garbage
+    collector, shard workers stop at some later moment, which then waits seconds on each."""
+    before = set(multiprocessing.active_children())
+    yield
+    left = set(multiprocessing.active_children()) - before
+    assert not left, f"{len(left)} worker processes outlived the block"
 
 
 def make(spec, workers: int = 2, **kwargs):

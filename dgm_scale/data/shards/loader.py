@@ -106,6 +106,11 @@ class _EpochSetter:
             loader.set_epoch(epoch)
 
 
+def _stop_workers(iterator: Any) -> None:
+    if hasattr(iterator, "_shutdown_workers"):  # a DataLoader iterator with worker processes
+        iterator._shutdown_workers()
+
+
 class StreamLoader:
     """Iterable of (x, labels, info) batches with epoch control and a resumable position."""
 
@@ -121,25 +126,27 @@ class StreamLoader:
         # the restored ones as part of the epoch)
         self.batches_before = 0
         self._loaded: Optional[Dict[str, Any]] = None  # the state last loaded
-        self._live: Optional[Iterator[Any]] = None  # the epoch being iterated
+        self._live: Optional[weakref.ref] = None  # the epoch being iterated
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch of the next `iter(loader)`; without calls, iterations count 0, 1, 2, ..."""
         self._next_epoch = self._len_epoch = int(epoch)
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor, Dict[str, Any]]]:
-        self._live = self._epoch_batches()
-        return self._live
+        batches = self._epoch_batches()
+        # Weakly: its frame holds this loader, and a cycle would leave the workers to the garbage
+        # collector, which closes their queues before it stops them (then waits seconds on each).
+        self._live = weakref.ref(batches)
+        return batches
 
     def shutdown(self) -> None:
         """Stop the workers now. Left to garbage collection, they stop at some later moment of
         the process (a next training, an import), which then waits seconds on each worker."""
-        if self._live is not None:
-            self._live.close()
-            self._live = None
-        iterator = getattr(self.loader, "_iterator", None)  # a persistent DataLoader keeps its workers there
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+        batches = self._live() if self._live is not None else None
+        if batches is not None:
+            batches.close()
+        self._live = None
+        _stop_workers(getattr(self.loader, "_iterator", None))  # a persistent DataLoader keeps its workers there
         self.loader._iterator = None
 
     def _epoch_batches(self) -> Iterator[Tuple[Tensor, Tensor, Dict[str, Any]]]:
@@ -152,10 +159,17 @@ class StreamLoader:
         self.tracker.begin_epoch(epoch)
         resumed = self.stream.resuming(epoch)  # its batches may all have been delivered already
         batches = 0
-        source = self.loader if self.prefetch_device is None else prefetched(self.loader, self.prefetch_device)
-        for batch in source:
-            batches += 1
-            yield batch
+        workers = iter(self.loader)
+        source = workers if self.prefetch_device is None else prefetched(workers, self.prefetch_device)
+        try:
+            for batch in source:
+                batches += 1
+                yield batch
+        except Exception:
+            # A failed read (a strict stream's bad sample): the traceback keeps the workers in a
+            # cycle, for the garbage collector to stop slowly, later.
+            _stop_workers(workers)
+            raise
         if batches == 0 and self.stream.drop_last and not resumed:
             # Training would loop over empty epochs forever (and another rank would wait on this one).
             raise DataError(f"shards '{self.stream.sources[0].shards[0].url}'...: epoch {epoch} gave rank "
@@ -246,7 +260,8 @@ def make_stream_loader(stream: ShardStream, num_workers: int = 2, prefetch_facto
 
 
 class StreamPositionCallback(L.Callback):
-    """Lightning glue: marks each trained batch consumed and logs the skip counts."""
+    """Lightning glue: marks each trained batch consumed, logs the skip counts, and stops the
+    workers when the fit ends."""
 
     def __init__(self, loader: StreamLoader):
         self.loader = loader
@@ -258,3 +273,6 @@ class StreamPositionCallback(L.Callback):
             faults = self.loader.tracker.faults()
             pl_module.log_dict({f"data/skipped_{k}": float(v) for k, v in faults.items()},
                                on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=True)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.loader.shutdown()  # Lightning stops a DataLoader's persistent workers, not a StreamLoader's
