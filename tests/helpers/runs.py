@@ -38,9 +38,20 @@ def free_port() -> int:
 
 def torchrun(args: list[str], timeout: int = 240, nproc: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                           f"--master-port={free_port()}", "--rdzv-id=test", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", "--rdzv-id=test", *args]
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # SIGTERM: torchrun stops its ranks (each in a session of its own, out of reach of a
+            # kill of torchrun alone) before it exits; orphaned, they would hold memory and ports.
+            proc.terminate()
+            out, err = proc.communicate(timeout=60)
+            raise AssertionError(f"torchrun {' '.join(args[:2])} ran past {timeout} s (killed with its ranks): "
+                                 f"{err[-3000:]}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 TINY_TRAIN = ["tracking.wandb.mode=disabled", "eval.every=0", "eval.at_end=false", "data.resolution=8", "data.batch_size=16", "model.generator.width=8", "model.discriminator.width=8",
