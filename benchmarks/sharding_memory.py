@@ -1,7 +1,7 @@
 """Per-rank peak memory and step time of a >= 300M-parameter GAN under ddp, DeepSpeed ZeRO-2 and fsdp.
 
     python benchmarks/sharding_memory.py [--width 8704] [--depth 3] [--worlds 1,2]
-                                         [--strategies ddp,deepspeed,fsdp] [--loss wgan-gp|nsgan]
+                                         [--strategies ddp,deepspeed,fsdp] [--loss wgan-gp|nsgan] [--timeline]
 
 The GAN: configs/ring8.yaml with its MLP generator and critic widened (depth 3, width 8704:
 two 8704 x 8704 layers each, 303M parameters for G + D, no EMA copy), WGAN-GP by default, batch 8
@@ -30,10 +30,37 @@ import dgm_scale.training as train_module
 from dgm_scale.config import load_config
 from lightning import Callback
 
+TIMELINE = []  # (event, RSS now, peak so far) in GiB, with --timeline
+def mark(event):
+    with open("/proc/self/statm") as statm:
+        rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    TIMELINE.append((event, round(rss / 2**30, 3), round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)))
+
+def watch(pl_module):
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    register_optimizer_step_pre_hook(lambda opt, *_: mark(f"{type(opt).__name__} {id(opt) % 997} step"))
+    register_optimizer_step_post_hook(lambda opt, *_: mark(f"{type(opt).__name__} {id(opt) % 997} stepped"))
+    for name, net in pl_module.named_children():
+        net.register_forward_hook(lambda *_, name=name: mark(f"{name} forward done"))
+        net.register_full_backward_hook(lambda *_, name=name: mark(f"{name} backward done"))
+    try:  # every FSDP unit's reduce-scatter of its gradients
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    except ImportError:
+        return
+    post_backward = FSDPParamGroup.post_backward
+    def marked(group, *a):
+        post_backward(group, *a)
+        mark(f"  fsdp post-backward {group._module_fqn}")
+    FSDPParamGroup.post_backward = marked
+
 class Peak(Callback):
     def __init__(self, out, steps):
         self.out, self.steps, self.ends = out, steps, []
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        mark(f"iteration {len(self.ends)}")
     def on_train_start(self, trainer, pl_module):
+        if os.environ.get("DGM_TIMELINE"):
+            watch(pl_module)
         self.params = sum(p.numel() for p in pl_module.parameters())  # a DTensor counts its whole tensor
         self.setup_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         with open("/proc/self/statm") as statm:  # resident now: what setup left behind
@@ -45,7 +72,7 @@ class Peak(Callback):
             steps = [b - a for a, b in zip(self.ends, self.ends[1:])]
             with open(f"{self.out}/rank{os.environ['RANK']}.json", "w") as handle:
                 json.dump({"peak": peak, "setup_peak": self.setup_peak, "setup_rss": self.setup_rss, "params": self.params,
-                           "step_s": sum(steps) / len(steps)}, handle)
+                           "step_s": sum(steps) / len(steps), "timeline": TIMELINE}, handle)
             os._exit(0)  # every collective of the run is done; skip the closing checkpoint (GBs)
 
 out, steps, *overrides = sys.argv[1:]
@@ -73,11 +100,20 @@ def measure(strategy: str, world: int, args, scratch: Path) -> list:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
                            "--master-port=29913", f"--rdzv-id=shard{strategy}{world}", str(worker), str(out),
                            str(STEPS), *overrides],
-                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+                                             DGM_TIMELINE="1" if args.timeline else ""),
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{strategy} x {world}: {proc.stderr[-3000:]}")
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
+
+
+def print_last_iteration(timeline: list, title: str) -> None:
+    last = max(i for i, (event, _, _) in enumerate(timeline) if event.startswith("iteration "))
+    print(f"\n{title}: RSS / peak so far (GiB)")
+    for event, rss, peak in timeline[last:]:
+        print(f"  {event:60s} {rss:6.3f} {peak:6.3f}")
+    print(flush=True)
 
 
 def main() -> None:
@@ -87,6 +123,9 @@ def main() -> None:
     parser.add_argument("--worlds", default="1,2")
     parser.add_argument("--strategies", default="ddp,deepspeed,fsdp")
     parser.add_argument("--loss", choices=sorted(LOSSES), default="wgan-gp")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also print rank 0's RSS at each forward, backward, FSDP post-backward and optimizer "
+                             "step of the last iteration (where the peak is reached)")
     args = parser.parse_args()
     gib = lambda v: v / 2**30  # noqa: E731
     peaks = {}
@@ -101,6 +140,8 @@ def main() -> None:
                 for rank, r in enumerate(ranks):
                     print(f"| {strategy} | {world} | {r['params'] / 1e6:.0f}M | {rank} | {gib(r['setup_rss']):.2f} | {gib(r['setup_peak']):.2f} | "
                           f"{gib(r['peak']):.2f} | {r['peak'] / r['params']:.1f} | {r['step_s']:.2f} |", flush=True)
+                if args.timeline:
+                    print_last_iteration(ranks[0]["timeline"], f"{strategy} x {world}, rank 0")
     if ("fsdp", 2) in peaks and ("ddp", 2) in peaks:
         ratio = peaks["fsdp", 2] / peaks["ddp", 2]
         print(f"fsdp / ddp, largest per-rank peak at 2 processes: {ratio:.2f} ({'meets' if ratio <= 0.6 else 'MISSES'}"
