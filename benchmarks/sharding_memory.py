@@ -30,11 +30,15 @@ import dgm_scale.training as train_module
 from dgm_scale.config import load_config
 from lightning import Callback
 
-TIMELINE = []  # (event, RSS now, peak so far) in GiB, with --timeline
-def mark(event):
+def resident_bytes():
     with open("/proc/self/statm") as statm:
-        rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    TIMELINE.append((event, round(rss / 2**30, 3), round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)))
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+TIMELINE = [] if os.environ.get("DGM_TIMELINE") else None  # (event, RSS now, peak so far) in GiB
+def mark(event):
+    if TIMELINE is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        TIMELINE.append((event, round(resident_bytes() / 2**30, 3), round(peak, 3)))
 
 def watch(pl_module):
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -59,12 +63,11 @@ class Peak(Callback):
     def on_train_batch_start(self, trainer, pl_module, *args):
         mark(f"iteration {len(self.ends)}")
     def on_train_start(self, trainer, pl_module):
-        if os.environ.get("DGM_TIMELINE"):
+        if TIMELINE is not None:
             watch(pl_module)
         self.params = sum(p.numel() for p in pl_module.parameters())  # a DTensor counts its whole tensor
         self.setup_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        with open("/proc/self/statm") as statm:  # resident now: what setup left behind
-            self.setup_rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        self.setup_rss = resident_bytes()  # resident now: what setup left behind
     def on_train_batch_end(self, trainer, pl_module, *args):
         self.ends.append(time.perf_counter())
         if len(self.ends) == self.steps:
