@@ -48,8 +48,12 @@ def torchrun(args: list[str], timeout: int = 240, nproc: int = 2) -> subprocess.
             # SIGTERM: torchrun stops its ranks (each in a session of its own, out of reach of a
             # kill of torchrun alone) before it exits; orphaned, they would hold memory and ports.
             proc.terminate()
-            out, err = proc.communicate(timeout=60)
-            raise AssertionError(f"torchrun {' '.join(args[:2])} ran past {timeout} s (killed with its ranks): "
+            try:
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:  # torchrun itself stuck: leaving the with-block would wait forever
+                proc.kill()
+                out, err = proc.communicate()
+            raise AssertionError(f"torchrun {' '.join(args[:2])} ran past {timeout} s (stopped with its ranks): "
                                  f"{err[-3000:]}") from None
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
