@@ -214,6 +214,13 @@ class FullyShardedStrategy(GradientAllReduceDDP):
 class FSDPSteps(StepInterface):
     """Gradients are sharded DTensors: each rank checks its shard, norms are summed over ranks."""
 
+    # Autograd sums a leaf's gradient over every pass through it before handing it on, so with
+    # two passes of a sharded network in one backward, each unit's whole unsharded gradient waits
+    # from the first pass until the second reaches that unit: a full, unsharded copy of the
+    # network's gradient at the turn (measured: benchmarks/README.md, sharding_memory.py). Apart,
+    # each pass's gradient is reduce-scattered when it is done, at one more reduce-scatter per pass.
+    backward_per_pass = True
+
     def local_gradients(self, optimizer: Any, network: nn.Module) -> List[torch.Tensor]:
         return [_local(p.grad) for p in network.parameters() if p.grad is not None]
 

@@ -14,6 +14,8 @@ One small interface instead of checks for concrete strategy classes in the calle
 - `step(opt, skip)`: `opt.step()` gated by a device flag (a NaN guard's), without a host sync
   where the optimizer takes a `found_inf` (fused ones).
 - `grad_scale(opt)`: `loss_scale` as a device tensor (reading the scale would sync the host).
+- `backward_per_pass`: whether a loss over several forward passes of one network should be
+  backpropagated one pass at a time (`GenerativeModule.passes_apart`).
 
 `step_interface(trainer)` returns the strategy's own (DeepSpeed: all four live in its engines)
 or the default below, with the precision plugin's loss scalers where it has them (`scaler_of`).
@@ -39,6 +41,11 @@ class StepInterface:
     @property
     def owns_overflow(self) -> bool:
         return self._scaler_of is not None
+
+    #: One backward per forward pass of a network (see GenerativeModule.passes_apart) instead of
+    #: one through all of them: True where a gradient summed over passes costs more than the
+    #: extra backward calls (FSDP: the sum would be held unsharded between the passes).
+    backward_per_pass: bool = False
 
     def loss_scale(self, optimizer: Any) -> float:
         return 1.0 if self._scaler_of is None else float(self._scaler_of(optimizer).get_scale())

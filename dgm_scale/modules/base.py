@@ -69,6 +69,7 @@ class GenerativeModule(L.LightningModule):
         # values per iteration, and OmegaConf's attribute access (~20 us each on CPU) was ~1% of
         # a small GAN's step.
         self.cfg = OmegaConf.to_object(config_from_dict(config))
+        self._cut_passes: list = []  # (output, its cut leaf): see passes_apart
         self.family = get_family(self.cfg.model.kind)
         self.modality = modality_of(self.cfg.data.name)  # images | points | text
         self.sample_shape = sample_shape(self.cfg.data)
@@ -124,10 +125,28 @@ class GenerativeModule(L.LightningModule):
         for logger in self.loggers:  # every logger (CSV hparams.yaml, W&B config), not just the first
             logger.log_hyperparams(params)
 
+    def passes_apart(self, *outputs: Tensor) -> Tuple[Tensor, ...]:
+        """What a loss should take for `outputs`, one network's outputs from separate forward
+        passes (D on the real and on the fake batch): the outputs themselves, or, where the
+        strategy wants one backward per pass (`StepInterface.backward_per_pass`), leaves cut from
+        their graphs; the next `manual_backward` then runs the loss's backward, and each pass's
+        own after it, with the gradient its cut leaf received. The gradients are the same sums."""
+        self._cut_passes = []
+        if not step_interface(self._trainer).backward_per_pass:
+            return outputs
+        cuts = tuple(output.detach().requires_grad_(output.requires_grad) for output in outputs)
+        self._cut_passes = list(zip(outputs, cuts))
+        return cuts
+
     def backward(self, loss: Tensor, *args, **kwargs) -> None:
         # `manual_backward(loss, optimizer)`: the optimizer is for the strategy (DeepSpeed picks
-        # the engine by it); a plain backward ignores it.
+        # the engine by it); a plain backward ignores it. `loss` arrives loss-scaled, so the cut
+        # passes' gradients (see passes_apart) carry the same scale.
         loss.backward()
+        cut_passes, self._cut_passes = self._cut_passes, []
+        for output, cut in cut_passes:
+            if cut.grad is not None:
+                output.backward(cut.grad)
 
     def on_train_start(self) -> None:
         self.start_iteration = self.iteration  # after any checkpoint was restored

@@ -298,9 +298,10 @@ class GANModule(AdversarialModule):
             fake_images = self.compiled("generator")(self.draw_noise(real_images.shape[0], self.latent_dim), labels)
         real_logits = self._critic(real_images, labels)
         fake_logits = self._critic(fake_images, labels)
-        d_loss = self.adversarial.d_loss(real_logits, fake_logits)
+        real_in_loss, fake_in_loss = self.passes_apart(real_logits, fake_logits)
+        d_loss = self.adversarial.d_loss(real_in_loss, fake_in_loss)
         total, logs = d_loss, {}
-        total, scaled = self._regularise(total, logs, real_images, fake_images, real_logits, fake_logits, labels,
+        total, scaled = self._regularise(total, logs, real_images, fake_images, real_in_loss, fake_in_loss, labels,
                                          opt, step_index)
         if self.augmenter is not None:
             self.augmenter.accumulate(real_logits)

@@ -103,8 +103,9 @@ class SSGANModule(AdversarialModule):
             fake_images = self.compiled("generator")(self.draw_noise(real_images.shape[0], self.latent_dim), None)
         real_logits, _ = self.classify(real_images)
         fake_logits, _ = self.classify(fake_images)
-        supervised = d_supervised_loss(real_logits, labels)
-        unsupervised = d_unsupervised_loss(real_logits, fake_logits)
+        real_in_loss, fake_in_loss = self.passes_apart(real_logits, fake_logits)
+        supervised = d_supervised_loss(real_in_loss, labels)
+        unsupervised = d_unsupervised_loss(real_in_loss, fake_in_loss)
         loss = self.cfg.loss
         d_loss = loss.supervised_weight * supervised + loss.unsupervised_weight * unsupervised
         real_lse = real_logits.detach().logsumexp(1)
