@@ -224,6 +224,33 @@ def test_under_fsdp_each_forward_pass_of_d_is_backpropagated_apart_to_the_same_g
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
+HEAP_PATTERN = """
+import sys, torch
+from dgm_scale.distributed.fsdp import return_freed_memory
+def resident_mib():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 2**20
+if sys.argv[1] == "return":
+    assert return_freed_memory()
+gathered = torch.ones(20 << 18); del gathered  # 20 MiB, freed: glibc's threshold follows it up
+before = resident_mib()
+gradient, small = torch.ones(16 << 18), torch.ones(256)  # 16 MiB, then a small block after it
+del gradient
+print(resident_mib() - before)
+"""
+
+
+def test_return_freed_memory_gives_a_freed_block_back_to_the_os():
+    """The pattern FSDP repeats each step: a larger buffer freed, then a smaller one allocated and
+    freed while later blocks live on. glibc's default keeps the smaller one's 16 MiB."""
+    import subprocess
+    import sys
+
+    kept = {mode: float(subprocess.run([sys.executable, "-c", HEAP_PATTERN, mode], check=True, text=True,
+                                       capture_output=True).stdout) for mode in ("default", "return")}
+    assert kept["default"] >= 15 and kept["return"] <= 1, kept
+
+
 def test_fsdp_settings_are_checked():
     from dgm_scale.distributed import build_strategy
     from dgm_scale.distributed.fsdp import FullyShardedStrategy

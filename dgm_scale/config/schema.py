@@ -100,6 +100,10 @@ class FSDPConfig:
     # and the optimizer steps in float32 either way)
     param_dtype: str = "float32"
     cpu_offload: bool = False  # shards, gradients and optimizer state live in CPU memory (GPU runs)
+    # where FSDP's tensors live in CPU memory (a CPU run, or cpu_offload): every allocation of
+    # 1 MiB or more is mapped on its own and returned to the OS when freed; glibc's default heap
+    # keeps the block-sized buffers FSDP frees and gathers again each step (benchmarks/README.md)
+    return_freed_memory: bool = True
     # checkpoints: the shards are copied to CPU memory, then written while training goes on; the
     # checkpoint file naming them is written once all are complete (at the next save or the end)
     async_save: bool = False

@@ -14,12 +14,17 @@ exist at a time in a forward.
 - The EMA generator is sharded like G, so `update_ema`'s lerp is shard-local (no collective).
 - Sampling needs the full weights: `FSDPSteps.full_weights` gathers them (every rank enters it)
   and keeps them until it exits, so one rank alone may then run forwards (sample grids).
+- A loss over two passes of D (real, fake) is backpropagated one pass at a time
+  (`FSDPSteps.backward_per_pass`), and on CPU glibc returns freed blocks to the OS
+  (`return_freed_memory`): both keep a rank near its shards' 16 B / parameter / W.
 - Checkpoints: every rank writes its shards through torch.distributed.checkpoint (see
   dcp_checkpoint.py), at once or in the background (dcp_saves.py); DCP reshards them when
   loaded on another number of processes.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -35,6 +40,19 @@ from dgm_scale.distributed.interface import StepInterface
 from dgm_scale.distributed.strategy import GradientAllReduceDDP, all_reduce_on_device
 
 PARAM_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: FSDP keeps the parameters' own dtype
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+log = logging.getLogger(__name__)
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Have glibc map every allocation of `threshold` bytes or more on its own and unmap it when
+    freed (mallopt M_MMAP_THRESHOLD). By default glibc raises that threshold to the largest block
+    freed so far, so the block-sized buffers FSDP frees and allocates again each step end up in
+    its heap, which keeps their pages. Process-wide; False where the C library is not glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def sharded_roots(module: nn.Module) -> List[nn.Module]:
@@ -90,9 +108,10 @@ class FullyShardedStrategy(GradientAllReduceDDP):
     """trainer.strategy=fsdp (see the module docstring)."""
 
     def __init__(self, seed: int, reshard_after_forward: bool = True, param_dtype: str = "float32",
-                 cpu_offload: bool = False, async_save: bool = False, **kwargs: Any):
+                 cpu_offload: bool = False, async_save: bool = False, return_freed_memory: bool = True, **kwargs: Any):
         super().__init__(seed=seed, **kwargs)
         self.reshard_after_forward, self.param_dtype, self.cpu_offload = reshard_after_forward, param_dtype, cpu_offload
+        self.return_freed_memory = return_freed_memory
         self._checkpoint_dir: Optional[Path] = None
         self._saves = ShardSaves(self, background=async_save)
         self._failed = False  # the fit raised: no collective at teardown
@@ -123,6 +142,9 @@ class FullyShardedStrategy(GradientAllReduceDDP):
         super().configure_ddp()  # identical replicas (rank 0's weights), per-rank seeds
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        if self.return_freed_memory and (self.root_device.type == "cpu" or self.cpu_offload):
+            if not return_freed_memory():
+                log.info("trainer.fsdp.return_freed_memory: not glibc, the C library's allocator is left as it is")
         options, float32 = self._shard_options(PARAM_DTYPES[self.param_dtype]), self._shard_options(None)
         for network in sharded_roots(self.lightning_module):
             if self.param_dtype != "float32":

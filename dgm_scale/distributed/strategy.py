@@ -109,6 +109,7 @@ def build_strategy(trainer_cfg, seed: int, micro_batch: int = 1):
         fsdp = trainer_cfg.fsdp
         return FullyShardedStrategy(seed=seed, reshard_after_forward=fsdp.reshard_after_forward,
                                     param_dtype=fsdp.param_dtype, cpu_offload=fsdp.cpu_offload,
+                                    return_freed_memory=fsdp.return_freed_memory,
                                     async_save=fsdp.async_save)
     processes = trainer_cfg.devices * trainer_cfg.num_nodes
     if name == "ddp" or processes > 1:
