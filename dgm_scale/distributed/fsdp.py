@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import operator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -160,9 +161,11 @@ class FullyShardedStrategy(GradientAllReduceDDP):
         # not free the gathered weights its second one needs ("The tensor has a non-zero number
         # of elements, but its data is not allocated yet", seen on CPU). So the gathered weights
         # are then kept from a backward until the next optimizer step, which frees them: a full
-        # copy of the networks per rank (benchmarks/sharding_memory.py), only where needed.
-        if getattr(self.lightning_module, "differentiates_twice", True):  # unknown modules: the safe way
-            for unit in fsdp_modules(self.lightning_module):
+        # copy of those networks per rank (benchmarks/sharding_memory.py), only where needed.
+        module = self.lightning_module
+        names = getattr(module, "twice_differentiated", None)
+        for network in [module] if names is None else [operator.attrgetter(name)(module) for name in names]:
+            for unit in fsdp_modules(network):  # (a module that does not say: all, the safe way)
                 unit.set_reshard_after_backward(False, recurse=False)
         unsharded = next((name for name, p in self.lightning_module.named_parameters() if not hasattr(p, "to_local")), None)
         if unsharded is not None:  # FSDP would not reduce its gradient, and our all-reduce is off

@@ -56,9 +56,9 @@ class GenerativeModule(L.LightningModule):
     _noise_draws: int = 0
     #: the training iteration of the checkpoint this module was loaded from (load_module)
     checkpoint_iteration: int = 0
-    #: a loss differentiates twice through a network (gradient penalty, R1): sharded (fsdp)
-    #: training must then keep the gathered weights from a backward until the optimizer step
-    differentiates_twice: bool = False
+    #: the networks (attribute names) a loss differentiates twice through (gradient penalty, R1):
+    #: sharded (fsdp) training keeps their gathered weights from a backward to the optimizer step
+    twice_differentiated: Tuple[str, ...] = ()
 
     def __init__(self, config: dict):
         from dgm_scale.data.config import modality_of

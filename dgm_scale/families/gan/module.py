@@ -275,8 +275,8 @@ class GANModule(AdversarialModule):
     regularisers (gradient penalty, weight clipping, R1, LeCam)."""
 
     @property
-    def differentiates_twice(self) -> bool:
-        return self.cfg.loss.gp_weight > 0 or self.cfg.loss.r1_gamma > 0
+    def twice_differentiated(self) -> tuple:
+        return ("discriminator",) if self.cfg.loss.gp_weight > 0 or self.cfg.loss.r1_gamma > 0 else ()
 
     def __init__(self, config: dict):
         super().__init__(config)
