@@ -24,11 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from diffusion_quality import SAMPLERS, nfe_of, steps_for  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from sampling_speed import synchronize  # noqa: E402
 
 
 def images_per_second(module, sampler: str, steps: int, batch: int, seconds: float) -> float:
